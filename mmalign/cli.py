@@ -6,16 +6,24 @@ import argparse
 import importlib
 import pkgutil
 import sys
+from types import ModuleType
 from typing import Sequence
 
 import mmalign.commands
 
 
+def register_modules(sub: argparse._SubParsersAction, package: ModuleType) -> None:
+    """Every module of `package` that defines `register(subparsers)` adds one sub-command, so a
+    new command (or `build-pairs` / `eval` method) is a new file and no central list changes."""
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        if hasattr(module, "register"):
+            module.register(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmalign", description="Preference alignment across modalities.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for info in sorted(pkgutil.iter_modules(mmalign.commands.__path__), key=lambda m: m.name):
-        importlib.import_module(f"mmalign.commands.{info.name}").register(sub)
+    register_modules(parser.add_subparsers(dest="command", required=True), mmalign.commands)
     return parser
 
 
