@@ -1,0 +1,1 @@
+"""Sampling many outputs per prompt (`mmalign generate`) and the manifest that records them."""
