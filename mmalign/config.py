@@ -85,6 +85,9 @@ class OptimConfig:
     scheduler: str = "constant"  # constant, linear, cosine (all after warm-up)
     warmup_steps: int = 0
     max_grad_norm: float = 1.0  # 0 = no clipping
+    # adamw / sgd: torch's fused kernels (one kernel for all parameters; CUDA, and CPU in recent torch).
+    # The update is the same math; it differs from the default in float rounding only.
+    fused: bool = False
 
 
 @dataclass
@@ -105,6 +108,9 @@ class TrainConfig:
     cpu: bool = False  # force CPU even when an accelerator is present
     tensorboard: bool = True  # also log to TensorBoard when it is installed
     progress: bool = True
+    # torch.compile backend for the trained model: "" = off, "inductor" (kernels fused; the first
+    # steps are slow while it compiles), "aot_eager" (graph capture only: checks a model compiles).
+    compile: str = ""
 
 
 @dataclass
@@ -154,6 +160,7 @@ CHOICES = {
     "optim.name": ("adamw", "adamw8bit", "adafactor", "sgd"),
     "optim.scheduler": ("constant", "linear", "cosine"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
+    "train.compile": ("", "inductor", "aot_eager", "eager", "cudagraphs"),
     "diffusion.crop": ("center", "random"),
     "diffusion.null_prompt": ("empty", "zeros"),
     "diffusion.prediction_type": ("", "epsilon", "v_prediction", "sample"),

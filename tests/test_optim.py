@@ -57,3 +57,27 @@ def test_adamw8bit_without_bitsandbytes_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
     with pytest.raises(ConfigError, match="needs bitsandbytes"):
         build_optimizer([torch.nn.Parameter(torch.ones(1))], OptimConfig(name="adamw8bit"))
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_fused_kernels_make_the_same_update(name):
+    """optim.fused changes the kernel, not the math: three steps agree with the default to rounding."""
+    torch.manual_seed(0)
+    start, grads = torch.randn(4, 5), [torch.randn(4, 5) for _ in range(3)]
+    results = []
+    for fused in (False, True):
+        p = torch.nn.Parameter(start.clone())
+        opt = build_optimizer([p], OptimConfig(name=name, lr=0.1, weight_decay=0.01, fused=fused))
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        results.append(p.detach())
+    assert not torch.equal(results[0], start)
+    torch.testing.assert_close(results[1], results[0], rtol=1e-6, atol=1e-6)
+
+
+def test_fused_needs_a_fused_optimizer():
+    from mmalign.config import ConfigError
+
+    with pytest.raises(ConfigError, match="optim.fused.*adafactor"):
+        build_optimizer([torch.nn.Parameter(torch.ones(1))], OptimConfig(name="adafactor", fused=True))

@@ -14,10 +14,16 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> t
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters")
+    if cfg.fused and cfg.name not in ("adamw", "sgd"):
+        from mmalign.config import ConfigError
+
+        raise ConfigError(f"optim.fused: torch has fused kernels for adamw and sgd, not {cfg.name}")
+    fused = True if cfg.fused else None  # None: torch's default (foreach where supported)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                 fused=fused)
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     if cfg.name == "adamw8bit":  # optimizer state in 8 bits: ~75 % less than AdamW's two fp32 moments
         try:
             import bitsandbytes as bnb

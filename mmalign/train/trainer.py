@@ -58,6 +58,8 @@ class PreferenceTrainer:
         if self.strategy == "precomputed":
             self.ref_values = precompute_reference(self, model)
         optimizer = build_optimizer(model.parameters(), cfg.optim)
+        if t.compile:  # in place: the module (and its state_dict keys) stay as they are
+            model.compile(backend=t.compile)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.model.train()  # from_pretrained returns eval mode: dropout (LoRA's too) would stay off
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.max_steps)
