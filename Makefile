@@ -22,7 +22,8 @@ demo: $(STAMP)
 	$(BIN)/mmalign demo
 
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks
+	$(BIN)/python -m benchmarks --only all
+	$(BIN)/python -m benchmarks.diffusion_cache
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

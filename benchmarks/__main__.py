@@ -1,7 +1,8 @@
 """`python -m benchmarks`: DPO, mmalign vs TRL's DPOTrainer, side by side.
 
 `--only text` (default): text DPO on a tiny Llama (`benchmarks.text_dpo`); `--only vlm`: VLM
-DPO on a tiny LLaVA (`benchmarks.vlm_dpo`); `--only all`: both, one after the other.
+DPO on a tiny LLaVA (`benchmarks.vlm_dpo`); `--only diffusion`: Diffusion-DPO vs the reference recipe's way
+(`benchmarks.diffusion_dpo`); `--only all`: the three, one after the other.
 For each, prepares one model folder and one pair file, then runs each side in a fresh subprocess
 (`python -m benchmarks.text_dpo` / `benchmarks.vlm_dpo`), alternating which side goes first, `--repeats` times.
 Prints a table of medians with the mmalign/TRL ratio and writes JSON (`--out`).
@@ -37,8 +38,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     v = vlm_dpo.Settings()
-    p.add_argument("--only", choices=("text", "vlm", "all"), default="text",
-                   help="which row: text DPO (default), VLM DPO on a tiny LLaVA, or both")
+    p.add_argument("--only", choices=("text", "vlm", "diffusion", "all"), default="text",
+                   help="which row: text DPO (default), VLM DPO on a tiny LLaVA, Diffusion-DPO vs the reference "
+                        "recipe (benchmarks.diffusion_dpo, its own defaults), or all three")
     p.add_argument("--steps", type=int, default=None,
                    help=f"optimizer steps per run (default {d.steps} text, {v.steps} vlm)")
     p.add_argument("--warmup", type=int, default=d.warmup, help="first steps left out of the rate (default %(default)s)")
@@ -191,12 +193,17 @@ def describe(a: argparse.Namespace, run: dict[str, Any], bench: str = "text") ->
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    benches = ("text", "vlm") if a.only == "all" else (a.only,)
+    benches = ("text", "vlm", "diffusion") if a.only == "all" else (a.only,)
     return max(run_bench(a, bench) for bench in benches)
 
 
 def run_bench(a: argparse.Namespace, bench: str) -> int:
-    """One row (text or vlm): run, print the table, write the JSON; 1 if the losses disagree."""
+    """One row (text or vlm): run, print the table, write the JSON; 1 if the losses disagree.
+    The diffusion row has its own settings: `python -m benchmarks.diffusion_dpo -h`."""
+    if bench == "diffusion":
+        from benchmarks import diffusion_dpo
+
+        return diffusion_dpo.main([] if a.out is None else ["--out", str(a.out)])
     a.token_check = None
     with tempfile.TemporaryDirectory(prefix="mmalign_bench_") as tmp:
         runs = run_all(a, Path(tmp), bench)

@@ -79,7 +79,8 @@ def run_side(doc: str, sides: dict, load_settings, warm_imports, argv: list[str]
     """The entry point of one benchmark side in a fresh interpreter: parse --side/--workdir/
     --result, import both stacks (so imports are neither timed nor counted), reset the peak-RSS
     mark, run `sides[side](workdir, settings)` and write its measurements as JSON to --result.
-    A side returns {"step_ends", "start", "losses", "setup_s"}."""
+    A side returns {"step_ends", "start", "losses", "setup_s"} and optionally "extra" (a dict
+    merged into the result)."""
     import argparse
     import json
     import os
@@ -109,5 +110,6 @@ def run_side(doc: str, sides: dict, load_settings, warm_imports, argv: list[str]
         "memory_method": method, "threads": torch.get_num_threads(), "loadavg_1min_after": os.getloadavg()[0],
         "versions": {"torch": torch.__version__, "trl": version("trl"), "transformers": version("transformers")},
     }
+    summary.update(out.get("extra", {}))  # a side's own measurements (e.g. a time breakdown)
     a.result.write_text(json.dumps(summary))
 
