@@ -22,8 +22,10 @@ demo: $(STAMP)
 	$(BIN)/mmalign demo
 
 bench: $(STAMP)
+	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python -m benchmarks --only all
 	$(BIN)/python -m benchmarks.diffusion_cache
+	$(BIN)/python -m benchmarks.scaling
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
