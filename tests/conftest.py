@@ -4,10 +4,31 @@ downloads), saved once per session, and toy preference files of each format."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+
+def torchrun(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 -m mmalign.cli ARGS` on a free port (tests may run side by
+    side), one thread per process; returns the finished process (stdout, stderr as text)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=port)
+    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "2",
+           "--master_port", port, "-m", "mmalign.cli", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+needs_torchrun = pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None,
+                                    reason="torchrun missing")
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:

@@ -9,14 +9,11 @@ import copy
 import dataclasses
 import json
 import math
-import os
-import shutil
-import subprocess
-import sys
 import threading
 
 import pytest
 import torch
+from conftest import needs_torchrun, torchrun
 from diffusion_fixtures import save_tiny_pipeline, write_image, write_image_pairs
 from safetensors.torch import load_file
 
@@ -27,6 +24,7 @@ from mmalign.config import Config, ConfigError, from_dict
 from mmalign.data.preference import read_records
 from mmalign.losses import dpo_loss
 from mmalign.modalities import build_modality
+from mmalign.modalities.diffusion import example_generators
 from mmalign.types import Draw
 
 
@@ -110,7 +108,8 @@ def test_cached_and_uncached_draw_give_the_same_values_logps_and_loss(pipelines,
     for seed in range(2):
         v = plain.draw(batch, torch.Generator().manual_seed(seed)).values
         w = cached.draw(batch_c, torch.Generator().manual_seed(seed)).values
-        flips.update(plain.draw_choices("pair", 12, 6, torch.Generator().manual_seed(seed))[1].tolist())
+        generators = example_generators(batch.index, torch.Generator().manual_seed(seed))
+        flips.update(plain.draw_choices("pair", 12, generators)[1].tolist())
         assert v.keys() == w.keys()
         for key in ("noise", "timesteps", "caption_dropped") + (("time_ids",) if modality == "sdxl" else ()):
             assert torch.equal(v[key], w[key]), key  # the same random choices and micro-conditioning
@@ -330,13 +329,10 @@ def test_unsupported_setups_are_config_errors(pipelines, data, tmp_path):
 
 
 
-@pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="torchrun missing")
+@needs_torchrun
 def test_mmalign_cache_under_torchrun_splits_the_shards_between_two_processes(pipelines, data, tmp_path):
     config = write_yaml(tmp_path, pipelines, data, cache_shard_size=2)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "2", "--master_port",
-           "29541", "-m", "mmalign.cli", "cache", str(config)]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    run = torchrun(["cache", str(config)])
     assert run.returncode == 0, run.stderr[-3000:]
     # latent shards 0, 1, 2 and text shards 0, 1 + the null prompt, dealt round-robin per phase: the main
     # process wrote latent shards 0, 2, text shard 0 and the null prompt

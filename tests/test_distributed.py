@@ -5,19 +5,16 @@ all-reduced batch statistic of bco_pair all line up."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import needs_torchrun, torchrun
 from safetensors.torch import load_file
 
 from mmalign.cli import main
 
 
-@pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="torchrun missing")
+@needs_torchrun
 def test_two_processes_equal_one(make_config, tmp_path):
     # SGD: Adam's first steps are ~lr * sign(g), which turns rounding noise in near-zero
     # gradients into lr-sized differences; SGD keeps the comparison tight.
@@ -25,11 +22,7 @@ def test_two_processes_equal_one(make_config, tmp_path):
                       train={"max_steps": 3, "grad_accum": 2, "batch_size": 4})
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["train", str(cfg), f"train.output_dir={one}"]) == 0
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT="29533")
-    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "2",
-           "--master_port", "29533", "-m", "mmalign.cli", "train", str(cfg),
-           f"train.output_dir={two}", "train.batch_size=2"]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    run = torchrun(["train", str(cfg), f"train.output_dir={two}", "train.batch_size=2"])
     assert run.returncode == 0, run.stderr[-3000:]
     assert "2 process(es) x batch 2 x accum 2" in run.stdout
     a = load_file(str(one / "checkpoints" / "step_00000003" / "model.safetensors"))

@@ -53,6 +53,22 @@ def group_index(kind: str, num_items: int, num_records: int) -> Tensor:
     return torch.arange(num_items)
 
 
+def example_generators(index: Tensor, generator: torch.Generator | None) -> list[torch.Generator | None]:
+    """One generator per example (group), seeded by the step generator's seed and the example's
+    row in the data (`batch.index`): a pair's t, ε, flip, crop, dropout and latent sample do not
+    depend on the process, micro-batch or batch position it lands in, so 2 processes draw what
+    1 process draws. No generator: the global RNG for all."""
+    if generator is None:
+        return [None] * len(index)
+    base = generator.initial_seed()
+    return [torch.Generator().manual_seed((base * 1_000_003 + row * 7_919 + 17) % 2**63) for row in index.tolist()]
+
+
+def item_normals(shape: Sequence[int], groups: Tensor, generators: list[torch.Generator | None]) -> Tensor:
+    """(N, *shape[1:]) standard normals, row r from its group's generator (rows in order)."""
+    return torch.stack([torch.randn(tuple(shape[1:]), generator=generators[g]) for g in groups.tolist()])
+
+
 def resize_shortest(image: Any, resolution: int) -> Any:
     """PIL image with its shortest side resized to `resolution` (bilinear; long side as
     torchvision's Resize(int): int(resolution · long / short))."""
@@ -294,37 +310,39 @@ class DiffusionLikelihood:
         """The draw's values of the per-item (N,) `draw_time` output: {"timesteps"}."""
         return {"timesteps": times.to(device)}
 
-    def draw_choices(self, kind: str, num_items: int, num_records: int,
-                     generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """The per-group random choices, in the fixed order every draw uses (the cached draw
-        of `diffusion_cache.py` too): groups (N,), then per group (G): flip bool, crop
-        fraction (G, 2), caption dropped bool, then `draw_time` (timestep long, or σ)."""
-        groups = group_index(kind, num_items, num_records)
-        g = int(groups.max()) + 1
-        rand = lambda *shape: torch.rand(shape, generator=generator)  # noqa: E731
-        flip = (rand(g) < 0.5) & self.settings.random_flip
-        crop_fraction = rand(g, 2)
-        dropped = rand(g) < self.settings.caption_dropout
-        return groups, flip, crop_fraction, dropped, self.draw_time(g, generator)
+    def draw_choices(self, kind: str, num_items: int,
+                     generators: list[torch.Generator | None]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The per-group random choices, each group from its own generator (`example_generators`)
+        in the fixed order every draw uses (the cached draw of `diffusion_cache.py` too): flip,
+        crop fraction (2 values), caption dropout, then `draw_time` (timestep long, or σ); later
+        `draw_latents` takes ε and then the latent sample of each of the group's images.
+        Returns groups (N,), flip (G,) bool, crop_fraction (G, 2), dropped (G,) bool, times (G,)."""
+        groups = group_index(kind, num_items, len(generators))
+        u = torch.stack([torch.rand(4, generator=g) for g in generators])  # (G, 4)
+        times = torch.cat([self.draw_time(1, g) for g in generators])
+        flip = (u[:, 0] < 0.5) & self.settings.random_flip
+        return groups, flip, u[:, 1:3], u[:, 3] < self.settings.caption_dropout, times
 
     def draw_latents(self, batch: PreferenceBatch, groups: Tensor, flip: Tensor, crop_fraction: Tensor,
-                     generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
+                     generators: list[torch.Generator | None]) -> tuple[Tensor, Tensor, Tensor]:
         """x0 (N, C, h, w) float32, ε (G, C, h, w) and the crop top-left (N, 2): crop and flip
-        the pixels, draw ε, then the VAE latent sample (in that order)."""
+        the pixels, draw ε per group, then the VAE latent sample per image (`item_normals`)."""
         pixels, crop_top_left = self.augment(batch, flip[groups], crop_fraction[groups])
-        noise = torch.randn((int(groups.max()) + 1, *self.latent_shape()), generator=generator)
-        latents = self.encode_images(pixels, lambda s: torch.randn(s, generator=generator))
+        noise = torch.stack([torch.randn(self.latent_shape(), generator=g) for g in generators])
+        latents = self.encode_images(pixels, lambda shape: item_normals(shape, groups, generators))
         return latents, noise, crop_top_left
 
     def draw(self, batch: PreferenceBatch, generator: torch.Generator | None = None) -> Draw:
         """Per group (pair) g: flip, crop fraction, caption dropout, t_g ~ U{0..T-1} (`draw_time`),
-        ε_g; per image: the VAE latent sample. Values (N = 2B rows for pairs, chosen then
-        rejected): latents, noise (N, C, h, w) float32; timesteps (N,) long (`time_values`);
-        caption_dropped (N,) bool; the text conditioning (encoder_hidden_states (N, L, D), ...);
-        plus the subclass's extra conditioning."""
+        ε_g; per image: the VAE latent sample, all from the group's own generator
+        (`example_generators`: the step's seed + the example's data row). Values (N = 2B rows for
+        pairs, chosen then rejected): latents, noise (N, C, h, w) float32; timesteps (N,) long
+        (`time_values`); caption_dropped (N,) bool; the text conditioning (encoder_hidden_states
+        (N, L, D), ...); plus the subclass's extra conditioning."""
         n = batch.inputs[self.items_key].shape[0]
-        groups, flip, crop_fraction, dropped, times = self.draw_choices(batch.kind, n, batch.num_examples, generator)
-        latents, noise, crop_top_left = self.draw_latents(batch, groups, flip, crop_fraction, generator)
+        generators = example_generators(batch.index, generator)
+        groups, flip, crop_fraction, dropped, times = self.draw_choices(batch.kind, n, generators)
+        latents, noise, crop_top_left = self.draw_latents(batch, groups, flip, crop_fraction, generators)
         values = {"latents": latents, "noise": noise[groups].to(latents.device),
                   **self.time_values(times[groups], latents.device), "caption_dropped": dropped[groups]}
         values.update(self.prompt_conditioning(batch, groups, dropped))

@@ -11,7 +11,7 @@ What is cached (METHODS.md §2: "cache the distribution's mean and std, not one 
   `encoder_hidden_states` + pooled `text_embeds`), plus the null prompt `encode("")`.
 
 Per step, `CachedDiffusionLikelihood.draw` makes exactly the uncached draw's random choices from
-the step's generator, in the same order (`DiffusionLikelihood.draw` itself: `draw_choices`'s flip,
+each pair's generator, in the same order (`DiffusionLikelihood.draw` itself: `draw_choices`'s flip,
 crop fraction, caption dropout, t; then ε (G, C, h, w); then the latent sample η (N, C, h, w)
 in `CachedDiffusionLikelihood.draw_latents`), and forms
 latents = (mean + std · η - shift) · scale. So with the same records and seed, cached and
@@ -59,7 +59,7 @@ import torch
 from torch import Tensor
 
 from mmalign.data.preference import DataError, batch_fields
-from mmalign.modalities.diffusion import DiffusionLikelihood, _prompt_text
+from mmalign.modalities.diffusion import DiffusionLikelihood, _prompt_text, item_normals
 from mmalign.modalities.sdxl import SDXLLikelihood
 from mmalign.types import PreferenceBatch
 
@@ -306,14 +306,15 @@ class CachedDiffusionLikelihood(DiffusionLikelihood):
         return out
 
     def draw_latents(self, batch: PreferenceBatch, groups: Tensor, flip: Tensor, crop_fraction: Tensor,
-                     generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
-        """The uncached draw's ε (G, C, h, w) and η (N, C, h, w), in that order, applied to the
-        cached distributions: latents = (mean + std · η - shift) · scale of the flipped or
-        unflipped cached posterior; crop_fraction is unused (the crop was fixed at cache time).
-        `DiffusionLikelihood.draw` makes the choices (flip, crop fraction, dropout, t) before."""
+                     generators: list[torch.Generator | None]) -> tuple[Tensor, Tensor, Tensor]:
+        """The uncached draw's ε (G, C, h, w) and η (N, C, h, w), in that order from each group's
+        generator, applied to the cached distributions: latents = (mean + std · η - shift) · scale
+        of the flipped or unflipped cached posterior; crop_fraction is unused (the crop was fixed
+        at cache time). `DiffusionLikelihood.draw` makes the choices (flip, crop fraction,
+        dropout, t) before."""
         x = batch.inputs
-        noise = torch.randn((int(groups.max()) + 1, *self.latent_shape()), generator=generator)
-        eta = torch.randn(x["latent_mean"].shape, generator=generator)
+        noise = torch.stack([torch.randn(self.latent_shape(), generator=g) for g in generators])
+        eta = item_normals(x["latent_mean"].shape, groups, generators)
         flipped = flip[groups].to(x["latent_mean"].device)
         mean, std = x["latent_mean"], x["latent_std"]
         if bool(flipped.any()):
