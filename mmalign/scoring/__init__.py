@@ -1,0 +1,151 @@
+"""Scorers: (condition, output) -> number, loaded from local paths (DESIGN.md "Scorer").
+
+    name        class                                    scale (higher is better)
+    clipscore   clip:CLIPScoreScorer      2.5 * max(cos, 0), Hessel et al. [0, 2.5] (not torchmetrics' 100*cos)
+    pickscore   pickscore:PickScoreScorer exp(logit_scale) * cos = 100 * cos, about 18-23 for SDXL
+    hpsv2       clip:HPSScorer            raw cosine under the HPS v2 checkpoint, about 0.25-0.30
+    hpsv21      clip:HPSScorer            same with the HPS v2.1 checkpoint
+    aesthetic   aesthetic:AestheticScorer LAION aesthetic v2 MLP, 1-10 scale, about 5-7 for SDXL
+    clap        clap:ClapScorer           cos(text, audio) in [-1, 1]
+    judge       judge:JudgeScorer         pointwise 1-10 verdict, or pairwise win rate in [0, 1]
+
+A scorer spec (the `mmalign score --scorer` syntax) is `NAME=PATH[,key=value...][:weight]`:
+`pickscore=/models/PickScore_v1,processor=/models/CLIP-ViT-H-14:1.0`. Options are passed to
+the class as keyword arguments (values read as YAML scalars: 16 -> int, true -> bool); the
+option `as=COLUMN` renames the column (two judges: `judge=/m/a,as=judge_a`).
+
+`combine` merges several scorers' columns into one ranking score.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mmalign.config import ConfigError
+
+SCORERS: dict[str, str] = {
+    "clipscore": "mmalign.scoring.clip:CLIPScoreScorer",
+    "pickscore": "mmalign.scoring.pickscore:PickScoreScorer",
+    "hpsv2": "mmalign.scoring.clip:HPSScorer",
+    "hpsv21": "mmalign.scoring.clip:HPSScorer",
+    "aesthetic": "mmalign.scoring.aesthetic:AestheticScorer",
+    "clap": "mmalign.scoring.clap:ClapScorer",
+    "judge": "mmalign.scoring.judge:JudgeScorer",
+}
+
+
+@dataclass
+class ScorerSpec:
+    """One parsed `NAME=PATH[,key=value...][:weight]`; `column` is the manifest column suffix."""
+
+    name: str
+    path: str
+    options: dict[str, Any] = field(default_factory=dict)
+    weight: float = 1.0
+    column: str = ""
+
+    def __post_init__(self) -> None:
+        self.column = self.column or self.name
+
+
+def _option_value(text: str) -> Any:
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return value if isinstance(value, (bool, int, float)) else text  # paths, names, 'null' stay text
+
+
+def parse_spec(spec: str) -> ScorerSpec:
+    """'hpsv21=/m/HPS_v2.1_compressed.pt,dtype=float16:0.5' -> ScorerSpec(name, path, options, weight).
+    The weight is a trailing `:number` (a path's own colons are kept)."""
+    if "=" not in spec:
+        raise ConfigError(f"scorer spec {spec!r}: expected NAME=PATH[,key=value...][:weight]")
+    name, rest = spec.split("=", 1)
+    name = name.strip().lower()
+    if name not in SCORERS:
+        raise ConfigError(f"scorer spec {spec!r}: unknown scorer {name!r}; known: {', '.join(SCORERS)}")
+    weight = 1.0
+    head, sep, tail = rest.rpartition(":")
+    if sep:
+        try:
+            weight, rest = float(tail), head
+        except ValueError:
+            pass
+    path, *pairs = rest.split(",")
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"scorer spec {spec!r}: option {pair!r} is not key=value")
+        options[key.strip()] = _option_value(value.strip())
+    column = str(options.pop("as", name))
+    if not path:
+        raise ConfigError(f"scorer spec {spec!r}: no PATH")
+    if not math.isfinite(weight):
+        raise ConfigError(f"scorer spec {spec!r}: weight {weight} is not finite")
+    return ScorerSpec(name, path, options, weight, column)
+
+
+def scorer_class(name: str) -> type:
+    """The class registered under `name` (imported on demand: heavy libraries load only then)."""
+    if name not in SCORERS:
+        raise ConfigError(f"unknown scorer {name!r}; known: {', '.join(SCORERS)}")
+    module, cls = SCORERS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def load_scorer(spec: str | ScorerSpec, **defaults: Any) -> Any:
+    """A scorer instance from a spec; `defaults` (device, batch_size, ...) apply unless the spec
+    sets them. An option the class does not take is a ConfigError naming it."""
+    spec = parse_spec(spec) if isinstance(spec, str) else spec
+    cls = scorer_class(spec.name)
+    params = inspect.signature(cls.__init__).parameters
+    accepted = {k for k, p in params.items() if p.kind is p.KEYWORD_ONLY}
+    unknown = sorted(set(spec.options) - accepted)
+    if unknown:
+        raise ConfigError(f"scorer {spec.name}: unknown option(s) {', '.join(unknown)}; "
+                          f"it takes {', '.join(sorted(accepted - {'generate', 'model', 'processor'}))}")
+    kwargs = {k: v for k, v in defaults.items() if k in accepted}
+    return cls(spec.path, **{**kwargs, **spec.options})
+
+
+def znormalise(values: Tensor) -> Tensor:
+    """(v - mean) / std over the finite entries (population std); NaN stays NaN; a constant
+    column becomes 0 (it cannot rank anything)."""
+    values = values.double()
+    finite = torch.isfinite(values)
+    if not finite.any():
+        return values.float()
+    mean = values[finite].mean()
+    std = values[finite].std(unbiased=False)
+    z = (values - mean) / std if std > 0 else torch.zeros_like(values)
+    return torch.where(finite, z, torch.full_like(values, math.nan)).float()
+
+
+def combine(scores: dict[str, Tensor], weights: dict[str, float] | None = None, znorm: bool = False) -> Tensor:
+    """sum_k w_k * s_k (s_k z-normalised per scorer when `znorm`) -> (N,); NaN where any scorer
+    is NaN. weights default to 1 per scorer; a weight for a scorer not given is an error."""
+    if not scores:
+        raise ValueError("combine needs at least one score column")
+    weights = {k: 1.0 for k in scores} if weights is None else dict(weights)
+    extra = set(weights) - set(scores)
+    if extra:
+        raise ValueError(f"weights for scorers without scores: {sorted(extra)}")
+    sizes = {v.numel() for v in scores.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"score columns differ in length: { {k: v.numel() for k, v in scores.items()} }")
+    total = torch.zeros(sizes.pop(), dtype=torch.float64)
+    for name, values in scores.items():
+        values = znormalise(values) if znorm else values
+        total += weights.get(name, 1.0) * values.double()
+    return total.float()
