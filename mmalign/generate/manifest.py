@@ -97,8 +97,14 @@ class ManifestWriter:
         if self.path.exists():
             text = self.path.read_text()
             if text and not text.endswith("\n"):  # torn line from a killed run
+                keep = text[: text.rfind("\n") + 1]
+                try:  # a complete row without its newline counts as a row (as read_manifest reads it)
+                    json.loads(text[len(keep):])
+                    keep = text + "\n"
+                except json.JSONDecodeError:
+                    pass
                 with atomic_path(self.path) as tmp:
-                    tmp.write_text(text[: text.rfind("\n") + 1])
+                    tmp.write_text(keep)
         self._file = open(self.path, "a")
 
     def write(self, row: dict[str, Any]) -> None:

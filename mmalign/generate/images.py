@@ -1,0 +1,147 @@
+"""Images from diffusers text-to-image pipelines loaded from a local folder.
+
+`load_pipeline` takes a pipeline folder with a `model_index.json` (what `save_pretrained`
+and `mmalign export --format merged` write; loaded with `DiffusionPipeline.from_pretrained`)
+or a component-only folder like the shipped `pkg://tiny_sdxl` (unet/ or transformer/, vae/,
+scheduler/, text_encoder*/ and tokenizer*/), whose pipeline class is inferred: FluxPipeline or
+StableDiffusion3Pipeline for a transformer/, StableDiffusionXLPipeline for a unet/ with two
+text encoders, StableDiffusionPipeline (no safety checker) for a unet/ with one.
+
+`generate_images` gives every image its own CPU `torch.Generator` seeded with its own seed
+(diffusers draws each image's initial latents, and each stochastic scheduler step's noise,
+from its generator), so an image depends on its prompt, seed and parameters, not on the other
+images of its batch or on the device's RNG.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmalign.config import ConfigError
+
+# pipeline __call__ arguments that `generate_images` sets itself (not sampling parameters)
+RESERVED = {"prompt", "prompt_2", "prompt_3", "generator", "output_type", "return_dict", "latents",
+            "num_images_per_prompt", "prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds",
+            "negative_pooled_prompt_embeds", "callback_on_step_end", "callback_on_step_end_tensor_inputs",
+            "callback", "callback_steps", "ip_adapter_image", "ip_adapter_image_embeds"}
+# parameters recorded in every manifest row even when left at the pipeline's default
+RECORDED = ("num_inference_steps", "guidance_scale", "height", "width")
+AUDIO_WORDS = ("Audio", "MusicLDM")
+
+
+def _config_class(file: Path, key: str = "_class_name") -> str | None:
+    return json.loads(file.read_text()).get(key) if file.is_file() else None
+
+
+def pipeline_class_name(path: str | Path) -> str:
+    """The diffusers pipeline class of a local folder (see module docstring)."""
+    path = Path(path)
+    name = _config_class(path / "model_index.json")
+    if name:
+        return name
+    if (path / "transformer").is_dir():
+        denoiser = _config_class(path / "transformer" / "config.json") or ""
+        names = {"FluxTransformer2DModel": "FluxPipeline", "SD3Transformer2DModel": "StableDiffusion3Pipeline"}
+        if denoiser not in names:
+            raise ConfigError(f"{path}: transformer/ holds a {denoiser or 'unknown'} model; add a model_index.json")
+        return names[denoiser]
+    if (path / "unet").is_dir():
+        return "StableDiffusionXLPipeline" if (path / "text_encoder_2").is_dir() else "StableDiffusionPipeline"
+    raise ConfigError(f"{path} is not a diffusers pipeline folder (no model_index.json, unet/ or transformer/)")
+
+
+def is_audio_pipeline(path: str | Path) -> bool:
+    return any(word in pipeline_class_name(path) for word in AUDIO_WORDS)
+
+
+def _load_components(path: Path, dtype: torch.dtype) -> dict[str, Any]:
+    """Every component subfolder of `path`, loaded with the class its config names."""
+    import importlib
+
+    from mmalign.export import _component_class
+
+    parts = {}
+    for folder in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        found = _component_class(folder)
+        if found is None:
+            continue
+        library, name = found
+        cls = getattr(importlib.import_module(library), name)
+        kwargs = {"torch_dtype": dtype} if library == "diffusers" and folder.name != "scheduler" else {}
+        if library == "transformers" and hasattr(cls, "get_input_embeddings"):
+            kwargs = {"dtype": dtype}
+        parts[folder.name] = cls.from_pretrained(path, subfolder=folder.name, **kwargs)
+    return parts
+
+
+def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, scheduler: str = "") -> Any:
+    """A diffusers pipeline from a local folder (no downloads, no safety checker added);
+    `scheduler` names a diffusers scheduler class to sample with instead of the folder's."""
+    import diffusers
+
+    path = Path(path)
+    name = pipeline_class_name(path)
+    if any(word in name for word in AUDIO_WORDS):
+        raise ConfigError(f"{path}: {name} is an audio pipeline; audio generation is not yet supported")
+    if (path / "model_index.json").is_file():
+        pipe = diffusers.DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+    else:
+        cls = getattr(diffusers, name)
+        parts = _load_components(path, dtype)
+        accepted = inspect.signature(cls.__init__).parameters
+        # components present in the folder; absent required ones (safety checker, SD3's T5) are None
+        required = [k for k, p in accepted.items()
+                    if k != "self" and p.default is inspect.Parameter.empty and p.kind == p.POSITIONAL_OR_KEYWORD]
+        kwargs = {k: parts.get(k) for k in accepted if k in parts or k in required}
+        if "requires_safety_checker" in accepted:
+            kwargs["requires_safety_checker"] = False
+        pipe = cls(**kwargs)
+    if scheduler:
+        if not hasattr(diffusers, scheduler):
+            raise ConfigError(f"scheduler: diffusers has no scheduler class '{scheduler}'")
+        pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def default_size(pipe: Any) -> int:
+    """The pipeline's default image side in pixels (what it uses when height/width are None)."""
+    size = getattr(pipe, "default_sample_size", None)
+    if size is None:
+        size = pipe.unet.config.sample_size
+    return int(size * pipe.vae_scale_factor)
+
+
+def image_params(pipe: Any, params: dict[str, Any]) -> dict[str, Any]:
+    """The sampling parameters of `params` checked against the pipeline's `__call__` (an unknown
+    key is a ConfigError naming it), completed with the defaults of RECORDED, so each manifest
+    row holds what produced it."""
+    signature = inspect.signature(pipe.__call__).parameters
+    allowed = sorted(k for k in signature if k not in RESERVED and k != "kwargs")
+    for key in params:
+        if key not in allowed:
+            raise ConfigError(f"unknown sampling parameter '{key}' for {type(pipe).__name__}; "
+                              f"valid: {', '.join(allowed)}")
+    out = dict(params)
+    for key in RECORDED:
+        if out.get(key) is None and key in signature:
+            default = signature[key].default
+            out[key] = default_size(pipe) if key in ("height", "width") and default is None else default
+    return {k: v for k, v in out.items() if v is not inspect.Parameter.empty}
+
+
+def generate_images(pipe: Any, prompts: list[str], seeds: list[int], params: dict[str, Any]) -> list[Any]:
+    """One PIL image per (prompt, seed), image i drawn with CPU generator seeded seeds[i].
+    params: complete sampling parameters from `image_params` (negative_prompt: one string)."""
+    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    kwargs = dict(params)
+    if isinstance(kwargs.get("negative_prompt"), str):
+        kwargs["negative_prompt"] = [kwargs["negative_prompt"]] * len(prompts)
+    with torch.inference_mode():
+        out = pipe(prompt=list(prompts), generator=generators, num_images_per_prompt=1, output_type="pil", **kwargs)
+    return list(out.images)
