@@ -43,7 +43,7 @@ class LoraConfig:
 class DataConfig:
     train: str = ""  # jsonl, parquet, or a Hugging Face `datasets` folder saved with save_to_disk
     eval: str = ""
-    format: str = "auto"  # auto (by file type), or a dataset reader: pickapic
+    format: str = "auto"  # auto (by file type), or a dataset reader: pickapic, rlhf_v, rlaif_v, povid, mdpo, trl_vlm
     max_length: int = 512  # prompt + answer tokens; answers are truncated, prompts never
     max_prompt_length: int = 0  # 0: no limit; otherwise prompts longer than this are an error
     chat_template: bool = False  # wrap prompts with the tokenizer's chat template
@@ -64,6 +64,19 @@ class LossConfig:
     # RLHF-V dense DPO: > 0 re-scores each answer as a γ-weighted token mean where the tokens
     # that differ between chosen and rejected weigh γ (RLHF-V uses γ > 1); 0 = off.
     dense_gamma: float = 0.0
+    # spo / d3po: the likelihood ratios r = exp(policy - reference) are clipped to [1-clip, 1+clip]; 0 = off.
+    clip: float = 0.1
+    # VLM image terms (mmalign/train/image_terms.py), added with image_term_weight: mdpo (mDPO's
+    # conditional term on a corrupted image + anchor -log σ(β hc - anchor_delta)), realign (the
+    # chosen answer with its image ≻ with another example's image); none = off.
+    image_term: str = "none"
+    image_term_weight: float = 1.0
+    anchor_delta: float = 0.0  # mDPO's δ
+    corruption: str = "crop"  # mdpo's corrupted image: crop (mDPO default), noise, mask
+    corruption_crop_scale: list[float] = field(default_factory=lambda: [0.01, 0.2])  # area kept by crop
+    corruption_noise_step: int = 500  # DDPM step t of 1000 for noise
+    corruption_mask_ratio: float = 0.3  # fraction of pixels (or patches) masked
+    corruption_mask_patch: int = 1  # 1: single pixels; > 1: patch x patch squares
 
 
 @dataclass
@@ -140,6 +153,33 @@ class DiffusionConfig:
 
 
 @dataclass
+class StepConfig:
+    """Online step-aware sampling for SPO / D3PO (modalities `sd_spo`, `sdxl_spo`; METHODS.md §2).
+
+    Every `round_steps` optimizer steps the current policy samples `prompts_per_round` prompts
+    and the round's transition pairs replace the training records (mmalign/modalities/step_sampler.py)."""
+
+    method: str = "spo"  # spo: k candidates from the same x_t per step; d3po: 2 trajectories, one label each
+    prompts: str = ""  # prompt file: .txt (one per line) or .jsonl/.json records with "prompt"
+    prompt_list: list[str] = field(default_factory=list)  # or the prompts themselves (tiny runs)
+    prompts_per_round: int = 16
+    round_steps: int = 10  # optimizer steps trained on one round's pairs before the next round is sampled
+    sample_batch_size: int = 8  # prompts sampled together
+    sampler: str = "ddim"  # ddim (eta > 0) or ddpm; schedule from the pipeline's scheduler config
+    num_steps: int = 20
+    eta: float = 1.0  # ddim only
+    guidance: float = 5.0  # classifier-free guidance, also inside the training likelihood
+    candidates: int = 4  # spo: k candidates x_{t-1} drawn from the same x_t
+    first_step: int = 0  # sampler steps before this index are not turned into pairs
+    threshold: float = 0.3  # keep (best, worst) when softmax(score_scale * scores) gap > threshold
+    score_scale: float = 1.0  # multiplies scores before the softmax (1 for logit-like scorers)
+    scorer: str = "redness"  # built-in name (redness) or module:function, function(cfg) -> scorer
+    labels: str = ""  # d3po: human labels jsonl {"id": trajectory pair id, "preferred": 0 | 1}
+    save_rounds: bool = True  # keep each round in output_dir/rounds (resume reads it back)
+    save_images: bool = False  # d3po: write each trajectory's final image to label by hand
+
+
+@dataclass
 class Config:
     modality: str = "causal_lm"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -150,12 +190,15 @@ class Config:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    spo: StepConfig = field(default_factory=StepConfig)
     source: str = ""  # the YAML file it was loaded from (set by load_config)
 
 
 CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "loss.kto_reference_point": ("mismatched", "batch"),
+    "loss.image_term": ("none", "mdpo", "realign"),
+    "loss.corruption": ("crop", "noise", "mask"),
     "reference.strategy": ("auto", "frozen", "lora_disabled", "precomputed", "none"),
     "optim.name": ("adamw", "adamw8bit", "adafactor", "sgd"),
     "optim.scheduler": ("constant", "linear", "cosine"),
@@ -166,6 +209,8 @@ CHOICES = {
     "diffusion.prediction_type": ("", "epsilon", "v_prediction", "sample"),
     "diffusion.vae_dtype": ("float32", "bfloat16", "float16"),
     "diffusion.cache_dtype": ("float16", "float32"),
+    "spo.method": ("spo", "d3po"),
+    "spo.sampler": ("ddim", "ddpm"),
 }
 
 
@@ -270,6 +315,7 @@ def validate(cfg: Config) -> None:
                           "keeps sums only: use reference.strategy frozen or lora_disabled")
     if cfg.loss.beta <= 0:
         raise ConfigError(f"loss.beta must be > 0, got {cfg.loss.beta}")
+    _validate_image_term(cfg)
     if cfg.reference.strategy == "lora_disabled" and not cfg.lora.enabled:
         raise ConfigError("reference.strategy 'lora_disabled' needs lora.enabled: true")
     if cfg.reference.sync_every and cfg.reference.strategy not in ("frozen", "auto"):
@@ -279,6 +325,27 @@ def validate(cfg: Config) -> None:
     if not 0.0 < cfg.reference.sync_alpha <= 1.0:
         raise ConfigError(f"reference.sync_alpha must be in (0, 1], got {cfg.reference.sync_alpha}")
     _validate_diffusion(cfg.diffusion)
+
+
+def _validate_image_term(cfg: Config) -> None:
+    loss = cfg.loss
+    if loss.image_term == "none":
+        return
+    if cfg.reference.strategy == "precomputed":
+        raise ConfigError(f"loss.image_term '{loss.image_term}' scores a freshly modified image every step, which "
+                          "a precomputed reference cannot: use reference.strategy frozen or lora_disabled")
+    if loss.image_term_weight < 0:
+        raise ConfigError(f"loss.image_term_weight must be >= 0, got {loss.image_term_weight}")
+    low, high = (loss.corruption_crop_scale + [0.0, 0.0])[:2]
+    if len(loss.corruption_crop_scale) != 2 or not 0 < low <= high <= 1:
+        raise ConfigError(f"loss.corruption_crop_scale must be [low, high] with 0 < low <= high <= 1, "
+                          f"got {loss.corruption_crop_scale}")
+    if not 0 <= loss.corruption_noise_step < 1000:
+        raise ConfigError(f"loss.corruption_noise_step must be in [0, 999], got {loss.corruption_noise_step}")
+    if not 0 <= loss.corruption_mask_ratio <= 1:
+        raise ConfigError(f"loss.corruption_mask_ratio must be in [0, 1], got {loss.corruption_mask_ratio}")
+    if loss.corruption_mask_patch < 1:
+        raise ConfigError(f"loss.corruption_mask_patch must be >= 1, got {loss.corruption_mask_patch}")
 
 
 def _validate_diffusion(d: DiffusionConfig) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -31,14 +32,19 @@ from mmalign.types import PairLogps
 __all__ = [
     "LOSSES",
     "PAIR_LOSSES",
+    "IMAGE_TERMS",
+    "ImageTermSpec",
     "LossSpec",
+    "anchor_loss",
     "apo_zero_loss",
     "bco_pair_loss",
     "bco_reward_mean",
     "cdpo_loss",
+    "d3po_loss",
     "dpo_loss",
     "get_loss",
     "hinge_loss",
+    "image_conditional_loss",
     "ipo_loss",
     "kto_loss",
     "kto_reference_point",
@@ -49,6 +55,7 @@ __all__ = [
     "sft_loss",
     "simpo_loss",
     "soft_loss",
+    "spo_loss",
     "sppo_hard_loss",
 ]
 
@@ -203,6 +210,57 @@ def sft_only_loss(policy: PairLogps, reference: PairLogps | None = None) -> Tens
     return sft_loss(policy)
 
 
+# --------------------------------------------------------------------------- image terms (VLM)
+# Extra terms on the chosen answer scored with a modified image (mmalign/train/image_terms.py).
+# Their PairLogps hold chosen = log π(yw | m, x) (the true image m) and rejected =
+# log π(yw | m', x) (the same answer with the modified image m'), for policy and reference.
+
+
+def image_conditional_loss(policy: PairLogps, reference: PairLogps, *, beta: float) -> Tensor:
+    """mDPO's conditional term (Wang et al. 2024, eq. 4), Re-Align's visual term: the answer is
+    preferred with the true image m over the modified one m',
+
+    -log sigma(beta [(log pi(yw|m,x) - log ref(yw|m,x)) - (log pi(yw|m',x) - log ref(yw|m',x))]),
+
+    i.e. `dpo_loss` with the modified-image item as "rejected". Returns (B,)."""
+    return dpo_loss(policy, reference, beta=beta)
+
+
+def anchor_loss(policy: PairLogps, reference: PairLogps, *, beta: float, anchor_delta: float = 0.0) -> Tensor:
+    """mDPO's anchor (Wang et al. 2024, eq. 5): -log sigma(beta (log pi(yw|m,x) - log ref(yw|m,x)) - delta);
+    keeps the chosen reward above delta (0 in mDPO). Reads only the `chosen` fields. Returns (B,)."""
+    return -F.logsigmoid(beta * (policy.chosen - reference.chosen) - anchor_delta)
+
+
+# --------------------------------------------------------------------------- step-aware (SPO, D3PO)
+
+
+def spo_loss(policy: PairLogps, reference: PairLogps, *, beta: float, clip: float) -> Tensor:
+    """SPO (Liang et al. 2024), on sampler transitions x_t -> x_{t-1} (mmalign/modalities/step.py):
+
+    -log sigma(beta (log clip(r_c, 1-eps, 1+eps) - log clip(r_r, 1-eps, 1+eps))), r = exp(policy - reference),
+
+    eps = clip (0: no clipping, then this is `dpo_loss`). Clipping r equals clamping log r to
+    [log(1-eps), log(1+eps)]: no gradient once a ratio leaves the band. The transition
+    log-likelihoods are means over dimensions: beta 10, eps 0.1 are tuned for that. Returns (B,).
+    """
+    hc, hr = _ratios(policy, reference)
+    if clip > 0:
+        if clip >= 1:
+            raise ValueError(f"spo/d3po clip must be in [0, 1), got {clip}")
+        low, high = math.log1p(-clip), math.log1p(clip)
+        hc, hr = hc.clamp(low, high), hr.clamp(low, high)
+    return -F.logsigmoid(beta * (hc - hr))
+
+
+def d3po_loss(policy: PairLogps, reference: PairLogps, *, beta: float, clip: float) -> Tensor:
+    """D3PO (Yang et al. 2024): every step of the preferred trajectory against the other
+    trajectory's step at the same t, -log sigma(beta (log clip(r_c) - log clip(r_r))) as the D3PO
+    reference code clips its ratios (clip 0: the paper's unclipped per-step DPO). The same
+    formula as `spo_loss`; the methods differ in their data (per-trajectory labels). Returns (B,)."""
+    return spo_loss(policy, reference, beta=beta, clip=clip)
+
+
 def _length_averaged(policy: PairLogps, reference: PairLogps) -> tuple[PairLogps, PairLogps]:
     if reference.chosen_tokens is None and policy.chosen_tokens is not None:
         reference = PairLogps(
@@ -321,12 +379,31 @@ LOSSES: dict[str, LossSpec] = {
     "simpo": LossSpec(simpo_loss, "pair", needs_reference=False),
     "soft": LossSpec(soft_loss, "pair"),
     "sft": LossSpec(sft_only_loss, "pair", needs_reference=False),
+    "spo": LossSpec(spo_loss, "pair"),
+    "d3po": LossSpec(d3po_loss, "pair"),
     "kto": LossSpec(kto_loss, "unpaired"),
     "ranked": LossSpec(ranked_loss, "ranked"),
 }
 
 # The subset that takes (policy: PairLogps, reference: PairLogps).
 PAIR_LOSSES: dict[str, LossSpec] = {k: v for k, v in LOSSES.items() if v.kind == "pair"}
+
+
+@dataclass(frozen=True)
+class ImageTermSpec:
+    """An extra VLM objective (`loss.image_term`): `image` names how the trainer modifies the
+    image of each chosen item ("corrupt": `loss.corruption` of the same image; "other": another
+    example's image), `terms` maps a metric name to a pure loss over the (true image, modified
+    image) PairLogps; the trainer adds `loss.image_term_weight` x their sum."""
+
+    image: str
+    terms: dict[str, Callable[..., Tensor]]
+
+
+IMAGE_TERMS: dict[str, ImageTermSpec] = {
+    "mdpo": ImageTermSpec("corrupt", {"conditional": image_conditional_loss, "anchor": anchor_loss}),
+    "realign": ImageTermSpec("other", {"visual": image_conditional_loss}),
+}
 
 
 def get_loss(name: str) -> LossSpec:

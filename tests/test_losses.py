@@ -364,6 +364,8 @@ def test_every_loss_returns_per_example_values() -> None:
         "simpo": {"beta": 2.0, "gamma": 0.5},
         "soft": {"beta": 0.1, "soft_labels": torch.rand(B, generator=g)},
         "sft": {},
+        "spo": {"beta": 10.0, "clip": 0.1},  # tests/test_spo.py pins its values
+        "d3po": {"beta": 10.0, "clip": 0.1},
     }
     assert set(hp) == set(PAIR_LOSSES)
     for name, kw in hp.items():
@@ -385,7 +387,7 @@ def test_every_loss_returns_per_example_values() -> None:
 def test_registry_contents() -> None:
     assert set(LOSSES) == {
         "dpo", "cdpo", "robust", "ipo", "hinge", "bco_pair", "nca_pair",
-        "sppo_hard", "apo_zero", "simpo", "soft", "sft", "kto", "ranked",
+        "sppo_hard", "apo_zero", "simpo", "soft", "sft", "spo", "d3po", "kto", "ranked",
     }
     assert all(isinstance(s, LossSpec) for s in LOSSES.values())
     assert get_loss("kto").kind == "unpaired" and get_loss("ranked").kind == "ranked"

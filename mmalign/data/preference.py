@@ -128,6 +128,11 @@ def validate_records(records: list[dict[str, Any]], source: str, kind: str | Non
 # the reader itself (a lazy reader must not read every row up front).
 FORMATS = {
     "pickapic": "mmalign.data.pickapic:load_pickapic",
+    "rlhf_v": "mmalign.data.vlm_formats:load_rlhf_v",
+    "rlaif_v": "mmalign.data.vlm_formats:load_rlaif_v",
+    "povid": "mmalign.data.vlm_formats:load_povid",
+    "mdpo": "mmalign.data.vlm_formats:load_mdpo",
+    "trl_vlm": "mmalign.data.vlm_formats:load_trl_vlm",
 }
 
 

@@ -12,6 +12,8 @@ MODALITIES = {
     "llava": "mmalign.modalities.llava:build",  # LLaVA-family VLMs (LLaVA-1.5, NeXT, ...): answer-only token log-probs
     "sd": "mmalign.modalities.diffusion:build",  # SD1.5 / SD2 (epsilon or v-prediction) UNets
     "sdxl": "mmalign.modalities.sdxl:build",  # SDXL UNet: two text encoders, add_time_ids
+    "sd_spo": "mmalign.modalities.step_sampler:build",  # SPO / D3PO: sampled transitions, online rounds (SD1.5/SD2)
+    "sdxl_spo": "mmalign.modalities.step_sampler:build_sdxl",  # SPO / D3PO on an SDXL UNet
     "sd3": "mmalign.modalities.flow:build",  # SD3 / SD3.5 flow transformer: CLIP-L + CLIP-G + T5, Flow-DPO
     "flux": "mmalign.modalities.flow:build_flux",  # FLUX.1 flow transformer: CLIP pooled + T5, 2x2 packing
 }

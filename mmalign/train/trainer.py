@@ -20,6 +20,7 @@ from mmalign.config import Config, to_dict
 from mmalign.data.preference import StreamSampler, load_preference_data, mismatched
 from mmalign.losses import get_loss
 from mmalign.train import checkpoint as ckpt
+from mmalign.train.image_terms import build_image_terms
 from mmalign.train.metrics import Meter, MetricsLogger, format_metrics
 from mmalign.train.objective import RunningMean, preference_losses
 from mmalign.train.optim import build_optimizer, build_scheduler
@@ -48,10 +49,15 @@ class PreferenceTrainer:
         self.loss_spec = get_loss(cfg.loss.name)
         # Records are read by index only (a lazy dataset works too) and never mutated.
         d = cfg.data
-        self.records, self.kind = load_preference_data(d.train, format=d.format)
+        # An online source (SPO/D3PO sampling, `likelihood.data_source`) fills the records itself:
+        # `refill(trainer)` before every step replaces records and sampler when a new round begins.
+        self.source = getattr(likelihood, "data_source", None)
+        self.records, self.kind = (([], self.source.kind) if self.source is not None
+                                   else load_preference_data(d.train, format=d.format))
         self.eval_records = load_preference_data(d.eval, self.kind, d.format)[0] if d.eval else []
         self.ref_values: dict[str, list[list[float]] | None] = {"train": None, "eval": None}
         self.strategy = resolve_strategy(cfg, self.loss_spec, likelihood)
+        self.image_terms = build_image_terms(cfg, likelihood, self.kind, self.strategy, self.records)
         frozen = (FrozenReference(model, likelihood, self.accelerator.autocast, self.accelerator.device)
                   if self.strategy == "frozen" else None)
         model = apply_lora(model, cfg)
@@ -69,7 +75,7 @@ class PreferenceTrainer:
             "none": lambda: None,
         }[self.strategy]()
         self.loss_state = RunningMean()
-        self.sampler = StreamSampler(len(self.records), t.seed)
+        self.sampler = StreamSampler(len(self.records), t.seed) if self.source is None else None
         self.step = 0
 
     @property
@@ -108,8 +114,12 @@ class PreferenceTrainer:
             with torch.no_grad():  # z is detached: no activations kept for these items
                 kl_policy, kl_ref = self._score(self._batch(mismatched(records)), generator)
             kl_logratios = kl_policy.logps - kl_ref.logps
-        return preference_losses(self.loss_spec, self.cfg.loss, batch, policy_out, ref_out, self._gather,
-                                 self.loss_state, kl_logratios)
+        losses, metrics = preference_losses(self.loss_spec, self.cfg.loss, batch, policy_out, ref_out, self._gather,
+                                            self.loss_state, kl_logratios)
+        if self.image_terms is not None:  # mDPO / Re-Align: the chosen answers again, with modified images
+            losses, metrics = self.image_terms.add(records, seed, policy_out, ref_out, losses, metrics, self._score,
+                                                   self.accelerator.device)
+        return losses, metrics
 
     def _check_finite(self, loss: torch.Tensor, indices: list[int], micro: int) -> None:
         bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.accelerator.device)
@@ -126,6 +136,8 @@ class PreferenceTrainer:
     def train_step(self) -> dict[str, float]:
         t, acc = self.cfg.train, self.accelerator
         meter = Meter()
+        if self.source is not None:
+            self.source.refill(self)
         for micro in range(t.grad_accum):
             micro_step = self.step * t.grad_accum + micro
             seed = step_seed(t.seed, self.step, micro, acc.process_index)
@@ -135,7 +147,9 @@ class PreferenceTrainer:
             # Gradients are all-reduced on the last micro-step only.
             sync = acc.no_sync(self.model) if micro < t.grad_accum - 1 else nullcontext()
             with sync:
-                losses, metrics = self.forward(records, seed)
+                # Draws (t, ε, ...) come from (step, example row), not (process, micro-step): a
+                # pair gets the same noise however the global batch is split.
+                losses, metrics = self.forward(records, step_seed(t.seed, self.step, 0, 0))
                 loss = losses.mean()
                 self._check_finite(loss, idx, micro)
                 acc.backward(loss / t.grad_accum)
@@ -163,7 +177,7 @@ class PreferenceTrainer:
         try:
             for start in range(0, len(mine), self.cfg.train.eval_batch_size):
                 records = self.fetch("eval", mine[start : start + self.cfg.train.eval_batch_size])
-                meter.add(self.forward(records, step_seed(self.cfg.train.seed, -1, start, acc.process_index))[1])
+                meter.add(self.forward(records, step_seed(self.cfg.train.seed, -1, 0, 0))[1])
         finally:
             self.model.train()
         return {f"eval/{k}": v for k, v in meter.reduce(acc).items()}
@@ -251,7 +265,9 @@ class PreferenceTrainer:
 
     def _print_summary(self) -> None:
         c = self.cfg
-        print(f"[mmalign] {len(self.records)} {self.kind} examples from {c.data.train}"
+        source = (f"online {c.spo.method} rounds" if self.source is not None
+                  else f"{len(self.records)} {self.kind} examples from {c.data.train}")
+        print(f"[mmalign] {source}"
               f"{f', {len(self.eval_records)} held out' if self.eval_records else ''}; loss {c.loss.name} "
               f"(beta {c.loss.beta}); reference {self.strategy}; {self.accelerator.num_processes} process(es) "
               f"x batch {c.train.batch_size} x accum {c.train.grad_accum}; {c.train.max_steps} steps")
