@@ -91,7 +91,9 @@ def load_step_scorer(spec: str, cfg: Any) -> StepScorer:
     elif "=" in spec:
         from mmalign.scoring import load_scorer
 
-        return TimestepAgnostic(load_scorer(spec), pil=True)
+        scorer = load_scorer(spec)
+        if not getattr(scorer, "takes_timesteps", False):  # step_aware=FOLDER scores at the candidate's t
+            return TimestepAgnostic(scorer, pil=True)
     elif ":" in spec:
         module, _, name = spec.partition(":")
         try:

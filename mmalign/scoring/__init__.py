@@ -8,6 +8,7 @@
     aesthetic   aesthetic:AestheticScorer LAION aesthetic v2 MLP, 1-10 scale, about 5-7 for SDXL
     clap        clap:ClapScorer           cos(text, audio) in [-1, 1]
     judge       judge:JudgeScorer         pointwise 1-10 verdict, or pairwise win rate in [0, 1]
+    step_aware  step_aware:StepAwareScorer PickScore conditioned on the timestep t (SPO; t = 0 here)
 
 A scorer spec (the `mmalign score --scorer` syntax) is `NAME=PATH[,key=value...][:weight]`:
 `pickscore=/models/PickScore_v1,processor=/models/CLIP-ViT-H-14:1.0`. Options are passed to
@@ -38,6 +39,7 @@ SCORERS: dict[str, str] = {
     "aesthetic": "mmalign.scoring.aesthetic:AestheticScorer",
     "clap": "mmalign.scoring.clap:ClapScorer",
     "judge": "mmalign.scoring.judge:JudgeScorer",
+    "step_aware": "mmalign.scoring.step_aware:StepAwareScorer",
 }
 
 
