@@ -203,20 +203,29 @@ def table(summary: dict[str, Any], s: Settings) -> str:
     return "\n".join(rows)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in dataclasses.fields(Settings):
+def parse_settings(cls: type, argv: list[str] | None, doc: str, out: str) -> tuple[Any, Path]:
+    """A `--field value` option per Settings field (not image_size) and `--out`; sets the thread
+    count (OMP and torch) before the benchmark imports anything heavy."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    for f in dataclasses.fields(cls):
         if f.name != "image_size":
             p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "diffusion_cache.json"))
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / out))
     args = p.parse_args(argv)
-    s = Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if f.name != "image_size"})
+    s = cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name != "image_size"})
     os.environ["OMP_NUM_THREADS"] = str(s.threads)
     import torch
     from transformers.utils import logging
 
     torch.set_num_threads(s.threads)
     logging.disable_progress_bar()
+    return s, Path(args.out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    s, out = parse_settings(Settings, argv, __doc__, "diffusion_cache.json")
+    import torch
+
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         build_pipeline(work / "pipeline", s.seed)
@@ -226,7 +235,6 @@ def main(argv: list[str] | None = None) -> int:
         runs = [run_side(work, s, cached, r) for r in range(s.repeats) for cached in order[r % 2]]
     summary = summarise(runs, s, cache)
     print(table(summary, s))
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     versions = {"torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count()}
     out.write_text(json.dumps({"settings": dataclasses.asdict(s), "versions": versions, "summary": summary,

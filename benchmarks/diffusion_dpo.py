@@ -25,7 +25,6 @@ The one-off `mmalign cache` time is reported beside the rate.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -254,19 +253,9 @@ def table(summary: dict[str, Any], s: Settings, cache: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.__main__ import run_side
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in dataclasses.fields(Settings):
-        if f.name != "image_size":
-            p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "diffusion_dpo.json"))
-    args = p.parse_args(argv)
-    s = Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if f.name != "image_size"})
-    os.environ["OMP_NUM_THREADS"] = str(s.threads)
+    s, out = diffusion_cache.parse_settings(Settings, argv, __doc__, "diffusion_dpo.json")
     import torch
-    from transformers.utils import logging
 
-    torch.set_num_threads(s.threads)
-    logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         (work / "settings.json").write_text(json.dumps(dataclasses.asdict(s)))
@@ -278,7 +267,6 @@ def main(argv: list[str] | None = None) -> int:
                 for r in range(s.repeats) for side in order[r % 2]]
     summary = summarise(runs, s)
     print(table(summary, s, cache))
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     versions = {"torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count()}
     out.write_text(json.dumps({"settings": dataclasses.asdict(s), "versions": versions, "summary": summary,

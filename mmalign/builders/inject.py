@@ -380,7 +380,7 @@ def run(args: argparse.Namespace) -> int:
     with atomic_path(out) as tmp:
         tmp.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
     detail = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-    print(f"inject: {len(pairs)} pairs from {len(records)} records -> {out} ({detail or 'nothing'})")
+    print(f"[mmalign] build-pairs inject: {len(pairs)} pairs from {len(records)} records ({detail or 'nothing dropped'}); wrote {out}")
     return 0
 
 
