@@ -1,0 +1,94 @@
+"""benchmarks/gpu.py: the GPU section's code, run with tiny shapes on CPU (`--tiny`)."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks import gpu, gpu_sdxl
+
+
+def test_count_flops_of_a_linear_step_is_6nio():
+    """Forward x @ W.T (2·n·i·o) + backward dX and dW (2·n·i·o each); the bias adds none."""
+    n, i, o = 4, 16, 8
+    layer = torch.nn.Linear(i, o)
+    x = torch.randn(n, i, requires_grad=True)
+    _, flops = gpu.count_flops(lambda: layer(x).sum().backward())
+    assert flops == 6 * n * i * o
+
+
+def test_peak_table_by_device_name():
+    assert gpu.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0  # SXM
+    assert gpu.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert gpu.peak_tflops("NVIDIA H200") == 989.0
+    assert gpu.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert gpu.peak_tflops("NVIDIA H100 NVL") is None  # not in the table: absolute numbers only
+    assert gpu.peak_tflops("Tesla T4") is None
+
+
+def test_skips_with_one_line_without_cuda(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu.main([]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("GPU section skipped")
+
+
+def test_full_size_configs_are_the_published_ones():
+    u = gpu.SDXL_UNET
+    assert u["block_out_channels"] == (320, 640, 1280) and u["transformer_layers_per_block"] == (1, 2, 10)
+    # text_time: pooled bigG projection (1280) + 6 time ids x 256 = 2816; prompt width 768 + 1280 = 2048
+    assert gpu.BIGG_TEXT["projection_dim"] + 6 * u["addition_time_embed_dim"] == u["projection_class_embeddings_input_dim"]
+    assert gpu.CLIP_L_TEXT["hidden_size"] + gpu.BIGG_TEXT["hidden_size"] == u["cross_attention_dim"]
+    v = gpu.CLIP_L336_VISION
+    assert (v["image_size"] // v["patch_size"]) ** 2 == 576 and gpu.LLAMA2_7B["vocab_size"] == 32064
+
+
+def unet_work_flops(s):
+    """FLOPs of the UNet work of one Diffusion-DPO step counted apart: policy forward + backward
+    and a frozen copy's forward, on inputs shaped like the draw (1 pair = 2 items)."""
+    unet = gpu_sdxl.build_unet(s, "cpu").train()
+    ref = copy.deepcopy(unet).eval().requires_grad_(False)
+    side = s.resolution // 8
+    parts = gpu_sdxl.sdxl_parts(s)
+    kwargs = {"encoder_hidden_states": torch.randn(2, 77, parts["unet"]["cross_attention_dim"]),
+              "added_cond_kwargs": {"text_embeds": torch.randn(2, parts["text_2"]["projection_dim"]),
+                                    "time_ids": torch.randn(2, 6)}}
+    x, t = torch.randn(2, 4, side, side), torch.tensor([3, 500])
+
+    def step():
+        unet(x, t, **kwargs).sample.pow(2).mean().backward()
+        with torch.no_grad():
+            ref(x, t, **kwargs)
+
+    return gpu.count_flops(step)[1]
+
+
+def test_tiny_run_writes_the_report(tmp_path):
+    out = tmp_path / "gpu.json"
+    assert gpu.main(["--tiny", "--rows", "sdxl_full,llava", "--steps", "2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["section"] == "gpu" and report["tiny"] is True and report["peak_bf16_tflops"] is None
+    assert [r["name"] for r in report["rows"]] == ["sdxl_full", "llava"]
+    assert "sdxl_full" in report["table"] and report["device"] in report["table"]
+    sdxl, llava = report["rows"]
+    assert set(sdxl["sides"]) == {"recipe", "mmalign"} and set(llava["sides"]) == {"mmalign"}
+    for side in [*sdxl["sides"].values(), *llava["sides"].values()]:
+        assert len(side["losses"]) == 2 and all(math.isfinite(x) for x in side["losses"])
+        assert side["pairs_per_s"] > 0 and side["step_flops"] > 0 and "peak_mib" in side
+        assert side["tflops"] == pytest.approx(side["step_flops"] / side["step_ms_mean"] / 1e9)
+        assert set(side["ms_per_step"]) == {*gpu.PHASES, "other"}
+    mm, rec = sdxl["sides"]["mmalign"], sdxl["sides"]["recipe"]
+    # mmalign trains from the cache: no VAE, no checkpointing; the recipe encodes every step, checkpointed
+    assert mm["loaded_vae"] is False and mm["gradient_checkpointing"] is False and rec["gradient_checkpointing"]
+    assert mm["ms_per_step"]["vae"] == 0 and rec["ms_per_step"]["vae"] > 0 and rec["ms_per_step"]["text_encoders"] > 0
+    # step 0: policy == frozen reference on the same draw, so inside = 0 and the loss is log 2
+    assert mm["losses"][0] == pytest.approx(math.log(2), abs=1e-6)
+    # mmalign's cached step executes exactly the UNet work (counted apart here); the recipe adds
+    # the VAE, both text encoders and the checkpointing recompute on top of the same work
+    s = gpu.Settings(tiny=True).shrink()
+    assert mm["step_flops"] == unet_work_flops(s) == sdxl["model_flops"]
+    assert rec["step_flops"] > mm["step_flops"]
+    assert rec["model_tflops"] == pytest.approx(sdxl["model_flops"] / rec["step_ms_mean"] / 1e9)
+    assert llava["sides"]["mmalign"]["image_tokens"] == 16 and llava["sides"]["mmalign"]["reference"] == "lora_disabled"
