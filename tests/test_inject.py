@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import json
 from collections import Counter
 from pathlib import Path
@@ -38,7 +40,15 @@ def is_subsequence(small: list[str], big: list[str]) -> bool:
 def test_object_inserted_in_the_captions_list_style(shapes):
     records = [{"images": ["a.png"], "caption": "a red circle and a square", "objects": ["circle", "square"]}]
     pairs, counts = build_injection_pairs(records, shapes, strategy="random")
-    assert pairs[0]["rejected"] == "a red circle, a square and a triangle"
+    assert pairs[0]["rejected"] == "a red circle and a square and a triangle"  # no punctuation it did not use
+    records = [{"images": ["a.png"], "caption": "a circle, a square", "objects": ["circle", "square"]}]
+    assert build_injection_pairs(records, shapes, strategy="random")[0][0]["rejected"] == (
+        "a circle, a square and a triangle")
+    # every object carries a colour: the injected one gets one too (a pair that differs in style
+    # as well as content would teach style)
+    records = [{"images": ["a.png"], "caption": "a red circle and a blue square", "objects": ["circle", "square"]}]
+    rejected = build_injection_pairs(records, shapes, strategy="random")[0][0]["rejected"]
+    assert re.fullmatch(r"a red circle and a blue square and an? (red|blue|green|yellow) \w+", rejected), rejected
     assert (pairs[0]["injected"], pairs[0]["injection_kind"], pairs[0]["source_id"]) == ("triangle", "object", 0)
     assert counts == Counter({"kept object": 1})
 

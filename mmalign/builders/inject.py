@@ -7,7 +7,8 @@ keeping its words, style and (nearly) its length, so a model learns content, not
 - object: an object absent from the image, chosen `random`ly, among the `popular` (most
   frequent in the data) or the `co-occurring` ones (most often seen with the present
   objects: the "adversarial" choice), inserted in the caption's own list style ("a red
-  circle and a square" -> "a red circle, a square and a triangle"; "a man riding a horse on
+  circle and a blue square" -> "... and a green triangle": a colour when every object has one;
+  "a cat, a dog and a bird" -> "a cat, a dog, a bird and a car"; "a man riding a horse on
   a beach" -> "... a horse and a dog on a beach"), or (`object_mode="replace"`) put in place
   of a mentioned object, plural kept ("two dogs" -> "two cats");
 - attribute: a colour, count or size word swapped ("red" -> "blue", "two" -> "four",
@@ -140,8 +141,20 @@ def _insertion_point(text: str, last: Mention) -> int:
     return last.end + (stop.start() if stop else len(rest.rstrip()))
 
 
-def insert_object(text: str, mentions: list[Mention], name: str) -> str:
-    """`text` with "a NAME" added in its own style (see module docstring)."""
+def _colour_before(text: str, mention: Mention) -> str | None:
+    """The colour word right before a mention ("a red circle" -> "red"), if any."""
+    m = re.search(r"([^\W\d_]+)\s+$", text[:mention.start])
+    return m.group(1).lower() if m and m.group(1).lower() in COLOURS else None
+
+
+def insert_object(text: str, mentions: list[Mention], name: str, rng: random.Random | None = None) -> str:
+    """`text` with "a NAME" added in its own style (see module docstring): when every mention
+    carries a colour ("a red circle and a blue square"), the new object gets one too (drawn with
+    `rng`); a list already written with commas ("a, b and c") gets "a, b, c and d", one joined
+    by "and" alone ("a and b") continues with "and" (no punctuation the text did not use)."""
+    colours = [_colour_before(text, m) for m in mentions]
+    if mentions and all(colours):
+        name = f"{(rng or random.Random(0)).choice(sorted(set(COLOURS[:4]) | set(colours)))} {name}"
     phrase = f"{article(name)} {name}"
     if not mentions:  # no object to attach to: "... with a dog" before the final punctuation
         body = text.rstrip()
@@ -149,7 +162,8 @@ def insert_object(text: str, mentions: list[Mention], name: str) -> str:
         return f"{body[:cut]} with {phrase}{body[cut:]}{text[len(body):]}"
     last = mentions[-1]
     at = _insertion_point(text, last)
-    if at == last.end and len(mentions) > 1:  # a list "X and Y" becomes "X, Y and Z"
+    commas = "," in text[mentions[0].start:last.start]
+    if at == last.end and len(mentions) > 1 and commas:  # "X, Y and Z" becomes "X, Y, Z and W"
         between = text[mentions[-2].end:last.start]
         m = re.search(r"\s+and\s+", between)
         if m and not re.search(r"[.;!?]", between) and "," not in between[m.end():]:
@@ -172,7 +186,7 @@ def _object_pair(text: str, mentions: list[Mention], injected: str, mode: str, v
         target = rng.choice(mentions)
         rest = {m.category for m in mentions if m is not target}
         return replace_object(text, target, injected), rest | {injected}, target.word
-    return insert_object(text, mentions, injected), chosen_objects | {injected}, None
+    return insert_object(text, mentions, injected, rng), chosen_objects | {injected}, None
 
 
 def valid_object_text(candidate: str, expected: set[str], vocab: ObjectVocabulary) -> bool:
