@@ -48,13 +48,10 @@ def record_images(record: dict[str, Any]) -> list[Any]:
 
 
 def load_vlm(path: str | Path, trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """(model, processor) from a local image-text-to-text folder (no downloads)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    """(model, processor) from a local image-text-to-text folder or pkg://NAME (no downloads)."""
+    from mmalign.generate.text import load_text_model
 
-    if not Path(path).is_dir():
-        raise DataError(f"model folder not found: {path}")
-    model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=trust_remote_code).eval()
-    return model, AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return load_text_model(path, trust_remote_code=trust_remote_code)
 
 
 def image_refs(record: dict[str, Any], index: int, roots: Sequence[Path], out_dir: Path, name: str) -> list[str]:

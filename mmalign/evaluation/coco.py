@@ -124,20 +124,11 @@ def object_statistics(object_sets: Iterable[Iterable[str]]) -> tuple[Counter, di
 
 # -- running a model -----------------------------------------------------------------
 def load_vlm(path: str | Path, dtype: str = "auto", device: str | None = None) -> tuple[Any, Any]:
-    """An image-text-to-text model and its processor from a local folder, as
+    """An image-text-to-text model and its processor from a local folder or pkg://NAME, as
     `mmalign.modalities.llava.build` loads them (no download, no remote code)."""
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from mmalign.generate.text import load_text_model
 
-    path = Path(path)
-    if not path.is_dir():
-        raise DataError(f"model folder not found: {path}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True)
-    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-    return model.to(device).eval(), processor
+    return load_text_model(path, dtype=dtype, device=device)
 
 
 class AnswerCache:

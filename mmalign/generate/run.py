@@ -141,26 +141,12 @@ def image_generator(opts: GenerateOptions, path: Path, device: torch.device) -> 
     return run, params
 
 
-def load_text_model(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
-    """(model, processor) of a VLM folder (a processor with an image processor), else
-    (causal LM, tokenizer)."""
-    import transformers
-
-    if (path / "processor_config.json").is_file() or (path / "preprocessor_config.json").is_file():
-        processor = transformers.AutoProcessor.from_pretrained(path)
-        if getattr(processor, "image_processor", None) is not None:
-            return transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=dtype), processor
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    return model, transformers.AutoTokenizer.from_pretrained(path)
-
-
 def text_generator(opts: GenerateOptions, path: Path, device: torch.device) -> tuple[Callable, dict[str, Any]]:
     """(items -> rows with their text, sampling params) for a causal LM or VLM."""
-    from mmalign.generate.text import generate_answers
+    from mmalign.generate.text import generate_answers, load_text_model
 
     params = text_sampling(opts.sampling)
-    model, processor = load_text_model(path, getattr(torch, opts.dtype))
-    model.to(device)
+    model, processor = load_text_model(path, dtype=opts.dtype, device=device)
 
     def run(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         records = [{"prompt": it.get("messages", it["prompt"]), "images": it.get("images", [])} for it in items]
@@ -247,12 +233,13 @@ def generate(opts: GenerateOptions, on_row: Callable[[dict[str, Any]], None] | N
     if not path.is_dir():
         raise ConfigError(f"model folder not found: {path}")
     kind = detect_kind(path) if opts.kind == "auto" else opts.kind
-    if kind == "audio":
-        raise ConfigError(f"{path}: audio generation is not yet supported")
     items = plan(opts)
-    if kind == "image" and any("images" in it for it in items.values()):
+    if kind in ("image", "audio") and any("images" in it for it in items.values()):
         raise DataError(f"{opts.prompts}: prompts with images need a VLM; {path} is a text-to-image pipeline")
-    make = image_generator if kind == "image" else text_generator
+    if kind == "audio":
+        from mmalign.generate.audio import audio_generator as make
+    else:
+        make = image_generator if kind == "image" else text_generator
     run, params = make(opts, path, state.device)
     out = Path(opts.out)
     if state.is_main_process:

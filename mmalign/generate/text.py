@@ -101,6 +101,37 @@ def _text_batch(likelihood: Any, records: list[dict[str, Any]], pad: int) -> dic
     return {"input_ids": ids, "attention_mask": mask}
 
 
+def load_text_model(path: str | Path, *, dtype: str | torch.dtype = "auto", device: str | torch.device | None = None,
+                    trust_remote_code: bool = False, what: str = "model folder") -> tuple[Any, Any]:
+    """(model, processor) of an image-text-to-text folder (its config has a `vision_config`),
+    else (causal LM, tokenizer), from a local folder or `pkg://NAME`; no download, remote code
+    only when asked. In eval mode on `device` (default CUDA when present); dtype "auto" is
+    bfloat16 on CUDA, float32 elsewhere. A tokenizer without a pad token pads with EOS (batched
+    generation pads on the left). Missing folder: a DataError naming `what`."""
+    import transformers
+
+    from mmalign.config import resolve_path
+
+    folder = Path(resolve_path(str(path)))
+    if not folder.is_dir():
+        raise DataError(f"{what} not found: {path}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    kwargs = {"local_files_only": True, "trust_remote_code": trust_remote_code}
+    config = transformers.AutoConfig.from_pretrained(folder, **kwargs)
+    if getattr(config, "vision_config", None) is not None:
+        model = transformers.AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype, **kwargs)
+        processor = transformers.AutoProcessor.from_pretrained(folder, **kwargs)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+        processor = transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
+        if processor.pad_token is None:
+            processor.pad_token = processor.eos_token
+    return model.to(device).eval(), processor
+
+
 def _likelihood(model: Any, processor: Any, chat_template: bool | None, roots: Sequence[str | Path]) -> Any:
     """The likelihood whose prompt formatting training uses for this model."""
     if _is_vlm(processor):

@@ -129,18 +129,11 @@ def win_rates(n: int, pairs: Sequence[tuple[int, int]], outcomes: Sequence[str])
 def load_judge_model(path: str, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any, bool]:
     """(model, processor or tokenizer, is_vlm) from a local folder: LLaVA-family VLMs (a config
     with a vision_config) through AutoModelForImageTextToText + AutoProcessor, else a causal LM."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+    from mmalign.generate.text import load_text_model
 
     folder = require_path(path, "judge model folder")
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    is_vlm = getattr(config, "vision_config", None) is not None
-    model_cls, proc_cls = ((AutoModelForImageTextToText, AutoProcessor) if is_vlm
-                           else (AutoModelForCausalLM, AutoTokenizer))
-    model = model_cls.from_pretrained(folder, local_files_only=True, dtype=dtype).to(device).eval()
-    processor = proc_cls.from_pretrained(folder, local_files_only=True)
-    if not is_vlm and processor.pad_token is None:
-        processor.pad_token = processor.eos_token  # left padding for batched generation needs one
-    return model, processor, is_vlm
+    model, processor = load_text_model(folder, dtype=dtype, device=device, what="judge model folder")
+    return model, processor, getattr(processor, "image_processor", None) is not None
 
 
 class JudgeScorer(Scorer):
