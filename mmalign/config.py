@@ -153,6 +153,25 @@ class DiffusionConfig:
 
 
 @dataclass
+class AudioConfig:
+    """Clips of the audio diffusion modalities (`audioldm2`, `tango`; mmalign/data/audio.py).
+
+    Each clip is read, down-mixed to mono, resampled to the model's rate, cropped or zero-padded
+    to `seconds`, normalised as AudioLDM does and turned into the AudioLDM log-mel."""
+
+    seconds: float = 10.24  # clip length trained on (AudioLDM / Tango: 10.24 s = 1024 mel frames)
+    min_seconds: float = 0.0  # shorter clips are a data error (0: any clip is padded with silence)
+    sample_rate: int = 0  # 0: the vocoder's (vocoder/config.json), else 16000
+    n_mels: int = 0  # 0: the vocoder's model_in_dim, else 64
+    n_fft: int = 1024
+    hop_length: int = 160
+    fmin: float = 0.0
+    fmax: float = 8000.0
+    normalize: bool = True  # zero mean, peak 0.5 (AudioLDM / Tango normalize_wav)
+    prompt_cache: int = 4096  # encoded prompts kept in memory (frozen text encoders: exact)
+
+
+@dataclass
 class StepConfig:
     """Online step-aware sampling for SPO / D3PO (modalities `sd_spo`, `sdxl_spo`; METHODS.md §2).
 
@@ -191,6 +210,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     spo: StepConfig = field(default_factory=StepConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
     source: str = ""  # the YAML file it was loaded from (set by load_config)
 
 

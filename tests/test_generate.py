@@ -173,7 +173,7 @@ def test_user_errors(prompt_file, tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "missing"), *base]) == 2
     assert "model folder not found" in capsys.readouterr().err
     assert main(["generate", "--model", SDXL, *base, "--kind", "audio"]) == 2
-    assert "audio generation is not yet supported" in capsys.readouterr().err
+    assert "audio generation needs a diffusers pipeline folder" in capsys.readouterr().err
     (tmp_path / "c.yaml").write_text(f"model: {SDXL}\nnum_sample: 2\n")
     assert main(["generate", "--config", str(tmp_path / "c.yaml"), *base]) == 2
     assert "unknown config key 'num_sample'; did you mean 'num_samples'" in capsys.readouterr().err

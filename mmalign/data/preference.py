@@ -133,6 +133,8 @@ FORMATS = {
     "povid": "mmalign.data.vlm_formats:load_povid",
     "mdpo": "mmalign.data.vlm_formats:load_mdpo",
     "trl_vlm": "mmalign.data.vlm_formats:load_trl_vlm",
+    "audio_alpaca": "mmalign.data.audio:load_audio_alpaca",  # Tango 2's Audio-Alpaca parquet
+    "audio_pairs": "mmalign.data.audio:load_audio_pairs",  # {"prompt", "chosen", "rejected"} with audio
 }
 
 

@@ -87,7 +87,7 @@ def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, schedule
     path = Path(path)
     name = pipeline_class_name(path)
     if any(word in name for word in AUDIO_WORDS):
-        raise ConfigError(f"{path}: {name} is an audio pipeline; audio generation is not yet supported")
+        raise ConfigError(f"{path}: {name} is an audio pipeline: generate it with kind audio")
     if (path / "model_index.json").is_file():
         pipe = diffusers.DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
     else:

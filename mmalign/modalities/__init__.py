@@ -16,6 +16,8 @@ MODALITIES = {
     "sdxl_spo": "mmalign.modalities.step_sampler:build_sdxl",  # SPO / D3PO on an SDXL UNet
     "sd3": "mmalign.modalities.flow:build",  # SD3 / SD3.5 flow transformer: CLIP-L + CLIP-G + T5, Flow-DPO
     "flux": "mmalign.modalities.flow:build_flux",  # FLUX.1 flow transformer: CLIP pooled + T5, 2x2 packing
+    "audioldm2": "mmalign.modalities.audio:build",  # AudioLDM2 pipeline: mel-VAE latents, CLAP + T5 + GPT2 conditioning
+    "tango": "mmalign.modalities.audio:build_tango",  # Tango-style: UNet2DConditionModel + T5 (masked), mel-VAE
 }
 
 

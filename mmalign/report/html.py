@@ -126,6 +126,20 @@ def pair_marks(records: list[dict[str, Any]], source: str) -> dict[str, Counter]
     return marks
 
 
+def spectrogram_html(path: Path) -> str:
+    """An <img> of the clip's spectrogram (PNG data URI; mmalign.data.audio.spectrogram_image)."""
+    import soundfile
+    import torch
+
+    from mmalign.data.audio import spectrogram_image
+
+    wave, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    buf = io.BytesIO()
+    spectrogram_image(torch.from_numpy(wave.mean(axis=1)), rate).save(buf, format="PNG")
+    return (f'<img class="spec" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}" '
+            f'width="256" alt="spectrogram">')
+
+
 def _media_html(row: dict[str, Any], root: Path, thumb: int, missing: list[str]) -> str:
     if row["kind"] == "text":
         return f'<pre class="text">{escape(str(row["text"]))}</pre>'
@@ -133,7 +147,8 @@ def _media_html(row: dict[str, Any], root: Path, thumb: int, missing: list[str])
     try:
         if row["kind"] == "audio":
             mime = _AUDIO.get(path.suffix.lower(), "audio/wav")
-            return f'<audio controls src="data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"></audio>'
+            return (f'<audio controls src="data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"></audio>'
+                    + spectrogram_html(path))
         uri, width = image_data_uri(path, thumb)
     except Exception as e:  # noqa: BLE001 - a broken sample is shown as broken, not fatal
         missing.append(row["id"])
