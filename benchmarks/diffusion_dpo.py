@@ -184,6 +184,7 @@ def mmalign_side(work: Path, s: Settings) -> dict[str, Any]:
     clock.wrap(likelihood, "logps", phase)
     clock.wrap(trainer.accelerator, "backward", "backward")
     clock.wrap(trainer.optimizer, "step", "optimizer")
+    clock.wrap(trainer.accelerator, "clip_grad_norm_", "optimizer")  # as the reference side's update()
     start, ends, losses = time.perf_counter(), [], []
     for _ in range(s.steps):
         losses.append(float(trainer.train_step()["loss"]))
