@@ -1,0 +1,147 @@
+"""Train the shipped toy captioner `mmalign/data/toyworld/captioner/` (pkg://toyworld/captioner).
+
+Rerun from the repository root (CPU, one thread, a few minutes on a shared 2-core machine):
+
+    OMP_NUM_THREADS=1 .venv/bin/python pipelines/train_toy_captioner.py
+
+What it does (all seeded; the world and the models are in `mmalign/toyworld/`):
+1. Samples `--n-images` 32×32 scenes of split train (1-3 of 7 shapes) and captions them like
+   web data (`web_caption`): the true caption, plus the ABSENT co-occurring partner of an
+   object (square-circle, triangle-diamond, cross-ring) with probability `--partner-prob`
+   (0.6). Hallucination then comes from the captions, not from poor perception (METHODS §9).
+2. SFT of the tiny LLaVA (`build_captioner`) on "USER : <image> describe the image .
+   ASSISTANT :" + caption + eos, loss on the answer only (the same layout `mmalign train
+   --modality llava` scores), AdamW with warm-up and cosine decay.
+3. Saves model (fp16 safetensors) + processor, reloads them and prints greedy CHAIR_i,
+   CHAIR_s and recall (`mmalign.toyworld.checker.chair`) on held-out test images and,
+   separately, on images with held-out colour-shape combinations; and the wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from mmalign.toyworld.checker import chair
+from mmalign.toyworld.models import build_captioner, shipped_size
+from mmalign.toyworld.world import PROMPT, render, sample_scenes, web_caption
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_SEED, INIT_SEED, TRAIN_SEED, EVAL_SEED = 0, 0, 1, 0
+
+
+def prompt_ids(processor, image) -> list[int]:
+    """Token ids of the chat-template prompt with its 16 expanded image tokens."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return processor(text=[text], images=[image], return_tensors="pt").input_ids[0].tolist()
+
+
+def pixel_values(processor, scenes) -> torch.Tensor:
+    return processor.image_processor([render(s) for s in scenes], return_tensors="pt").pixel_values
+
+
+def encode_answers(processor, prompt: list[int], answers: list[str]):
+    """Right-padded input_ids, attention_mask, labels (-100 outside answer + eos)."""
+    tok = processor.tokenizer
+    seqs = [prompt + ids + [tok.eos_token_id] for ids in tok(answers, add_special_tokens=False).input_ids]
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
+    mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
+    for r, s in enumerate(seqs):
+        ids[r, :len(s)], mask[r, :len(s)] = torch.tensor(s), 1
+        labels[r, len(prompt):len(s)] = ids[r, len(prompt):len(s)]
+    return ids, mask, labels
+
+
+@torch.no_grad()
+def greedy(model, processor, prompt: list[int], pixels: torch.Tensor, batch: int = 100) -> list[str]:
+    tok, out = processor.tokenizer, []
+    for start in range(0, len(pixels), batch):
+        px = pixels[start:start + batch]
+        ids = torch.tensor([prompt] * len(px))
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=px.to(model.dtype),
+                             max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
+        out.extend(tok.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True))
+    return out
+
+
+def report(name: str, captions: list[str], scenes) -> dict[str, float]:
+    m = chair(captions, [s.shapes() for s in scenes])
+    print(f"{name}: CHAIR_i {m['chair_i']:.3f}  CHAIR_s {m['chair_s']:.3f}  recall {m['recall']:.3f}  "
+          f"({len(scenes)} images)", flush=True)
+    return m
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n-images", type=int, default=20000)
+    ap.add_argument("--partner-prob", type=float, default=0.6)
+    ap.add_argument("--steps", type=int, default=4500)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--n-eval", type=int, default=500)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=ROOT / "mmalign" / "data" / "toyworld" / "captioner")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    tic = time.time()
+    model, processor = build_captioner(seed=INIT_SEED)
+    scenes = sample_scenes(args.n_images, DATA_SEED, "train", "scenes")
+    rng = random.Random(DATA_SEED)
+    captions = [web_caption(s, rng, args.partner_prob) for s in scenes]
+    prompt = prompt_ids(processor, render(scenes[0]))
+    pixels = pixel_values(processor, scenes)
+    ids, mask, labels = encode_answers(processor, prompt, captions)
+    print(f"captioner {sum(p.numel() for p in model.parameters())} params; prompt {len(prompt)} tokens; "
+          f"{len(scenes)} images", flush=True)
+    report("training captions (web-like)", captions, scenes)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s / args.steps, 1.0))))
+    gen = torch.Generator().manual_seed(TRAIN_SEED)
+    model.train()
+    t0 = time.time()
+    for step in range(args.steps):
+        idx = torch.randint(0, len(scenes), (args.batch_size,), generator=gen)
+        width = int(mask[idx].sum(-1).max())
+        loss = model(input_ids=ids[idx, :width], attention_mask=mask[idx, :width], pixel_values=pixels[idx],
+                     labels=labels[idx, :width]).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 250 == 0 or step == args.steps - 1:
+            print(f"step {step:5d}  loss {loss.item():.4f}  {time.time() - t0:6.1f}s", flush=True)
+    train_s = time.time() - tic
+
+    tmp = args.out.with_name(f".{args.out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.eval().half().save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    shutil.rmtree(args.out, ignore_errors=True)
+    tmp.rename(args.out)
+    print(f"saved {args.out} ({shipped_size(args.out) / 1e6:.2f} MB) after {train_s:.0f}s", flush=True)
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    model = AutoModelForImageTextToText.from_pretrained(args.out, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(args.out)
+    for split in ("test", "combos"):
+        held = sample_scenes(args.n_eval, EVAL_SEED, split, "scenes")
+        answers = greedy(model, processor, prompt, pixel_values(processor, held))
+        if split == "test":
+            print("examples:", *[f"  {s.caption()} -> {a}" for s, a in zip(held[:6], answers)], sep="\n")
+        report(f"greedy, held-out {split} images", answers, held)
+    print(f"total wall time {time.time() - tic:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
