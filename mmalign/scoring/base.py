@@ -33,7 +33,9 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 def require_path(path: str | Path, what: str) -> Path:
     """`path` as a Path; a ConfigError naming `what` when it does not exist (no hub names:
     scorers never download)."""
-    p = Path(path).expanduser()
+    from mmalign.config import resolve_path
+
+    p = Path(resolve_path(str(path))).expanduser()  # pkg://NAME: a folder shipped with mmalign
     if not p.exists():
         raise ConfigError(f"{what}: {p} does not exist (scorers load local files or folders only, never a hub name)")
     return p
