@@ -12,9 +12,15 @@ What it does (all seeded; the world and the models are in `mmalign/toyworld/`):
 2. SFT of the tiny LLaVA (`build_captioner`) on "USER : <image> describe the image .
    ASSISTANT :" + caption + eos, loss on the answer only (the same layout `mmalign train
    --modality llava` scores), AdamW with warm-up and cosine decay.
+   Mixed in (`--qa-frac` of each batch): POPE-style yes/no questions "Is there a circle in
+   the image?" answered "yes" / "no" from the TRUE objects (one present shape, and one absent
+   shape: the co-occurring partner when it is absent, with probability 0.5). The captions
+   stay biased, so the captioner still hallucinates when it describes, but it can be asked
+   (`mmalign eval pope --suffix ""`): POPE then measures perception, CHAIR the captions.
 3. Saves model (fp16 safetensors) + processor, reloads them and prints greedy CHAIR_i,
    CHAIR_s and recall (`mmalign.toyworld.checker.chair`) on held-out test images and,
-   separately, on images with held-out colour-shape combinations; and the wall time.
+   separately, on images with held-out colour-shape combinations, POPE accuracy on held-out
+   test images, and the wall time.
 """
 
 from __future__ import annotations
@@ -30,15 +36,15 @@ import torch
 
 from mmalign.toyworld.checker import chair
 from mmalign.toyworld.models import build_captioner, shipped_size
-from mmalign.toyworld.world import PROMPT, render, sample_scenes, web_caption
+from mmalign.toyworld.world import PARTNER, PROMPT, SHAPES, render, sample_scenes, web_caption
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_SEED, INIT_SEED, TRAIN_SEED, EVAL_SEED = 0, 0, 1, 0
 
 
-def prompt_ids(processor, image) -> list[int]:
+def prompt_ids(processor, image, text: str = PROMPT) -> list[int]:
     """Token ids of the chat-template prompt with its 16 expanded image tokens."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return processor(text=[text], images=[image], return_tensors="pt").input_ids[0].tolist()
 
@@ -47,17 +53,56 @@ def pixel_values(processor, scenes) -> torch.Tensor:
     return processor.image_processor([render(s) for s in scenes], return_tensors="pt").pixel_values
 
 
-def encode_answers(processor, prompt: list[int], answers: list[str]):
-    """Right-padded input_ids, attention_mask, labels (-100 outside answer + eos)."""
+def encode_answers(processor, prompt: list[int] | list[list[int]], answers: list[str]):
+    """Right-padded input_ids, attention_mask, labels (-100 outside answer + eos). `prompt`:
+    one prompt for all answers, or one per answer."""
     tok = processor.tokenizer
-    seqs = [prompt + ids + [tok.eos_token_id] for ids in tok(answers, add_special_tokens=False).input_ids]
+    prompts = prompt if prompt and isinstance(prompt[0], list) else [prompt] * len(answers)
+    seqs = [p + ids + [tok.eos_token_id] for p, ids in zip(prompts, tok(answers, add_special_tokens=False).input_ids)]
     width = max(map(len, seqs))
     ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
     mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
-    for r, s in enumerate(seqs):
+    for r, (p, s) in enumerate(zip(prompts, seqs)):
         ids[r, :len(s)], mask[r, :len(s)] = torch.tensor(s), 1
-        labels[r, len(prompt):len(s)] = ids[r, len(prompt):len(s)]
+        labels[r, len(p):len(s)] = ids[r, len(p):len(s)]
     return ids, mask, labels
+
+
+def question(shape: str) -> str:
+    """POPE's question text (mmalign.evaluation.pope.question_text)."""
+    from mmalign.evaluation.pope import question_text
+
+    return question_text(shape)
+
+
+def yes_no_questions(scenes, rng: random.Random) -> tuple[list[str], list[str], list[int]]:
+    """Two questions per scene, answered from the true objects: one present shape ("yes") and
+    one absent shape ("no"; its co-occurring partner when absent, with probability 0.5).
+    Returns (questions, answers, scene index of each)."""
+    texts, answers, index = [], [], []
+    for i, scene in enumerate(scenes):
+        present = sorted(scene.shapes())
+        absent = [s for s in SHAPES if s not in present]
+        partners = [PARTNER[s] for s in present if s in PARTNER and PARTNER[s] not in present]
+        no = rng.choice(partners) if partners and rng.random() < 0.5 else rng.choice(absent)
+        for shape, answer in ((rng.choice(present), "yes"), (no, "no")):
+            texts.append(question(shape))
+            answers.append(answer)
+            index.append(i)
+    return texts, answers, index
+
+
+def pope_accuracy(model, processor, scenes, rng: random.Random) -> float:
+    """Greedy yes/no accuracy on `yes_no_questions` of `scenes`."""
+    texts, answers, index = yes_no_questions(scenes, rng)
+    pixels = pixel_values(processor, scenes)
+    correct = 0
+    for text in sorted(set(texts)):  # one prompt per question text: batched greedy decoding
+        rows = [k for k, t in enumerate(texts) if t == text]
+        said = greedy(model, processor, prompt_ids(processor, render(scenes[0]), text),
+                      pixels[[index[k] for k in rows]])
+        correct += sum(s.strip() == answers[k] for s, k in zip(said, rows))
+    return correct / len(texts)
 
 
 @torch.no_grad()
@@ -86,6 +131,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4500)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--qa-frac", type=float, default=0.25, help="share of yes/no questions in each batch")
     ap.add_argument("--n-eval", type=int, default=500)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=ROOT / "mmalign" / "data" / "toyworld" / "captioner")
@@ -99,6 +145,11 @@ def main() -> None:
     prompt = prompt_ids(processor, render(scenes[0]))
     pixels = pixel_values(processor, scenes)
     ids, mask, labels = encode_answers(processor, prompt, captions)
+    q_texts, q_answers, q_index = yes_no_questions(scenes, random.Random(DATA_SEED + 1))
+    q_prompts = {t: prompt_ids(processor, render(scenes[0]), t) for t in set(q_texts)}
+    q_ids, q_mask, q_labels = encode_answers(processor, [q_prompts[t] for t in q_texts], q_answers)
+    q_index = torch.tensor(q_index)
+    n_qa = round(args.batch_size * args.qa_frac)
     print(f"captioner {sum(p.numel() for p in model.parameters())} params; prompt {len(prompt)} tokens; "
           f"{len(scenes)} images", flush=True)
     report("training captions (web-like)", captions, scenes)
@@ -110,10 +161,13 @@ def main() -> None:
     model.train()
     t0 = time.time()
     for step in range(args.steps):
-        idx = torch.randint(0, len(scenes), (args.batch_size,), generator=gen)
-        width = int(mask[idx].sum(-1).max())
-        loss = model(input_ids=ids[idx, :width], attention_mask=mask[idx, :width], pixel_values=pixels[idx],
-                     labels=labels[idx, :width]).loss
+        idx = torch.randint(0, len(scenes), (args.batch_size - n_qa,), generator=gen)
+        qdx = torch.randint(0, len(q_texts), (n_qa,), generator=gen)
+        width = max(int(mask[idx].sum(-1).max()), int(q_mask[qdx].sum(-1).max()) if n_qa else 0)
+        loss = model(input_ids=torch.cat([ids[idx, :width], q_ids[qdx, :width]]),
+                     attention_mask=torch.cat([mask[idx, :width], q_mask[qdx, :width]]),
+                     pixel_values=torch.cat([pixels[idx], pixels[q_index[qdx]]]),
+                     labels=torch.cat([labels[idx, :width], q_labels[qdx, :width]])).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -140,6 +194,9 @@ def main() -> None:
         if split == "test":
             print("examples:", *[f"  {s.caption()} -> {a}" for s, a in zip(held[:6], answers)], sep="\n")
         report(f"greedy, held-out {split} images", answers, held)
+        if split == "test":
+            print(f"yes/no accuracy, held-out test images: "
+                  f"{pope_accuracy(model, processor, held, random.Random(EVAL_SEED)):.3f}", flush=True)
     print(f"total wall time {time.time() - tic:.0f}s")
 
 

@@ -5,7 +5,6 @@ save/load round trip, `spo.scorer: step_aware=FOLDER` in an SPO sampling call, t
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import mmalign.builders.onpolicy as onpolicy
 from mmalign.builders.corrupt import corrupted_records

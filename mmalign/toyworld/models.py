@@ -108,10 +108,18 @@ def diffusion_pipeline(parts: dict[str, Any]) -> Any:
 
 # -- captioner ----------------------------------------------------------------------------
 def captioner_tokenizer() -> Any:
-    """Word-level tokenizer over `CAPTION_WORDS` with `<image>` as a special token."""
+    """Word-level tokenizer over `CAPTION_WORDS` with `<image>` as a special token. Text is
+    lower-cased first (the chat template's USER / ASSISTANT excepted), so POPE's own question
+    "Is there a circle in the image?" reads as known words."""
+    from tokenizers import AddedToken, normalizers
+
     from mmalign.toyvlm import build_vlm_tokenizer
 
-    return build_vlm_tokenizer(CAPTION_WORDS)
+    tokenizer = build_vlm_tokenizer(CAPTION_WORDS)
+    tokenizer.backend_tokenizer.normalizer = normalizers.Lowercase()
+    # already in the vocabulary (ids kept); not lower-cased, so the chat template still matches
+    tokenizer.add_tokens([AddedToken(w, normalized=False, single_word=True) for w in ("USER", "ASSISTANT")])
+    return tokenizer
 
 
 def build_captioner(seed: int = 0) -> tuple[Any, Any]:
