@@ -1,5 +1,7 @@
 """`mmalign cache CONFIG [section.key=value ...]`: encode the diffusion data once into
-`diffusion.cache_dir` (VAE latent distributions with flips, deduplicated text embeddings).
+`diffusion.cache_dir` (VAE latent distributions with flips, deduplicated text embeddings; for the
+audio modalities `tango` and `audioldm2`: mel-VAE latent distributions of the clips' log-mels, no
+flips, and each unique prompt's conditioning with its attention mask, mmalign/modalities/audio_cache.py).
 
 Several processes split the shards: `accelerate launch -m mmalign.cli cache CONFIG` (or
 torchrun). A killed run continues where it stopped when started again with the same config.
@@ -29,8 +31,8 @@ def run(args: argparse.Namespace) -> int:
     if not cfg.diffusion.cache_dir:
         raise ConfigError("mmalign cache needs diffusion.cache_dir (where to write the cache)")
     module, _, function = MODALITIES[cfg.modality].partition(":")
-    if module not in ("mmalign.modalities.diffusion", "mmalign.modalities.sdxl"):
-        raise ConfigError(f"mmalign cache: modality '{cfg.modality}' has no latent cache (sd, sdxl)")
+    if module not in ("mmalign.modalities.diffusion", "mmalign.modalities.sdxl", "mmalign.modalities.audio"):
+        raise ConfigError(f"mmalign cache: modality '{cfg.modality}' has no latent cache (sd, sdxl, tango, audioldm2)")
     import importlib
 
     import torch

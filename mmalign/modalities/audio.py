@@ -13,7 +13,12 @@ logp = -0.5·mse as `DiffusionLikelihood`. Only the inputs differ:
   frozen, so a cached value is exact), then right-padded to the batch's longest with mask 0;
   the mask reaches the UNet's cross-attention, so padding never changes a prediction;
 - caption dropout uses the empty prompt "" (Tango drops captions to ""; `null_prompt: zeros`
-  is refused: a zero mask would leave cross-attention nothing to attend to).
+  is refused: a zero mask would leave cross-attention nothing to attend to);
+- `diffusion.random_flip` and `crop: random` are ConfigErrors (a clip is never mirrored or
+  randomly cropped);
+- `mmalign cache` (diffusion.cache_dir) caches per clip the mel-VAE posterior's mean and std and
+  per unique prompt (and "") its conditioning with its length, which training cuts back and pads
+  as here (`audio_cache.py`): the same UNet inputs as the uncached draw.
 
 Families (registry names):
 - `tango`: diffusers `UNet2DConditionModel` + a T5 / Flan-T5 encoder; conditioning = the
@@ -154,6 +159,33 @@ class AudioLikelihood(DiffusionLikelihood):
             hidden = encoder(input_ids=ids, attention_mask=mask)[0].float()
         return {"encoder_hidden_states": hidden, "encoder_attention_mask": mask}
 
+    # -- hooks of the latent cache (`mmalign cache`; cache_writer.py, audio_cache.py) ----------
+    @classmethod
+    def cache_settings(cls, cfg: Any) -> dict[str, Any]:
+        """Plan settings of an audio cache: the `audio` section (what makes the mels; not
+        prompt_cache), resolution and crop None (no image resize or crop)."""
+        from dataclasses import asdict
+
+        audio = {k: v for k, v in asdict(cfg.audio).items() if k != "prompt_cache"}
+        return {"resolution": None, "crop": None, "audio": audio}
+
+    def cache_pixels(self, value: Any, where: str) -> tuple[Tensor, list[int]]:
+        """What the VAE encodes for one clip: its log-mel (1, frames, n_mels) exactly as `collate`
+        makes it (no crop, no flip), and the facts [frames, n_mels, 0, 0, 0, 0] (no crop offsets)."""
+        mel = self.mels(self.waveforms([value], [where]))[0]
+        return mel, [self.frames, self.mel.n_mels, 0, 0, 0, 0]
+
+    def cache_text(self, prompts: list[str]) -> dict[str, Tensor]:
+        """Each prompt encoded alone (`encode_one`, as the draw encodes it), right-padded to the
+        longest of `prompts` (`pad_conditioning`): tensors (n, L, ...), and `length/<name>` (n,)
+        long, each prompt's own length of every padded tensor (the reader cuts it back)."""
+        parts = [self.encode_one(p) for p in prompts]
+        out = pad_conditioning(parts)
+        for key, value in parts[0].items():
+            if value.ndim >= 2:
+                out[f"length/{key}"] = torch.tensor([p[key].shape[1] for p in parts], dtype=torch.long)
+        return out
+
     # -- logps --------------------------------------------------------------------------------
     def unet_kwargs(self, draw: Draw, dtype: torch.dtype) -> dict[str, Any]:
         v = draw.values
@@ -219,12 +251,15 @@ def _vocoder_config(path: str | Path) -> dict[str, Any] | None:
     return json.loads(file.read_text()) if file.is_file() else None
 
 
-def _check(cfg: Any, use_cache: bool) -> None:
+def _check(cfg: Any) -> None:
     from mmalign.config import ConfigError
 
-    if use_cache and cfg.diffusion.cache_dir:
-        raise ConfigError("diffusion.cache_dir: audio models keep prompt encodings in memory (audio.prompt_cache); "
-                          "a latent cache is not supported for audio yet")
+    if cfg.diffusion.random_flip:
+        raise ConfigError("diffusion.random_flip: audio clips are never flipped (a time-reversed clip is another "
+                          "sound); set it to false")
+    if cfg.diffusion.crop != "center":
+        raise ConfigError(f"diffusion.crop: {cfg.diffusion.crop!r}: audio clips are not cropped at random (each clip "
+                          "is read from its start for audio.seconds); set it to center")
     if cfg.train.validate_every:
         raise ConfigError("train.validate_every: no validation samples for audio models yet; set it to 0")
 
@@ -242,7 +277,11 @@ def build_tango(cfg: Any, use_cache: bool = True, unet: bool = True) -> tuple[An
     """Tango-style folder (modality `tango`): (trainable UNet, likelihood owning mel-VAE + T5, None)."""
     from transformers import T5EncoderModel
 
-    _check(cfg, use_cache)
+    _check(cfg)
+    if use_cache and cfg.diffusion.cache_dir:
+        from mmalign.modalities.audio_cache import build_cached_audio
+
+        return build_cached_audio(cfg, AudioLikelihood, unet)
     parts = load_parts(cfg, [("text_encoder", "tokenizer", T5EncoderModel)], unet=unet)
     likelihood = AudioLikelihood(parts["vae"], parts["text_encoders"], parts["tokenizers"], parts["scheduler"],
                                  cfg.diffusion, data_roots(cfg), audio=cfg.audio,
@@ -261,7 +300,11 @@ def build(cfg: Any, use_cache: bool = True, unet: bool = True) -> tuple[Any, Aud
 
     from mmalign.config import resolve_path
 
-    _check(cfg, use_cache)
+    _check(cfg)
+    if use_cache and cfg.diffusion.cache_dir:
+        from mmalign.modalities.audio_cache import build_cached_audio
+
+        return build_cached_audio(cfg, AudioLDM2Likelihood, unet, AUDIOLDM2_LAYOUT)
     encoders = [("text_encoder", "tokenizer", ClapModel), ("text_encoder_2", "tokenizer_2", T5EncoderModel)]
     parts = load_parts(cfg, encoders, unet=unet, layout=AUDIOLDM2_LAYOUT)
     path, dtype = resolve_path(cfg.model.path), getattr(torch, cfg.model.dtype)

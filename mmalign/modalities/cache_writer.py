@@ -13,7 +13,7 @@ from torch import Tensor
 from mmalign.io import atomic_path
 from mmalign.modalities.diffusion import DiffusionLikelihood, _prompt_text, crop_offsets, resize_shortest, to_pixels
 from mmalign.modalities.diffusion_cache import (
-    CACHE_VERSION, TEXT, CacheError, cache_splits, output_key, record_outputs, shard_name,
+    CACHE_VERSION, TEXT, CacheError, cache_splits, extra_settings, output_key, record_outputs, shard_name,
 )
 
 
@@ -39,8 +39,10 @@ def _storage(x: Tensor, dtype: torch.dtype, where: str) -> Tensor:
     return out
 
 
-def make_plan(cfg: Any, splits: dict[str, tuple[Sequence[dict[str, Any]], str]]) -> dict[str, Any]:
-    """What the cache is made of: settings that change its tensors, and each split's shape."""
+def make_plan(cfg: Any, splits: dict[str, tuple[Sequence[dict[str, Any]], str]],
+              extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the cache is made of: settings that change its tensors (`extra`: the likelihood
+    class's own, `diffusion_cache.extra_settings`), and each split's shape."""
     from mmalign.config import resolve_path
 
     d = cfg.diffusion
@@ -48,7 +50,7 @@ def make_plan(cfg: Any, splits: dict[str, tuple[Sequence[dict[str, Any]], str]])
                 "vae_path": d.vae_path, "vae_dtype": d.vae_dtype, "variant": d.variant,
                 "text_dtype": cfg.model.dtype, "resolution": d.resolution, "crop": d.crop,
                 "crop_seed": cfg.train.seed if d.crop == "random" else None, "flips": d.random_flip,
-                "dtype": d.cache_dtype, "shard_size": d.cache_shard_size}
+                "dtype": d.cache_dtype, "shard_size": d.cache_shard_size, **(extra or {})}
     shapes = {}
     for name, (records, kind) in splits.items():
         per = len(record_outputs(records[0], kind))
@@ -95,6 +97,15 @@ def crop_image(likelihood: DiffusionLikelihood, value: Any, where: str,
     return pixels, [*original, top, left, top, image.width - left - res]
 
 
+def item_pixels(likelihood: DiffusionLikelihood, value: Any, where: str,
+                fraction: Tensor | None) -> tuple[Tensor, list[int]]:
+    """What the VAE encodes for one output, and its facts [orig_h, orig_w, top, left, top,
+    left_flipped]: the likelihood's own `cache_pixels(value, where)` when it has one (audio: the
+    clip's log-mel, never cropped), else the image's crop (`crop_image`)."""
+    own = getattr(likelihood, "cache_pixels", None)
+    return own(value, where) if own is not None else crop_image(likelihood, value, where, fraction)
+
+
 def encode_crops(likelihood: DiffusionLikelihood, crops: list[Tensor], flips: bool) -> dict[str, Tensor]:
     """VAE posteriors of crops (n, 3, res, res): mean, std [mean_flipped, std_flipped] (n, C, h, w)
     float32 on the CPU; the flipped ones encode the mirrored crop."""
@@ -121,7 +132,7 @@ def encode_latent_shard(likelihood: DiffusionLikelihood, records: Sequence[dict[
         captions.append(_prompt_text(record["prompt"]))
         fraction = fixed_crop_fraction(settings, split, row)
         for slot, value in enumerate(record_outputs(record, kind)):
-            pixels, info = crop_image(likelihood, value, f"{split} row {row}, output {slot}", fraction)
+            pixels, info = item_pixels(likelihood, value, f"{split} row {row}, output {slot}", fraction)
             crops.append(pixels)
             facts.append([output_key(value), *info])
         if len(crops) >= step or row == rows[-1]:
@@ -139,9 +150,15 @@ def encode_latent_shard(likelihood: DiffusionLikelihood, records: Sequence[dict[
 def encode_text_shard(likelihood: DiffusionLikelihood, captions: list[str], dtype: torch.dtype,
                       batch: int = 64) -> dict[str, Tensor]:
     """Every conditioning tensor of `captions` (n rows): encoder_hidden_states (n, L, D)
-    [+ text_embeds (n, P) for SDXL], in the cache dtype."""
-    outs = [likelihood.encode_text(captions[i : i + batch]) for i in range(0, len(captions), batch)]
-    return {k: _storage(torch.cat([o[k].cpu() for o in outs]), dtype, "text embeddings") for k in outs[0]}
+    [+ text_embeds (n, P) for SDXL], floating ones in the cache dtype, integer ones (masks) as
+    they are. A likelihood with `cache_text(captions)` (audio: each caption encoded alone, of its
+    own length) encodes the shard itself: tensors padded to the shard's longest + `length/<name>`."""
+    if hasattr(likelihood, "cache_text"):
+        outs = [likelihood.cache_text(captions)]
+    else:
+        outs = [likelihood.encode_text(captions[i : i + batch]) for i in range(0, len(captions), batch)]
+    tensors = {k: torch.cat([o[k].cpu() for o in outs]) for k in outs[0]}
+    return {k: _storage(v, dtype, "text embeddings") if v.is_floating_point() else v for k, v in tensors.items()}
 
 
 def cached_captions(cache_dir: Path, plan: dict[str, Any]) -> list[str]:
@@ -206,7 +223,7 @@ def write_cache(cfg: Any, likelihood: DiffusionLikelihood, rank: int = 0, world:
     Returns this process's counts: {"written", "reused"} shards, "captions", "index" (path)."""
     cache_dir = Path(cfg.diffusion.cache_dir)
     splits = cache_splits(cfg)
-    plan = make_plan(cfg, splits)
+    plan = make_plan(cfg, splits, extra_settings(type(likelihood), cfg))
     check_plan(cache_dir, plan)
     barrier()  # every process checked the old plan before the main one replaces it
     if rank == 0:

@@ -9,6 +9,9 @@ What is cached (METHODS.md §2: "cache the distribution's mean and std, not one 
   in the flipped image (SDXL's add_time_ids);
 - per UNIQUE caption: every tensor the UNet needs (SD1.5/SD2: `encoder_hidden_states`; SDXL:
   `encoder_hidden_states` + pooled `text_embeds`), plus the null prompt `encode("")`.
+- audio (`tango`, `audioldm2`; hooks on the likelihood, reader classes in `audio_cache.py`): per
+  clip the mel-VAE posterior of its log-mel (no flip, no crop); per unique prompt its own-length
+  conditioning with the attention mask (int64) and `length/<name>`, padded per batch at train time.
 
 Per step, `CachedDiffusionLikelihood.draw` makes exactly the uncached draw's random choices from
 each pair's generator, in the same order (`DiffusionLikelihood.draw` itself: `draw_choices`'s flip,
@@ -74,8 +77,17 @@ class CacheError(DataError):
 # -- keys, layout, atomic files ------------------------------------------------------------
 def output_key(value: Any) -> int:
     """Signed 64-bit key of an output as `DiffusionLikelihood._image` reads it: its bytes when
-    it has any (hashed), otherwise its path string as written in the record."""
-    if isinstance(value, dict):
+    it has any (hashed), otherwise its path string as written in the record; a decoded clip
+    ({"array", "sampling_rate"} or (waveform, rate), `mmalign.data.audio.read_waveform`) by its
+    samples and rate."""
+    if isinstance(value, tuple) and len(value) == 2:
+        value = {"array": value[0], "sampling_rate": value[1]}
+    if isinstance(value, dict) and value.get("array") is not None:
+        import numpy as np
+
+        samples = np.ascontiguousarray(np.asarray(value["array"], dtype=np.float32))
+        value = f"array:{samples.shape}:{value.get('sampling_rate')}:".encode() + samples.tobytes()
+    elif isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
     h = hashlib.blake2b(digest_size=8)
     if isinstance(value, (bytes, bytearray)):
@@ -126,7 +138,27 @@ def cache_splits(cfg: Any) -> dict[str, tuple[Sequence[dict[str, Any]], str]]:
 # -- encoding (mmalign cache) ---------------------------------------------------------------
 
 
+def extra_settings(cls: type, cfg: Any) -> dict[str, Any]:
+    """Plan settings that a likelihood class adds or overrides (its `cache_settings(cfg)`, e.g.
+    audio's mel settings); {} for the image families."""
+    hook = getattr(cls, "cache_settings", None)
+    return hook(cfg) if hook is not None else {}
+
+
 # -- reading (training) ----------------------------------------------------------------------
+def _as_read(x: Tensor) -> Tensor:
+    """float32 for stored floating tensors (float16 storage), integer tensors (masks) as they are."""
+    return x.float() if x.is_floating_point() else x
+
+
+def _cat_right_padded(rows: list[Tensor]) -> Tensor:
+    """Concatenate (1, L_i, ...) rows, right-padding dim 1 with zeros to the longest; (1,) rows as they are."""
+    if rows[0].ndim >= 2:
+        length = max(r.shape[1] for r in rows)
+        rows = [torch.nn.functional.pad(r, (0, 0) * (r.ndim - 2) + (0, length - r.shape[1])) for r in rows]
+    return torch.cat(rows)
+
+
 class LatentCache:
     """Read access to a complete cache (`index.json`): latents and facts of items by location
     (split, shard, item row), text tensors by caption row, the null prompt. safetensors files
@@ -150,7 +182,7 @@ class LatentCache:
         self._key_table: dict[int, tuple[str, int, int]] | None = None
         from safetensors.torch import load_file
 
-        self.null = {k: v.float() for k, v in load_file(str(self.dir / self.index["text"]["null"])).items()}
+        self.null = {k: _as_read(v) for k, v in load_file(str(self.dir / self.index["text"]["null"])).items()}
 
     def file(self, relative: str) -> Any:
         """An open safetensors handle (LRU of MAX_OPEN)."""
@@ -218,7 +250,10 @@ class LatentCache:
         return {k: torch.cat(v).float() if k.startswith("latent") else torch.cat(v) for k, v in rows.items()}
 
     def read_text(self, caption_rows: list[int]) -> dict[str, Tensor]:
-        """Text tensors (n, ...) float32 of caption rows (the text table's rows)."""
+        """Text tensors (n, ...) of caption rows (the text table's rows): float32, integer ones
+        (attention masks, per-row lengths `length/<name>`) as stored. A variable-length table
+        (audio: each shard padded to its longest caption, with `length/<name>`) has rows of
+        several lengths: they are right-padded with zeros to the longest of `caption_rows`."""
         size, files = self.index["text"]["shard_size"], self.index["text"]["files"]
         out: dict[str, list[Tensor]] = {}
         for row in caption_rows:
@@ -226,13 +261,16 @@ class LatentCache:
             f = self.file(files[shard])
             for name in f.keys():
                 out.setdefault(name, []).append(f.get_slice(name)[offset : offset + 1])
-        return {k: torch.cat(v).float() for k, v in out.items()}
+        return {k: _as_read(_cat_right_padded(v)) for k, v in out.items()}
 
-    def check(self, cfg: Any, num_records: dict[str, int], unet: Any = None) -> None:
-        """Raise a `CacheError` naming the first way the cache does not fit the config and data."""
+    def check(self, cfg: Any, num_records: dict[str, int], unet: Any = None,
+              extra: dict[str, Any] | None = None) -> None:
+        """Raise a `CacheError` naming the first way the cache does not fit the config and data;
+        `extra`: the likelihood class's own settings (`extra_settings`, e.g. audio's mel)."""
         s, d, splits = self.settings, cfg.diffusion, self.index["splits"]
-        problems = [f"{key}: cache {s[key]!r}, config {now!r}" for key, now in (
-            ("modality", cfg.modality), ("resolution", d.resolution), ("crop", d.crop)) if s[key] != now]
+        expected = {"modality": cfg.modality, "resolution": d.resolution, "crop": d.crop, **(extra or {})}
+        problems = [f"{key}: cache {s.get(key)!r}, config {now!r}" for key, now in expected.items()
+                    if s.get(key) != now]
         if d.random_flip and not s["flips"]:
             problems.append("diffusion.random_flip is on but the cache holds no flipped latents")
         for name, n in num_records.items():
@@ -329,6 +367,7 @@ class CachedSDXLLikelihood(CachedDiffusionLikelihood, SDXLLikelihood):
     cached original size and crop (`SDXLLikelihood.extra_conditioning`), SDXL's UNet call."""
 
 
+# uncached likelihood class -> its cached class; the audio ones are added by mmalign.modalities.audio_cache
 CACHED = {DiffusionLikelihood: CachedDiffusionLikelihood, SDXLLikelihood: CachedSDXLLikelihood}
 
 
@@ -343,5 +382,6 @@ def build_cached(cfg: Any, cls: type, parts: dict[str, Any]) -> tuple[Any, Cache
         raise ConfigError("train.validate_every samples images with the VAE and text encoders, which a run "
                           "from diffusion.cache_dir does not load; set train.validate_every=0")
     cache = LatentCache(cfg.diffusion.cache_dir)
-    cache.check(cfg, {name: len(records) for name, (records, _) in cache_splits(cfg).items()}, parts["unet"])
+    cache.check(cfg, {name: len(records) for name, (records, _) in cache_splits(cfg).items()}, parts["unet"],
+                extra_settings(cls, cfg))
     return parts["unet"], CACHED[cls](cache, parts["scheduler"], cfg.diffusion), None
