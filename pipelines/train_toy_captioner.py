@@ -1,6 +1,6 @@
 """Train the shipped toy captioner `mmalign/data/toyworld/captioner/` (pkg://toyworld/captioner).
 
-Rerun from the repository root (CPU, one thread, a few minutes on a shared 2-core machine):
+Rerun from the repository root (CPU, one thread; 531 s on a 2-core machine shared with one other job):
 
     OMP_NUM_THREADS=1 .venv/bin/python pipelines/train_toy_captioner.py
 
@@ -12,11 +12,14 @@ What it does (all seeded; the world and the models are in `mmalign/toyworld/`):
 2. SFT of the tiny LLaVA (`build_captioner`) on "USER : <image> describe the image .
    ASSISTANT :" + caption + eos, loss on the answer only (the same layout `mmalign train
    --modality llava` scores), AdamW with warm-up and cosine decay.
-   Mixed in (`--qa-frac` of each batch): POPE-style yes/no questions "Is there a circle in
-   the image?" answered "yes" / "no" from the TRUE objects (one present shape, and one absent
-   shape: the co-occurring partner when it is absent, with probability 0.5). The captions
-   stay biased, so the captioner still hallucinates when it describes, but it can be asked
-   (`mmalign eval pope --suffix ""`): POPE then measures perception, CHAIR the captions.
+   Mixed in: POPE-style yes/no questions "Is there a circle in the image?" answered "yes" /
+   "no" from the TRUE objects (one present shape, and one absent shape: the co-occurring
+   partner when it is absent, with probability 0.5), `--qa-frac` of each batch, then half of
+   each batch in a second stage of `--qa-steps` at the lower `--qa-lr` (at 3e-3 answering
+   stays at chance); the loss is a mean over sequences, so a 2-token answer counts as much as
+   a caption. The captions stay biased, so the captioner still hallucinates when it
+   describes, but it can be asked (`mmalign eval pope --suffix ""`; the tokenizer lower-cases
+   POPE's own question): POPE then measures perception, CHAIR the captions.
 3. Saves model (fp16 safetensors) + processor, reloads them and prints greedy CHAIR_i,
    CHAIR_s and recall (`mmalign.toyworld.checker.chair`) on held-out test images and,
    separately, on images with held-out colour-shape combinations, POPE accuracy on held-out
@@ -36,7 +39,8 @@ import torch
 
 from mmalign.toyworld.checker import chair
 from mmalign.toyworld.models import build_captioner, shipped_size
-from mmalign.toyworld.world import PARTNER, PROMPT, SHAPES, render, sample_scenes, web_caption
+from mmalign.toyworld.world import PROMPT, render, sample_scenes, web_caption
+from mmalign.toyworld.world import yes_no_questions as world_questions
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_SEED, INIT_SEED, TRAIN_SEED, EVAL_SEED = 0, 0, 1, 0
@@ -68,6 +72,44 @@ def encode_answers(processor, prompt: list[int] | list[list[int]], answers: list
     return ids, mask, labels
 
 
+def sequence_mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over sequences of each sequence's mean answer-token NLL: a 2-token yes/no answer
+    weighs as much as a 20-token caption (a token mean would drown the questions).
+    logits (B, T, V), labels (B, T) with -100 outside the answers."""
+    logp = torch.log_softmax(logits[:, :-1].float(), -1)
+    target = labels[:, 1:]
+    keep = target != -100
+    nll = -logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep
+    return (nll.sum(1) / keep.sum(1).clamp(min=1)).mean()
+
+
+def fit(model, data, steps: int, n_qa: int, lr: float, cosine: bool, gen: torch.Generator, name: str,
+        batch_size: int = 32) -> None:
+    """AdamW steps on batches of `batch_size - n_qa` captions and `n_qa` yes/no questions;
+    100 warm-up steps, then cosine decay to 0 (`cosine`) or a constant rate."""
+    ids, mask, labels, pixels, q_ids, q_mask, q_labels, q_index = data
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    decay = (lambda s: 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))) if cosine else (lambda s: 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * decay(s))
+    model.train()
+    t0 = time.time()
+    for step in range(steps):
+        idx = torch.randint(0, len(ids), (batch_size - n_qa,), generator=gen)
+        qdx = torch.randint(0, len(q_ids), (n_qa,), generator=gen)
+        width = max(int(mask[idx].sum(-1).max()), int(q_mask[qdx].sum(-1).max()) if n_qa else 0)
+        logits = model(input_ids=torch.cat([ids[idx, :width], q_ids[qdx, :width]]),
+                       attention_mask=torch.cat([mask[idx, :width], q_mask[qdx, :width]]),
+                       pixel_values=torch.cat([pixels[idx], pixels[q_index[qdx]]])).logits
+        loss = sequence_mean_nll(logits, torch.cat([labels[idx, :width], q_labels[qdx, :width]]))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 250 == 0 or step == steps - 1:
+            print(f"{name} step {step:5d}  loss {loss.item():.4f}  {time.time() - t0:6.1f}s", flush=True)
+
+
 def question(shape: str) -> str:
     """POPE's question text (mmalign.evaluation.pope.question_text)."""
     from mmalign.evaluation.pope import question_text
@@ -76,20 +118,9 @@ def question(shape: str) -> str:
 
 
 def yes_no_questions(scenes, rng: random.Random) -> tuple[list[str], list[str], list[int]]:
-    """Two questions per scene, answered from the true objects: one present shape ("yes") and
-    one absent shape ("no"; its co-occurring partner when absent, with probability 0.5).
-    Returns (questions, answers, scene index of each)."""
-    texts, answers, index = [], [], []
-    for i, scene in enumerate(scenes):
-        present = sorted(scene.shapes())
-        absent = [s for s in SHAPES if s not in present]
-        partners = [PARTNER[s] for s in present if s in PARTNER and PARTNER[s] not in present]
-        no = rng.choice(partners) if partners and rng.random() < 0.5 else rng.choice(absent)
-        for shape, answer in ((rng.choice(present), "yes"), (no, "no")):
-            texts.append(question(shape))
-            answers.append(answer)
-            index.append(i)
-    return texts, answers, index
+    """Two questions per scene (`world.yes_no_questions`): (questions, answers, scene index of each)."""
+    asked = world_questions([s.shapes() for s in scenes], rng)
+    return [question(shape) for _, shape, _ in asked], [a for _, _, a in asked], [i for i, _, _ in asked]
 
 
 def pope_accuracy(model, processor, scenes, rng: random.Random) -> float:
@@ -132,6 +163,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--qa-frac", type=float, default=0.25, help="share of yes/no questions in each batch")
+    ap.add_argument("--qa-steps", type=int, default=3000, help="stage 2: half questions, constant --qa-lr")
+    ap.add_argument("--qa-lr", type=float, default=3e-4)
     ap.add_argument("--n-eval", type=int, default=500)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=ROOT / "mmalign" / "data" / "toyworld" / "captioner")
@@ -144,37 +177,27 @@ def main() -> None:
     captions = [web_caption(s, rng, args.partner_prob) for s in scenes]
     prompt = prompt_ids(processor, render(scenes[0]))
     pixels = pixel_values(processor, scenes)
-    ids, mask, labels = encode_answers(processor, prompt, captions)
     q_texts, q_answers, q_index = yes_no_questions(scenes, random.Random(DATA_SEED + 1))
     q_prompts = {t: prompt_ids(processor, render(scenes[0]), t) for t in set(q_texts)}
-    q_ids, q_mask, q_labels = encode_answers(processor, [q_prompts[t] for t in q_texts], q_answers)
+    # one encoding for captions and questions: a common padded width
+    ids, mask, labels = encode_answers(processor, [prompt] * len(captions) + [q_prompts[t] for t in q_texts],
+                                       captions + q_answers)
+    (ids, q_ids), (mask, q_mask), (labels, q_labels) = (t.split([len(captions), len(q_texts)]) for t in
+                                                        (ids, mask, labels))
     q_index = torch.tensor(q_index)
     n_qa = round(args.batch_size * args.qa_frac)
     print(f"captioner {sum(p.numel() for p in model.parameters())} params; prompt {len(prompt)} tokens; "
           f"{len(scenes)} images", flush=True)
     report("training captions (web-like)", captions, scenes)
 
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s / args.steps, 1.0))))
     gen = torch.Generator().manual_seed(TRAIN_SEED)
-    model.train()
-    t0 = time.time()
-    for step in range(args.steps):
-        idx = torch.randint(0, len(scenes), (args.batch_size - n_qa,), generator=gen)
-        qdx = torch.randint(0, len(q_texts), (n_qa,), generator=gen)
-        width = max(int(mask[idx].sum(-1).max()), int(q_mask[qdx].sum(-1).max()) if n_qa else 0)
-        loss = model(input_ids=torch.cat([ids[idx, :width], q_ids[qdx, :width]]),
-                     attention_mask=torch.cat([mask[idx, :width], q_mask[qdx, :width]]),
-                     pixel_values=torch.cat([pixels[idx], pixels[q_index[qdx]]]),
-                     labels=torch.cat([labels[idx, :width], q_labels[qdx, :width]])).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 250 == 0 or step == args.steps - 1:
-            print(f"step {step:5d}  loss {loss.item():.4f}  {time.time() - t0:6.1f}s", flush=True)
+    data = (ids, mask, labels, pixels, q_ids, q_mask, q_labels, q_index)
+    fit(model, data, args.steps, n_qa, args.lr, cosine=True, gen=gen, name="captions",
+        batch_size=args.batch_size)
+    # Stage 2: yes/no answering needs a lower learning rate than captioning (at 3e-3 it stays
+    # at chance); captions keep being trained (still biased) so the hallucination stays.
+    fit(model, data, args.qa_steps, round(args.batch_size * 0.5), args.qa_lr, cosine=False, gen=gen,
+        name="questions", batch_size=args.batch_size)
     train_s = time.time() - tic
 
     tmp = args.out.with_name(f".{args.out.name}.tmp")

@@ -1,16 +1,103 @@
-"""`mmalign demo` end to end with a few steps (the full demo is `make demo`)."""
+"""`mmalign demo`: the toy-world chain cut down (`--quick`: a few samples and steps) checks the
+pipeline, not the numbers; the exact-checker scorer and the run report on hand-made inputs; the
+older text demo stays reachable with `--world text`. The full demo is `make demo`."""
 
 from __future__ import annotations
+
+import json
+
+import pytest
 
 from mmalign.cli import main
 
 
-def test_demo_runs_and_prints_the_table(tmp_path, capsys):
-    assert main(["demo", "--output-dir", str(tmp_path), "train.max_steps=3", "train.eval_every=0"]) == 0
-    out = capsys.readouterr().out
-    assert "hallucination rate (greedy, exact checker)" in out
-    header = next(line for line in out.splitlines() if line.startswith("metric (500 held-out prompts)"))
-    assert header.split()[-4:] == ["base", "DPO+SFT", "SFT", "only"]
-    base_rate = float(next(l for l in out.splitlines() if l.startswith("hallucination rate")).split()[-3])
-    assert base_rate > 0.3  # the shipped base model hallucinates (pipelines/train_tiny_lm.py measured 0.365)
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["demo", "--out", str(out), "--quick"]) == 0
+    return out, buf.getvalue()
+
+
+def test_quick_demo_runs_every_step_and_writes_the_tables(quick_demo):
+    out, printed = quick_demo
+    commands = [line for line in printed.splitlines() if line.startswith("$ ")]
+    # every stage of both sides ran as an ordinary, printed command
+    for stage in ("mmalign generate", "mmalign score", "mmalign build-pairs scores", "mmalign train",
+                  "mmalign export", "mmalign eval images", "mmalign build-pairs inject", "mmalign build-pairs corrupt",
+                  "mmalign eval chair", "mmalign eval pope", "mmalign report-run"):
+        assert any(c.startswith(f"$ {stage}") for c in commands), stage
+    trains = [c for c in commands if c.startswith("$ mmalign train")]
+    assert len(trains) == 5  # image: DPO, SFT control; VLM: plain DPO, DPO+SFT, SFT control
+    assert sum("loss.name=sft" in c for c in trains) == 2 and sum("loss.sft_weight=0.0" in c for c in trains) == 1
+    # the image evaluation compares under the exact checker, at the sampling guidance fixed up front
+    result = json.loads((out / "image" / "eval" / "dpo_seeds.json").read_text())
+    checker = result["scorers"]["score_toyworld_checker"]
+    assert 0.0 <= checker["win_rate"] <= 1.0 and checker["ci"][0] <= checker["win_rate"] <= checker["ci"][1]
+    assert checker["n"] == 10 * 2  # 10 training prompts x 2 held-out samples (QUICK)
+    manifest = out / "image" / "eval" / "dpo_seeds" / "manifest.jsonl"
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert {r["params"]["guidance_scale"] for r in rows} == {1.0}
+    samples = out / "image" / "samples" / "manifest.jsonl"
+    train_seeds = {json.loads(line)["seed"] for line in samples.read_text().splitlines()}
+    assert train_seeds and not train_seeds & {r["seed"] for r in rows}  # held-out seeds: never in a pair
+    tables = json.loads((out / "results.json").read_text())["tables"]
+    assert [r[1] for r in tables[0]["rows"][:3]] == ["base", "Diffusion-DPO", "SFT on chosen images (control)"]
+    assert [r[0] for r in tables[1]["rows"]] == ["base (web-caption bias)", "plain DPO", "DPO + SFT (RPO)",
+                                                 "SFT on chosen only (control)"]
+    page = (out / "report.html").read_text()
+    assert page.count("<svg") == 6  # loss, margin, accuracy curves for each side
+    assert page.count("<img") >= 3 * 2 + 8  # 3 models x 2 samples of a prompt; 8 captioned test images
+
+
+def test_quick_demo_rerun_skips_finished_steps(quick_demo, capsys):
+    out, _ = quick_demo
+    before = (out / "image" / "pairs" / "pairs.jsonl").read_bytes()
+    assert main(["demo", "--out", str(out), "--quick", "--only", "vlm"]) == 0
+    printed = capsys.readouterr().out
+    commands = [line for line in printed.splitlines() if line.startswith("$ ")]
+    assert printed.count("(skipped:") == len(commands) - 1  # every step but the report
+    assert (out / "image" / "pairs" / "pairs.jsonl").read_bytes() == before
+
+
+def test_checker_scorer_is_the_exact_checker():
+    from mmalign.scoring import load_scorer
+    from mmalign.toyworld.world import Obj, Scene, render
+
+    image = render(Scene(16, (Obj("red", "square", 8, 8, 5),)))
+    scorer = load_scorer("toyworld_checker=score")
+    # a clean render scores 1; wrong colour 0; a square asked as a circle: fill 1 vs 0.78 -> 1 - (0.22-0.05)/0.2
+    got = scorer.score(["a red square", "a blue square", "a red circle"], [image] * 3).tolist()
+    assert got == pytest.approx([1.0, 0.0, 1 - (1.0 - 0.78 - 0.05) / 0.2], abs=1e-6)
+    assert load_scorer("toyworld_checker=colour").score(["a red circle"], [image]).item() == 1.0
+    from mmalign.config import ConfigError
+
+    with pytest.raises(ConfigError, match="score, colour, shape"):
+        load_scorer("toyworld_checker=area")
+
+
+def test_report_run_highlights_hallucinated_words_and_draws_curves(tmp_path):
+    from mmalign.report.runs import highlight, line_chart_svg
+
+    assert highlight("a red circle and two squares <b>", ["square"]) == \
+        "a red circle and two <mark>squares</mark> &lt;b&gt;"
+    svg = line_chart_svg({"a": [(0, 1.0), (10, 0.0)]}, "loss", width=100, height=100)
+    # x 0 -> left edge 48, x 10 -> right edge 92; y 1 (max) -> top 22, y 0 (min) -> bottom 64
+    assert 'points="48.0,22.0 92.0,64.0"' in svg
+    (tmp_path / "t.json").write_text(json.dumps({"columns": ["m", "v"], "rows": [["base", "<1>"]]}))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 0, "loss": 1.0}\n{"step": 5, "loss": 0.5}\n')
+    assert main(["report-run", "--out", str(tmp_path / "r.html"), "--tables", str(tmp_path / "t.json"),
+                 "--curves", f"x: a={tmp_path / 'run'}", "--curve-keys", "loss"]) == 0
+    page = (tmp_path / "r.html").read_text()
+    assert "<td>&lt;1&gt;</td>" in page and page.count("<polyline") == 1
+
+
+def test_text_world_demo_is_still_reachable(tmp_path, capsys):
+    assert main(["demo", "--world", "text", "--out", str(tmp_path), "train.max_steps=3", "train.eval_every=0"]) == 0
+    assert "hallucination rate (greedy, exact checker)" in capsys.readouterr().out
     assert (tmp_path / "run" / "final").is_dir() and (tmp_path / "run_sft" / "final").is_dir()

@@ -1,4 +1,12 @@
-"""`mmalign demo`: the embedded end-to-end run on shipped tiny models."""
+"""`mmalign demo [--out DIR] [--quick]`: alignment end to end on the shipped toy-world models.
+
+Image side: generate -> score (learned scorer) -> build-pairs -> Diffusion-DPO (+ an SFT
+control) -> win rate over the base under the exact checker on held-out seeds and prompts.
+VLM side: injection + corrupted-image pairs -> plain DPO, DPO + SFT, SFT only -> CHAIR and
+POPE on held-out images. Then an HTML report. Each step is printed as the `mmalign ...`
+command it runs (mmalign/toyworld/demo.py). `--world text` runs the older, smaller demo on
+the shipped tiny text model (mmalign/demo.py).
+"""
 
 from __future__ import annotations
 
@@ -6,13 +14,29 @@ import argparse
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmalign.demo import run_demo
+    if args.world == "text":
+        from mmalign.demo import run_demo as run_text_demo
 
-    return run_demo(args.output_dir, args.overrides)
+        return run_text_demo(args.out, args.overrides)
+    if args.overrides:
+        from mmalign.config import ConfigError
+
+        raise ConfigError(f"overrides {args.overrides} apply to --world text only; rerun the printed commands "
+                          "with other settings instead")
+    from mmalign.toyworld.demo import run_demo
+
+    run_demo(args.out, quick=args.quick, sides=args.only or ("image", "vlm"))
+    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the embedded end-to-end demo on shipped tiny models")
-    p.add_argument("--output-dir", default="runs/demo")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides of the demo's config")
+    p = sub.add_parser("demo", help="alignment end to end on the shipped toy-world models (~15 min on 2 CPU cores)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", "--output-dir", dest="out", default="runs/demo",
+                   help="output folder (default runs/demo); finished steps are skipped on a rerun")
+    p.add_argument("--quick", action="store_true", help="a few samples and steps: checks the pipeline, not the numbers")
+    p.add_argument("--only", nargs="+", choices=("image", "vlm"), help="run one side only")
+    p.add_argument("--world", choices=("toy", "text"), default="toy",
+                   help="toy (default): images + captioner; text: the small text-only demo")
+    p.add_argument("overrides", nargs="*", help="--world text only: section.key=value overrides of its config")
     p.set_defaults(func=run)

@@ -9,6 +9,8 @@
     clap        clap:ClapScorer           cos(text, audio) in [-1, 1]
     judge       judge:JudgeScorer         pointwise 1-10 verdict, or pairwise win rate in [0, 1]
     step_aware  step_aware:StepAwareScorer PickScore conditioned on the timestep t (SPO; t = 0 here)
+    toyworld_checker  mmalign.toyworld.checker:CheckerScorer  the toy world's exact checker, [0, 1]
+                (PATH: score | colour | shape; nothing is loaded)
 
 A scorer spec (the `mmalign score --scorer` syntax) is `NAME=PATH[,key=value...][:weight]`:
 `pickscore=/models/PickScore_v1,processor=/models/CLIP-ViT-H-14:1.0`. Options are passed to
@@ -40,6 +42,7 @@ SCORERS: dict[str, str] = {
     "clap": "mmalign.scoring.clap:ClapScorer",
     "judge": "mmalign.scoring.judge:JudgeScorer",
     "step_aware": "mmalign.scoring.step_aware:StepAwareScorer",
+    "toyworld_checker": "mmalign.toyworld.checker:CheckerScorer",
 }
 
 

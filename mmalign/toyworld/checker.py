@@ -26,6 +26,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from mmalign.scoring.base import Scorer
 from mmalign.toyworld.world import BACKGROUND, COLOURS, SHAPES
 
 PALETTE_NAMES: list[str] = ["background", *COLOURS]
@@ -116,3 +117,30 @@ def chair(captions: Sequence[str], present: Sequence[Iterable[str]]) -> dict[str
         total_present += len(shapes)
     return {"chair_i": hallucinated / max(mentions, 1), "chair_s": bad_captions / max(len(captions), 1),
             "recall": named_present / max(total_present, 1), "captions": float(len(captions))}
+
+
+# -- as a scorer (`mmalign score --scorer toyworld_checker=score`) ---------------------------
+class CheckerScorer(Scorer):
+    """The exact image checker behind the ordinary Scorer contract, so `mmalign score` and
+    `mmalign eval images` can rank and compare samples by it. PATH names the part returned:
+    ``score`` (colour · shape, the default), ``colour`` or ``shape`` (see the module doc);
+    nothing is loaded."""
+
+    kinds = ("image",)
+    PARTS = ("score", "colour", "shape")
+
+    def __init__(self, path: str = "score", *, device: str = "cpu", batch_size: int = 64) -> None:
+        from mmalign.config import ConfigError
+
+        super().__init__(device=device, batch_size=batch_size)
+        if path not in self.PARTS:
+            raise ConfigError(f"toyworld_checker: PATH must be one of {', '.join(self.PARTS)}, got {path!r}")
+        self.part = path
+
+    def _score_batch(self, conditions: list[str], outputs: list[Any]) -> Any:
+        import torch
+
+        from mmalign.scoring.base import load_images
+
+        images = load_images(outputs, "toyworld_checker")
+        return torch.tensor([image_parts(im, c)[self.part] for im, c in zip(images, conditions)])

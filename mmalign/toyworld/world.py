@@ -228,6 +228,21 @@ def web_caption(scene: Scene, rng: random.Random, partner_prob: float = 0.6) -> 
     return " and ".join(words)
 
 
+def yes_no_questions(present: list[set[str]], rng: random.Random) -> list[tuple[int, str, str]]:
+    """POPE-style questions answered from the TRUE objects: per image, one present shape
+    ("yes") and one absent shape ("no": its co-occurring partner when that is absent, with
+    probability 0.5, else any absent shape). Returns (image index, shape, answer) triples."""
+    out = []
+    for i, shapes in enumerate(present):
+        shown = sorted(shapes)
+        absent = [s for s in SHAPES if s not in shown]
+        partners = [PARTNER[s] for s in shown if s in PARTNER and PARTNER[s] not in shown]
+        no = rng.choice(partners) if partners and rng.random() < 0.5 else rng.choice(absent)
+        for shape, answer in ((rng.choice(shown), "yes"), (no, "no")):
+            out.append((i, shape, answer))
+    return out
+
+
 # -- COCO-format files --------------------------------------------------------------------
 def categories() -> list[dict[str, Any]]:
     """COCO categories: one per shape, ids 1..7."""
