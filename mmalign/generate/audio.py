@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from mmalign.config import ConfigError
-from mmalign.generate.images import RESERVED, image_params, pipeline_class_name
+from mmalign.generate.images import RESERVED, image_params, pipeline_class_name, prepare_pipeline
 from mmalign.io import atomic_path
 
 AUDIO_RESERVED = RESERVED | {"num_waveforms_per_prompt", "transcription", "generated_prompt_embeds",
@@ -39,12 +39,7 @@ def load_audio_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, sc
 
         extra["language_model"] = load_language_model(path, dtype)
     pipe = diffusers.DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True, **extra)
-    if scheduler:
-        if not hasattr(diffusers, scheduler):
-            raise ConfigError(f"scheduler: diffusers has no scheduler class '{scheduler}'")
-        pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return prepare_pipeline(pipe, scheduler)
 
 
 def sample_rate(pipe: Any) -> int:

@@ -101,6 +101,14 @@ def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, schedule
         if "requires_safety_checker" in accepted:
             kwargs["requires_safety_checker"] = False
         pipe = cls(**kwargs)
+    return prepare_pipeline(pipe, scheduler)
+
+
+def prepare_pipeline(pipe: Any, scheduler: str = "") -> Any:
+    """Swap in the diffusers scheduler class `scheduler` (built from the pipeline's scheduler
+    config; "" keeps it) and silence the per-call progress bar (the caller shows one)."""
+    import diffusers
+
     if scheduler:
         if not hasattr(diffusers, scheduler):
             raise ConfigError(f"scheduler: diffusers has no scheduler class '{scheduler}'")
