@@ -350,6 +350,10 @@ class OnlineStepSource:
         self.fingerprint = run_fingerprint(cfg)
         self.round = -1
 
+    def describe(self) -> str:
+        """What the trainer's start-up line says instead of "N examples from FILE"."""
+        return f"online {self.settings.method} rounds of {self.settings.round_steps} steps"
+
     def round_path(self, r: int) -> Path:
         return Path(self.cfg.train.output_dir) / "rounds" / f"round_{r:05d}.safetensors"
 

@@ -50,7 +50,8 @@ class PreferenceTrainer:
         # Records are read by index only (a lazy dataset works too) and never mutated.
         d = cfg.data
         # An online source (SPO/D3PO sampling, `likelihood.data_source`) fills the records itself:
-        # `refill(trainer)` before every step replaces records and sampler when a new round begins.
+        # `refill(trainer)` before every step replaces records and sampler when a new round begins;
+        # `describe()` names it in the start-up line.
         self.source = getattr(likelihood, "data_source", None)
         self.records, self.kind = (([], self.source.kind) if self.source is not None
                                    else load_preference_data(d.train, format=d.format))
@@ -265,7 +266,7 @@ class PreferenceTrainer:
 
     def _print_summary(self) -> None:
         c = self.cfg
-        source = (f"online {c.spo.method} rounds" if self.source is not None
+        source = (self.source.describe() if self.source is not None
                   else f"{len(self.records)} {self.kind} examples from {c.data.train}")
         print(f"[mmalign] {source}"
               f"{f', {len(self.eval_records)} held out' if self.eval_records else ''}; loss {c.loss.name} "
