@@ -144,14 +144,32 @@ def build_corrupted_image_pairs(model: Any, processor: Any, records: list[dict[s
     return write_vlm_pairs(pairs, out_dir, name), counts
 
 
-# -- CLI ------------------------------------------------------------------------------------------
-def run(args: argparse.Namespace) -> int:
+# -- CLI (shared with onpolicy.py: the builders that run a model) ------------------------------------
+def add_model_builder_args(p: argparse.ArgumentParser, data_help: str) -> None:
+    """The arguments of every builder that runs a VLM over input records."""
+    p.add_argument("data", help=data_help)
+    p.add_argument("--model", required=True, help="local image-text-to-text model folder (model + processor)")
+    p.add_argument("--out", required=True, help="output folder (gets <name>.jsonl and images/)")
+    p.add_argument("--format", default="auto", help="a data.format reader for the input (default: by file type)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--name", default="pairs", help="output file stem")
+    p.add_argument("--trust-remote-code", action="store_true")
+
+
+def load_builder_inputs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[Path], Any, Any]:
+    """(records, image roots, model, processor) of `add_model_builder_args`'s arguments."""
     records = read_prompt_records(args.data, args.format)
     data = Path(args.data)
-    roots = [data if data.is_dir() else data.parent]
+    model, processor = load_vlm(args.model, args.trust_remote_code)
+    return records, [data if data.is_dir() else data.parent], model, processor
+
+
+def run(args: argparse.Namespace) -> int:
+    records, roots, model, processor = load_builder_inputs(args)
     params = {"noise": {"step": args.noise_step}, "crop": {"scale": tuple(args.crop_scale)},
               "mask": {"ratio": args.mask_ratio, "patch": args.mask_patch}}[args.corruption]
-    model, processor = load_vlm(args.model, args.trust_remote_code)
     path, c = build_corrupted_image_pairs(model, processor, records, args.out, corruption=args.corruption,
                                           params=params, chosen=args.chosen, answer_column=args.answer_column,
                                           seed=args.seed, roots=roots, name=args.name,
@@ -165,10 +183,7 @@ def run(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("corrupt", help="rejected = the model's answer on a corrupted image (POVID/mDPO style)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("data", help="records with images and a prompt (jsonl, json, parquet)")
-    p.add_argument("--model", required=True, help="local image-text-to-text model folder (model + processor)")
-    p.add_argument("--out", required=True, help="output folder (gets <name>.jsonl and images/)")
-    p.add_argument("--format", default="auto", help="a data.format reader for the input (default: by file type)")
+    add_model_builder_args(p, "records with images and a prompt (jsonl, json, parquet)")
     p.add_argument("--corruption", choices=sorted(CORRUPTION_DEFAULTS), default="noise")
     p.add_argument("--noise-step", type=int, default=500, help="DDPM step of 1000 (noise)")
     p.add_argument("--crop-scale", type=float, nargs=2, default=[0.01, 0.2], help="area fraction kept (crop)")
@@ -177,9 +192,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chosen", choices=("clean", "ground_truth"), default="clean",
                    help="chosen = the model's answer on the clean image, or the record's ground truth")
     p.add_argument("--answer-column", default="chosen", help="ground-truth column (--chosen ground_truth)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--name", default="pairs", help="output file stem")
-    p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=run)

@@ -20,7 +20,8 @@ import argparse
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from mmalign.builders.corrupt import image_refs, load_vlm, read_prompt_records, record_images, write_vlm_pairs
+from mmalign.builders.corrupt import (add_model_builder_args, image_refs, load_builder_inputs, record_images,
+                                      write_vlm_pairs)
 from mmalign.data.preference import DataError
 
 Score = Callable[[dict[str, Any], str], tuple[float, float]]
@@ -107,14 +108,12 @@ def build_onpolicy_pairs(model: Any, processor: Any, records: list[dict[str, Any
 def run(args: argparse.Namespace) -> int:
     from mmalign.evaluation.objects import ObjectVocabulary
 
-    records = read_prompt_records(args.data, args.format)
-    data = Path(args.data)
     vocab = ObjectVocabulary.load(args.vocabulary)
-    model, processor = load_vlm(args.model, args.trust_remote_code)
+    records, roots, model, processor = load_builder_inputs(args)
     path, c = build_onpolicy_pairs(model, processor, records, args.out,
                                    score=annotation_scorer(vocab, args.objects_column), num_samples=args.num_samples,
                                    temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                                   roots=[data if data.is_dir() else data.parent], name=args.name,
+                                   roots=roots, name=args.name,
                                    max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                    model_name=str(args.model), vocab=vocab, objects_column=args.objects_column)
     print(f"[mmalign] build-pairs onpolicy: {c['kept']} pairs kept of {c['prompts']} prompts "
@@ -126,18 +125,10 @@ def run(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("onpolicy", help="least vs most hallucinated of the model's own sampled answers",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("data", help="records with images, a prompt and the image's objects (jsonl, json, parquet)")
-    p.add_argument("--model", required=True, help="local image-text-to-text model folder (model + processor)")
-    p.add_argument("--out", required=True, help="output folder (gets <name>.jsonl and images/)")
-    p.add_argument("--format", default="auto", help="a data.format reader for the input (default: by file type)")
+    add_model_builder_args(p, "records with images, a prompt and the image's objects (jsonl, json, parquet)")
     p.add_argument("--objects-column", default="objects", help="column listing the objects present in the image")
     p.add_argument("--vocabulary", default=None, help="object vocabulary file (default: the 80 COCO categories)")
     p.add_argument("--num-samples", type=int, default=4)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--name", default="pairs", help="output file stem")
-    p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=run)
