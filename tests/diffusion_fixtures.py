@@ -74,3 +74,21 @@ if __name__ == "__main__":  # python tests/diffusion_fixtures.py runs/tiny_sd [-
 
     write_tiny_run(Path(sys.argv[1]), sdxl="--sdxl" in sys.argv[2:])
     print(f"wrote {sys.argv[1]}/pipeline and {sys.argv[1]}/pairs/train.jsonl")
+
+
+class Killed(Exception):
+    """Stands for the kill of a caching run."""
+
+
+def kill_after_first_latent_shard(monkeypatch, cache_writer, cache_dir: Path) -> None:
+    """Make `cache_writer.save_atomic` die (leaving a half-written temp file, as a kill mid-write
+    does) on the first write after a latent shard exists; restore it by setting the saved function back."""
+    save = cache_writer.save_atomic
+
+    def killed_after_first(tensors, path, metadata=None):
+        if list(Path(cache_dir).glob("train/latents-*.safetensors")):
+            path.with_name(f".{path.name}.tmp-123").write_bytes(b"half a file")
+            raise Killed
+        save(tensors, path, metadata)
+
+    monkeypatch.setattr(cache_writer, "save_atomic", killed_after_first)

@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 from audio_fixtures import PROMPTS, save_tiny_audioldm2, save_tiny_tango, write_audio_pairs
+from diffusion_fixtures import Killed, kill_after_first_latent_shard
 from safetensors.torch import load_file
 
 import mmalign.modalities.cache_writer as cw
@@ -66,10 +67,6 @@ def perturbed(unet, scale=1e-3):
 # logp -> ~1e-4 of loss); float16 storage of latents and embeddings (~1e-4 of logp, mostly shared by policy and
 # reference) -> ~1e-2.
 LOSS_TOL_FP32, LOSS_TOL_FP16 = 1e-3, 2e-2
-
-
-class Killed(Exception):
-    """Stands for the kill of a caching run."""
 
 
 # -- cached == uncached ------------------------------------------------------------------------
@@ -148,16 +145,10 @@ def test_the_cache_holds_mel_latents_and_each_prompts_own_conditioning(pipelines
 def test_a_killed_cache_run_resumes_from_the_last_complete_shard(pipelines, data, tmp_path, monkeypatch, modality):
     cfg = make_cfg(pipelines, data, tmp_path, modality)  # 6 records, 2 per shard: 3 latent shards of 4 clips
     _, plain = uncached(cfg)
-    calls, encode, save = [], plain.vae.encode, cw.save_atomic
+    calls, encode, save = [], plain.vae.encode, cw.save_atomic  # save: restored after the kill
     plain.vae.encode = lambda x: calls.append(x.shape[0]) or encode(x)
 
-    def killed_after_first(tensors, path, metadata=None):
-        if list(tmp_path.glob("cache/train/latents-*.safetensors")):
-            path.with_name(f".{path.name}.tmp-123").write_bytes(b"half a file")  # a kill mid-write
-            raise Killed
-        save(tensors, path, metadata)
-
-    monkeypatch.setattr(cw, "save_atomic", killed_after_first)
+    kill_after_first_latent_shard(monkeypatch, cw, tmp_path / "cache")
     with pytest.raises(Killed):
         cw.write_cache(cfg, plain)
     assert sum(calls) == 8 and not (tmp_path / "cache" / "index.json").exists()  # shard 0 written, shard 1 lost

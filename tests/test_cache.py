@@ -14,7 +14,8 @@ import threading
 import pytest
 import torch
 from conftest import needs_torchrun, torchrun
-from diffusion_fixtures import save_tiny_pipeline, write_image, write_image_pairs
+from diffusion_fixtures import (Killed, kill_after_first_latent_shard, save_tiny_pipeline, write_image,
+                                write_image_pairs)
 from safetensors.torch import load_file
 
 import mmalign.modalities.cache_writer as cw
@@ -63,10 +64,6 @@ def make_cfg(pipelines, data, tmp_path, modality="sd", eval_=False, **diffusion)
 # text encoder runs on another batch: G prompts vs the unique captions), ~1e-7 of logp -> ~5e-4 of loss; the
 # fp16 rounding of latents and embeddings (~1e-4 of logp, mostly shared by policy and reference) -> ~1e-2.
 LOSS_TOL_FP32, LOSS_TOL_FP16 = 1e-3, 2e-2
-
-
-class Killed(Exception):
-    """Stands for the kill of a caching run."""
 
 
 def perturbed(unet, scale=1e-3):
@@ -189,13 +186,7 @@ def test_a_killed_run_resumes_from_the_last_complete_shard(pipelines, data, tmp_
     calls = count_vae_images(plain)
     save = cw.save_atomic
 
-    def killed_after_first(tensors, path, metadata=None):
-        if list(tmp_path.glob("cache/train/latents-*.safetensors")):
-            path.with_name(f".{path.name}.tmp-123").write_bytes(b"half a file")  # a kill mid-write
-            raise Killed
-        save(tensors, path, metadata)
-
-    monkeypatch.setattr(cw, "save_atomic", killed_after_first)
+    kill_after_first_latent_shard(monkeypatch, cw, tmp_path / "cache")
     with pytest.raises(Killed):
         cw.write_cache(cfg, plain)
     assert sum(calls) == 16 and not (tmp_path / "cache" / "index.json").exists()  # shard 0 done, shard 1 encoded
