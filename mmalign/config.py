@@ -41,8 +41,10 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    train: str = ""  # jsonl, parquet, or a Hugging Face `datasets` folder saved with save_to_disk
-    eval: str = ""
+    # jsonl, parquet, or a Hugging Face `datasets` folder saved with save_to_disk; or a list of
+    # them (same format and kind), read in order as one dataset
+    train: str | list[str] = ""
+    eval: str | list[str] = ""
     format: str = "auto"  # auto (by file type), or a dataset reader: pickapic, rlhf_v, rlaif_v, povid, mdpo, trl_vlm
     max_length: int = 512  # prompt + answer tokens; answers are truncated, prompts never
     max_prompt_length: int = 0  # 0: no limit; otherwise prompts longer than this are an error
@@ -247,7 +249,12 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             if arm is type(None) and value is None:
                 return None
         arms = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return _coerce(value, arms[0], where)
+        for arm in arms[:-1]:  # the first arm that accepts the value; the last one names the error
+            try:
+                return _coerce(value, arm, where)
+            except ConfigError:
+                pass
+        return _coerce(value, arms[-1], where)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")

@@ -28,11 +28,20 @@ def test_values_are_typed_and_overrides_apply(tmp_path):
     assert cfg.train.batch_size == 8  # default kept
 
 
+def test_data_files_are_a_path_or_a_list_of_paths(tmp_path):
+    assert load_config(write(tmp_path, "data: {train: a.jsonl}\n")).data.train == "a.jsonl"
+    cfg = load_config(write(tmp_path, ""), ["data.train=[a.jsonl, b.jsonl]"])
+    assert cfg.data.train == ["a.jsonl", "b.jsonl"]
+    with pytest.raises(ConfigError, match=r"data.train\[1\]: expected str, got 3"):
+        load_config(write(tmp_path, "data: {train: [a.jsonl, 3]}\n"))
+
+
 @pytest.mark.parametrize("text,overrides,message", [
     ("trian: {max_steps: 3}\n", [], "unknown config key 'trian'; did you mean 'train'?"),
     ("loss: {betta: 0.1}\n", [], "unknown config key 'loss.betta'; did you mean 'beta'?"),
     ("", ["optim.learning_rate=3"], "unknown config key 'optim.learning_rate'"),
     ("train: {max_steps: ten}\n", [], "train.max_steps: expected an integer, got 'ten'"),
+    ("data: {train: 3}\n", [], "data.train: expected a list, got 3"),
     ("lora: {enabled: 'yes'}\n", [], "lora.enabled: expected true/false"),
     ("train: {mixed_precision: fp8}\n", [], "train.mixed_precision: 'fp8' is not one of no, bf16, fp16"),
     ("loss: {beta: 0}\n", [], "loss.beta must be > 0"),

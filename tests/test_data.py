@@ -24,6 +24,34 @@ def test_jsonl_parquet_and_datasets_folder_read_the_same(tmp_path):
         assert kind == "pair" and records == PAIRS
 
 
+def test_a_list_of_files_reads_as_one_dataset_in_order(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mmalign.modalities.diffusion import data_roots
+
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PAIRS[:2]))
+    (tmp_path / "more").mkdir()
+    pq.write_table(pa.Table.from_pylist(PAIRS[2:]), tmp_path / "more" / "b.parquet")
+    files = [tmp_path / "a.jsonl", tmp_path / "more" / "b.parquet"]
+    records, kind = load_preference_data(files)
+    assert kind == "pair" and len(records) == 5 and list(records) == PAIRS
+    assert records[-1] == PAIRS[4] and records[1:3] == PAIRS[1:3]
+    with pytest.raises(IndexError):
+        records[5]
+
+    class Cfg:  # relative media paths are looked up in each file's folder, in order
+        class data:
+            train, eval = [str(f) for f in files], ""
+    assert data_roots(Cfg) == [tmp_path, tmp_path / "more"]
+
+    (tmp_path / "u.jsonl").write_text(json.dumps({"prompt": "p", "completion": "c", "label": True}) + "\n")
+    with pytest.raises(DataError, match="different kinds of records .*a.jsonl: pair.*u.jsonl: unpaired"):
+        load_preference_data([tmp_path / "a.jsonl", tmp_path / "u.jsonl"])
+    with pytest.raises(DataError, match="an empty list"):
+        load_preference_data([])
+
+
 @pytest.mark.parametrize("rows,message", [
     ([{"prompt": "p", "chosen": "c"}], "row 0 has no column 'rejected'"),
     ([PAIRS[0], {"prompt": "p", "chosen": " ", "rejected": "r"}], "row 1 has an empty prompt or answer"),

@@ -13,7 +13,9 @@ or media for image/audio models: a file path, raw bytes, or {"bytes", "path"}.
 
 from __future__ import annotations
 
+import bisect
 import importlib
+import itertools
 import json
 import math
 from collections.abc import Sequence
@@ -138,9 +140,19 @@ FORMATS = {
 }
 
 
-def load_preference_data(path: str | Path, kind: str | None = None,
+def load_preference_data(path: str | Path | Sequence[str | Path], kind: str | None = None,
                          format: str = "auto") -> tuple[Sequence[dict[str, Any]], str]:
-    """Read and validate preference data; returns (records, kind)."""
+    """Read and validate preference data; returns (records, kind). A list of paths is read
+    in order as one dataset: every file of the same format and kind."""
+    if not isinstance(path, (str, Path)):
+        if not path:
+            raise DataError("no preference data files given (an empty list)")
+        parts = [load_preference_data(p, kind, format) for p in path]
+        kinds = {k for _, k in parts}
+        if len(kinds) > 1:
+            named = ", ".join(f"{p}: {k}" for p, (_, k) in zip(path, parts))
+            raise DataError(f"preference data files hold different kinds of records ({named})")
+        return Chained([r for r, _ in parts]), parts[0][1]
     if format != "auto":
         if format not in FORMATS:
             raise DataError(f"unknown data.format '{format}'; known: auto, {', '.join(FORMATS)}")
@@ -148,6 +160,27 @@ def load_preference_data(path: str | Path, kind: str | None = None,
         return getattr(importlib.import_module(module), name)(path)
     records = read_records(path)
     return records, validate_records(records, str(path), kind)
+
+
+class Chained(Sequence):
+    """Several record sequences (lists or lazy readers) read as one, without copying them."""
+
+    def __init__(self, parts: list[Sequence[dict[str, Any]]]) -> None:
+        self.parts = parts
+        self.starts = list(itertools.accumulate((len(p) for p in parts), initial=0))
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]  # type: ignore[return-value]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        part = bisect.bisect_right(self.starts, i) - 1
+        return self.parts[part][i - self.starts[part]]
 
 
 def flatten(records: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:

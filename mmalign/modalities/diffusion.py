@@ -379,12 +379,15 @@ class DiffusionLikelihood:
 
 # -- loading a local diffusers pipeline folder ------------------------------------------
 def data_roots(cfg: Any) -> list[Path]:
-    """Folders of the train and eval data (a `datasets` folder is its own root)."""
-    roots = []
-    for path in (cfg.data.train, cfg.data.eval):
-        if path:
+    """Folders of the train and eval data files, in order (a `datasets` folder is its own root):
+    a relative media path is looked up in each and the first match wins."""
+    roots: list[Path] = []
+    for entry in (cfg.data.train, cfg.data.eval):
+        for path in [entry] if isinstance(entry, str) else entry:
             p = Path(path)
-            roots.append(p if p.is_dir() else p.parent)
+            root = p if p.is_dir() else p.parent
+            if path and root not in roots:
+                roots.append(root)
     return roots
 
 

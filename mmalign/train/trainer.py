@@ -266,8 +266,9 @@ class PreferenceTrainer:
 
     def _print_summary(self) -> None:
         c = self.cfg
+        files = c.data.train if isinstance(c.data.train, str) else " + ".join(c.data.train)
         source = (self.source.describe() if self.source is not None
-                  else f"{len(self.records)} {self.kind} examples from {c.data.train}")
+                  else f"{len(self.records)} {self.kind} examples from {files}")
         print(f"[mmalign] {source}"
               f"{f', {len(self.eval_records)} held out' if self.eval_records else ''}; loss {c.loss.name} "
               f"(beta {c.loss.beta}); reference {self.strategy}; {self.accelerator.num_processes} process(es) "
