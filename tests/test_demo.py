@@ -5,6 +5,7 @@ older text demo stays reachable with `--world text`. The full demo is `make demo
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -29,11 +30,17 @@ def test_quick_demo_runs_every_step_and_writes_the_tables(quick_demo):
     # every stage of both sides ran as an ordinary, printed command
     for stage in ("mmalign generate", "mmalign score", "mmalign build-pairs scores", "mmalign train",
                   "mmalign export", "mmalign eval images", "mmalign build-pairs inject", "mmalign build-pairs corrupt",
-                  "mmalign eval chair", "mmalign eval pope", "mmalign report-run"):
+                  "mmalign build-pairs existence", "mmalign eval chair", "mmalign eval pope", "mmalign report-run"):
         assert any(c.startswith(f"$ {stage}") for c in commands), stage
     trains = [c for c in commands if c.startswith("$ mmalign train")]
     assert len(trains) == 5  # image: DPO, SFT control; VLM: plain DPO, DPO+SFT, SFT control
     assert sum("loss.name=sft" in c for c in trains) == 2 and sum("loss.sft_weight=0.0" in c for c in trains) == 1
+    pairs = out / "vlm" / "pairs"
+    files = f"data.train=[{pairs / 'inject.jsonl'}, {pairs / 'corrupt.jsonl'}, {pairs / 'existence.jsonl'}]"
+    assert sum(files in c for c in trains) == 3  # each VLM run reads the three pair files as one dataset
+    for name in ("inject", "corrupt", "existence"):  # pairs come from training scenes only
+        images = {json.loads(line)["images"][0] for line in (pairs / f"{name}.jsonl").read_text().splitlines()}
+        assert images and all(Path(i).name.startswith("train_") for i in images), name
     # the image evaluation compares under the exact checker, at the sampling guidance fixed up front
     result = json.loads((out / "image" / "eval" / "dpo_seeds.json").read_text())
     checker = result["scorers"]["score_toyworld_checker"]

@@ -15,9 +15,11 @@ scorer the pairs came from), with a prompt-bootstrap 95 % interval.
 
 VLM side (METHODS.md §9): the shipped captioner learned from web-like captions that name an
 absent co-occurring shape, so it hallucinates it -> hallucination-injection pairs (ground
-truth vs the same caption plus an absent co-occurring shape) and corrupted-image pairs (ground
-truth vs the captioner's own caption of a noised image) -> plain DPO, DPO + SFT (RPO) and an
-SFT-only control -> CHAIR_s, CHAIR_i, recall and POPE (adversarial) on held-out images.
+truth vs the same caption plus an absent co-occurring shape), corrupted-image pairs (ground
+truth vs the captioner's own caption of a noised image) and yes/no existence pairs (POPE-style
+questions about training scenes, the true answer chosen; caption pairs alone let yes/no
+answering drift) -> plain DPO, DPO + SFT (RPO) and an SFT-only control -> CHAIR_s, CHAIR_i,
+recall and POPE (adversarial) on held-out images.
 
 Everything lands under one folder (default runs/demo); a step whose output exists is skipped,
 so a rerun finishes a killed demo, and `rm -r` of one output redoes that step (and you rerun
@@ -56,6 +58,7 @@ class DemoSettings:
     image_steps: int = 200
     image_batch: int = 16
     train_scenes: int = 2000
+    existence_images: int = 1000  # training scenes asked yes/no existence questions (2 pairs each)
     test_scenes: int = 500
     vlm_steps: int = 300
     vlm_batch: int = 32
@@ -64,12 +67,13 @@ class DemoSettings:
 
 
 QUICK = DemoSettings(inference_steps=2, groups=1, group_size=2, eval_samples=2, image_steps=2, image_batch=2,
-                     train_scenes=12, test_scenes=8, vlm_steps=2, vlm_batch=4, pope_images=8, n_boot=50)
+                     train_scenes=12, existence_images=6, test_scenes=8, vlm_steps=2, vlm_batch=4, pope_images=8,
+                     n_boot=50)
 
 
 @dataclass
 class Step:
-    """One command: `argv` of `tool` ("mmalign", "python -m mmalign.toyworld" or "cat"), skipped
+    """One command: `argv` of `tool` ("mmalign" or "python -m mmalign.toyworld"), skipped
     when `creates` exists (None: always run; the command is itself resumable)."""
 
     tool: str
@@ -88,10 +92,6 @@ def _run(step: Step) -> None:
     print(step.line(), flush=True)
     if step.creates is not None and step.creates.exists():
         print(f"  (skipped: {step.creates} exists)", flush=True)
-        return
-    if step.tool == "cat":  # `cat a b > c`: concatenate jsonl pair files of one folder
-        *sources, _, target = step.argv
-        Path(target).write_text("".join(Path(s).read_text() for s in sources))
         return
     code = (mmalign_main if step.tool == "mmalign" else world_main)(step.argv)
     if code != 0:
@@ -183,11 +183,15 @@ def vlm_steps(out: Path, s: DemoSettings) -> list[Step]:
                                "pkg://toyworld/captioner", "--chosen", "ground_truth", "--answer-column", "caption",
                                "--seed", str(s.seed), "--batch-size", "64", "--out", str(pairs), "--name", "corrupt"],
                    pairs / "corrupt.jsonl"),
-              Step("cat", [str(pairs / "inject.jsonl"), str(pairs / "corrupt.jsonl"), ">", str(pairs / "train.jsonl")],
-                   pairs / "train.jsonl")]
+              Step("mmalign", ["build-pairs", "existence", "--annotations", str(scenes / "instances_train.json"),
+                               "--images", str(scenes / "images"), "--setting", "adversarial",
+                               "--num-images", str(s.existence_images), "--yes", "yes", "--no", "no",
+                               "--seed", str(s.seed), "--out", str(pairs / "existence.jsonl")],
+                   pairs / "existence.jsonl")]
+    train_files = [pairs / "inject.jsonl", pairs / "corrupt.jsonl", pairs / "existence.jsonl"]
     models = {"base": "pkg://toyworld/captioner"}
-    common = {"data.train": pairs / "train.jsonl", "train.max_steps": s.vlm_steps, "train.batch_size": s.vlm_batch,
-              "train.seed": s.seed}
+    common = {"data.train": f"[{', '.join(map(str, train_files))}]", "train.max_steps": s.vlm_steps,
+              "train.batch_size": s.vlm_batch, "train.seed": s.seed}
     for name, extra in VLM_RUNS.items():
         steps.append(_train(VLM_CONFIG, d / name, {**common, **extra, "train.output_dir": d / name}))
         steps.append(Step("mmalign", ["export", str(d / name), "--to", str(d / f"{name}_model"), "--format", "merged"],
