@@ -171,7 +171,11 @@ def sdxl_recipe(work: Path, s: Settings, dev: Device, lora: bool, checkpointing:
         idx = sampler.micro_batch(state["step"], s.sdxl_batch, 0, 1)
         batch = likelihood.collate([dict(records[i], _index=i) for i in idx], "pair").to(dev.device)
         v = likelihood.draw(batch, torch.Generator().manual_seed(seed)).to(dev.device).values
-        noisy = likelihood.scheduler.add_noise(v["latents"], v["noise"], v["timesteps"])
+        # contiguous: the CPU VAE returns channels-last latents, and diffusers' ResnetBlock2D makes the
+        # shortcut input contiguous only in train mode, so the train-mode policy and the eval-mode
+        # copy would take different bf16 conv kernels (outputs apart by 1.6e-2; first loss 1.12, not
+        # log 2, at beta 5000; measured on CPU with --tiny, not checked on CUDA).
+        noisy = likelihood.scheduler.add_noise(v["latents"], v["noise"], v["timesteps"]).contiguous()
 
         def mse(net: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
             with autocast():
