@@ -60,26 +60,10 @@ def _tiny_tokenizer():
 
 @pytest.fixture(scope="module")
 def hf_clip_dir(tmp_path_factory):
-    """A tiny transformers CLIPModel + CLIPProcessor folder (PickScore layout), projection 16."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    """A tiny transformers CLIPModel + CLIPProcessor folder (PickScore layout), 32 px, projection 16."""
+    from clip_fixtures import save_tiny_clip
 
-    path = tmp_path_factory.mktemp("hf_clip")
-    tok = _tiny_tokenizer()
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=32, pad_token_id=0, bos_token_id=2,
-                         eos_token_id=3),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16, logit_scale_init_value=math.log(100.0))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        CLIPModel(config).save_pretrained(path)
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                                 crop_size={"height": 32, "width": 32}),
-                              tokenizer=tok)
-    processor.save_pretrained(path)
-    return path
+    return save_tiny_clip(tmp_path_factory.mktemp("hf_clip"), _tiny_tokenizer(), 32, 8, 32)
 
 
 @pytest.fixture(scope="module")

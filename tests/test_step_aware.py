@@ -38,23 +38,9 @@ def _tokenizer():
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
     """A tiny transformers CLIPModel + CLIPProcessor folder (PickScore layout, 16 px, projection 16)."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    from clip_fixtures import save_tiny_clip
 
-    path = tmp_path_factory.mktemp("clip")
-    tok = _tokenizer()
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=16, pad_token_id=0, bos_token_id=2,
-                         eos_token_id=3),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=16, patch_size=4),
-        projection_dim=16, logit_scale_init_value=math.log(100.0))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        CLIPModel(config).save_pretrained(path)
-    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
-                  tokenizer=tok).save_pretrained(path)
-    return path
+    return save_tiny_clip(tmp_path_factory.mktemp("clip"), _tokenizer(), 16, 4, 16)
 
 
 @pytest.fixture(scope="module")
