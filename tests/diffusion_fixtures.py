@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from mmalign.toydiffusion import (  # noqa: F401  (re-exported for the tests)
     MAX_TOKENS, TIME_EMBED, save_tiny_pipeline, tiny_scheduler, tiny_text_config, tiny_tokenizer, tiny_unet, tiny_vae,
 )
@@ -43,6 +45,26 @@ def write_pairs_file(root: Path, count: int, **extra) -> tuple[Path, list[dict]]
     path = root / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path, records
+
+
+def indexed_pairs(root: Path, count: int = 4) -> dict:
+    """`count` pairs of distinct 16×16 PNGs: {"path": their jsonl (paths relative to its folder),
+    "records": the records with `_index` set as the trainer sets it}."""
+    path, records = write_pairs_file(root, count)
+    return {"path": path, "records": [dict(r, _index=i) for i, r in enumerate(records)]}
+
+
+class ZeroDenoiser(torch.nn.Module):
+    """Predicts 0 and records its inputs by name (`first`: what the denoiser calls its first
+    input: "sample" for UNets, "hidden_states" for transformers): mse is then mean(target²)."""
+
+    def __init__(self, first: str = "sample") -> None:
+        super().__init__()
+        self.first, self.weight, self.seen = first, torch.nn.Parameter(torch.zeros(1)), {}
+
+    def forward(self, *args, return_dict=True, **kwargs):
+        self.seen = {**kwargs, **dict(zip((self.first, "timestep"), args))}
+        return (torch.zeros_like(self.seen[self.first]),)
 
 
 def build_for(pipeline: Path, data: Path, modality: str, **diffusion):

@@ -16,6 +16,7 @@ import soundfile
 import torch
 from audio_fixtures import (PROMPTS, SAMPLE_RATE, build_for, save_tiny_audioldm2, save_tiny_clap, save_tiny_tango,
                             tone, write_audio_pairs, write_wav)
+from diffusion_fixtures import ZeroDenoiser
 
 from mmalign.cli import main
 from mmalign.data.audio import MelSettings, load_audio, load_audio_alpaca, log_mel, mel_filters, normalize_waveform
@@ -43,19 +44,6 @@ def build(pipelines, pairs, modality, **kwargs):
 def draw_for(likelihood, records, seed=0):
     batch = likelihood.collate(records, "pair")
     return batch, likelihood.draw(batch, torch.Generator().manual_seed(seed))
-
-
-class ZeroUNet(torch.nn.Module):
-    """Predicts 0 and records its inputs: mse is then mean(target²)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(1))
-        self.seen = {}
-
-    def forward(self, sample, timestep, return_dict=True, **kwargs):
-        self.seen = {"sample": sample, "timestep": timestep, **kwargs}
-        return (torch.zeros_like(sample),)
 
 
 def peak_hz(wave: np.ndarray, rate: int) -> float:
@@ -142,7 +130,7 @@ def test_noisy_input_and_target_equal_the_closed_form(pipelines, pairs, modality
     batch, draw = draw_for(likelihood, pairs["records"])
     assert batch.inputs["pixel_values"].shape == (8, 1, 32, 16)  # 0.32 s = 32 frames x 16 mels
     assert draw.values["latents"].shape == (8, 4, 16, 8)
-    model = ZeroUNet()
+    model = ZeroDenoiser()
     out = likelihood.logps(model, batch, draw)
     x0, eps, t = (draw.values[k].double() for k in ("latents", "noise", "timesteps"))
     alphas = likelihood.scheduler.alphas_cumprod.double()[t.long()].view(-1, 1, 1, 1)

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 import torch
-from diffusion_fixtures import build_for, draw_for, save_tiny_pipeline, write_image, write_pairs_file
+from diffusion_fixtures import ZeroDenoiser, build_for, draw_for, indexed_pairs, save_tiny_pipeline, write_image
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from mmalign.cli import main
@@ -34,26 +34,11 @@ def pipelines(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
-    """4 pairs of distinct 16×16 PNGs and their jsonl (paths relative to the file's folder)."""
-    path, records = write_pairs_file(tmp_path_factory.mktemp("pairs"), 4)
-    return {"path": path, "records": [dict(r, _index=i) for i, r in enumerate(records)]}
+    return indexed_pairs(tmp_path_factory.mktemp("pairs"))
 
 
 def build(pipelines, pairs, name="sd", modality="sd", **diffusion):
     return build_for(pipelines[name], pairs["path"], modality, **diffusion)
-
-
-class ZeroUNet(torch.nn.Module):
-    """Predicts 0 and records its inputs: mse is then mean(target²)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(1))
-        self.seen = {}
-
-    def forward(self, sample, timestep, encoder_hidden_states=None, added_cond_kwargs=None, return_dict=True):
-        self.seen = {"sample": sample, "timestep": timestep}
-        return (torch.zeros_like(sample),)
 
 
 def scaled_linear_alphas_cumprod() -> torch.Tensor:
@@ -85,7 +70,7 @@ def test_noisy_input_and_target_equal_the_closed_form(pipelines, pairs, name):
     _, likelihood, _ = build(pipelines, pairs, name)
     assert likelihood.prediction_type == ("epsilon" if name == "sd" else "v_prediction")  # read from the scheduler
     batch, draw = draw_for(likelihood, pairs["records"])
-    model = ZeroUNet()
+    model = ZeroDenoiser()
     out = likelihood.logps(model, batch, draw)
     x0, eps, t = (draw.values[k].double() for k in ("latents", "noise", "timesteps"))
     a = scaled_linear_alphas_cumprod()[t.long()].view(-1, 1, 1, 1)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusion_fixtures import build_for, draw_for, write_pairs_file
+from diffusion_fixtures import ZeroDenoiser, build_for, draw_for, indexed_pairs
 from flow_fixtures import FLUX_SCHEDULER, T5_TOKENS, T5_WIDTH, save_tiny_flow_pipeline
 
 from mmalign.cli import main
@@ -36,26 +36,11 @@ def pipelines(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
-    """4 pairs of distinct 16×16 PNGs and their jsonl (paths relative to the file's folder)."""
-    path, records = write_pairs_file(tmp_path_factory.mktemp("pairs"), 4)
-    return {"path": path, "records": [dict(r, _index=i) for i, r in enumerate(records)]}
+    return indexed_pairs(tmp_path_factory.mktemp("pairs"))
 
 
 def build(pipelines, pairs, name="sd3", modality="sd3", **diffusion):
     return build_for(pipelines[name], pairs["path"], modality, **diffusion)
-
-
-class ZeroTransformer(torch.nn.Module):
-    """Predicts 0 and records its keyword inputs: mse is then mean(target²)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(1))
-        self.seen = {}
-
-    def forward(self, hidden_states, return_dict=True, **kwargs):
-        self.seen = dict(kwargs, hidden_states=hidden_states)
-        return (torch.zeros_like(hidden_states),)
 
 
 # -- the σ shift ----------------------------------------------------------------------------
@@ -138,7 +123,7 @@ def test_sd3_without_t5_uses_zeros_like_the_pipeline(pipelines, pairs):
 def test_noisy_input_and_velocity_target_equal_the_closed_form(pipelines, pairs):
     _, likelihood, _ = build(pipelines, pairs)
     batch, draw = draw_for(likelihood, pairs["records"])
-    model = ZeroTransformer()
+    model = ZeroDenoiser("hidden_states")
     out = likelihood.logps(model, batch, draw)
     x0, eps, sigma = (draw.values[k].double() for k in ("latents", "noise", "sigmas"))
     s = sigma.view(-1, 1, 1, 1)
@@ -220,7 +205,7 @@ def test_flux_conditioning_packing_and_target(pipelines, pairs):
     torch.testing.assert_close(draw.values["pooled_projections"][:2], pooled)
 
     assert likelihood.guidance_embeds  # read from the transformer config
-    model = ZeroTransformer()
+    model = ZeroDenoiser("hidden_states")
     out = likelihood.logps(model, batch, draw)
     x0, eps, sigma = (draw.values[k] for k in ("latents", "noise", "sigmas"))
     s = sigma.view(-1, 1, 1, 1)
