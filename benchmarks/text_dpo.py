@@ -79,14 +79,15 @@ def mmalign_order(s: Settings) -> list[int]:
     return StreamSampler(s.num_pairs, s.seed).indices(0, s.steps * s.batch_size)
 
 
-def run_mmalign(workdir: Path, s: Settings) -> dict[str, Any]:
-    """Build mmalign's trainer from a config dict and call `train_step()` `s.steps` times."""
+def mmalign_steps(workdir: Path, s: Any, **sections: dict[str, Any] | str) -> dict[str, Any]:
+    """Build mmalign's trainer from a config dict (`sections` extend or replace its sections: the
+    VLM benchmark adds `modality="llava"`) and call `train_step()` `s.steps` times."""
     from mmalign.config import Config, from_dict, validate
     from mmalign.modalities import build_modality
     from mmalign.train.trainer import PreferenceTrainer
 
     tic = time.perf_counter()
-    cfg = from_dict(Config, {
+    config: dict[str, Any] = {
         "model": {"path": str(workdir / "model"), "dtype": "float32"},
         "data": {"train": str(workdir / "pairs.jsonl"), "max_length": s.max_length},
         "loss": {"name": "dpo", "beta": s.beta},
@@ -95,16 +96,24 @@ def run_mmalign(workdir: Path, s: Settings) -> dict[str, Any]:
                   "scheduler": "constant", "warmup_steps": 0, "max_grad_norm": s.max_grad_norm},
         "train": {"output_dir": str(workdir / "mmalign_run"), "max_steps": s.steps, "batch_size": s.batch_size,
                   "mixed_precision": "no", "seed": s.seed, "cpu": True, "progress": False, "tensorboard": False},
-    })
+    }
+    for name, value in sections.items():
+        config[name] = {**config.get(name, {}), **value} if isinstance(value, dict) else value
+    cfg = from_dict(Config, config)
     validate(cfg)
-    model, likelihood, tokenizer = build_modality(cfg)
-    trainer = PreferenceTrainer(cfg, model, likelihood, tokenizer)
+    model, likelihood, processor = build_modality(cfg)
+    trainer = PreferenceTrainer(cfg, model, likelihood, processor)
     start = time.perf_counter()
     ends, losses = [], []
     for _ in range(s.steps):
         losses.append(trainer.train_step()["loss"])
         ends.append(time.perf_counter())
     return {"setup_s": start - tic, "start": start, "step_ends": ends, "losses": losses}
+
+
+def run_mmalign(workdir: Path, s: Settings) -> dict[str, Any]:
+    """mmalign's trainer on the tiny Llama-shaped model."""
+    return mmalign_steps(workdir, s)
 
 
 def _trl_recorder(record: dict[str, Any]) -> Any:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import measure
-from benchmarks.text_dpo import mmalign_order, read_pairs, train_trl
+from benchmarks.text_dpo import mmalign_order, mmalign_steps, read_pairs, train_trl
 
 
 @dataclass
@@ -124,34 +124,9 @@ def token_check(workdir: Path, s: Settings, batches: int = 3) -> dict[str, Any]:
 
 
 def run_mmalign(workdir: Path, s: Settings) -> dict[str, Any]:
-    """mmalign's trainer (modality llava, LoRA off) from a config dict; `train_step()` `s.steps` times."""
-    from mmalign.config import Config, from_dict, validate
-    from mmalign.modalities import build_modality
-    from mmalign.train.trainer import PreferenceTrainer
-
-    tic = time.perf_counter()
-    cfg = from_dict(Config, {
-        "modality": "llava",
-        "model": {"path": str(workdir / "model"), "dtype": "float32", "gradient_checkpointing": False},
-        "data": {"train": str(workdir / "pairs.jsonl"), "max_length": s.max_length},
-        "lora": {"enabled": False},
-        "loss": {"name": "dpo", "beta": s.beta},
-        "reference": {"strategy": "frozen"},
-        "optim": {"name": "adamw", "lr": s.lr, "weight_decay": 0.0, "betas": [0.9, 0.999], "eps": 1e-8,
-                  "scheduler": "constant", "warmup_steps": 0, "max_grad_norm": s.max_grad_norm},
-        "train": {"output_dir": str(workdir / "mmalign_run"), "max_steps": s.steps, "batch_size": s.batch_size,
-                  "mixed_precision": "no", "seed": s.seed, "cpu": True,
-                  "progress": False, "tensorboard": False},
-    })
-    validate(cfg)
-    model, likelihood, processor = build_modality(cfg)
-    trainer = PreferenceTrainer(cfg, model, likelihood, processor)
-    start = time.perf_counter()
-    ends, losses = [], []
-    for _ in range(s.steps):
-        losses.append(trainer.train_step()["loss"])
-        ends.append(time.perf_counter())
-    return {"setup_s": start - tic, "start": start, "step_ends": ends, "losses": losses}
+    """mmalign's trainer (modality llava, LoRA off, no checkpointing) on the tiny LLaVA."""
+    return mmalign_steps(workdir, s, modality="llava", model={"gradient_checkpointing": False},
+                         lora={"enabled": False})
 
 
 def run_trl(workdir: Path, s: Settings) -> dict[str, Any]:
