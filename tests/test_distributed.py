@@ -5,6 +5,7 @@ all-reduced batch statistic of bco_pair all line up."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -13,6 +14,8 @@ from conftest import needs_torchrun, torchrun
 from safetensors.torch import load_file
 
 from mmalign.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @needs_torchrun
@@ -49,6 +52,15 @@ def test_two_processes_equal_one(make_config, tmp_path):
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
 
 
+TRAIN = {"max_steps": 2, "batch_size": 4, "progress": False, "tensorboard": False, "log_every": 1}
+ATTENTION_LORA = {"enabled": True, "r": 4, "alpha": 4, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
+
+
+def _write(tmp_path, cfg: dict) -> str:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
 
 def modality_config(tmp_path, modality: str) -> str:
     """A tiny config per modality family: LoRA, SGD, 2 steps of 4 pairs."""
@@ -57,15 +69,15 @@ def modality_config(tmp_path, modality: str) -> str:
 
         save_tiny_llava(tmp_path / "llava")
         data = make_shape_pairs(8, 0, tmp_path / "shapes")
-        cfg = {"modality": "llava", "model": {"path": str(tmp_path / "llava")},
-               "data": {"train": str(data), "max_length": 64},
-               "lora": {"enabled": True, "r": 4, "target_modules": ["q_proj", "v_proj"]},
-               "loss": {"name": "dpo", "beta": 0.1}, "optim": {"name": "sgd", "lr": 0.5},
-               "train": {"output_dir": str(tmp_path / "run"), "max_steps": 2, "batch_size": 4,
-                         "progress": False, "tensorboard": False, "log_every": 1}}
-        path = tmp_path / "config.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        return str(path)
+        return _write(tmp_path, {"modality": "llava", "model": {"path": str(tmp_path / "llava")},
+                                 "data": {"train": str(data), "max_length": 64},
+                                 "lora": {"enabled": True, "r": 4, "target_modules": ["q_proj", "v_proj"]},
+                                 "loss": {"name": "dpo", "beta": 0.1}, "optim": {"name": "sgd", "lr": 0.5},
+                                 "train": dict(TRAIN, output_dir=str(tmp_path / "run"))})
+    if modality in ("tango", "audioldm2"):
+        return _write(tmp_path, audio_config(tmp_path, modality))
+    if modality == "sdxl_spo":
+        return _write(tmp_path, spo_config(tmp_path))
     from test_diffusion_families import family_config
 
     path = family_config(tmp_path, modality)  # dpo on 4 image pairs, LoRA, 12 steps of 4
@@ -78,12 +90,58 @@ def modality_config(tmp_path, modality: str) -> str:
     return path
 
 
+def audio_config(tmp_path, modality: str) -> dict:
+    """Audio Diffusion-DPO (Tango 2's β) on 4 tone pairs. The 4 prompts tokenize to 4 lengths, so
+    each process pads its half of the batch to another length than the single process pads the
+    whole (the text mask must make that invisible); caption dropout 0.5 puts the dropped caption
+    in play (audio refuses random flips)."""
+    from audio_fixtures import save_tiny_audioldm2, save_tiny_tango, write_audio_pairs
+
+    (save_tiny_tango if modality == "tango" else save_tiny_audioldm2)(tmp_path / "pipeline")
+    data, _ = write_audio_pairs(tmp_path / "pairs", 4)
+    return {"modality": modality, "model": {"path": str(tmp_path / "pipeline")},
+            "data": {"train": str(data), "format": "audio_pairs"}, "audio": {"seconds": 0.32},
+            "diffusion": {"caption_dropout": 0.5}, "lora": ATTENTION_LORA,
+            "loss": {"name": "dpo", "beta": 2000.0}, "optim": {"name": "sgd", "lr": 1.0},
+            "train": dict(TRAIN, output_dir=str(tmp_path / "run"))}
+
+
+def spo_config(tmp_path) -> dict:
+    """configs/tiny/spo.yaml made shorter (6 sampler steps, 4 prompts a round) with a new round at
+    EVERY step: round 1 is sampled by the weights after step 1, which the processes must agree on."""
+    cfg = yaml.safe_load(open(ROOT / "configs" / "tiny" / "spo.yaml"))
+    cfg["spo"].update({"num_steps": 6, "prompts_per_round": 4, "round_steps": 1})
+    cfg["optim"] = {"name": "sgd", "lr": 1.0}
+    cfg["train"] = dict(TRAIN, output_dir=str(tmp_path / "run"))
+    return cfg
+
+
+def assert_same_rounds(one: Path, two: Path) -> None:
+    """SPO trains on pairs its policy samples online. Every process samples the WHOLE round (same
+    seed, same weights) and takes its share of it, so both runs' rounds hold the same transitions:
+    round 0 (base weights) bit for bit up to kernel rounding, round 1 (weights after step 1, which
+    differ by rounding) to ~3e-5 (measured); another seed would differ by O(1). Only the main
+    process writes rounds: rank 1's copy is checked by the weights (half of each batch is its)."""
+    from safetensors import safe_open
+
+    names = sorted(p.name for p in (one / "rounds").glob("round_*.safetensors"))
+    assert names == ["round_00000.safetensors", "round_00001.safetensors"]
+    for name, atol in zip(names, (1e-6, 1e-3)):
+        a, b = load_file(str(one / "rounds" / name)), load_file(str(two / "rounds" / name))
+        assert a.keys() == b.keys() and a["x_t"].shape[0] > 0
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=atol, msg=f"{name} {key}")
+        with safe_open(str(one / "rounds" / name), "pt") as fa, safe_open(str(two / "rounds" / name), "pt") as fb:
+            assert fa.metadata()["prompt"] == fb.metadata()["prompt"]
+
+
 @needs_torchrun
-@pytest.mark.parametrize("modality", ["sdxl", "sd3", "llava"])
+@pytest.mark.parametrize("modality", ["sdxl", "sd3", "llava", "tango", "audioldm2", "sdxl_spo"])
 def test_every_modality_trains_the_same_in_two_processes(tmp_path, modality):
     """Each modality's tiny config: 2 processes x batch 2 == 1 process x batch 4. For the
-    diffusion families this holds because every draw (t or σ, ε, flip, dropped caption, latent
-    sample) is a function of (step, example row), not of the process that scores the pair."""
+    diffusion families (images and audio) this holds because every draw (t or σ, ε, flip, dropped
+    caption, latent sample) is a function of (step, example row), not of the process that scores
+    the pair; for SPO because every process samples the same round (`assert_same_rounds`)."""
     cfg = modality_config(tmp_path, modality)
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["train", cfg, f"train.output_dir={one}"]) == 0
@@ -97,9 +155,13 @@ def test_every_modality_trains_the_same_in_two_processes(tmp_path, modality):
     diffs = {name: float((b[name] - a[name]).abs().max()) for name in a}
     scale = max(float(a[name].abs().max()) for name in moved)
     # Float rounding only (gradients are summed in another order), which β = 5000 amplifies to
-    # ~2e-4 of the weights' size after 2 steps (measured); a draw that depended on the process
-    # would give different t and ε and differences of the weights' own size.
+    # ~2e-4 of the weights' size after 2 steps (measured; tango 1.4e-6, audioldm2 1.2e-5, SPO
+    # 4.2e-6); a draw that depended on the process would give different t and ε and differences
+    # of the weights' own size (measured with rank 1's draw seed shifted: tango 1.2x, audioldm2
+    # 1.3x; rank 1 sampling its SPO rounds from another seed: 0.8x).
     assert max(diffs.values()) <= 1e-3 * scale, (scale, sorted(diffs.items(), key=lambda kv: -kv[1])[:3])
+    if modality == "sdxl_spo":
+        assert_same_rounds(one, two)
     rows_a = [json.loads(x) for x in open(one / "metrics.jsonl")]
     rows_b = [json.loads(x) for x in open(two / "metrics.jsonl")]
     # Diffusion: policy and reference forwards of the same weights differ by ~1e-8 in mse when
