@@ -118,19 +118,22 @@ def spo_config(tmp_path) -> dict:
 
 def assert_same_rounds(one: Path, two: Path) -> None:
     """SPO trains on pairs its policy samples online. Every process samples the WHOLE round (same
-    seed, same weights) and takes its share of it, so both runs' rounds hold the same transitions:
-    round 0 (base weights) bit for bit up to kernel rounding, round 1 (weights after step 1, which
-    differ by rounding) to ~3e-5 (measured); another seed would differ by O(1). Only the main
-    process writes rounds: rank 1's copy is checked by the weights (half of each batch is its)."""
+    seed, same weights) and takes its share of it, so both runs' rounds hold the same transitions
+    up to kernel rounding (measured, values of size ~3: round 0 exactly equal when every process
+    runs 1 thread, 1.1e-5 apart when the single process runs 2 threads and the torchrun workers 1,
+    as under `make test`; round 1, sampled by weights that differ by rounding, 1.2e-5); another
+    seed would differ by O(1). Only the main process writes rounds: rank 1's copy is checked by
+    the weights (half of each batch is its)."""
     from safetensors import safe_open
 
     names = sorted(p.name for p in (one / "rounds").glob("round_*.safetensors"))
     assert names == ["round_00000.safetensors", "round_00001.safetensors"]
-    for name, atol in zip(names, (1e-6, 1e-3)):
+    for name in names:
         a, b = load_file(str(one / "rounds" / name)), load_file(str(two / "rounds" / name))
         assert a.keys() == b.keys() and a["x_t"].shape[0] > 0
         for key in a:
-            torch.testing.assert_close(b[key], a[key], rtol=0, atol=atol, msg=f"{name} {key}")
+            diff = float((b[key].double() - a[key].double()).abs().max())
+            assert diff <= 1e-3, f"{name} {key}: max |two - one| = {diff:.3g}"
         with safe_open(str(one / "rounds" / name), "pt") as fa, safe_open(str(two / "rounds" / name), "pt") as fb:
             assert fa.metadata()["prompt"] == fb.metadata()["prompt"]
 
