@@ -44,6 +44,28 @@ def test_a_list_of_files_reads_as_one_dataset_in_order(tmp_path):
         class data:
             train, eval = [str(f) for f in files], ""
     assert data_roots(Cfg) == [tmp_path, tmp_path / "more"]
+    # a relative image path is read from the folder that holds it; held by both folders as two
+    # different files it is ambiguous, and an error rather than the first folder's file
+    from PIL import Image
+
+    from mmalign.data.media import load_image
+
+    for k, root in enumerate(data_roots(Cfg)):
+        (root / "images").mkdir()
+        Image.new("RGB", (2, 2), (k, 0, 0)).save(root / "images" / "shared.png")
+    Image.new("RGB", (3, 3)).save(tmp_path / "more" / "images" / "only_b.png")
+    assert load_image("images/only_b.png", "row 3", data_roots(Cfg)).size == (3, 3)
+    with pytest.raises(DataError, match="'images/shared.png' names different files in the data folders"):
+        load_image("images/shared.png", "row 0", data_roots(Cfg))
+    # the trainer's reader (load_split) gives every record its own file's folder: no ambiguity
+    from mmalign.data.preference import load_split
+
+    for k, f in enumerate(files):  # both files name images/shared.png, each meaning its own
+        rows = [dict(r, images=["images/shared.png"]) for r in (PAIRS[:2], PAIRS[2:])[k]]
+        f.with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records, _ = load_split([f.with_suffix(".jsonl") for f in files])
+    assert [r["_root"] for r in records] == [str(tmp_path)] * 2 + [str(tmp_path / "more")] * 3
+    assert [load_image(r["images"][0], "row", r["_root"]).getpixel((0, 0))[0] for r in records] == [0, 0, 1, 1, 1]
 
     (tmp_path / "u.jsonl").write_text(json.dumps({"prompt": "p", "completion": "c", "label": True}) + "\n")
     with pytest.raises(DataError, match="different kinds of records .*a.jsonl: pair.*u.jsonl: unpaired"):

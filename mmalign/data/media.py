@@ -11,13 +11,20 @@ from mmalign.data.preference import DataError
 
 
 def _resolve(path: Path, root: str | Path | Sequence[str | Path] | None) -> Path:
-    """A relative path against the first of the data folders that holds it (else the first)."""
+    """A relative path against the data folder that holds it (else the first folder). Held by
+    two folders as different files (train and eval files in two folders, each with its own
+    images/0.png), it is ambiguous: a `DataError`, never a silently wrong file."""
     if root is None or path.is_absolute():
         return path
     roots = [Path(root)] if isinstance(root, (str, Path)) else [Path(r) for r in root]
     if not roots:
         return path
-    return next((r / path for r in roots if (r / path).exists()), roots[0] / path)
+    found = [r / path for r in roots if (r / path).exists()]
+    if len({f.resolve() for f in found}) > 1:
+        raise DataError(f"relative media path '{path}' names different files in the data folders "
+                        f"{', '.join(str(f.parent) for f in found)}: keep the data files in one folder "
+                        "or write absolute paths")
+    return found[0] if found else roots[0] / path
 
 
 def load_image(value: Any, where: str, root: str | Path | Sequence[str | Path] | None = None) -> Any:

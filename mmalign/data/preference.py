@@ -145,14 +145,8 @@ def load_preference_data(path: str | Path | Sequence[str | Path], kind: str | No
     """Read and validate preference data; returns (records, kind). A list of paths is read
     in order as one dataset: every file of the same format and kind."""
     if not isinstance(path, (str, Path)):
-        if not path:
-            raise DataError("no preference data files given (an empty list)")
-        parts = [load_preference_data(p, kind, format) for p in path]
-        kinds = {k for _, k in parts}
-        if len(kinds) > 1:
-            named = ", ".join(f"{p}: {k}" for p, (_, k) in zip(path, parts))
-            raise DataError(f"preference data files hold different kinds of records ({named})")
-        return Chained([r for r, _ in parts]), parts[0][1]
+        parts, kind = _load_parts(path, kind, format)
+        return Chained(parts), kind
     if format != "auto":
         if format not in FORMATS:
             raise DataError(f"unknown data.format '{format}'; known: auto, {', '.join(FORMATS)}")
@@ -162,11 +156,35 @@ def load_preference_data(path: str | Path | Sequence[str | Path], kind: str | No
     return records, validate_records(records, str(path), kind)
 
 
-class Chained(Sequence):
-    """Several record sequences (lists or lazy readers) read as one, without copying them."""
+def _load_parts(paths: Sequence[str | Path], kind: str | None, format: str
+                ) -> tuple[list[Sequence[dict[str, Any]]], str]:
+    if not paths:
+        raise DataError("no preference data files given (an empty list)")
+    parts = [load_preference_data(p, kind, format) for p in paths]
+    kinds = {k for _, k in parts}
+    if len(kinds) > 1:
+        named = ", ".join(f"{p}: {k}" for p, (_, k) in zip(paths, parts))
+        raise DataError(f"preference data files hold different kinds of records ({named})")
+    return [r for r, _ in parts], parts[0][1]
 
-    def __init__(self, parts: list[Sequence[dict[str, Any]]]) -> None:
-        self.parts = parts
+
+def load_split(path: str | Path | Sequence[str | Path], kind: str | None = None,
+               format: str = "auto") -> tuple[Sequence[dict[str, Any]], str]:
+    """`data.train` or `data.eval` as the trainer reads it: `load_preference_data`, each record
+    also carrying `_root`, the folder its relative media paths name files in (its data file's
+    folder; a `datasets` folder is its own), so train and eval files in two folders may both
+    say images/0.png."""
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    parts, kind = _load_parts(paths, kind, format)
+    return Chained(parts, [str(p if Path(p).is_dir() else Path(p).parent) for p in paths]), kind
+
+
+class Chained(Sequence):
+    """Several record sequences (lists or lazy readers) read as one, without copying them;
+    with `roots`, each record read comes with `_root` set to its part's folder."""
+
+    def __init__(self, parts: list[Sequence[dict[str, Any]]], roots: list[str] | None = None) -> None:
+        self.parts, self.roots = parts, roots
         self.starts = list(itertools.accumulate((len(p) for p in parts), initial=0))
 
     def __len__(self) -> int:
@@ -180,7 +198,8 @@ class Chained(Sequence):
         if not 0 <= i < len(self):
             raise IndexError(i)
         part = bisect.bisect_right(self.starts, i) - 1
-        return self.parts[part][i - self.starts[part]]
+        record = self.parts[part][i - self.starts[part]]
+        return record if self.roots is None else dict(record, _root=self.roots[part])
 
 
 def flatten(records: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:

@@ -97,11 +97,14 @@ class AudioLikelihood(DiffusionLikelihood):
                                   f"mels must be divisible by the VAE factor {factor}")
 
     # -- collate: clips -> log-mels ----------------------------------------------------------
-    def waveforms(self, values: list[Any], wheres: list[str]) -> Tensor:
-        """(N, T) mono clips at the model's rate, exactly `audio.seconds` long."""
+    def waveforms(self, values: list[Any], wheres: list[str], roots: list[str | None] | None = None) -> Tensor:
+        """(N, T) mono clips at the model's rate, exactly `audio.seconds` long. `roots`: each
+        clip's own data folder (records' `_root`), else the data folders."""
         a = self.audio
-        return torch.cat([load_audio(v, w, self.roots, sample_rate=self.mel.sample_rate, min_seconds=a.min_seconds,
-                                     max_seconds=a.seconds) for v, w in zip(values, wheres)])
+        roots = roots or [None] * len(values)
+        return torch.cat([load_audio(v, w, r or self.roots, sample_rate=self.mel.sample_rate,
+                                     min_seconds=a.min_seconds, max_seconds=a.seconds)
+                          for v, w, r in zip(values, wheres, roots)])
 
     def mels(self, wave: Tensor) -> Tensor:
         """(N, 1, frames, n_mels) AudioLDM log-mels of (N, T) waveforms."""
@@ -113,7 +116,8 @@ class AudioLikelihood(DiffusionLikelihood):
         """records -> N clips (2B for pairs: chosen rows first). inputs: pixel_values (N, 1, frames,
         n_mels) log-mels; prompts: the N prompt texts (encoded in the draw, cached per prompt)."""
         items = flatten(records, kind)
-        wave = self.waveforms([item["response"] for item in items], _output_names(kind, records))
+        wave = self.waveforms([item["response"] for item in items], _output_names(kind, records),
+                              [item.get("_root") for item in items])
         inputs = {"pixel_values": self.mels(wave), "prompts": [_prompt_text(item["prompt"]) for item in items]}
         return batch_fields(records, kind, inputs)
 
@@ -169,10 +173,10 @@ class AudioLikelihood(DiffusionLikelihood):
         audio = {k: v for k, v in asdict(cfg.audio).items() if k != "prompt_cache"}
         return {"resolution": None, "crop": None, "audio": audio}
 
-    def cache_pixels(self, value: Any, where: str) -> tuple[Tensor, list[int]]:
+    def cache_pixels(self, value: Any, where: str, root: str | None = None) -> tuple[Tensor, list[int]]:
         """What the VAE encodes for one clip: its log-mel (1, frames, n_mels) exactly as `collate`
         makes it (no crop, no flip), and the facts [frames, n_mels, 0, 0, 0, 0] (no crop offsets)."""
-        mel = self.mels(self.waveforms([value], [where]))[0]
+        mel = self.mels(self.waveforms([value], [where], [root]))[0]
         return mel, [self.frames, self.mel.n_mels, 0, 0, 0, 0]
 
     def cache_text(self, prompts: list[str]) -> dict[str, Tensor]:

@@ -83,13 +83,13 @@ def fixed_crop_fraction(settings: dict[str, Any], split: str, row: int) -> Tenso
 
 
 def crop_image(likelihood: DiffusionLikelihood, value: Any, where: str,
-               fraction: Tensor | None) -> tuple[Tensor, list[int]]:
+               fraction: Tensor | None, root: str | None = None) -> tuple[Tensor, list[int]]:
     """Load, resize (shortest side = resolution) and crop one image as the uncached draw does.
 
     Returns pixels (3, res, res) in [-1, 1] and [orig_h, orig_w, top, left, top, left_flipped],
     left_flipped = resized_w - left - res (the crop's left in the mirrored image)."""
     res = likelihood.settings.resolution
-    image = likelihood._image(value, where)
+    image = likelihood._image(value, where, root)
     original = [image.height, image.width]
     image = resize_shortest(image, res)
     top, left = crop_offsets(torch.tensor([[image.height, image.width]]), res, fraction)[0].tolist()
@@ -98,12 +98,13 @@ def crop_image(likelihood: DiffusionLikelihood, value: Any, where: str,
 
 
 def item_pixels(likelihood: DiffusionLikelihood, value: Any, where: str,
-                fraction: Tensor | None) -> tuple[Tensor, list[int]]:
+                fraction: Tensor | None, root: str | None = None) -> tuple[Tensor, list[int]]:
     """What the VAE encodes for one output, and its facts [orig_h, orig_w, top, left, top,
-    left_flipped]: the likelihood's own `cache_pixels(value, where)` when it has one (audio: the
-    clip's log-mel, never cropped), else the image's crop (`crop_image`)."""
+    left_flipped]: the likelihood's own `cache_pixels(value, where, root)` when it has one (audio:
+    the clip's log-mel, never cropped), else the image's crop (`crop_image`). `root`: the
+    record's data folder (`_root`)."""
     own = getattr(likelihood, "cache_pixels", None)
-    return own(value, where) if own is not None else crop_image(likelihood, value, where, fraction)
+    return own(value, where, root) if own is not None else crop_image(likelihood, value, where, fraction, root)
 
 
 def encode_crops(likelihood: DiffusionLikelihood, crops: list[Tensor], flips: bool) -> dict[str, Tensor]:
@@ -132,7 +133,8 @@ def encode_latent_shard(likelihood: DiffusionLikelihood, records: Sequence[dict[
         captions.append(_prompt_text(record["prompt"]))
         fraction = fixed_crop_fraction(settings, split, row)
         for slot, value in enumerate(record_outputs(record, kind)):
-            pixels, info = item_pixels(likelihood, value, f"{split} row {row}, output {slot}", fraction)
+            pixels, info = item_pixels(likelihood, value, f"{split} row {row}, output {slot}", fraction,
+                                       record.get("_root"))
             crops.append(pixels)
             facts.append([output_key(value), *info])
         if len(crops) >= step or row == rows[-1]:

@@ -176,8 +176,9 @@ class DiffusionLikelihood:
         return self
 
     # -- collate: deterministic ------------------------------------------------------
-    def _image(self, value: Any, where: str) -> Any:
-        return load_image(value, where, self.roots)
+    def _image(self, value: Any, where: str, root: str | None = None) -> Any:
+        """`root`: the record's own data folder (`_root`, set by the trainer), else the data folders."""
+        return load_image(value, where, root or self.roots)
 
     def tokenize(self, prompts: list[str]) -> dict[str, Tensor]:
         """{"input_ids": (n, L)[, "input_ids_2": (n, L2)]}: padded to each tokenizer's max length."""
@@ -198,7 +199,7 @@ class DiffusionLikelihood:
         items = flatten(records, kind)
         images, sizes, originals = [], [], []
         for item, where in zip(items, _output_names(kind, records)):
-            image = self._image(item["response"], where)
+            image = self._image(item["response"], where, item.get("_root"))
             originals.append((image.height, image.width))
             image = resize_shortest(image, res)
             sizes.append((image.height, image.width))

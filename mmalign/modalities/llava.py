@@ -163,14 +163,16 @@ class LlavaLikelihood(CausalLMLikelihood):
         return text
 
     # -- one record through the processor --------------------------------------------
-    def _image(self, value: Any, where: str) -> Any:
-        return load_image(value, where, self.roots)
+    def _image(self, value: Any, where: str, root: str | None = None) -> Any:
+        """`root`: the record's own data folder (`_root`, set by the trainer), else the data folders."""
+        return load_image(value, where, root or self.roots)
 
     def encode_prompt(self, record: dict[str, Any]) -> dict[str, Tensor]:
         """Processor outputs for one record's prompt and images, each with a leading dim of 1
         (text keys: (1, P)) or of the record's image count (pixel_values: (n_images, ...))."""
         where = f"example {record.get('_index', '?')}"
-        images = [self._image(v, f"{where}, image {j}") for j, v in enumerate(record_images(record))]
+        images = [self._image(v, f"{where}, image {j}", record.get("_root"))
+                  for j, v in enumerate(record_images(record))]
         text = self.prompt_text(record, len(images), where)
         bos = self.tokenizer.bos_token
         special = not (bos and text.startswith(bos))  # a template that writes BOS itself

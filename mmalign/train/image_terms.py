@@ -78,19 +78,22 @@ class ImageTerms:
                        "mask": {"ratio": cfg.corruption_mask_ratio, "patch": cfg.corruption_mask_patch}}[cfg.corruption]
 
     # -- the modified items --------------------------------------------------------------
-    def _corrupted(self, images: list[Any], where: str, generator: torch.Generator) -> list[Any]:
-        return [corrupt_image(load_image(v, f"{where}, image {j}", self.roots), self.cfg.corruption, generator,
-                              **self.params) for j, v in enumerate(images)]
+    def _corrupted(self, images: list[Any], where: str, generator: torch.Generator,
+                   root: str | None) -> list[Any]:
+        return [corrupt_image(load_image(v, f"{where}, image {j}", root or self.roots), self.cfg.corruption,
+                              generator, **self.params) for j, v in enumerate(images)]
 
-    def _other(self, images: list[Any], index: int, generator: torch.Generator) -> list[Any]:
+    def _other(self, images: list[Any], index: int, generator: torch.Generator) -> tuple[list[Any], str | None]:
+        """Another example's images (as many as the prompt expects) and that example's data folder."""
         n = len(self.pool)
-        other: list[Any] = images
+        other, source = images, {}
         for _ in range(OTHER_IMAGE_TRIES):
             j = (index + 1 + int(torch.randint(0, n - 1, (), generator=generator))) % n  # never `index` itself
-            other = _images(self.pool[j], f"example {j}")
+            source = self.pool[j]
+            other = _images(source, f"example {j}")
             if other != images:
                 break
-        return [other[k % len(other)] for k in range(len(images))]  # as many images as the prompt expects
+        return [other[k % len(other)] for k in range(len(images))], source.get("_root")
 
     def modified_records(self, records: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
         """One unpaired item per record: its prompt and chosen answer with the modified images
@@ -101,11 +104,13 @@ class ImageTerms:
             index = int(r.get("_index", i))
             where = f"example {index}"
             generator = torch.Generator().manual_seed(record_seed(seed, index))
-            images = _images(r, where)
-            new = (self._corrupted(images, where, generator) if self.spec.image == "corrupt"
-                   else self._other(images, index, generator))
+            images, root = _images(r, where), r.get("_root")
+            if self.spec.image == "corrupt":  # PIL images: no folder needed any more
+                new, root = self._corrupted(images, where, generator, root), None
+            else:
+                new, root = self._other(images, index, generator)
             out.append({"images": new, "prompt": r["prompt"], "completion": r["chosen"], "label": True,
-                        "_index": index})
+                        "_index": index, **({"_root": root} if root else {})})
         return out
 
     # -- the terms -------------------------------------------------------------------------

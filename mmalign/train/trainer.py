@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mmalign.config import Config, to_dict
-from mmalign.data.preference import StreamSampler, load_preference_data, mismatched
+from mmalign.data.preference import StreamSampler, load_split, mismatched
 from mmalign.losses import get_loss
 from mmalign.train import checkpoint as ckpt
 from mmalign.train.image_terms import build_image_terms
@@ -54,8 +54,8 @@ class PreferenceTrainer:
         # `describe()` names it in the start-up line.
         self.source = getattr(likelihood, "data_source", None)
         self.records, self.kind = (([], self.source.kind) if self.source is not None
-                                   else load_preference_data(d.train, format=d.format))
-        self.eval_records = load_preference_data(d.eval, self.kind, d.format)[0] if d.eval else []
+                                   else load_split(d.train, format=d.format))
+        self.eval_records = load_split(d.eval, self.kind, d.format)[0] if d.eval else []
         self.ref_values: dict[str, list[list[float]] | None] = {"train": None, "eval": None}
         self.strategy = resolve_strategy(cfg, self.loss_spec, likelihood)
         self.image_terms = build_image_terms(cfg, likelihood, self.kind, self.strategy, self.records)
