@@ -3,6 +3,8 @@ saved with `save_pretrained` so tests load them through `build(cfg)`) and image 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -65,6 +67,25 @@ class ZeroDenoiser(torch.nn.Module):
     def forward(self, *args, return_dict=True, **kwargs):
         self.seen = {**kwargs, **dict(zip((self.first, "timestep"), args))}
         return (torch.zeros_like(self.seen[self.first]),)
+
+
+def perturbed(model: torch.nn.Module, scale: float = 1e-3) -> torch.nn.Module:
+    """A copy of `model` with seeded noise of size `scale` added to every weight: a policy that
+    differs from its reference, so cached-vs-uncached checks see a nonzero log-ratio."""
+    policy = copy.deepcopy(model)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(3)
+        for p in policy.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=generator))
+    return policy
+
+
+def uncached(cfg):
+    """The same config without the cache: (denoiser, likelihood owning VAE + text encoders)."""
+    from mmalign.modalities import build_modality
+
+    plain = dataclasses.replace(cfg, diffusion=dataclasses.replace(cfg.diffusion, cache_dir=""))
+    return build_modality(plain)[:2]
 
 
 def build_for(pipeline: Path, data: Path, modality: str, **diffusion):

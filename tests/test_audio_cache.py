@@ -6,7 +6,6 @@ encoder, and the audio-only errors (no flips, no random crops, a cache of other 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -14,7 +13,7 @@ import math
 import pytest
 import torch
 from audio_fixtures import PROMPTS, save_tiny_audioldm2, save_tiny_tango, write_audio_pairs
-from diffusion_fixtures import Killed, kill_after_first_latent_shard
+from diffusion_fixtures import Killed, kill_after_first_latent_shard, perturbed, uncached
 from safetensors.torch import load_file
 
 import mmalign.modalities.cache_writer as cw
@@ -47,20 +46,6 @@ def make_cfg(pipelines, data, tmp_path, modality, **diffusion):
     return from_dict(Config, {"modality": modality, "model": {"path": str(pipelines[modality])},
                               "data": {"train": str(data["train"])}, "diffusion": d, "audio": {"seconds": 0.32},
                               "train": {"progress": False}})
-
-
-def uncached(cfg):
-    plain = dataclasses.replace(cfg, diffusion=dataclasses.replace(cfg.diffusion, cache_dir=""))
-    return build_modality(plain)[:2]
-
-
-def perturbed(unet, scale=1e-3):
-    policy = copy.deepcopy(unet)
-    with torch.no_grad():
-        generator = torch.Generator().manual_seed(3)
-        for p in policy.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=generator))
-    return policy
 
 
 # β 2000 multiplies logp differences: float32 = the conv kernels' rounding on another memory layout (~3e-8 of

@@ -5,7 +5,6 @@ processes, the CLI end to end (no VAE or text encoder loaded), and mismatches.""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -14,8 +13,8 @@ import threading
 import pytest
 import torch
 from conftest import needs_torchrun, torchrun
-from diffusion_fixtures import (Killed, kill_after_first_latent_shard, save_tiny_pipeline, write_image,
-                                write_image_pairs)
+from diffusion_fixtures import (Killed, kill_after_first_latent_shard, perturbed, save_tiny_pipeline, uncached,
+                                write_image, write_image_pairs)
 from safetensors.torch import load_file
 
 import mmalign.modalities.cache_writer as cw
@@ -64,21 +63,6 @@ def make_cfg(pipelines, data, tmp_path, modality="sd", eval_=False, **diffusion)
 # text encoder runs on another batch: G prompts vs the unique captions), ~1e-7 of logp -> ~5e-4 of loss; the
 # fp16 rounding of latents and embeddings (~1e-4 of logp, mostly shared by policy and reference) -> ~1e-2.
 LOSS_TOL_FP32, LOSS_TOL_FP16 = 1e-3, 2e-2
-
-
-def perturbed(unet, scale=1e-3):
-    policy = copy.deepcopy(unet)
-    with torch.no_grad():
-        generator = torch.Generator().manual_seed(3)
-        for p in policy.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=generator))
-    return policy
-
-
-def uncached(cfg):
-    """The same config without the cache: (unet, likelihood owning VAE + text encoders)."""
-    plain = dataclasses.replace(cfg, diffusion=dataclasses.replace(cfg.diffusion, cache_dir=""))
-    return build_modality(plain)[:2]
 
 
 def train_records(data):
