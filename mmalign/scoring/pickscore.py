@@ -52,30 +52,39 @@ class PickScoreScorer(Scorer):
     `laion/CLIP-ViT-H-14-laion2B-s32B-b79K`'s). Text is truncated at 77 tokens as in the reference.
     """
 
+    what = "PickScore model"  # names the folder in errors (subclasses load other CLIP folders)
+
     def __init__(self, path: str, *, processor: str | None = None, device: str | torch.device = "cpu",
                  batch_size: int = 16, dtype: str | None = None, max_length: int = 77) -> None:
         from transformers import AutoProcessor, CLIPModel
 
         super().__init__(device=device, batch_size=batch_size)
         self.dtype = resolve_dtype(dtype)
-        folder = require_path(path, "PickScore model folder")
-        proc_folder = require_path(processor, "PickScore processor folder") if processor else folder
+        self.folder = folder = require_path(path, f"{self.what} folder")
+        proc_folder = require_path(processor, f"{self.what} processor folder") if processor else folder
         self.processor = AutoProcessor.from_pretrained(proc_folder, local_files_only=True)
         self.model = CLIPModel.from_pretrained(folder, local_files_only=True, dtype=self.dtype).to(self.device).eval()
         self.max_length = min(int(max_length), self.model.config.text_config.max_position_embeddings)
 
+    def pixel_values(self, images: Sequence[Any]) -> Tensor:
+        """(N, 3, S, S) CLIP inputs of PIL images / paths / bytes, through the CLIP processor."""
+        pixels = self.processor(images=load_images(list(images), "pickscore"), return_tensors="pt")["pixel_values"]
+        return pixels.to(self.device, self.dtype)
+
+    def text_embeddings(self, prompts: Sequence[str]) -> Tensor:
+        """(N, D) projected text embeddings (unnormalised); each distinct prompt encoded once."""
+        texts, index = unique_texts(list(prompts))
+        tokens = self.processor(text=texts, padding=True, truncation=True, max_length=self.max_length,
+                                return_tensors="pt")
+        emb = features(self.model.get_text_features(input_ids=tokens["input_ids"].to(self.device),
+                                                    attention_mask=tokens["attention_mask"].to(self.device)))
+        return emb[index.to(self.device)]
+
     @torch.no_grad()
     def embeddings(self, conditions: list[str], outputs: list[Any]) -> tuple[Tensor, Tensor]:
         """(N, D) text and (N, D) image projected embeddings (unnormalised)."""
-        images = load_images(outputs, "pickscore")
-        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
-        image_emb = features(self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype)))
-        texts, index = unique_texts(conditions)
-        tokens = self.processor(text=texts, padding=True, truncation=True, max_length=self.max_length,
-                                return_tensors="pt")
-        text_emb = features(self.model.get_text_features(input_ids=tokens["input_ids"].to(self.device),
-                                                         attention_mask=tokens["attention_mask"].to(self.device)))
-        return text_emb[index.to(self.device)], image_emb
+        image_emb = features(self.model.get_image_features(pixel_values=self.pixel_values(outputs)))
+        return self.text_embeddings(conditions), image_emb
 
     def _score_batch(self, conditions: list[str], outputs: list[Any]) -> Tensor:
         text_emb, image_emb = self.embeddings(conditions, outputs)

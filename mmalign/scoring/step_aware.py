@@ -40,7 +40,8 @@ import torch
 from torch import Tensor, nn
 
 from mmalign.config import ConfigError
-from mmalign.scoring.base import Scorer, chunks, features, load_images, require_path, resolve_dtype, unique_texts
+from mmalign.scoring.base import chunks
+from mmalign.scoring.pickscore import PickScoreScorer
 
 CONFIG_NAME = "step_aware.json"
 TIME_WEIGHTS = "time_module.safetensors"
@@ -87,7 +88,7 @@ def pair_loss(chosen: Tensor, rejected: Tensor, label: Tensor) -> Tensor:
     return -(p * logq[:, 0] + (1 - p) * logq[:, 1])
 
 
-class StepAwareScorer(Scorer):
+class StepAwareScorer(PickScoreScorer):
     """PickScore conditioned on the timestep (module doc). Also an `nn.Module` holder for training:
     `parameters()`, `train()`, `eval()` cover the CLIP and the time module.
 
@@ -95,19 +96,14 @@ class StepAwareScorer(Scorer):
     processor: the processor folder when `path` has none (PickScore_v1 uses CLIP-ViT-H-14's)."""
 
     takes_timesteps = True  # spo.scorer: do not wrap in TimestepAgnostic
+    what = "step-aware scorer"
 
     def __init__(self, path: str, *, processor: str | None = None, device: str | torch.device = "cpu",
                  batch_size: int = 16, dtype: str | None = None, max_length: int = 77,
                  frequency_dim: int = 256) -> None:
-        from transformers import AutoProcessor, CLIPModel
-
-        super().__init__(device=device, batch_size=batch_size)
-        self.dtype = resolve_dtype(dtype)
-        folder = require_path(path, "step-aware scorer folder")
-        proc_folder = require_path(processor, "step-aware scorer processor folder") if processor else folder
-        self.processor = AutoProcessor.from_pretrained(proc_folder, local_files_only=True)
-        self.model = CLIPModel.from_pretrained(folder, local_files_only=True, dtype=self.dtype).to(self.device).eval()
-        self.max_length = min(int(max_length), self.model.config.text_config.max_position_embeddings)
+        super().__init__(path, processor=processor, device=device, batch_size=batch_size, dtype=dtype,
+                         max_length=max_length)
+        folder = self.folder
         self.info = self._read_config(folder)
         width = self.model.config.vision_config.hidden_size
         with torch.random.fork_rng(devices=[]):  # a fresh time module is the same in every run
@@ -149,17 +145,13 @@ class StepAwareScorer(Scorer):
             from mmalign.modalities.step_sampler import to_pil
 
             images = to_pil(images)
-        pixels = self.processor(images=load_images(list(images), "step_aware"), return_tensors="pt")["pixel_values"]
-        return pixels.to(self.device, self.dtype)
+        return super().pixel_values(images)
 
-    def text_embeddings(self, prompts: Sequence[str]) -> Tensor:
-        """(N, D) projected text embeddings (unnormalised); each distinct prompt encoded once."""
-        texts, index = unique_texts(list(prompts))
-        tokens = self.processor(text=texts, padding=True, truncation=True, max_length=self.max_length,
-                                return_tensors="pt")
-        emb = features(self.model.get_text_features(input_ids=tokens["input_ids"].to(self.device),
-                                                    attention_mask=tokens["attention_mask"].to(self.device)))
-        return emb[index.to(self.device)]
+    @torch.no_grad()
+    def embeddings(self, conditions: list[str], outputs: list[Any]) -> tuple[Tensor, Tensor]:
+        """PickScore's (N, D) text and image embeddings, the image's at t = 0 (clean images)."""
+        t = torch.zeros(len(outputs), dtype=torch.long)
+        return self.text_embeddings(conditions), self.image_embeddings(self.pixel_values(outputs), t)
 
     def image_embeddings(self, pixel_values: Tensor, timesteps: Tensor) -> Tensor:
         """(N, D) = visual_projection(pooled · (1 + scale(t)) + shift(t)) of pixel_values (N, 3, S, S)."""
