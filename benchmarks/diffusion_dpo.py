@@ -25,6 +25,7 @@ The one-off `mmalign cache` time is reported beside the rate.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -107,10 +108,53 @@ def time_draw(clock: Clock, likelihood: Any) -> None:
     likelihood.draw = timed_draw
 
 
+class _Draw:  # what `unet_kwargs` reads: .values
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.values = values
+
+
+def recipe_step(likelihood: Any, model: Any, ref: Any, values: dict[str, Any], clock: Any, *, beta: float,
+                optimizer: Any, max_grad_norm: float, autocast: Callable[[], Any] = contextlib.nullcontext,
+                ref_dtype: Any = None) -> Any:
+    """One step of the official Diffusion-DPO script on one draw's `values` (latents, noise,
+    timesteps, conditioning): ε-mse of the policy and of the frozen copy, loss
+    −log σ(−β/2 ((mse_w − mse_l)_θ − (mse_w − mse_l)_ref)), backward, gradient clipping and the
+    optimizer step, each phase timed by `clock.time`. Returns the loss (scalar tensor).
+    `autocast` / `ref_dtype`: the GPU row's bf16 autocast and the reference copy's dtype."""
+    import torch
+    import torch.nn.functional as F
+
+    ref_dtype = ref_dtype or torch.float32
+    v = values
+    # contiguous: the CPU VAE returns channels-last latents, and diffusers' ResnetBlock2D makes the
+    # shortcut input contiguous only in train mode, so the train-mode policy and the eval-mode copy
+    # would take different conv kernels (bf16 outputs apart by 1.6e-2, first loss 1.12 instead of
+    # log 2 at beta 5000: measured on CPU with gpu --tiny; not checked on CUDA).
+    noisy = likelihood.scheduler.add_noise(v["latents"], v["noise"], v["timesteps"]).contiguous()
+
+    def mse(net: Any, dtype: Any) -> Any:
+        with autocast():
+            pred = net(noisy.to(dtype), v["timesteps"], **likelihood.unet_kwargs(_Draw(v), dtype)).sample
+        return F.mse_loss(pred.float(), v["noise"].float(), reduction="none").mean(dim=(1, 2, 3))
+
+    model_w, model_l = clock.time("policy_forward", lambda: mse(model, torch.float32)).chunk(2)
+    with torch.no_grad():
+        ref_w, ref_l = clock.time("reference_forward", lambda: mse(ref, ref_dtype)).chunk(2)
+    loss = -F.logsigmoid(-0.5 * beta * ((model_w - model_l) - (ref_w - ref_l))).mean()
+    clock.time("backward", loss.backward)
+
+    def update() -> None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    clock.time("optimizer", update)
+    return loss.detach()
+
+
 def reference_side(work: Path, s: Settings) -> dict[str, Any]:
     """The official script's loop (see the module docstring), on mmalign's uncached draws."""
     import torch
-    import torch.nn.functional as F
 
     from mmalign.data.preference import StreamSampler, load_preference_data
     from mmalign.modalities import build_modality
@@ -135,31 +179,9 @@ def reference_side(work: Path, s: Settings) -> dict[str, Any]:
         torch.manual_seed(seed)
         idx = sampler.micro_batch(step, s.batch_size, 0, 1)
         batch = likelihood.collate([dict(records[i], _index=i) for i in idx], "pair")
-        draw = likelihood.draw(batch, torch.Generator().manual_seed(seed))
-        v = draw.values
-        noisy = likelihood.scheduler.add_noise(v["latents"], v["noise"], v["timesteps"])
-        kwargs = likelihood.unet_kwargs(draw, torch.float32)
-        target = v["noise"]  # epsilon prediction
-
-        def mse(model: torch.nn.Module) -> torch.Tensor:
-            pred = model(noisy, v["timesteps"], **kwargs).sample
-            return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-
-        model_losses = clock.time("policy_forward", lambda: mse(unet))
-        with torch.no_grad():
-            ref_losses = clock.time("reference_forward", lambda: mse(ref_unet))
-        model_w, model_l = model_losses.chunk(2)
-        ref_w, ref_l = ref_losses.chunk(2)
-        inside = -0.5 * s.beta * ((model_w - model_l) - (ref_w - ref_l))
-        loss = -F.logsigmoid(inside).mean()
-        clock.time("backward", loss.backward)
-
-        def update() -> None:
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.optim.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        clock.time("optimizer", update)
+        values = likelihood.draw(batch, torch.Generator().manual_seed(seed)).values
+        loss = recipe_step(likelihood, unet, ref_unet, values, clock, beta=s.beta, optimizer=optimizer,
+                           max_grad_norm=cfg.optim.max_grad_norm)
         losses.append(float(loss))
         ends.append(time.perf_counter())
     return {"step_ends": ends, "start": start, "losses": losses, "setup_s": setup,

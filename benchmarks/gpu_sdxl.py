@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.diffusion_dpo import recipe_step
 from benchmarks.gpu import (BIGG_TEXT, CLIP_L_TEXT, LORA_UNET, SDXL_UNET, SDXL_VAE, TINY, Device, PhaseClock, Settings,
                             attempt, run_steps)
 
@@ -145,7 +146,6 @@ def sdxl_mmalign(work: Path, s: Settings, dev: Device, lora: bool, checkpointing
 def sdxl_recipe(work: Path, s: Settings, dev: Device, lora: bool, checkpointing: bool = True) -> dict[str, Any]:
     """The official loop: VAE + text encoders every step, checkpointing, frozen bf16 reference copy."""
     import torch
-    import torch.nn.functional as F
 
     from mmalign.data.preference import StreamSampler, load_preference_data
     from mmalign.train.optim import build_optimizer
@@ -170,41 +170,15 @@ def sdxl_recipe(work: Path, s: Settings, dev: Device, lora: bool, checkpointing:
         torch.manual_seed(seed)
         idx = sampler.micro_batch(state["step"], s.sdxl_batch, 0, 1)
         batch = likelihood.collate([dict(records[i], _index=i) for i in idx], "pair").to(dev.device)
-        v = likelihood.draw(batch, torch.Generator().manual_seed(seed)).to(dev.device).values
-        # contiguous: the CPU VAE returns channels-last latents, and diffusers' ResnetBlock2D makes the
-        # shortcut input contiguous only in train mode, so the train-mode policy and the eval-mode
-        # copy would take different bf16 conv kernels (outputs apart by 1.6e-2; first loss 1.12, not
-        # log 2, at beta 5000; measured on CPU with --tiny, not checked on CUDA).
-        noisy = likelihood.scheduler.add_noise(v["latents"], v["noise"], v["timesteps"]).contiguous()
-
-        def mse(net: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
-            with autocast():
-                pred = net(noisy.to(dtype), v["timesteps"], **likelihood.unet_kwargs(_Draw(v), dtype)).sample
-            return F.mse_loss(pred.float(), v["noise"].float(), reduction="none").mean(dim=(1, 2, 3))
-
-        model_w, model_l = clock.time("policy_forward", lambda: mse(model, torch.float32)).chunk(2)
-        with torch.no_grad():
-            ref_w, ref_l = clock.time("reference_forward", lambda: mse(ref, ref_dtype)).chunk(2)
-        loss = -F.logsigmoid(-0.5 * s.beta * ((model_w - model_l) - (ref_w - ref_l))).mean()
-        clock.time("backward", loss.backward)
-
-        def update() -> None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        clock.time("optimizer", update)
+        values = likelihood.draw(batch, torch.Generator().manual_seed(seed)).to(dev.device).values
+        loss = recipe_step(likelihood, model, ref, values, clock, beta=s.beta, optimizer=optimizer,
+                           max_grad_norm=cfg.optim.max_grad_norm, autocast=autocast, ref_dtype=ref_dtype)
         state["step"] += 1
-        return loss.detach()
+        return loss
 
     out = run_steps(step, clock, dev, s, s.sdxl_batch)
     return {**out, "reference": f"frozen copy ({s.recipe_ref_dtype})", "gradient_checkpointing": checkpointing,
             "loaded_vae": True}
-
-
-class _Draw:  # what `unet_kwargs` reads: .values
-    def __init__(self, values: dict[str, Any]) -> None:
-        self.values = values
 
 
 
