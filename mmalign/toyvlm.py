@@ -140,6 +140,15 @@ def draw_shape(colour: str, shape: str, size: int = 32, rng: random.Random | Non
     return image
 
 
+def shape_png(colour: str, shape: str) -> bytes:
+    """`draw_shape(colour, shape)` encoded as PNG bytes (the dataset samples embed images so)."""
+    import io
+
+    buffer = io.BytesIO()
+    draw_shape(colour, shape).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def make_shape_pairs(n: int, seed: int, out_dir: str | Path, images_per_example: int = 1) -> Path:
     """Write `n` preference records to `out_dir/pairs.jsonl` (+ PNGs under `out_dir/images`):
     {"images": ["images/00003-0.png", ...], "prompt": "describe the image .",

@@ -7,14 +7,13 @@ string). Rerun from the repository root:
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmalign.toyvlm import draw_shape
+from mmalign.toyvlm import shape_png
 
 OUT = Path(__file__).resolve().parent / "RLAIF-V-Dataset_000.parquet"
 SCHEMA = pa.schema([("ds_name", pa.string()), ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
@@ -23,18 +22,12 @@ SCHEMA = pa.schema([("ds_name", pa.string()), ("image", pa.struct([("bytes", pa.
                     ("image_path", pa.string())])
 
 
-def png(colour: str, shape: str) -> bytes:
-    buffer = io.BytesIO()
-    draw_shape(colour, shape).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def main() -> None:
     rows = []
     for i, (colour, shape, wrong) in enumerate([("green", "triangle", "red"), ("blue", "circle", "yellow"),
                                                 ("red", "square", "green"), ("yellow", "triangle", "blue")]):
         path = f"toy/{i:03d}.png"
-        rows.append({"ds_name": "RLAIF-V", "image": {"bytes": png(colour, shape), "path": path},
+        rows.append({"ds_name": "RLAIF-V", "image": {"bytes": shape_png(colour, shape), "path": path},
                      "question": "describe the image .", "chosen": f"a {colour} {shape}",
                      "rejected": f"a {wrong} {shape}", "origin_dataset": "toy_shapes",
                      "origin_split": json.dumps({"model": "toy", "feedback_model": "toy", "type": "description"}),

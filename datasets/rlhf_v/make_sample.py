@@ -8,25 +8,18 @@ questions each, as the real data repeats images. Rerun from the repository root:
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmalign.toyvlm import draw_shape
+from mmalign.toyvlm import shape_png
 
 OUT = Path(__file__).resolve().parent / "RLHF-V-Dataset.parquet"
 SCHEMA = pa.schema([("ds_name", pa.string()), ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
                     ("text", pa.string()), ("origin_dataset", pa.string()), ("origin_split", pa.string()),
                     ("idx", pa.int64()), ("image_path", pa.string())])
-
-
-def png(colour: str, shape: str) -> bytes:
-    buffer = io.BytesIO()
-    draw_shape(colour, shape).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def main() -> None:
@@ -36,7 +29,7 @@ def main() -> None:
             ("yellow", "square", "red", "describe the image ."), ("yellow", "square", "blue", "what is in the image .")]):
         path = f"toy/{colour}_{shape}.png"
         text = {"question": question, "chosen": f"a {colour} {shape}", "rejected": f"a {wrong} {shape}"}
-        rows.append({"ds_name": "RLHF-V", "image": {"bytes": png(colour, shape), "path": path},
+        rows.append({"ds_name": "RLHF-V", "image": {"bytes": shape_png(colour, shape), "path": path},
                      "text": json.dumps(text), "origin_dataset": "toy_shapes",
                      "origin_split": json.dumps({"model": "toy", "type": "detailed_description"}),
                      "idx": idx, "image_path": path})

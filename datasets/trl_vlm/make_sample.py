@@ -8,25 +8,18 @@ format as in HuggingFaceH4/rlaif-v_formatted: `images` a list of Image structs {
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmalign.toyvlm import draw_shape
+from mmalign.toyvlm import shape_png
 
 OUT = Path(__file__).resolve().parent / "train-00000-of-00001.parquet"
 IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 MESSAGES = pa.list_(pa.struct([("content", pa.list_(pa.struct([("text", pa.string()), ("type", pa.string())]))),
                                ("role", pa.string())]))
 SCHEMA = pa.schema([("chosen", MESSAGES), ("rejected", MESSAGES), ("images", pa.list_(IMAGE)), ("prompt", MESSAGES)])
-
-
-def png(colour: str, shape: str) -> bytes:
-    buffer = io.BytesIO()
-    draw_shape(colour, shape).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def answer(text: str) -> list[dict]:
@@ -40,7 +33,7 @@ def main() -> None:
         prompt = [{"role": "user", "content": [{"type": "image", "text": None},
                                                {"type": "text", "text": "describe the image ."}]}]
         rows.append({"chosen": answer(f"a {colour} {shape}"), "rejected": answer(f"a {wrong} {shape}"),
-                     "images": [{"bytes": png(colour, shape), "path": None}], "prompt": prompt})
+                     "images": [{"bytes": shape_png(colour, shape), "path": None}], "prompt": prompt})
     pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), OUT)
     print(f"wrote {OUT} ({len(rows)} rows)")
 
