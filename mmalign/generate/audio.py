@@ -19,7 +19,7 @@ import torch
 
 from mmalign.config import ConfigError
 from mmalign.generate.images import RESERVED, image_params, pipeline_class_name, prepare_pipeline
-from mmalign.io import atomic_path
+from mmalign.generate.manifest import media_rows
 
 AUDIO_RESERVED = RESERVED | {"num_waveforms_per_prompt", "transcription", "generated_prompt_embeds",
                              "negative_generated_prompt_embeds", "attention_mask", "negative_attention_mask"}
@@ -95,12 +95,7 @@ def audio_generator(opts: Any, path: Path, device: torch.device) -> tuple[Callab
 
     def run(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         clips = generate_audio(pipe, [it["prompt"] for it in items], [it["seed"] for it in items], call)
-        rows = []
-        for item, clip in zip(items, clips, strict=True):
-            rel = f"media/{item['id']}.wav"
-            with atomic_path(out / rel) as tmp:
-                soundfile.write(str(tmp), clip, rate, format="WAV", subtype="FLOAT")
-            rows.append({**item, "kind": "audio", "path": rel})
-        return rows
+        return media_rows(items, clips, out, "audio", ".wav",
+                          lambda clip, tmp: soundfile.write(str(tmp), clip, rate, format="WAV", subtype="FLOAT"))
 
     return run, params

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from mmalign.data.preference import DataError
 from mmalign.io import atomic_path
@@ -41,6 +41,19 @@ KINDS = ("image", "audio", "text")
 
 def sample_id(prompt_index: int, sample: int) -> str:
     return f"{prompt_index:06d}-{sample:03d}"
+
+
+def media_rows(items: list[dict[str, Any]], outputs: list[Any], out_dir: Path, kind: str, suffix: str,
+               save: Callable[[Any, Path], None]) -> list[dict[str, Any]]:
+    """Finished rows of media samples: each output saved atomically (`save(output, tmp_path)`)
+    as out_dir/media/<id><suffix> before its row {**item, kind, path} exists."""
+    rows = []
+    for item, output in zip(items, outputs, strict=True):
+        rel = f"media/{item['id']}{suffix}"
+        with atomic_path(out_dir / rel) as tmp:
+            save(output, tmp)
+        rows.append({**item, "kind": kind, "path": rel})
+    return rows
 
 
 def manifest_path(path: str | Path) -> Path:

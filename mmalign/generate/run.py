@@ -31,10 +31,9 @@ import torch
 
 from mmalign.config import ConfigError, from_dict, resolve_path
 from mmalign.data.preference import DataError
-from mmalign.generate.manifest import (MANIFEST, ManifestWriter, merge_manifests, read_manifest, sample_id,
-                                      write_manifest)
+from mmalign.generate.manifest import (MANIFEST, ManifestWriter, media_rows, merge_manifests, read_manifest,
+                                      sample_id, write_manifest)
 from mmalign.generate.prompts import prompt_text, read_prompts
-from mmalign.io import atomic_path
 
 KINDS = ("auto", "image", "text", "audio")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -130,13 +129,7 @@ def image_generator(opts: GenerateOptions, path: Path, device: torch.device) -> 
 
     def run(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         images = generate_images(pipe, [it["prompt"] for it in items], [it["seed"] for it in items], call)
-        rows = []
-        for item, image in zip(items, images, strict=True):
-            rel = f"media/{item['id']}.png"
-            with atomic_path(out / rel) as tmp:
-                image.save(tmp, format="PNG")
-            rows.append({**item, "kind": "image", "path": rel})
-        return rows
+        return media_rows(items, images, out, "image", ".png", lambda image, tmp: image.save(tmp, format="PNG"))
 
     return run, params
 
