@@ -31,14 +31,13 @@ from __future__ import annotations
 import argparse
 import math
 import random
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
 from mmalign.toyworld.checker import chair
-from mmalign.toyworld.models import build_captioner, shipped_size
+from mmalign.toyworld.models import build_captioner, save_shipped, shipped_size
 from mmalign.toyworld.world import PROMPT, render, sample_scenes, web_caption
 from mmalign.toyworld.world import yes_no_questions as world_questions
 
@@ -200,12 +199,7 @@ def main() -> None:
         name="questions", batch_size=args.batch_size)
     train_s = time.time() - tic
 
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.eval().half().save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    shutil.rmtree(args.out, ignore_errors=True)
-    tmp.rename(args.out)
+    save_shipped(model.eval(), processor, args.out)
     print(f"saved {args.out} ({shipped_size(args.out) / 1e6:.2f} MB) after {train_s:.0f}s", flush=True)
 
     from transformers import AutoModelForImageTextToText, AutoProcessor

@@ -22,7 +22,6 @@ What it does (all seeded; the world and the models are in `mmalign/toyworld/`):
 from __future__ import annotations
 
 import argparse
-import shutil
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 
 from mmalign.toyworld.checker import label_parts, palette_labels, parse_caption
-from mmalign.toyworld.models import build_scorer, shipped_size
+from mmalign.toyworld.models import build_scorer, save_shipped, shipped_size
 from mmalign.toyworld.world import (BACKGROUND, COLOURS, HELDOUT_SEED_START, TRAIN_PROMPTS, render,
                                     sample_scenes)
 
@@ -183,12 +182,7 @@ def main() -> None:
     train(model, pixels, torch.from_numpy(targets), text, args)
     train_s = time.time() - tic
 
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.half().save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    shutil.rmtree(args.out, ignore_errors=True)
-    tmp.rename(args.out)
+    save_shipped(model.eval(), processor, args.out)
     print(f"saved {args.out} ({shipped_size(args.out) / 1e6:.2f} MB) after {train_s:.0f}s", flush=True)
 
     from transformers import CLIPModel, CLIPProcessor

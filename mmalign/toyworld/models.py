@@ -156,3 +156,16 @@ def build_scorer(seed: int = 0, hidden: int = 64, projection: int = 32) -> tuple
 def shipped_size(path: str | Path) -> int:
     """Bytes of all files under `path`."""
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def save_shipped(model: Any, processor: Any, out: Path) -> None:
+    """`model` in float16 and its processor written to `out` through a temporary sibling folder
+    that replaces `out` only once complete (the shipped checkpoints are saved so)."""
+    import shutil
+
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.half().save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
