@@ -20,7 +20,7 @@ def _resolve(path: Path, root: str | Path | Sequence[str | Path] | None) -> Path
     if not roots:
         return path
     found = [r / path for r in roots if (r / path).exists()]
-    if len({f.resolve() for f in found}) > 1:
+    if len(found) > 1 and len({f.resolve() for f in found}) > 1:
         raise DataError(f"relative media path '{path}' names different files in the data folders "
                         f"{', '.join(str(f.parent) for f in found)}: keep the data files in one folder "
                         "or write absolute paths")

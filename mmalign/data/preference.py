@@ -176,7 +176,14 @@ def load_split(path: str | Path | Sequence[str | Path], kind: str | None = None,
     say images/0.png."""
     paths = [path] if isinstance(path, (str, Path)) else list(path)
     parts, kind = _load_parts(paths, kind, format)
-    return Chained(parts, [str(p if Path(p).is_dir() else Path(p).parent) for p in paths]), kind
+    return Chained(parts, [str(data_folder(p)) for p in paths]), kind
+
+
+def data_folder(path: str | Path) -> Path:
+    """The folder relative media paths of a data file are read from: the file's folder, or a
+    `datasets` folder itself."""
+    p = Path(path)
+    return p if p.is_dir() else p.parent
 
 
 class Chained(Sequence):

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from mmalign.data.media import load_image
-from mmalign.data.preference import batch_fields, flatten
+from mmalign.data.preference import batch_fields, data_folder, flatten
 from mmalign.types import Draw, LogpOutput, PreferenceBatch
 
 
@@ -380,13 +380,13 @@ class DiffusionLikelihood:
 
 # -- loading a local diffusers pipeline folder ------------------------------------------
 def data_roots(cfg: Any) -> list[Path]:
-    """Folders of the train and eval data files, in order (a `datasets` folder is its own root):
-    a relative media path is looked up in each and the first match wins."""
+    """Folders of the train and eval data files, in order (`data_folder` of each): where a record
+    without its own `_root` has its relative media paths looked up (held by two of them as
+    different files: an error)."""
     roots: list[Path] = []
     for entry in (cfg.data.train, cfg.data.eval):
         for path in [entry] if isinstance(entry, str) else entry:
-            p = Path(path)
-            root = p if p.is_dir() else p.parent
+            root = data_folder(path)
             if path and root not in roots:
                 roots.append(root)
     return roots
