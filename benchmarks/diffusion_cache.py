@@ -160,12 +160,12 @@ def run_side(work: Path, s: Settings, cached: bool, repeat: int) -> dict[str, An
 
 def build_cache(work: Path, s: Settings) -> dict[str, Any]:
     """`mmalign cache`'s work, timed: encode every pair once (VAE + flips, unique captions)."""
-    from mmalign.modalities.sdxl import build
+    from mmalign.families.sdxl import build
     from mmalign.modalities.cache_writer import write_cache
 
     cfg = make_config(work, s, True, "cache")
     tic = time.perf_counter()
-    _, likelihood, _ = build(cfg, use_cache=False, unet=False)
+    _, likelihood, _ = build(cfg, use_cache=False, trained=False)
     stats = write_cache(cfg, likelihood)
     seconds = time.perf_counter() - tic
     size = sum(p.stat().st_size for p in (work / "cache").rglob("*") if p.is_file())

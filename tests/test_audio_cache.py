@@ -25,7 +25,7 @@ from mmalign.modalities import build_modality
 from mmalign.types import Draw
 
 MASK = {"tango": "encoder_attention_mask", "audioldm2": "encoder_attention_mask_1"}
-CLASSES = {"tango": "CachedAudioLikelihood", "audioldm2": "CachedAudioLDM2Likelihood"}
+DENOISERS = {"tango": "TangoUNet", "audioldm2": "AudioLDM2UNet"}
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,8 @@ def test_cached_and_uncached_draw_give_the_same_unet_inputs_logps_and_loss(pipel
     unet, plain = uncached(cfg)
     cw.write_cache(cfg, plain)
     _, cached, _ = build_modality(cfg)
-    assert type(cached).__name__ == CLASSES[modality] and cached.vae is None and cached.text_encoders == []
+    assert type(cached.conditioning).__name__ == "CachedPromptwiseText" and cached.vae is None
+    assert type(cached.denoiser).__name__ == DENOISERS[modality] and cached.text_encoders == []
     records = data["records"]
     batch, batch_c = plain.collate(records, "pair"), cached.collate(records, "pair")
     exact, policy, mask = dtype == "float32", perturbed(unet), MASK[modality]
@@ -105,17 +106,17 @@ def test_the_cache_holds_mel_latents_and_each_prompts_own_conditioning(pipelines
     assert index["latent"]["shape"] == [4, 16, 8]  # 32 mel frames x 16 mels, VAE factor 2
     shard = load_file(str(tmp_path / "cache" / "train" / "latents-00000.safetensors"))  # records 0, 1
     assert "mean_flipped" not in shard and shard["crop_top_left"].abs().sum() == 0  # no flips, no crops
-    mels = torch.stack([plain.cache_pixels(r[c], "")[0] for r in data["records"][:2] for c in ("chosen", "rejected")])
+    mels = torch.stack([plain.latents.cache_item(r[c], "", None)[0] for r in data["records"][:2] for c in ("chosen", "rejected")])
     assert mels.shape == (4, 1, 32, 16)
     torch.testing.assert_close(mels[[0, 2]], plain.collate(data["records"][:2], "pair").inputs["pixel_values"][:2],
                                rtol=0, atol=0)  # the log-mel collate makes
-    mean, std = plain.latent_dist(mels)
+    mean, std = plain.latents.latent_dist(mels)
     assert torch.equal(shard["mean"], mean) and torch.equal(shard["std"], std)
     text = [load_file(str(tmp_path / "cache" / f)) for f in index["text"]["files"]]
     rows = [(t, i) for t in text for i in range(t[f"length/{MASK[modality]}"].shape[0])]
     null = load_file(str(tmp_path / "cache" / index["text"]["null"]))
     for caption, (table, i) in zip(PROMPTS + [""], rows + [(null, 0)]):
-        alone = plain.encode_one(caption)  # as the uncached draw encodes it: alone, unpadded
+        alone = plain.conditioning.encoder.encode_one(caption)  # as the uncached draw encodes it: alone, unpadded
         for name, value in alone.items():
             length = int(table[f"length/{name}"][i])
             assert length == value.shape[1] and table[name].dtype == value.dtype  # masks stay int64
@@ -146,7 +147,7 @@ def test_a_killed_cache_run_resumes_from_the_last_complete_shard(pipelines, data
     _, cached, _ = build_modality(cfg)
     batch = cached.collate(data["records"], "pair")
     mels = plain.collate(data["records"], "pair").inputs["pixel_values"]
-    torch.testing.assert_close(batch.inputs["latent_mean"], plain.latent_dist(mels)[0], rtol=0, atol=2e-3)
+    torch.testing.assert_close(batch.inputs["latent_mean"], plain.latents.latent_dist(mels)[0], rtol=0, atol=2e-3)
 
 
 def write_yaml(tmp_path, pipelines, data, modality, **diffusion):

@@ -79,7 +79,8 @@ def test_cached_and_uncached_draw_give_the_same_values_logps_and_loss(pipelines,
     unet, plain = uncached(cfg)
     cw.write_cache(cfg, plain)
     unet_c, cached, _ = build_modality(cfg)
-    assert type(cached).__name__ == ("CachedSDXLLikelihood" if modality == "sdxl" else "CachedDiffusionLikelihood")
+    assert type(cached.latents).__name__ == "CachedLatents" and type(cached.conditioning).__name__ == "CachedText"
+    assert cached.family.name == modality
     records = train_records(data)
     batch, batch_c = plain.collate(records, "pair"), cached.collate(records, "pair")
     exact = dtype == "float32"
@@ -124,8 +125,8 @@ def test_flipped_latent_is_the_vae_encoding_of_the_flipped_crop(pipelines, data,
 
     pixels = to_pixels(resize_shortest(Image.open(data["root"] / "images" / "wide.png").convert("RGB"), 16))
     crop = pixels[:, top : top + 16, left : left + 16][None]
-    mean, std = plain.latent_dist(crop)
-    mean_f, std_f = plain.latent_dist(crop.flip(-1))
+    mean, std = plain.latents.latent_dist(crop)
+    mean_f, std_f = plain.latents.latent_dist(crop.flip(-1))
     torch.testing.assert_close(shard["mean"][2:3], mean, rtol=0, atol=1e-6)
     torch.testing.assert_close(shard["std"][2:3], std, rtol=0, atol=1e-6)
     torch.testing.assert_close(shard["mean_flipped"][2:3], mean_f, rtol=0, atol=1e-6)
@@ -183,7 +184,7 @@ def test_a_killed_run_resumes_from_the_last_complete_shard(pipelines, data, tmp_
     assert cw.write_cache(cfg, plain)["written"] == 0 and calls == []  # a complete cache: nothing to do
     _, cached, _ = build_modality(cfg)
     torch.testing.assert_close(cached.collate(train_records(data), "pair").inputs["latent_mean"],
-                               plain.latent_dist(plain.augment(plain.collate(train_records(data), "pair"),
+                               plain.latents.latent_dist(plain.latents.augment(plain.collate(train_records(data), "pair").inputs,
                                                                torch.zeros(12, dtype=torch.bool),
                                                                torch.zeros(12, 2))[0])[0], rtol=0, atol=2e-3)
 
@@ -217,7 +218,7 @@ def test_two_processes_split_the_shards_and_the_index_lists_every_record_once(pi
         assert stored.tolist() == list(range(n))
     _, cached, _ = build_modality(dataclasses.replace(cfg))
     held = [dict(r, _index=i) for i, r in enumerate(read_records(data["eval"]))]
-    assert [cached.cache.locate(r, "pair", "")[0][0] for r in held] == ["eval", "eval"]  # not train rows 0, 1
+    assert [cached.latents.cache.locate(r, "pair", "")[0][0] for r in held] == ["eval", "eval"]  # not train rows 0, 1
     batch = cached.collate(held, "pair")
     assert batch.inputs["caption_rows"].tolist() == [3, 3, 3, 3]
 

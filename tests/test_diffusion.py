@@ -148,10 +148,10 @@ def test_sdxl_time_ids_from_the_real_size_and_crop(pipelines, pairs, tmp_path):
     assert draw.values["time_ids"].tolist() == [[20, 40, 0, 8, 16, 16], [30, 16, 7, 0, 16, 16]]
     assert batch.inputs["pixel_values"].shape == (2, 3, 30, 32)  # padded to the batch's largest resize
     # A random crop at the far right of the wide image, flipped: in the flipped image it is at left 0.
-    pixels, top_left = likelihood.augment(batch, torch.tensor([True, False]), torch.tensor([[0.5, 0.99], [0.0, 0.0]]))
+    pixels, top_left = likelihood.latents.augment(batch.inputs, torch.tensor([True, False]), torch.tensor([[0.5, 0.99], [0.0, 0.0]]))
     assert top_left.tolist() == [[0, 8], [7, 0]]  # crop "center": fractions are ignored
     likelihood.settings.crop = "random"
-    pixels, top_left = likelihood.augment(batch, torch.tensor([True, False]), torch.tensor([[0.5, 0.99], [0.0, 0.0]]))
+    pixels, top_left = likelihood.latents.augment(batch.inputs, torch.tensor([True, False]), torch.tensor([[0.5, 0.99], [0.0, 0.0]]))
     assert top_left.tolist() == [[0, 0], [0, 0]]
     torch.testing.assert_close(pixels[0], batch.inputs["pixel_values"][0, :, :16, 16:32].flip(-1))
 
@@ -159,12 +159,12 @@ def test_sdxl_time_ids_from_the_real_size_and_crop(pipelines, pairs, tmp_path):
 # -- augmentation and caption dropout --------------------------------------------------------
 def _captured_pixels(likelihood, batch, seed):
     seen = []
-    original = likelihood.encode_images
-    likelihood.encode_images = lambda pixels, fn: seen.append(pixels) or original(pixels, fn)
+    original = likelihood.latents.latent_dist
+    likelihood.latents.latent_dist = lambda pixels, batch_size=0: seen.append(pixels) or original(pixels, batch_size)
     try:
         likelihood.draw(batch, torch.Generator().manual_seed(seed))
     finally:
-        likelihood.encode_images = original
+        del likelihood.latents.latent_dist
     return seen[0]
 
 

@@ -68,7 +68,8 @@ def test_dynamic_shift_agrees_with_diffusers():
 
 def test_drawn_sigmas_are_logit_normal_through_the_shift(pipelines, pairs):
     _, likelihood, _ = build(pipelines, pairs)
-    sigmas = likelihood.draw_sigmas(4001, torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    sigmas = torch.cat([likelihood.objective.draw_time(generator) for _ in range(4001)])
     assert ((sigmas > 0) & (sigmas < 1)).all()
     assert sigmas.median().item() == pytest.approx(0.75, abs=0.02)  # shift(median u = 0.5) = 0.75
     # P(σ < 0.5) = P(u < 0.25) = Φ(logit 0.25) = Φ(-1.0986) = 0.136
@@ -193,8 +194,10 @@ def test_flux_conditioning_packing_and_target(pipelines, pairs):
     from diffusers import FluxPipeline
 
     transformer, likelihood, _ = build(pipelines, pairs, "flux", "flux")
-    assert likelihood.image_seq_len() == 16
-    assert flow_shift(likelihood.scheduler.config, likelihood.image_seq_len()) == pytest.approx(1.5830842, rel=1e-6)
+    _, h, w = likelihood.latents.latent_shape()
+    assert (h // 2) * (w // 2) == 16  # the packed sequence length FLUX shifts with
+    assert likelihood.objective.shift == pytest.approx(1.5830842, rel=1e-6)
+    assert flow_shift(likelihood.scheduler.config, 16) == pytest.approx(1.5830842, rel=1e-6)
     batch, draw = draw_for(likelihood, pairs["records"][:2])
     enc, tok = likelihood.text_encoders, likelihood.tokenizers
     pipe = FluxPipeline(scheduler=likelihood.scheduler, vae=likelihood.vae, text_encoder=enc[0], tokenizer=tok[0],
@@ -204,7 +207,7 @@ def test_flux_conditioning_packing_and_target(pipelines, pairs):
     torch.testing.assert_close(draw.values["encoder_hidden_states"][:2], hidden)
     torch.testing.assert_close(draw.values["pooled_projections"][:2], pooled)
 
-    assert likelihood.guidance_embeds  # read from the transformer config
+    assert likelihood.denoiser.guidance_embeds  # read from the transformer config
     model = ZeroDenoiser("hidden_states")
     out = likelihood.logps(model, batch, draw)
     x0, eps, sigma = (draw.values[k] for k in ("latents", "noise", "sigmas"))
@@ -213,10 +216,10 @@ def test_flux_conditioning_packing_and_target(pipelines, pairs):
     assert model.seen["hidden_states"].shape == (4, 16, 16)
     torch.testing.assert_close(model.seen["timestep"], sigma)  # FLUX multiplies by 1000 itself
     assert model.seen["guidance"].tolist() == [3.5] * 4
-    likelihood.guidance_embeds = False  # FLUX.1-schnell: no guidance input
+    likelihood.denoiser.guidance_embeds = False  # FLUX.1-schnell: no guidance input
     likelihood.logps(model, batch, draw)
     assert model.seen["guidance"] is None
-    likelihood.guidance_embeds = True
+    likelihood.denoiser.guidance_embeds = True
     assert model.seen["img_ids"].shape == (16, 3) and torch.equal(model.seen["txt_ids"], torch.zeros(T5_TOKENS, 3))
     torch.testing.assert_close(out.diagnostics["mse"], (eps - x0).pow(2).mean(dim=(1, 2, 3)))
     real = likelihood.logps(transformer, batch, draw)

@@ -121,7 +121,7 @@ def test_spo_candidates_share_x_t_and_the_trajectory_continues_from_one(tiny):
 def z2(likelihood, unet, prompt, x_t, t, prev, sample):
     """Mean squared z-score of `sample` under the transition from x_t (guided, as sampled)."""
     t, prev = torch.tensor([t]), torch.tensor([prev])
-    cond = likelihood.encode(likelihood.base.tokenize([prompt]))
+    cond = likelihood.encode(likelihood.tokenize([prompt]))
     with torch.no_grad():
         mean, std, _ = likelihood.transition(likelihood.guided_output(unet, x_t[None], t, cond), x_t[None], t, prev)
     return float((((sample - mean[0]) / std[0]) ** 2).mean())
@@ -131,7 +131,7 @@ def candidate_score(likelihood, unet, prompt, candidate, prev):
     """The Recorder's score of a candidate's decoded x̂0 at its own timestep."""
     from mmalign.modalities.validation import decode_latents
 
-    cond = likelihood.encode(likelihood.base.tokenize([prompt]))
+    cond = likelihood.encode(likelihood.tokenize([prompt]))
     t = torch.tensor([prev])
     with torch.no_grad():
         x0 = likelihood.predict_x0(likelihood.guided_output(unet, candidate[None], t, cond), candidate[None], t)

@@ -139,7 +139,7 @@ def test_x0_hat_inverts_add_noise_when_the_model_predicts_the_true_noise(pipelin
     latents = torch.rand(4, 4, 8, 8, generator=g) * 1.6 - 0.8  # inside the scheduler's clip_sample range
     stub.noise = torch.randn(4, 4, 8, 8, generator=g)
     t = torch.tensor([0, 250, 750, 999])
-    cond = noisy.step.encode(noisy.base.tokenize(["a red circle"] * 4))
+    cond = noisy.step.encode(noisy.step.tokenize(["a red circle"] * 4))
     x0 = noisy.x0_hat(latents, stub.noise, t, cond)
     torch.testing.assert_close(x0, latents, rtol=0, atol=1e-4)
     # the full path: one ε per pair, shared by its chosen and rejected images

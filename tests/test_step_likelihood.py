@@ -148,7 +148,7 @@ class ConditionEcho(torch.nn.Module):
 def test_guided_output_is_uncond_plus_w_times_the_difference(sd_pipeline):
     _, likelihood = step_likelihood(sd_pipeline, guidance=5.0)
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    cond = likelihood.encode(likelihood.base.tokenize(["a red circle", "a blue square"]))
+    cond = likelihood.encode(likelihood.tokenize(["a red circle", "a blue square"]))
     guided = likelihood.guided_output(ConditionEcho(), x, torch.tensor([500, 500]), cond)
     null = likelihood.base.encode_text([""])["encoder_hidden_states"].mean()
     text = cond["encoder_hidden_states"].mean(dim=(1, 2)).view(-1, 1, 1, 1)
@@ -176,7 +176,7 @@ def test_sdxl_step_likelihood_feeds_pooled_embeds_and_generated_time_ids(sdxl_pi
                                        "time_ids": time_ids}).sample
         guided = pred[0] + 3.0 * (pred[1] - pred[0])
         mine = likelihood.guided_output(unet, x_t[None], torch.tensor([501]),
-                                        likelihood.encode(likelihood.base.tokenize(["a red circle"])))
+                                        likelihood.encode(likelihood.tokenize(["a red circle"])))
     torch.testing.assert_close(mine[0], guided, rtol=1e-4, atol=1e-5)
 
 

@@ -4,6 +4,7 @@ pipelines built in code."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -19,7 +20,7 @@ from mmalign.cli import main
 from mmalign.config import Config, from_dict
 from mmalign.modalities import build_modality
 from mmalign.modalities.diffusion import DiffusionLikelihood
-from mmalign.modalities.validation import pipeline_name, validate_images
+from mmalign.modalities.validation import validate_images
 
 PROMPTS, SEEDS = ["a red circle", "a blue square"], [0, 1, 7]
 
@@ -104,13 +105,11 @@ def test_likelihood_validate_uses_the_config_and_other_likelihoods_are_skipped(p
     assert likelihood.validate(unet, 5, tmp_path / "v")["validation/images"] == 2  # default seeds [0, 1]
     assert json.loads((tmp_path / "v" / "grid.json").read_text())["rows"] == ["a star"]
 
-    class OtherLikelihood(DiffusionLikelihood):  # e.g. a flow transformer: no SD pipeline samples it
-        def logps(self, model, batch, draw):
-            raise NotImplementedError
-
-    other = OtherLikelihood(likelihood.vae, likelihood.text_encoders, likelihood.tokenizers, likelihood.scheduler,
-                            likelihood.settings)
-    with pytest.warns(UserWarning, match="not implemented for OtherLikelihood"):
+    # a family without validation images (e.g. audio): no pipeline samples it
+    family = dataclasses.replace(likelihood.family, name="other", validation=False)
+    other = DiffusionLikelihood(family, likelihood.objective, likelihood.latents, likelihood.conditioning,
+                                likelihood.denoiser, likelihood.settings)
+    with pytest.warns(UserWarning, match="not implemented for modality 'other'"):
         assert other.validate(unet, 5, tmp_path / "w") == {}
     assert not (tmp_path / "w").exists()
 
@@ -118,7 +117,7 @@ def test_likelihood_validate_uses_the_config_and_other_likelihoods_are_skipped(p
 @pytest.mark.parametrize("modality,name", [("sd3", "StableDiffusion3Pipeline"), ("flux", "FluxPipeline")])
 def test_flow_likelihoods_sample_a_grid_with_their_flow_pipeline(tmp_path, modality, name):
     transformer, likelihood, _ = build(save_tiny_flow_pipeline(tmp_path / modality, flux=modality == "flux"), modality)
-    assert pipeline_name(likelihood) == name
+    assert likelihood.family.pipeline == name
     out = validate_images(likelihood, transformer, 1, tmp_path / "a", PROMPTS, SEEDS[:2], 1, 2.0)  # one step
     assert out["validation/images"] == 4
     grid = pixels(tmp_path / "a" / "grid.png")
@@ -137,7 +136,7 @@ def test_sdxl_samples_with_the_null_prompt_training_used(pipelines, null_prompt,
     cfg = from_dict(Config, {"modality": "sdxl", "model": {"path": str(pipelines["sdxl"])},
                              "diffusion": {"resolution": 16, "null_prompt": null_prompt}})
     unet, likelihood, _ = build_modality(cfg)
-    pipe = sampling_pipeline(likelihood, unet, "StableDiffusionXLPipeline")
+    pipe = sampling_pipeline(likelihood, unet)
     assert pipe.config.force_zeros_for_empty_prompt is zeros
     _, negative, _, _ = pipe.encode_prompt("a red circle", do_classifier_free_guidance=True, negative_prompt=None)
     trained_null = likelihood.encode_text([""])["encoder_hidden_states"]

@@ -23,24 +23,23 @@ def cache_size(folder: str) -> float:
 def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
+    import torch
+
     from mmalign.config import ConfigError, load_config
-    from mmalign.modalities import MODALITIES
+    from mmalign.families import all_families, get_family
     from mmalign.modalities.cache_writer import write_cache
 
     cfg = load_config(args.config, args.overrides)
     if not cfg.diffusion.cache_dir:
         raise ConfigError("mmalign cache needs diffusion.cache_dir (where to write the cache)")
-    module, _, function = MODALITIES[cfg.modality].partition(":")
-    if module not in ("mmalign.modalities.diffusion", "mmalign.modalities.sdxl", "mmalign.modalities.audio"):
-        raise ConfigError(f"mmalign cache: modality '{cfg.modality}' has no latent cache (sd, sdxl, tango, audioldm2)")
-    import importlib
-
-    import torch
+    family = get_family(cfg.modality)
+    if not family.cache:
+        cached = ", ".join(f.name for f in all_families() if f.cache)
+        raise ConfigError(f"mmalign cache: modality '{cfg.modality}' has no latent cache ({cached})")
 
     # As the trainer's accelerator: on a machine without CUDA, cpu=True lets torchrun start gloo processes.
     state = PartialState(cpu=cfg.train.cpu or not torch.cuda.is_available())
-    build = getattr(importlib.import_module(module), function or "build")
-    _, likelihood, _ = build(cfg, use_cache=False, unet=False)  # VAE + text encoders, no UNet
+    _, likelihood, _ = family.build(cfg, use_cache=False, trained=False)  # VAE + text encoders, no UNet
     likelihood.to(state.device)
     stats = write_cache(cfg, likelihood, state.process_index, state.num_processes, state.wait_for_everyone,
                         progress=cfg.train.progress and state.is_main_process)

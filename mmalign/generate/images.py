@@ -3,9 +3,9 @@
 `load_pipeline` takes a pipeline folder with a `model_index.json` (what `save_pretrained`
 and `mmalign export --format merged` write; loaded with `DiffusionPipeline.from_pretrained`)
 or a component-only folder like the shipped `pkg://tiny_sdxl` (unet/ or transformer/, vae/,
-scheduler/, text_encoder*/ and tokenizer*/), whose pipeline class is inferred: FluxPipeline or
-StableDiffusion3Pipeline for a transformer/, StableDiffusionXLPipeline for a unet/ with two
-text encoders, StableDiffusionPipeline (no safety checker) for a unet/ with one.
+scheduler/, text_encoder*/ and tokenizer*/), whose pipeline class is the matching family's
+(`mmalign.families.family_for_folder`: the denoiser's class and the text encoder folders, e.g.
+StableDiffusionXLPipeline for a unet/ with two text encoders; no safety checker for SD).
 
 `generate_images` gives every image its own CPU `torch.Generator` seeded with its own seed
 (diffusers draws each image's initial latents, and each stochastic scheduler step's noise,
@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from mmalign.config import ConfigError
+from mmalign.families import family_for_folder
 
 # pipeline __call__ arguments that `generate_images` sets itself (not sampling parameters)
 RESERVED = {"prompt", "prompt_2", "prompt_3", "generator", "output_type", "return_dict", "latents",
@@ -44,15 +45,12 @@ def pipeline_class_name(path: str | Path) -> str:
     name = _config_class(path / "model_index.json")
     if name:
         return name
-    if (path / "transformer").is_dir():
-        denoiser = _config_class(path / "transformer" / "config.json") or ""
-        names = {"FluxTransformer2DModel": "FluxPipeline", "SD3Transformer2DModel": "StableDiffusion3Pipeline"}
-        if denoiser not in names:
-            raise ConfigError(f"{path}: transformer/ holds a {denoiser or 'unknown'} model; add a model_index.json")
-        return names[denoiser]
-    if (path / "unet").is_dir():
-        return "StableDiffusionXLPipeline" if (path / "text_encoder_2").is_dir() else "StableDiffusionPipeline"
-    raise ConfigError(f"{path} is not a diffusers pipeline folder (no model_index.json, unet/ or transformer/)")
+    family = family_for_folder(path)
+    if family is None or family.pipeline is None:
+        raise ConfigError(f"{path} is not a diffusers pipeline folder of a known family (no model_index.json; "
+                          "its unet/ or transformer/ and text encoders match no family's layout): add a "
+                          "model_index.json")
+    return family.pipeline
 
 
 def is_audio_pipeline(path: str | Path) -> bool:

@@ -1,29 +1,33 @@
-"""Per-modality likelihoods. Each registry value names `module:function` (function defaults to
-`build`), called as `build(cfg) -> (model, likelihood, processor)`; heavy libraries
-(transformers, diffusers) are imported only when a modality is built."""
+"""The likelihood machinery the model families (`mmalign/families/`) are built from: token
+log-probs (causal_lm, llava), the diffusion / flow ELBO and its parts (diffusion, flow, audio,
+the latent cache), the step likelihood and its online sampler (SPO / D3PO). Heavy libraries
+(transformers, diffusers) are imported only when a family is built.
+
+`build_modality(cfg)` is the family's `build` for `cfg.modality`; `build_source(cfg, likelihood)`
+its online data source (or None)."""
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
-MODALITIES = {
-    "causal_lm": "mmalign.modalities.causal_lm:build",
-    "llava": "mmalign.modalities.llava:build",  # LLaVA-family VLMs (LLaVA-1.5, NeXT, ...): answer-only token log-probs
-    "sd": "mmalign.modalities.diffusion:build",  # SD1.5 / SD2 (epsilon or v-prediction) UNets
-    "sdxl": "mmalign.modalities.sdxl:build",  # SDXL UNet: two text encoders, add_time_ids
-    "sd_spo": "mmalign.modalities.step_sampler:build",  # SPO / D3PO: sampled transitions, online rounds (SD1.5/SD2)
-    "sdxl_spo": "mmalign.modalities.step_sampler:build_sdxl",  # SPO / D3PO on an SDXL UNet
-    "sd3": "mmalign.modalities.flow:build",  # SD3 / SD3.5 flow transformer: CLIP-L + CLIP-G + T5, Flow-DPO
-    "flux": "mmalign.modalities.flow:build_flux",  # FLUX.1 flow transformer: CLIP pooled + T5, 2x2 packing
-    "audioldm2": "mmalign.modalities.audio:build",  # AudioLDM2 pipeline: mel-VAE latents, CLAP + T5 + GPT2 conditioning
-    "tango": "mmalign.modalities.audio:build_tango",  # Tango-style: UNet2DConditionModel + T5 (masked), mel-VAE
-}
+
+def known_modalities() -> list[str]:
+    """Every registered family name (`mmalign.families`)."""
+    from mmalign.families import family_names
+
+    return family_names()
 
 
 def build_modality(cfg: Any) -> tuple[Any, Any, Any]:
-    """(model, likelihood, processor) for `cfg.modality`."""
-    if cfg.modality not in MODALITIES:
-        raise ValueError(f"unknown modality '{cfg.modality}'; known: {', '.join(MODALITIES)}")
-    module, _, function = MODALITIES[cfg.modality].partition(":")
-    return getattr(importlib.import_module(module), function or "build")(cfg)
+    """(model, likelihood, processor) for `cfg.modality` (its family's `build`)."""
+    from mmalign.families import get_family
+
+    return get_family(cfg.modality).build(cfg)
+
+
+def build_source(cfg: Any, likelihood: Any) -> Any:
+    """The family's online data source for `likelihood` (SPO rounds), or None (data from files)."""
+    from mmalign.families import get_family
+
+    family = get_family(cfg.modality)
+    return None if family.source is None else family.source(cfg, likelihood)

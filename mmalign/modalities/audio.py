@@ -1,9 +1,10 @@
-"""Audio Diffusion-DPO (Tango 2, METHODS.md §2) on the shared ELBO of `diffusion.py`.
+"""Audio Diffusion-DPO (Tango 2, METHODS.md §2): the parts `DiffusionLikelihood` takes for clips
+(`MelLatents`, `PromptwiseText`); the families are `mmalign/families/tango.py` and `audioldm2.py`.
 
 The clip plays the image's part: waveform -> AudioLDM log-mel (N, 1, frames, n_mels) as
 `pixel_values` -> the mel-VAE's latent (N, C, frames/f, n_mels/f) -> the same draw (one t and ε
 per pair), targets (ε or v from the scheduler config), mse over every non-batch dim and
-logp = -0.5·mse as `DiffusionLikelihood`. Only the inputs differ:
+logp = -0.5·mse of `DiffusionLikelihood`. Only the parts differ:
 
 - collate reads each clip (`mmalign.data.audio.load_audio`: mono, resampled to the model's rate,
   cropped / zero-padded to `audio.seconds`), normalises it as AudioLDM and takes the log-mel;
@@ -35,16 +36,14 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
 from mmalign.data.audio import MelSettings, load_audio, log_mel, mel_filters, normalize_waveform
-from mmalign.data.preference import batch_fields, flatten
-from mmalign.modalities.diffusion import (DiffusionLikelihood, PipelineLayout, _output_names, _prompt_text,
-                                          data_roots, load_parts)
-from mmalign.types import Draw, PreferenceBatch
+from mmalign.data.preference import flatten
+from mmalign.modalities.diffusion import _output_names, _prompt_text, sample_latents, vae_posterior
 
 DEFAULT_RATE, DEFAULT_MELS = 16000, 64  # AudioLDM / AudioLDM2 / Tango
 
@@ -71,32 +70,44 @@ def pad_conditioning(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     return out
 
 
-class AudioLikelihood(DiffusionLikelihood):
-    """Tango-style audio likelihood: UNet2DConditionModel conditioned on a T5 encoder's last hidden
-    state with its attention mask. `audio`: the `AudioConfig` section; `vocoder_config`: the
-    folder's vocoder/config.json (rate and mel bins), if any."""
+def audio_cache_settings(cfg: Any) -> dict[str, Any]:
+    """Plan settings of an audio cache: the `audio` section (what makes the mels; not
+    prompt_cache), resolution and crop None (no image resize or crop)."""
+    from dataclasses import asdict
 
-    def __init__(self, vae: Any, text_encoders: Sequence[Any], tokenizers: Sequence[Any], scheduler: Any,
-                 settings: Any, roots: Sequence[str | Path] = (), audio: Any = None,
-                 vocoder_config: dict[str, Any] | None = None) -> None:
-        from mmalign.config import AudioConfig, ConfigError
+    audio = {k: v for k, v in asdict(cfg.audio).items() if k != "prompt_cache"}
+    return {"resolution": None, "crop": None, "audio": audio}
 
-        super().__init__(vae, text_encoders, tokenizers, scheduler, settings, roots)
-        if settings.null_prompt != "empty":
-            raise ConfigError("diffusion.null_prompt: audio models drop captions to the empty prompt \"\" "
-                              "(Tango); 'zeros' is not supported")
-        self.audio = audio or AudioConfig()
-        self.mel = mel_settings(self.audio, vocoder_config)
-        self.frames = self.mel.frames(self.audio.seconds)
+
+# -- latents: clips -> log-mels -> mel-VAE ------------------------------------------------------
+class MelLatents:
+    """Clips -> AudioLDM log-mels (collate) -> mel-VAE latents (draw); no flip or crop.
+
+    vae: the frozen mel-VAE, or None when only the mel settings are wanted (a cached run);
+    audio: the `audio` config section; vocoder_config: the folder's vocoder/config.json (rate and
+    mel bins), if any; roots: the data folders (`data_roots`)."""
+
+    items_key = "pixel_values"
+
+    def __init__(self, vae: Any, settings: Any, audio: Any, vocoder_config: dict[str, Any] | None,
+                 roots: Sequence[str | Path] = ()) -> None:
+        from mmalign.config import ConfigError
+
+        self.vae = None if vae is None else vae.requires_grad_(False).eval()
+        self.settings, self.audio, self.roots = settings, audio, [Path(r) for r in roots]
+        self.mel = mel_settings(audio, vocoder_config)
+        self.frames = self.mel.frames(audio.seconds)
         self.filters = mel_filters(self.mel)
-        self.prompt_cache: OrderedDict[str, dict[str, Tensor]] = OrderedDict()
         if vae is not None:
             factor = 2 ** (len(vae.config.block_out_channels) - 1)
             if self.frames % factor or self.mel.n_mels % factor:
-                raise ConfigError(f"audio: {self.frames} mel frames ({self.audio.seconds} s) x {self.mel.n_mels} "
+                raise ConfigError(f"audio: {self.frames} mel frames ({audio.seconds} s) x {self.mel.n_mels} "
                                   f"mels must be divisible by the VAE factor {factor}")
 
-    # -- collate: clips -> log-mels ----------------------------------------------------------
+    def to(self, device: torch.device | str) -> None:
+        if self.vae is not None:
+            self.vae.to(device)
+
     def waveforms(self, values: list[Any], wheres: list[str], roots: list[str | None] | None = None) -> Tensor:
         """(N, T) mono clips at the model's rate, exactly `audio.seconds` long. `roots`: each
         clip's own data folder (records' `_root`), else the data folders."""
@@ -112,21 +123,12 @@ class AudioLikelihood(DiffusionLikelihood):
             wave = normalize_waveform(wave)
         return log_mel(wave, self.mel, self.frames, self.filters)[:, None]
 
-    def collate(self, records: list[dict[str, Any]], kind: str) -> PreferenceBatch:
-        """records -> N clips (2B for pairs: chosen rows first). inputs: pixel_values (N, 1, frames,
-        n_mels) log-mels; prompts: the N prompt texts (encoded in the draw, cached per prompt)."""
+    def collate(self, records: list[dict[str, Any]], kind: str) -> dict[str, Tensor]:
+        """pixel_values (N, 1, frames, n_mels): the log-mels of the N clips (flatten order)."""
         items = flatten(records, kind)
         wave = self.waveforms([item["response"] for item in items], _output_names(kind, records),
                               [item.get("_root") for item in items])
-        inputs = {"pixel_values": self.mels(wave), "prompts": [_prompt_text(item["prompt"]) for item in items]}
-        return batch_fields(records, kind, inputs)
-
-    # -- draw ---------------------------------------------------------------------------------
-    def augment(self, batch: PreferenceBatch, flip: Tensor, crop_fraction: Tensor) -> tuple[Tensor, Tensor]:
-        """No flip or crop for spectrograms (time-reversed audio is another sound): the mels as
-        they are, crop top-left (N, 2) zeros."""
-        pixels = batch.inputs["pixel_values"]
-        return pixels, torch.zeros(pixels.shape[0], 2, dtype=torch.long)
+        return {"pixel_values": self.mels(wave)}
 
     def latent_shape(self) -> tuple[int, int, int]:
         """(C, frames / f, n_mels / f), f = 2^(VAE blocks - 1)."""
@@ -134,128 +136,104 @@ class AudioLikelihood(DiffusionLikelihood):
         factor = 2 ** (len(c.block_out_channels) - 1)
         return (c.latent_channels, self.frames // factor, self.mel.n_mels // factor)
 
-    def prompt_conditioning(self, batch: PreferenceBatch, groups: Tensor, dropped: Tensor) -> dict[str, Tensor]:
-        """Each group's prompt (its first item's), "" where dropped (G,); per-item (N, ...) tensors."""
-        order = groups.tolist()
-        prompts = ["" if bool(dropped[g]) else batch.inputs["prompts"][order.index(g)] for g in range(len(dropped))]
-        cond = self.encode_text(prompts)
-        return {k: v[groups.to(v.device)] for k, v in cond.items()}
+    def latent_scaling(self) -> tuple[float | None, float]:
+        return getattr(self.vae.config, "shift_factor", None), float(self.vae.config.scaling_factor)
 
-    def encode_text(self, prompts: list[str]) -> dict[str, Tensor]:
-        """Conditioning of plain strings (n, L, ...), from the per-prompt cache (`encode_one`)."""
-        parts = []
-        for prompt in prompts:
-            if prompt not in self.prompt_cache:
-                self.prompt_cache[prompt] = self.encode_one(prompt)
-                if len(self.prompt_cache) > max(self.audio.prompt_cache, 1):
-                    self.prompt_cache.popitem(last=False)
-            parts.append(self.prompt_cache[prompt])
-        return pad_conditioning(parts)
+    def latent_dist(self, pixels: Tensor, batch_size: int = 0) -> tuple[Tensor, Tensor]:
+        """The mel-VAE's posterior mean, std (N, C, h, w) float32 of log-mels (`vae_posterior`)."""
+        return vae_posterior(self.vae, pixels, batch_size or self.settings.vae_batch_size)
 
-    @torch.no_grad()
-    def encode_one(self, prompt: str) -> dict[str, Tensor]:
-        """{"encoder_hidden_states": (1, L, D) float32, "encoder_attention_mask": (1, L) long}: the
-        T5 encoder's last hidden state of one prompt (no padding) and its mask."""
-        encoder, tokenizer = self.text_encoders[0], self.tokenizers[0]
-        tokens = tokenizer([prompt], truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt")
-        ids, mask = tokens.input_ids.to(encoder.device), tokens.attention_mask.to(encoder.device)
-        with torch.autocast(ids.device.type, enabled=False):
-            hidden = encoder(input_ids=ids, attention_mask=mask)[0].float()
-        return {"encoder_hidden_states": hidden, "encoder_attention_mask": mask}
+    def sample(self, inputs: dict[str, Any], groups: Tensor, flip: Tensor, crop_fraction: Tensor,
+               eta: Callable[[Sequence[int]], Tensor]) -> tuple[Tensor, Tensor]:
+        """x0 = mean + std · η of the mels as they are (no flip or crop: a time-reversed clip is
+        another sound; the group's flip and crop choices are drawn and unused) and crop top-left
+        (N, 2) zeros."""
+        pixels = inputs["pixel_values"]
+        mean, std = self.latent_dist(pixels)
+        crop_top_left = torch.zeros(pixels.shape[0], 2, dtype=torch.long)
+        return sample_latents(mean, std, eta(mean.shape), *self.latent_scaling()), crop_top_left
 
-    # -- hooks of the latent cache (`mmalign cache`; cache_writer.py, audio_cache.py) ----------
-    @classmethod
-    def cache_settings(cls, cfg: Any) -> dict[str, Any]:
-        """Plan settings of an audio cache: the `audio` section (what makes the mels; not
-        prompt_cache), resolution and crop None (no image resize or crop)."""
-        from dataclasses import asdict
+    # -- what `mmalign cache` stores (cache_writer.py, audio_cache.py) ---------------------------
+    def cache_settings(self, cfg: Any) -> dict[str, Any]:
+        return audio_cache_settings(cfg)
 
-        audio = {k: v for k, v in asdict(cfg.audio).items() if k != "prompt_cache"}
-        return {"resolution": None, "crop": None, "audio": audio}
-
-    def cache_pixels(self, value: Any, where: str, root: str | None = None) -> tuple[Tensor, list[int]]:
+    def cache_item(self, value: Any, where: str, fraction: Tensor | None,
+                   root: str | None = None) -> tuple[Tensor, list[int]]:
         """What the VAE encodes for one clip: its log-mel (1, frames, n_mels) exactly as `collate`
         makes it (no crop, no flip), and the facts [frames, n_mels, 0, 0, 0, 0] (no crop offsets)."""
         mel = self.mels(self.waveforms([value], [where], [root]))[0]
         return mel, [self.frames, self.mel.n_mels, 0, 0, 0, 0]
 
+
+# -- conditioning: each prompt encoded alone ----------------------------------------------------
+class PromptwiseEncoder(Protocol):
+    """A family's per-prompt text encoding (tango's T5, AudioLDM2's pipeline `encode_prompt`)."""
+
+    text_encoders: list[Any]
+    tokenizers: list[Any]
+
+    def encode_one(self, prompt: str) -> dict[str, Tensor]:
+        """The conditioning tensors (1, L, ...) of one prompt, unpadded, with its mask (long)."""
+        ...
+
+
+class PromptwiseText:
+    """Live audio conditioning: each group's prompt ("" where dropped) encoded ALONE, as the pipeline
+    encodes one prompt at sampling time, kept in an LRU keyed by the prompt (frozen encoders: a
+    kept value is exact), right-padded per batch with mask 0 (`pad_conditioning`)."""
+
+    def __init__(self, encoder: PromptwiseEncoder, cache_size: int) -> None:
+        self.encoder, self.cache_size = encoder, max(cache_size, 1)
+        for e in encoder.text_encoders:
+            e.requires_grad_(False).eval()
+        self.prompt_cache: OrderedDict[str, dict[str, Tensor]] = OrderedDict()
+
+    def to(self, device: torch.device | str) -> None:
+        for e in self.encoder.text_encoders:
+            e.to(device)
+
+    def collate(self, records: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+        """prompts: the N prompt texts (encoded in the draw)."""
+        return {"prompts": [_prompt_text(item["prompt"]) for item in flatten(records, kind)]}
+
+    def encode_text(self, prompts: list[str]) -> dict[str, Tensor]:
+        """Conditioning (n, L, ...) of plain strings, from the per-prompt LRU."""
+        parts = []
+        for prompt in prompts:
+            if prompt not in self.prompt_cache:
+                self.prompt_cache[prompt] = self.encoder.encode_one(prompt)
+                if len(self.prompt_cache) > self.cache_size:
+                    self.prompt_cache.popitem(last=False)
+            parts.append(self.prompt_cache[prompt])
+        return pad_conditioning(parts)
+
+    def per_item(self, inputs: dict[str, Any], groups: Tensor, dropped: Tensor) -> dict[str, Tensor]:
+        """Each group's prompt (its first item's), "" where dropped (G,); per-item (N, ...) tensors."""
+        order = groups.tolist()
+        prompts = ["" if bool(dropped[g]) else inputs["prompts"][order.index(g)] for g in range(len(dropped))]
+        cond = self.encode_text(prompts)
+        return {k: v[groups.to(v.device)] for k, v in cond.items()}
+
     def cache_text(self, prompts: list[str]) -> dict[str, Tensor]:
-        """Each prompt encoded alone (`encode_one`, as the draw encodes it), right-padded to the
-        longest of `prompts` (`pad_conditioning`): tensors (n, L, ...), and `length/<name>` (n,)
-        long, each prompt's own length of every padded tensor (the reader cuts it back)."""
-        parts = [self.encode_one(p) for p in prompts]
+        """Each prompt encoded alone (as the draw encodes it), right-padded to the longest of
+        `prompts`: tensors (n, L, ...), and `length/<name>` (n,) long, each prompt's own length of
+        every padded tensor (the reader cuts it back)."""
+        parts = [self.encoder.encode_one(p) for p in prompts]
         out = pad_conditioning(parts)
         for key, value in parts[0].items():
             if value.ndim >= 2:
                 out[f"length/{key}"] = torch.tensor([p[key].shape[1] for p in parts], dtype=torch.long)
         return out
 
-    # -- logps --------------------------------------------------------------------------------
-    def unet_kwargs(self, draw: Draw, dtype: torch.dtype) -> dict[str, Any]:
-        v = draw.values
-        return {"encoder_hidden_states": v["encoder_hidden_states"].to(dtype),
-                "encoder_attention_mask": v["encoder_attention_mask"]}
 
-    def validate(self, model: torch.nn.Module, step: int, folder: str | Path) -> dict[str, float]:
-        from mmalign.config import ConfigError
-
-        raise ConfigError("train.validate_every: validation samples are images only; audio models have none yet")
-
-
-class AudioLDM2Likelihood(AudioLikelihood):
-    """AudioLDM2: conditioning from the pipeline's own `encode_prompt` (module docstring).
-    text_encoders: [ClapModel, T5EncoderModel, AudioLDM2ProjectionModel, GPT2 language model]."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        from diffusers import AudioLDM2Pipeline
-
-        clap, t5, projection, language_model = self.text_encoders
-        self.text_pipe = AudioLDM2Pipeline(vae=None, text_encoder=clap, text_encoder_2=t5, projection_model=projection,
-                                           language_model=language_model, tokenizer=self.tokenizers[0],
-                                           tokenizer_2=self.tokenizers[1], feature_extractor=None, unet=None,
-                                           scheduler=None, vocoder=None)
-
-    @torch.no_grad()
-    def encode_one(self, prompt: str) -> dict[str, Tensor]:
-        """{"encoder_hidden_states": (1, max_new_tokens, D_gpt2) GPT2 generated embeds,
-        "encoder_hidden_states_1": (1, L, D_t5), "encoder_attention_mask_1": (1, L)} float32 / long."""
-        device = self.text_encoders[1].device
-        with torch.autocast(device.type, enabled=False):
-            t5, mask, generated = self.text_pipe.encode_prompt([prompt], device, 1, False)
-        return {"encoder_hidden_states": generated.float(), "encoder_hidden_states_1": t5.float(),
-                "encoder_attention_mask_1": mask}
-
-    def unet_kwargs(self, draw: Draw, dtype: torch.dtype) -> dict[str, Any]:
-        """The pipeline's UNet call; an all-ones T5 mask (no padding in the batch) is left out,
-        which changes nothing."""
-        v, mask = draw.values, draw.values["encoder_attention_mask_1"]
-        return {"encoder_hidden_states": v["encoder_hidden_states"].to(dtype),
-                "encoder_hidden_states_1": v["encoder_hidden_states_1"].to(dtype),
-                "encoder_attention_mask_1": None if bool(mask.all()) else mask}
-
-    def logps(self, model: torch.nn.Module, batch: PreferenceBatch, draw: Draw) -> Any:
-        """As `DiffusionLikelihood.logps`. diffusers 0.42's AudioLDM2 UNet passes the encoder mask
-        into the SELF-attention mask slot when gradient checkpointing is on (positional arguments
-        shifted in modeling_audioldm2.py), so a padded batch is refused there instead of being
-        computed wrongly: use batch_size 1 or prompts of one length, or checkpointing off."""
-        unet = getattr(model, "module", model)
-        if getattr(unet, "is_gradient_checkpointing", False) and not bool(draw.values["encoder_attention_mask_1"].all()):
-            from mmalign.config import ConfigError
-
-            raise ConfigError("model.gradient_checkpointing with AudioLDM2: diffusers misroutes the text mask of a "
-                              "padded batch under checkpointing; set train.batch_size 1 or gradient_checkpointing "
-                              "false")
-        return super().logps(model, batch, draw)
-
-
-# -- loading a local folder ---------------------------------------------------------------------
-def _vocoder_config(path: str | Path) -> dict[str, Any] | None:
+# -- loading ----------------------------------------------------------------------------------
+def vocoder_config(path: str | Path) -> dict[str, Any] | None:
     file = Path(path) / "vocoder" / "config.json"
     return json.loads(file.read_text()) if file.is_file() else None
 
 
-def _check(cfg: Any) -> None:
+def check_audio_config(cfg: Any) -> None:
+    """Settings that have no meaning for clips are ConfigErrors."""
     from mmalign.config import ConfigError
 
     if cfg.diffusion.random_flip:
@@ -266,6 +244,9 @@ def _check(cfg: Any) -> None:
                           "is read from its start for audio.seconds); set it to center")
     if cfg.train.validate_every:
         raise ConfigError("train.validate_every: no validation samples for audio models yet; set it to 0")
+    if cfg.diffusion.null_prompt != "empty":
+        raise ConfigError("diffusion.null_prompt: audio models drop captions to the empty prompt \"\" "
+                          "(Tango); 'zeros' is not supported")
 
 
 def load_language_model(path: str | Path, dtype: torch.dtype) -> Any:
@@ -275,45 +256,3 @@ def load_language_model(path: str | Path, dtype: torch.dtype) -> Any:
     from transformers import GPT2LMHeadModel
 
     return GPT2LMHeadModel.from_pretrained(path, subfolder="language_model", dtype=dtype)
-
-
-def build_tango(cfg: Any, use_cache: bool = True, unet: bool = True) -> tuple[Any, AudioLikelihood, None]:
-    """Tango-style folder (modality `tango`): (trainable UNet, likelihood owning mel-VAE + T5, None)."""
-    from transformers import T5EncoderModel
-
-    _check(cfg)
-    if use_cache and cfg.diffusion.cache_dir:
-        from mmalign.modalities.audio_cache import build_cached_audio
-
-        return build_cached_audio(cfg, AudioLikelihood, unet)
-    parts = load_parts(cfg, [("text_encoder", "tokenizer", T5EncoderModel)], unet=unet)
-    likelihood = AudioLikelihood(parts["vae"], parts["text_encoders"], parts["tokenizers"], parts["scheduler"],
-                                 cfg.diffusion, data_roots(cfg), audio=cfg.audio,
-                                 vocoder_config=_vocoder_config(cfg.model.path))
-    return parts["unet"], likelihood, None
-
-
-AUDIOLDM2_LAYOUT = PipelineLayout(denoiser_class="AudioLDM2UNet2DConditionModel", kind="AudioLDM2 pipeline")
-
-
-def build(cfg: Any, use_cache: bool = True, unet: bool = True) -> tuple[Any, AudioLDM2Likelihood, None]:
-    """AudioLDM2 pipeline folder (modality `audioldm2`): (trainable AudioLDM2 UNet, likelihood owning
-    the mel-VAE, CLAP, T5, projection model and GPT2, None)."""
-    from diffusers import AudioLDM2ProjectionModel
-    from transformers import ClapModel, T5EncoderModel
-
-    from mmalign.config import resolve_path
-
-    _check(cfg)
-    if use_cache and cfg.diffusion.cache_dir:
-        from mmalign.modalities.audio_cache import build_cached_audio
-
-        return build_cached_audio(cfg, AudioLDM2Likelihood, unet, AUDIOLDM2_LAYOUT)
-    encoders = [("text_encoder", "tokenizer", ClapModel), ("text_encoder_2", "tokenizer_2", T5EncoderModel)]
-    parts = load_parts(cfg, encoders, unet=unet, layout=AUDIOLDM2_LAYOUT)
-    path, dtype = resolve_path(cfg.model.path), getattr(torch, cfg.model.dtype)
-    projection = AudioLDM2ProjectionModel.from_pretrained(path, subfolder="projection_model", torch_dtype=dtype)
-    encoders = [*parts["text_encoders"], projection, load_language_model(path, dtype)]
-    likelihood = AudioLDM2Likelihood(parts["vae"], encoders, parts["tokenizers"], parts["scheduler"], cfg.diffusion,
-                                     data_roots(cfg), audio=cfg.audio, vocoder_config=_vocoder_config(path))
-    return parts["unet"], likelihood, None

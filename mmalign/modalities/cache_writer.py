@@ -11,9 +11,9 @@ import torch
 from torch import Tensor
 
 from mmalign.io import atomic_path
-from mmalign.modalities.diffusion import DiffusionLikelihood, _prompt_text, crop_offsets, resize_shortest, to_pixels
+from mmalign.modalities.diffusion import DiffusionLikelihood, _prompt_text
 from mmalign.modalities.diffusion_cache import (
-    CACHE_VERSION, TEXT, CacheError, cache_splits, extra_settings, output_key, record_outputs, shard_name,
+    CACHE_VERSION, TEXT, CacheError, cache_splits, output_key, record_outputs, shard_name,
 )
 
 
@@ -41,8 +41,8 @@ def _storage(x: Tensor, dtype: torch.dtype, where: str) -> Tensor:
 
 def make_plan(cfg: Any, splits: dict[str, tuple[Sequence[dict[str, Any]], str]],
               extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What the cache is made of: settings that change its tensors (`extra`: the likelihood
-    class's own, `diffusion_cache.extra_settings`), and each split's shape."""
+    """What the cache is made of: settings that change its tensors (`extra`: the latent source's
+    own, its `cache_settings`), and each split's shape."""
     from mmalign.config import resolve_path
 
     d = cfg.diffusion
@@ -82,40 +82,15 @@ def fixed_crop_fraction(settings: dict[str, Any], split: str, row: int) -> Tenso
     return torch.rand((1, 2), generator=torch.Generator().manual_seed(seed))
 
 
-def crop_image(likelihood: DiffusionLikelihood, value: Any, where: str,
-               fraction: Tensor | None, root: str | None = None) -> tuple[Tensor, list[int]]:
-    """Load, resize (shortest side = resolution) and crop one image as the uncached draw does.
-
-    Returns pixels (3, res, res) in [-1, 1] and [orig_h, orig_w, top, left, top, left_flipped],
-    left_flipped = resized_w - left - res (the crop's left in the mirrored image)."""
-    res = likelihood.settings.resolution
-    image = likelihood._image(value, where, root)
-    original = [image.height, image.width]
-    image = resize_shortest(image, res)
-    top, left = crop_offsets(torch.tensor([[image.height, image.width]]), res, fraction)[0].tolist()
-    pixels = to_pixels(image)[:, top : top + res, left : left + res]
-    return pixels, [*original, top, left, top, image.width - left - res]
-
-
-def item_pixels(likelihood: DiffusionLikelihood, value: Any, where: str,
-                fraction: Tensor | None, root: str | None = None) -> tuple[Tensor, list[int]]:
-    """What the VAE encodes for one output, and its facts [orig_h, orig_w, top, left, top,
-    left_flipped]: the likelihood's own `cache_pixels(value, where, root)` when it has one (audio:
-    the clip's log-mel, never cropped), else the image's crop (`crop_image`). `root`: the
-    record's data folder (`_root`)."""
-    own = getattr(likelihood, "cache_pixels", None)
-    return own(value, where, root) if own is not None else crop_image(likelihood, value, where, fraction, root)
-
-
 def encode_crops(likelihood: DiffusionLikelihood, crops: list[Tensor], flips: bool) -> dict[str, Tensor]:
     """VAE posteriors of crops (n, 3, res, res): mean, std [mean_flipped, std_flipped] (n, C, h, w)
     float32 on the CPU; the flipped ones encode the mirrored crop."""
     pixels = torch.stack(crops)
     batch = likelihood.settings.vae_batch_size or 8
-    mean, std = likelihood.latent_dist(pixels, batch)
+    mean, std = likelihood.latents.latent_dist(pixels, batch)
     out = {"mean": mean.cpu(), "std": std.cpu()}
     if flips:
-        mean, std = likelihood.latent_dist(pixels.flip(-1), batch)
+        mean, std = likelihood.latents.latent_dist(pixels.flip(-1), batch)
         out.update(mean_flipped=mean.cpu(), std_flipped=std.cpu())
     return out
 
@@ -133,8 +108,8 @@ def encode_latent_shard(likelihood: DiffusionLikelihood, records: Sequence[dict[
         captions.append(_prompt_text(record["prompt"]))
         fraction = fixed_crop_fraction(settings, split, row)
         for slot, value in enumerate(record_outputs(record, kind)):
-            pixels, info = item_pixels(likelihood, value, f"{split} row {row}, output {slot}", fraction,
-                                       record.get("_root"))
+            pixels, info = likelihood.latents.cache_item(value, f"{split} row {row}, output {slot}", fraction,
+                                                         record.get("_root"))
             crops.append(pixels)
             facts.append([output_key(value), *info])
         if len(crops) >= step or row == rows[-1]:
@@ -149,17 +124,12 @@ def encode_latent_shard(likelihood: DiffusionLikelihood, records: Sequence[dict[
     return tensors, {"captions": json.dumps(captions)}
 
 
-def encode_text_shard(likelihood: DiffusionLikelihood, captions: list[str], dtype: torch.dtype,
-                      batch: int = 64) -> dict[str, Tensor]:
-    """Every conditioning tensor of `captions` (n rows): encoder_hidden_states (n, L, D)
-    [+ text_embeds (n, P) for SDXL], floating ones in the cache dtype, integer ones (masks) as
-    they are. A likelihood with `cache_text(captions)` (audio: each caption encoded alone, of its
-    own length) encodes the shard itself: tensors padded to the shard's longest + `length/<name>`."""
-    if hasattr(likelihood, "cache_text"):
-        outs = [likelihood.cache_text(captions)]
-    else:
-        outs = [likelihood.encode_text(captions[i : i + batch]) for i in range(0, len(captions), batch)]
-    tensors = {k: torch.cat([o[k].cpu() for o in outs]) for k in outs[0]}
+def encode_text_shard(likelihood: DiffusionLikelihood, captions: list[str], dtype: torch.dtype) -> dict[str, Tensor]:
+    """Every conditioning tensor of `captions` (n rows), as the conditioning source stores it
+    (`cache_text`: images encode in chunks; audio encodes each caption alone, padded to the shard's
+    longest with `length/<name>`): floating tensors in the cache dtype, integer ones (masks) as
+    they are."""
+    tensors = {k: v.cpu() for k, v in likelihood.conditioning.cache_text(captions).items()}
     return {k: _storage(v, dtype, "text embeddings") if v.is_floating_point() else v for k, v in tensors.items()}
 
 
@@ -204,8 +174,8 @@ def make_index(cache_dir: Path, plan: dict[str, Any], captions: list[str],
                   for k in range(split["num_shards"])]
         index["splits"][name] = {**split, "shards": shards}
     num_text = -(-len(captions) // size)
-    shift, scale = likelihood.latent_scaling()
-    index["latent"] = {"shape": list(likelihood.latent_shape()), "shift_factor": shift, "scaling_factor": scale}
+    shift, scale = likelihood.latents.latent_scaling()
+    index["latent"] = {"shape": list(likelihood.latents.latent_shape()), "shift_factor": shift, "scaling_factor": scale}
     index["text"] = {"shard_size": size, "files": [shard_name(TEXT, k) for k in range(num_text)],
                      "null": shard_name("null", 0)}
     files = [s["file"] for split in index["splits"].values() for s in split["shards"]] + index["text"]["files"]
@@ -225,7 +195,7 @@ def write_cache(cfg: Any, likelihood: DiffusionLikelihood, rank: int = 0, world:
     Returns this process's counts: {"written", "reused"} shards, "captions", "index" (path)."""
     cache_dir = Path(cfg.diffusion.cache_dir)
     splits = cache_splits(cfg)
-    plan = make_plan(cfg, splits, extra_settings(type(likelihood), cfg))
+    plan = make_plan(cfg, splits, likelihood.latents.cache_settings(cfg))
     check_plan(cache_dir, plan)
     barrier()  # every process checked the old plan before the main one replaces it
     if rank == 0:

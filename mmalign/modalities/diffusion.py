@@ -1,25 +1,35 @@
-"""Diffusion-DPO ELBO likelihood for diffusers UNet families (SD1.5, SD2 v-prediction; SDXL
-builds on it in `sdxl.py`).
+"""Diffusion-DPO and Flow-DPO likelihoods, composed from small parts (UNet families SD1.5 / SD2 /
+SDXL, flow transformers SD3 / FLUX, audio; the family-specific parts live in `mmalign/families/`).
 
-Per pair, ONE timestep t ~ U{0..T-1} and ONE noise ε are drawn and shared by the chosen
-and the rejected image, under the policy and the reference (Wallace et al., METHODS.md §2):
+Per pair, ONE noise level and ONE noise ε are drawn and shared by the chosen and the rejected
+image, under the policy and the reference (Wallace et al., METHODS.md §2):
 
-    x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε
-    target = ε (epsilon) | v = √ᾱ_t ε - √(1-ᾱ_t) x0 (v_prediction) | x0 (sample)
-    mse = mean over every non-batch dim of (pred_θ(x_t, t, c) - target)²
-    logp = -0.5 · mse
+    UNet (ELBO):   t ~ U{0..T-1},  x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε,
+                   target = ε (epsilon) | v = √ᾱ_t ε - √(1-ᾱ_t) x0 (v_prediction) | x0 (sample)
+    flow matching: σ = shift(sigmoid(N(0, 1))),  x_t = (1-σ) x0 + σ ε,  target v = ε - x0
+    mse = mean over every non-batch dim of (pred_θ(x_t, t, c) - target)²,   logp = -0.5 · mse
 
 The official loss -log σ(-0.5·β·[(mse_θ(w) - mse_θ(l)) - (mse_ref(w) - mse_ref(l))]) is then
 exactly the common `dpo` loss -log σ(β d) with the SAME β as the paper (5000 for SD1.5 and
 SDXL). The diffusers research script's β 2500 (no 0.5) equals our 5000.
 
+`DiffusionLikelihood` holds four parts and no family knowledge:
+- an objective (`ElboObjective` here, `FlowObjective` in flow.py): the noise level's draw and
+  (x_t, target) from (x0, ε, level);
+- a latent source: images through the live VAE (`ImageLatents`), clips' log-mels through it
+  (audio.py `MelLatents`), or a cache (diffusion_cache.py `CachedLatents`);
+- a conditioning source: the family's live text encoders (`TextConditioning` around the family's
+  `PromptEncoder`), per-prompt encoding (audio), or a cache;
+- the family's denoiser call (`Denoiser`): the model's keyword arguments, extra per-item
+  conditioning (SDXL's add_time_ids), latent packing (FLUX).
+
 Data: pair records {"prompt", "chosen", "rejected"} whose outputs are images (a path relative
 to the data file's folder, bytes, or {"bytes", "path"}). `collate` is deterministic (resize the
 shortest side to `diffusion.resolution`); every random choice (crop offset, flip, caption
-dropout, t, ε, the VAE latent sample) is made in `draw` from the step's generator, so the
-policy and the reference see the same draw and a resumed run repeats it exactly. Randomness
-is drawn in a fixed order whatever the options (flip, crop, dropout, t, ε, latent), so
-switching flips on does not change t or ε.
+dropout, t, ε, the VAE latent sample) is made in `draw` from each pair's own generator, so the
+policy and the reference see the same draw and a resumed run repeats it exactly. Randomness is
+drawn in a fixed order whatever the options (flip, crop, dropout, t, ε, latent), so switching
+flips on does not change t or ε.
 
 Null prompt: dropped captions become `encode("")` (the official Diffusion-DPO training). The
 SDXL pipeline's `force_zeros_for_empty_prompt` instead feeds ZEROS for an empty negative
@@ -28,17 +38,16 @@ prompt at sampling time; `diffusion.null_prompt: zeros` trains with zeros to mat
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
 from mmalign.data.media import load_image
 from mmalign.data.preference import batch_fields, data_folder, flatten
+from mmalign.families import Family
 from mmalign.types import Draw, LogpOutput, PreferenceBatch
-
 
 # -- pure helpers ------------------------------------------------------------------
 def group_index(kind: str, num_items: int, num_records: int) -> Tensor:
@@ -131,75 +140,152 @@ def _output_names(kind: str, records: list[dict[str, Any]]) -> list[str]:
     return [f"row {i}, completion" for i in rows]
 
 
-# -- the likelihood ----------------------------------------------------------------
-class DiffusionLikelihood:
-    """Implicit log-likelihood -0.5·mse of an image under a diffusers UNet (SD1.5, SD2).
+def sample_latents(mean: Tensor, std: Tensor, eta: Tensor, shift: float | None, scale: float) -> Tensor:
+    """(mean + std · η - shift_factor) · scaling_factor, all (N, C, h, w) float32."""
+    latents = mean + std * eta.to(mean.device)
+    if shift is not None:
+        latents = latents - shift
+    return latents * scale
 
-    vae: frozen AutoencoderKL (kept in `settings.vae_dtype`, run outside autocast).
-    text_encoders, tokenizers: frozen CLIP text encoder(s) and their tokenizers.
-    scheduler: a DDPMScheduler (its alphas_cumprod define x_t and the v target).
-    settings: the `DiffusionConfig` section. roots: folders that relative image paths are
-    resolved against (the train and eval files' folders), first match wins.
-    """
 
-    deterministic = False  # t, ε and the latent sample change every step
-    items_key = "pixel_values"  # the batch input whose rows are the items (`draw`)
+def mse_logps(pred: Tensor, target: Tensor) -> LogpOutput:
+    """logps (N,) = -0.5 · mse, mse = mean over every non-batch dim of (pred - target)², float32;
+    diagnostics {"mse": (N,)}."""
+    mse = (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))
+    return LogpOutput(logps=-0.5 * mse, diagnostics={"mse": mse})
 
-    def __init__(self, vae: Any, text_encoders: Sequence[Any], tokenizers: Sequence[Any], scheduler: Any,
-                 settings: Any, roots: Sequence[str | Path] = ()) -> None:
-        self.vae = None if vae is None else vae.requires_grad_(False).eval()  # None: latents from a cache
-        self.text_encoders = [e.requires_grad_(False).eval() for e in text_encoders]
-        self.tokenizers = list(tokenizers)
+
+def vae_latent_shape(vae_config: Any, resolution: int) -> tuple[int, int, int]:
+    """(C, h, w) of one latent: h = w = resolution / 2^(number of VAE blocks - 1)."""
+    side = resolution // 2 ** (len(vae_config.block_out_channels) - 1)
+    return (vae_config.latent_channels, side, side)
+
+
+@torch.no_grad()
+def vae_posterior(vae: Any, pixels: Tensor, batch_size: int = 0) -> tuple[Tensor, Tensor]:
+    """The VAE's posterior of pixels (N, ...): mean, std (N, C, h, w) float32, unscaled. The VAE
+    runs in its own dtype with autocast OFF (no fp16 NaN latents), in chunks of `batch_size`
+    items (0: all at once)."""
+    step = batch_size or pixels.shape[0]
+    means, stds = [], []
+    with torch.autocast(pixels.device.type, enabled=False):
+        for start in range(0, pixels.shape[0], step):
+            dist = vae.encode(pixels[start : start + step].to(vae.device, vae.dtype)).latent_dist
+            means.append(dist.mean.float())
+            stds.append(dist.std.float())
+    return torch.cat(means), torch.cat(stds)
+
+
+# -- the parts ---------------------------------------------------------------------------
+class ElboObjective:
+    """The UNet ELBO's noise level and inputs: t ~ U{0..T-1}; x_t = scheduler.add_noise(x0, ε, t);
+    target ε, v or x0 by `prediction_type` (`diffusion.prediction_type`, else the scheduler's)."""
+
+    def __init__(self, scheduler: Any, prediction_type: str = "") -> None:
         self.scheduler = scheduler
-        self.settings = settings
-        self.roots = [Path(r) for r in roots]
-        self.prediction_type = self.resolve_prediction_type(settings, scheduler)
+        self.prediction_type = prediction_type or scheduler.config.prediction_type
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
 
-    def resolve_prediction_type(self, settings: Any, scheduler: Any) -> str:
-        """`diffusion.prediction_type`, else the scheduler config's (a flow likelihood, whose
-        scheduler has none, overrides this)."""
-        return settings.prediction_type or scheduler.config.prediction_type
+    def draw_time(self, generator: torch.Generator | None) -> Tensor:
+        """(1,) timestep of one group (long), one call to the group's generator."""
+        return torch.randint(0, self.num_train_timesteps, (1,), generator=generator)
 
-    @classmethod
-    def denoiser_kwargs(cls, denoiser: Any) -> dict[str, Any]:
-        """Constructor keyword arguments read off the loaded denoiser's config (`build_family`);
-        none for a UNet."""
-        return {}
+    def time_values(self, times: Tensor, device: torch.device) -> dict[str, Tensor]:
+        """The draw's values of the per-item (N,) times: {"timesteps"}."""
+        return {"timesteps": times.to(device)}
 
-    def to(self, device: torch.device | str) -> "DiffusionLikelihood":
-        """Move the frozen VAE and text encoders (dtypes unchanged)."""
-        if self.vae is not None:
-            self.vae.to(device)
-        for encoder in self.text_encoders:
-            encoder.to(device)
-        return self
+    def noisy_and_target(self, latents: Tensor, noise: Tensor, values: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(x_t, target), both (N, C, h, w)."""
+        t = values["timesteps"]
+        noisy = self.scheduler.add_noise(latents, noise, t)
+        return noisy, prediction_target(self.scheduler, self.prediction_type, latents, noise, t)
 
-    # -- collate: deterministic ------------------------------------------------------
-    def _image(self, value: Any, where: str, root: str | None = None) -> Any:
-        """`root`: the record's own data folder (`_root`, set by the trainer), else the data folders."""
-        return load_image(value, where, root or self.roots)
+
+class PromptEncoder(Protocol):
+    """A family's live text encoding (e.g. `families.sdxl.SDXLText`): frozen encoders and their
+    tokenizers, in the order the family's pipeline takes them."""
+
+    text_encoders: list[Any]
+    tokenizers: list[Any]
 
     def tokenize(self, prompts: list[str]) -> dict[str, Tensor]:
-        """{"input_ids": (n, L)[, "input_ids_2": (n, L2)]}: padded to each tokenizer's max length."""
-        out = {}
-        for i, tok in enumerate(self.tokenizers):
-            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids
-            out["input_ids" if i == 0 else f"input_ids_{i + 1}"] = ids
-        return out
+        """{"input_ids": (n, L)[, "input_ids_2": ...]} padded as the pipeline pads."""
+        ...
 
-    def collate(self, records: list[dict[str, Any]], kind: str) -> PreferenceBatch:
-        """records -> batch of N images (2B for pairs: chosen rows first, then rejected).
+    def encode(self, ids: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The conditioning tensors (n, ...) float32 the denoiser consumes, as the pipeline's
+        `encode_prompt` makes them."""
+        ...
 
-        inputs: pixel_values (N, 3, Hp, Wp) in [-1, 1], each image resized (shortest side =
-        resolution) and zero-padded to the batch's largest size; sizes (N, 2) its resized
-        (h, w); original_sizes (N, 2) (h, w) as loaded; input_ids (N, L) [input_ids_2]."""
+
+class Denoiser(Protocol):
+    """A family's denoiser call (e.g. `families.sdxl.SDXLUNet`)."""
+
+    def extra_conditioning(self, inputs: dict[str, Any], crop_top_left: Tensor) -> dict[str, Tensor]:
+        """Per-item conditioning made in the draw from the batch and the crop (SDXL: time_ids)."""
+        ...
+
+    def predict(self, model: torch.nn.Module, noisy: Tensor, values: dict[str, Tensor]) -> Tensor:
+        """The model's output at x_t (N, C, h, w), float32, in the layout of `layout(target)`."""
+        ...
+
+    def layout(self, target: Tensor) -> Tensor:
+        """The target in the prediction's layout (FLUX: packed 2×2); identity for most."""
+        ...
+
+
+class UNetCall:
+    """The plain UNet call `unet(x_t, t, encoder_hidden_states=c)` (SD1.5 / SD2); families with
+    more conditioning override `kwargs` (SDXL, audio)."""
+
+    def kwargs(self, values: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Any]:
+        """Conditioning keyword arguments of the UNet call."""
+        return {"encoder_hidden_states": values["encoder_hidden_states"].to(dtype)}
+
+    def extra_conditioning(self, inputs: dict[str, Any], crop_top_left: Tensor) -> dict[str, Tensor]:
+        return {}
+
+    def sampling_conditioning(self, n: int, resolution: int, device: torch.device) -> dict[str, Tensor]:
+        """Extra conditioning of n generated images (no crop; SDXL's time_ids); none here."""
+        return {}
+
+    def predict(self, model: torch.nn.Module, noisy: Tensor, values: dict[str, Tensor]) -> Tensor:
+        dtype = next(model.parameters()).dtype
+        return model(noisy.to(dtype), values["timesteps"], **self.kwargs(values, dtype), return_dict=False)[0]
+
+    def layout(self, target: Tensor) -> Tensor:
+        return target
+
+
+class ImageLatents:
+    """Images -> VAE latents, live: collate loads and resizes, the draw crops, flips and encodes.
+
+    vae: frozen AutoencoderKL (kept in `settings.vae_dtype`, run outside autocast).
+    roots: folders that relative image paths of records without their own `_root` are resolved
+    against (`data_roots`)."""
+
+    items_key = "pixel_values"  # the batch input whose rows are the items
+
+    def __init__(self, vae: Any, settings: Any, roots: Sequence[str | Path] = ()) -> None:
+        self.vae = vae.requires_grad_(False).eval()
+        self.settings = settings
+        self.roots = [Path(r) for r in roots]
+
+    def to(self, device: torch.device | str) -> None:
+        self.vae.to(device)
+
+    def image(self, value: Any, where: str, root: str | None = None) -> Any:
+        """`root`: the record's own data folder (`_root`), else the data folders."""
+        return load_image(value, where, root or self.roots)
+
+    def collate(self, records: list[dict[str, Any]], kind: str) -> dict[str, Tensor]:
+        """pixel_values (N, 3, Hp, Wp) in [-1, 1], each image resized (shortest side = resolution)
+        and zero-padded to the batch's largest size; sizes (N, 2) its resized (h, w);
+        original_sizes (N, 2) (h, w) as loaded."""
         res = self.settings.resolution
-        items = flatten(records, kind)
         images, sizes, originals = [], [], []
-        for item, where in zip(items, _output_names(kind, records)):
-            image = self._image(item["response"], where, item.get("_root"))
+        for item, where in zip(flatten(records, kind), _output_names(kind, records)):
+            image = self.image(item["response"], where, item.get("_root"))
             originals.append((image.height, image.width))
             image = resize_shortest(image, res)
             sizes.append((image.height, image.width))
@@ -208,169 +294,210 @@ class DiffusionLikelihood:
         pixels = torch.zeros(len(images), 3, hp, wp)
         for row, image in enumerate(images):
             pixels[row, :, : image.shape[1], : image.shape[2]] = image
-        inputs = {"pixel_values": pixels, "sizes": torch.tensor(sizes), "original_sizes": torch.tensor(originals)}
-        inputs.update(self.tokenize([_prompt_text(item["prompt"]) for item in items]))
-        return batch_fields(records, kind, inputs)
+        return {"pixel_values": pixels, "sizes": torch.tensor(sizes), "original_sizes": torch.tensor(originals)}
 
-    # -- draw: all the randomness, once per batch -----------------------------------------
-    def augment(self, batch: PreferenceBatch, flip: Tensor, crop_fraction: Tensor) -> tuple[Tensor, Tensor]:
+    def augment(self, inputs: dict[str, Any], flip: Tensor, crop_fraction: Tensor) -> tuple[Tensor, Tensor]:
         """Crop and flip per item with its group's choices.
 
         flip (N,) bool; crop_fraction (N, 2). Returns pixels (N, 3, res, res) and the crop
         top-left (N, 2) in the coordinates of the (flipped) resized image, as SDXL's
         `crops_coords_top_left` (a flipped crop's left is w - left - res)."""
-        res, x = self.settings.resolution, batch.inputs
-        sizes = x["sizes"].cpu()
-        random_crop = self.settings.crop == "random"
-        offsets = crop_offsets(sizes, res, crop_fraction if random_crop else None)
+        res = self.settings.resolution
+        sizes = inputs["sizes"].cpu()
+        offsets = crop_offsets(sizes, res, crop_fraction if self.settings.crop == "random" else None)
         crops = []
         for i, (top, left) in enumerate(offsets.tolist()):
-            crop = x["pixel_values"][i, :, top : top + res, left : left + res]
+            crop = inputs["pixel_values"][i, :, top : top + res, left : left + res]
             crops.append(crop.flip(-1) if flip[i] else crop)
         mirrored_left = torch.where(flip, sizes[:, 1] - offsets[:, 1] - res, offsets[:, 1])
         return torch.stack(crops), torch.stack([offsets[:, 0], mirrored_left], dim=1)
 
     def latent_shape(self) -> tuple[int, int, int]:
-        """(C, h, w) of one latent: h = w = resolution / 2^(number of VAE blocks - 1)."""
-        c = self.vae.config
-        side = self.settings.resolution // 2 ** (len(c.block_out_channels) - 1)
-        return (c.latent_channels, side, side)
-
-    @torch.no_grad()
-    def latent_dist(self, pixels: Tensor, batch_size: int = 0) -> tuple[Tensor, Tensor]:
-        """The VAE's posterior of pixels (N, 3, res, res): mean, std (N, C, h, w) float32,
-        unscaled. The VAE runs in its own dtype with autocast OFF (no fp16 NaN latents), in
-        chunks of `batch_size` images (0: `diffusion.vae_batch_size`, else all at once)."""
-        vae = self.vae
-        step = batch_size or self.settings.vae_batch_size or pixels.shape[0]
-        means, stds = [], []
-        with torch.autocast(pixels.device.type, enabled=False):
-            for start in range(0, pixels.shape[0], step):
-                dist = vae.encode(pixels[start : start + step].to(vae.device, vae.dtype)).latent_dist
-                means.append(dist.mean.float())
-                stds.append(dist.std.float())
-        return torch.cat(means), torch.cat(stds)
+        return vae_latent_shape(self.vae.config, self.settings.resolution)
 
     def latent_scaling(self) -> tuple[float | None, float]:
         """(shift_factor or None, scaling_factor) of the VAE's latent space."""
         return getattr(self.vae.config, "shift_factor", None), float(self.vae.config.scaling_factor)
 
-    def sample_latents(self, mean: Tensor, std: Tensor, eta: Tensor) -> Tensor:
-        """(mean + std · η - shift_factor) · scaling_factor, all (N, C, h, w) float32."""
-        shift, scale = self.latent_scaling()
-        latents = mean + std * eta.to(mean.device)
-        if shift is not None:
-            latents = latents - shift
-        return latents * scale
+    def latent_dist(self, pixels: Tensor, batch_size: int = 0) -> tuple[Tensor, Tensor]:
+        """The VAE's posterior mean, std (N, C, h, w) float32 of pixels (N, 3, res, res)
+        (`vae_posterior`; batch_size 0: `diffusion.vae_batch_size`)."""
+        return vae_posterior(self.vae, pixels, batch_size or self.settings.vae_batch_size)
 
-    @torch.no_grad()
-    def encode_images(self, pixels: Tensor, latent_noise_fn: Any) -> Tensor:
-        """VAE latents (N, C, h, w) float32 = (sample - shift_factor) · scaling_factor.
-
-        The sample is mean + std · η with η from `latent_noise_fn(shape)` (the step's
-        generator); see `latent_dist` for how the VAE runs."""
+    def sample(self, inputs: dict[str, Any], groups: Tensor, flip: Tensor, crop_fraction: Tensor,
+               eta: Callable[[Sequence[int]], Tensor]) -> tuple[Tensor, Tensor]:
+        """x0 (N, C, h, w) float32 and the crop top-left (N, 2): crop and flip the pixels with each
+        item's group choices, encode, sample mean + std · η with η = `eta(shape)`."""
+        pixels, crop_top_left = self.augment(inputs, flip[groups], crop_fraction[groups])
         mean, std = self.latent_dist(pixels)
-        return self.sample_latents(mean, std, latent_noise_fn(mean.shape))
+        return sample_latents(mean, std, eta(mean.shape), *self.latent_scaling()), crop_top_left
 
-    @torch.no_grad()
-    def encode_prompt(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Text conditioning of n prompts from their token ids: {"encoder_hidden_states":
-        (n, L, D)}, the text encoder's last hidden state (SD1.5/SD2 pipelines)."""
-        encoder = self.text_encoders[0]
-        ids = inputs["input_ids"].to(encoder.device)
-        with torch.autocast(ids.device.type, enabled=False):
-            return {"encoder_hidden_states": encoder(ids)[0].float()}
+    # -- what `mmalign cache` stores (cache_writer.py) -----------------------------------------
+    def cache_settings(self, cfg: Any) -> dict[str, Any]:
+        """Plan settings this source adds (none for images)."""
+        return {}
+
+    def cache_item(self, value: Any, where: str, fraction: Tensor | None,
+                   root: str | None = None) -> tuple[Tensor, list[int]]:
+        """Load, resize (shortest side = resolution) and crop one image as the uncached draw does.
+
+        Returns pixels (3, res, res) in [-1, 1] and [orig_h, orig_w, top, left, top, left_flipped],
+        left_flipped = resized_w - left - res (the crop's left in the mirrored image)."""
+        res = self.settings.resolution
+        image = self.image(value, where, root)
+        original = [image.height, image.width]
+        image = resize_shortest(image, res)
+        top, left = crop_offsets(torch.tensor([[image.height, image.width]]), res, fraction)[0].tolist()
+        pixels = to_pixels(image)[:, top : top + res, left : left + res]
+        return pixels, [*original, top, left, top, image.width - left - res]
+
+
+def pad_tokens(tokenizers: list[Any], lengths: list[int], prompts: list[str]) -> dict[str, Tensor]:
+    """{"input_ids": (n, L1), "input_ids_2": (n, L2), ...}: each tokenizer pads to its length."""
+    out = {}
+    for i, (tok, length) in enumerate(zip(tokenizers, lengths)):
+        ids = tok(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+        out["input_ids" if i == 0 else f"input_ids_{i + 1}"] = ids
+    return out
+
+
+class TextConditioning:
+    """Live text conditioning through the family's `PromptEncoder`: token ids in collate, each
+    group's prompt encoded once in the draw; dropped captions become `encode("")`
+    (null_prompt "empty") or zeros (null_prompt "zeros")."""
+
+    def __init__(self, encoder: PromptEncoder, null_prompt: str) -> None:
+        self.encoder, self.null_prompt = encoder, null_prompt
+        for e in encoder.text_encoders:
+            e.requires_grad_(False).eval()
+
+    def to(self, device: torch.device | str) -> None:
+        for e in self.encoder.text_encoders:
+            e.to(device)
+
+    def collate(self, records: list[dict[str, Any]], kind: str) -> dict[str, Tensor]:
+        """input_ids (N, L) [input_ids_2, ...] of each item's prompt."""
+        return self.encoder.tokenize([_prompt_text(item["prompt"]) for item in flatten(records, kind)])
 
     def encode_text(self, prompts: list[str]) -> dict[str, Tensor]:
-        """Text conditioning of plain strings, e.g. `encode_text([""])` is the null prompt."""
-        return self.encode_prompt(self.tokenize(prompts))
+        """Conditioning (n, ...) of plain strings, e.g. `encode_text([""])` is the null prompt."""
+        return self.encoder.encode(self.encoder.tokenize(prompts))
 
-    def prompt_conditioning(self, batch: PreferenceBatch, groups: Tensor, dropped: Tensor) -> dict[str, Tensor]:
+    def per_item(self, inputs: dict[str, Any], groups: Tensor, dropped: Tensor) -> dict[str, Tensor]:
         """Encode each group's prompt once (its first item), null prompt where `dropped` (G,);
         returns per-item (N, ...) tensors."""
         first = (groups[None, :] == torch.arange(int(groups.max()) + 1)[:, None]).int().argmax(1)
-        ids = {k: v[first.to(v.device)] for k, v in batch.inputs.items() if k.startswith("input_ids")}
-        if self.settings.null_prompt == "empty" and bool(dropped.any()):
-            empty = self.tokenize([""])
+        ids = {k: v[first.to(v.device)] for k, v in inputs.items() if k.startswith("input_ids")}
+        if self.null_prompt == "empty" and bool(dropped.any()):
+            empty = self.encoder.tokenize([""])
             ids = {k: torch.where(dropped.to(v.device)[:, None], empty[k].to(v.device), v) for k, v in ids.items()}
-        cond = self.encode_prompt(ids)
-        if self.settings.null_prompt == "zeros":
+        cond = self.encoder.encode(ids)
+        if self.null_prompt == "zeros":
             cond = {k: v * (~dropped).to(v.device, v.dtype).view(-1, *[1] * (v.ndim - 1)) for k, v in cond.items()}
         return {k: v[groups.to(v.device)] for k, v in cond.items()}
 
-    def extra_conditioning(self, batch: PreferenceBatch, crop_top_left: Tensor) -> dict[str, Tensor]:
-        """Further per-item conditioning made in the draw (SDXL's add_time_ids); none here."""
-        return {}
+    def cache_text(self, prompts: list[str], batch: int = 64) -> dict[str, Tensor]:
+        """What `mmalign cache` stores for `prompts`: `encode_text` in chunks of `batch`, (n, ...)."""
+        outs = [self.encode_text(prompts[i : i + batch]) for i in range(0, len(prompts), batch)]
+        return {k: torch.cat([o[k].cpu() for o in outs]) for k in outs[0]}
 
-    def draw_time(self, num_groups: int, generator: torch.Generator | None) -> Tensor:
-        """(G,) the per-group noise level: timesteps t ~ U{0..T-1} (long) for a UNet; a flow
-        likelihood draws its σ here instead (one call to the generator's stream either way)."""
-        return torch.randint(0, self.num_train_timesteps, (num_groups,), generator=generator)
 
-    def time_values(self, times: Tensor, device: torch.device) -> dict[str, Tensor]:
-        """The draw's values of the per-item (N,) `draw_time` output: {"timesteps"}."""
-        return {"timesteps": times.to(device)}
+# -- the likelihood ----------------------------------------------------------------------
+class DiffusionLikelihood:
+    """Implicit log-likelihood -0.5·mse of an output under a denoiser, from its four parts
+    (module docstring). `family`: the `Family` descriptor (validation reads its pipeline);
+    `settings`: the `diffusion` config section."""
+
+    deterministic = False  # the noise level, ε and the latent sample change every step
+
+    def __init__(self, family: Family, objective: Any, latents: Any, conditioning: Any, denoiser: Denoiser,
+                 settings: Any) -> None:
+        self.family, self.objective, self.settings = family, objective, settings
+        self.latents, self.conditioning, self.denoiser = latents, conditioning, denoiser
+
+    # frozen parts, for pipelines built in memory (validation, SPO sampling); None / [] from a cache
+    @property
+    def vae(self) -> Any:
+        return getattr(self.latents, "vae", None)
+
+    @property
+    def text_encoders(self) -> list[Any]:
+        encoder = getattr(self.conditioning, "encoder", None)
+        return [] if encoder is None else encoder.text_encoders
+
+    @property
+    def tokenizers(self) -> list[Any]:
+        encoder = getattr(self.conditioning, "encoder", None)
+        return [] if encoder is None else encoder.tokenizers
+
+    @property
+    def scheduler(self) -> Any:
+        return self.objective.scheduler
+
+    @property
+    def prediction_type(self) -> str:
+        return self.objective.prediction_type
+
+    def to(self, device: torch.device | str) -> "DiffusionLikelihood":
+        """Move the frozen VAE and text encoders (dtypes unchanged)."""
+        self.latents.to(device)
+        self.conditioning.to(device)
+        return self
+
+    def encode_text(self, prompts: list[str]) -> dict[str, Tensor]:
+        """Conditioning (n, ...) of plain strings through the live text encoders, e.g.
+        `encode_text([""])` is the null prompt (a cached likelihood has none: an error)."""
+        return self.conditioning.encode_text(prompts)
+
+    def collate(self, records: list[dict[str, Any]], kind: str) -> PreferenceBatch:
+        """records -> batch of N items (2B for pairs: chosen rows first, then rejected): the latent
+        source's inputs (pixels, log-mels or cached distributions) and the conditioning's."""
+        inputs = {**self.latents.collate(records, kind), **self.conditioning.collate(records, kind)}
+        return batch_fields(records, kind, inputs)
 
     def draw_choices(self, kind: str, num_items: int,
                      generators: list[torch.Generator | None]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """The per-group random choices, each group from its own generator (`example_generators`)
-        in the fixed order every draw uses (the cached draw of `diffusion_cache.py` too): flip,
-        crop fraction (2 values), caption dropout, then `draw_time` (timestep long, or σ); later
-        `draw_latents` takes ε and then the latent sample of each of the group's images.
-        Returns groups (N,), flip (G,) bool, crop_fraction (G, 2), dropped (G,) bool, times (G,)."""
+        in the fixed order every draw uses: flip, crop fraction (2 values), caption dropout, then
+        the objective's noise level (timestep, or σ); `draw` then takes ε and the latent sample of
+        each of the group's items. Returns groups (N,), flip (G,) bool, crop_fraction (G, 2),
+        dropped (G,) bool, times (G,)."""
         groups = group_index(kind, num_items, len(generators))
         u = torch.stack([torch.rand(4, generator=g) for g in generators])  # (G, 4)
-        times = torch.cat([self.draw_time(1, g) for g in generators])
+        times = torch.cat([self.objective.draw_time(g) for g in generators])
         flip = (u[:, 0] < 0.5) & self.settings.random_flip
         return groups, flip, u[:, 1:3], u[:, 3] < self.settings.caption_dropout, times
 
-    def draw_latents(self, batch: PreferenceBatch, groups: Tensor, flip: Tensor, crop_fraction: Tensor,
-                     generators: list[torch.Generator | None]) -> tuple[Tensor, Tensor, Tensor]:
-        """x0 (N, C, h, w) float32, ε (G, C, h, w) and the crop top-left (N, 2): crop and flip
-        the pixels, draw ε per group, then the VAE latent sample per image (`item_normals`)."""
-        pixels, crop_top_left = self.augment(batch, flip[groups], crop_fraction[groups])
-        noise = torch.stack([torch.randn(self.latent_shape(), generator=g) for g in generators])
-        latents = self.encode_images(pixels, lambda shape: item_normals(shape, groups, generators))
-        return latents, noise, crop_top_left
-
     def draw(self, batch: PreferenceBatch, generator: torch.Generator | None = None) -> Draw:
-        """Per group (pair) g: flip, crop fraction, caption dropout, t_g ~ U{0..T-1} (`draw_time`),
-        ε_g; per image: the VAE latent sample, all from the group's own generator
-        (`example_generators`: the step's seed + the example's data row). Values (N = 2B rows for
-        pairs, chosen then rejected): latents, noise (N, C, h, w) float32; timesteps (N,) long
-        (`time_values`); caption_dropped (N,) bool; the text conditioning (encoder_hidden_states
-        (N, L, D), ...); plus the subclass's extra conditioning."""
-        n = batch.inputs[self.items_key].shape[0]
+        """Per group (pair) g: flip, crop fraction, caption dropout, the noise level, ε_g; per item:
+        the latent sample, all from the group's own generator (`example_generators`: the step's
+        seed + the example's data row). Values (N = 2B rows for pairs, chosen then rejected):
+        latents, noise (N, C, h, w) float32; timesteps (N,) [sigmas (N,)]; caption_dropped (N,)
+        bool; the conditioning tensors (encoder_hidden_states (N, L, D), ...); the denoiser's
+        extra conditioning."""
+        inputs = batch.inputs
         generators = example_generators(batch.index, generator)
+        n = inputs[self.latents.items_key].shape[0]
         groups, flip, crop_fraction, dropped, times = self.draw_choices(batch.kind, n, generators)
-        latents, noise, crop_top_left = self.draw_latents(batch, groups, flip, crop_fraction, generators)
+        noise = torch.stack([torch.randn(self.latents.latent_shape(), generator=g) for g in generators])
+        latents, crop_top_left = self.latents.sample(inputs, groups, flip, crop_fraction,
+                                                     lambda shape: item_normals(shape, groups, generators))
         values = {"latents": latents, "noise": noise[groups].to(latents.device),
-                  **self.time_values(times[groups], latents.device), "caption_dropped": dropped[groups]}
-        values.update(self.prompt_conditioning(batch, groups, dropped))
-        values.update(self.extra_conditioning(batch, crop_top_left))
+                  **self.objective.time_values(times[groups], latents.device), "caption_dropped": dropped[groups]}
+        values.update(self.conditioning.per_item(inputs, groups, dropped))
+        values.update(self.denoiser.extra_conditioning(inputs, crop_top_left))
         return Draw(values)
 
-    # -- logps ----------------------------------------------------------------------------
-    def unet_kwargs(self, draw: Draw, dtype: torch.dtype) -> dict[str, Any]:
-        """Conditioning keyword arguments of the UNet call."""
-        return {"encoder_hidden_states": draw.values["encoder_hidden_states"].to(dtype)}
-
     def logps(self, model: torch.nn.Module, batch: PreferenceBatch, draw: Draw) -> LogpOutput:
-        """logps (N,) = -0.5 · mse; diagnostics {"mse": (N,)} (float32).
-
-        x_t = scheduler.add_noise(x0, ε, t); mse = mean over C, H, W of (unet(x_t, t, c) - target)²."""
+        """logps (N,) = -0.5 · mse of the denoiser's prediction at x_t against the objective's
+        target; diagnostics {"mse": (N,)} (float32)."""
         v = draw.values
-        latents, noise, timesteps = v["latents"], v["noise"], v["timesteps"]
-        noisy = self.scheduler.add_noise(latents, noise, timesteps)
-        target = prediction_target(self.scheduler, self.prediction_type, latents, noise, timesteps)
-        dtype = next(model.parameters()).dtype
-        pred = model(noisy.to(dtype), timesteps, **self.unet_kwargs(draw, dtype), return_dict=False)[0]
-        mse = (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))
-        return LogpOutput(logps=-0.5 * mse, diagnostics={"mse": mse})
+        noisy, target = self.objective.noisy_and_target(v["latents"], v["noise"], v)
+        return mse_logps(self.denoiser.predict(model, noisy, v), self.denoiser.layout(target))
 
     def validate(self, model: torch.nn.Module, step: int, folder: str | Path) -> dict[str, float]:
         """The trainer's `train.validate_every` hook: a PNG grid of the configured prompts × seeds
-        sampled with `model` in `folder` (`validation.validate_images`)."""
+        sampled with `model` through the family's pipeline (`validation.validate_images`)."""
         from mmalign.modalities.validation import validate_images
 
         d = self.settings
@@ -392,75 +519,11 @@ def data_roots(cfg: Any) -> list[Path]:
     return roots
 
 
-@dataclass(frozen=True)
-class PipelineLayout:
-    """Where a family's trainable denoiser lives in a diffusers pipeline folder and the diffusers
-    classes of it and of the training scheduler; `kind` names the folder in errors."""
-
-    denoiser: str = "unet"
-    denoiser_class: str = "UNet2DConditionModel"
-    scheduler_class: str = "DDPMScheduler"
-    kind: str = "pipeline"
-
-
-UNET_LAYOUT = PipelineLayout()
-
-
-def load_parts(cfg: Any, encoders: Sequence[tuple[Any, ...]], unet: bool = True, frozen: bool = True,
-               layout: PipelineLayout = UNET_LAYOUT) -> dict[str, Any]:
-    """Load the denoiser (key "unet", also for a flow transformer), vae, scheduler and the text
-    encoders (subfolder, tokenizer subfolder, class[, required]) from the local pipeline folder
-    `cfg.model.path` (no downloads); `layout` names the denoiser's subfolder and the classes.
-    An optional encoder (required False) whose folder is missing is skipped (SD3 without T5).
-    unet=False skips the denoiser (`mmalign cache`), frozen=False the VAE, text encoders and
-    tokenizers (training from a cache); a skipped part is None (text_encoders/tokenizers: [])."""
-    import diffusers
-    from transformers import AutoTokenizer
-
-    from mmalign.config import ConfigError, resolve_path
-
-    path, d = resolve_path(cfg.model.path), cfg.diffusion
-    if not (Path(path) / layout.denoiser).is_dir():
-        raise ConfigError(f"model.path {path} is not a local diffusers {layout.kind} folder "
-                          f"(no {layout.denoiser}/ inside)")
-    variant = {"variant": d.variant} if d.variant else {}
-    dtype = getattr(torch, cfg.model.dtype)
-    scheduler = getattr(diffusers, layout.scheduler_class).from_pretrained(path, subfolder="scheduler")
-    parts: dict[str, Any] = {"unet": None, "vae": None, "text_encoders": [], "tokenizers": [], "scheduler": scheduler}
-    if unet:
-        parts["unet"] = getattr(diffusers, layout.denoiser_class).from_pretrained(
-            path, subfolder=layout.denoiser, torch_dtype=dtype, **variant)
-    if frozen:
-        vae_path, vae_sub = (d.vae_path, None) if d.vae_path else (path, "vae")
-        parts["vae"] = diffusers.AutoencoderKL.from_pretrained(vae_path, subfolder=vae_sub,
-                                                               torch_dtype=getattr(torch, d.vae_dtype), **variant)
-        present = [e[:3] for e in encoders if all(e[3:]) or (Path(path) / e[0]).is_dir()]
-        parts["text_encoders"] = [enc.from_pretrained(path, subfolder=sub, dtype=dtype, **variant)
-                                  for sub, _, enc in present]
-        parts["tokenizers"] = [AutoTokenizer.from_pretrained(path, subfolder=tok) for _, tok, _ in present]
-    return parts
-
-
-def build_family(cfg: Any, cls: type, encoders: Sequence[tuple[Any, ...]], use_cache: bool = True,
-                 unet: bool = True, layout: PipelineLayout = UNET_LAYOUT) -> tuple[Any, DiffusionLikelihood, None]:
-    """(denoiser, likelihood of class `cls`, None) from the pipeline folder (`load_parts`); the
-    likelihood takes the keyword arguments `cls.denoiser_kwargs(denoiser)` reads off the denoiser.
-    With `diffusion.cache_dir` set (and use_cache), the likelihood reads latents and text
-    embeddings from that cache and NO VAE or text encoder is loaded
-    (`diffusion_cache.CachedDiffusionLikelihood`); unet=False skips the denoiser."""
-    if use_cache and cfg.diffusion.cache_dir:
-        from mmalign.modalities.diffusion_cache import build_cached
-
-        return build_cached(cfg, cls, load_parts(cfg, encoders, unet=unet, frozen=False, layout=layout))
-    parts = load_parts(cfg, encoders, unet=unet, layout=layout)
-    likelihood = cls(parts["vae"], parts["text_encoders"], parts["tokenizers"], parts["scheduler"],
-                     cfg.diffusion, data_roots(cfg), **cls.denoiser_kwargs(parts["unet"]))
-    return parts["unet"], likelihood, None
-
-
-def build(cfg: Any, use_cache: bool = True, unet: bool = True) -> tuple[torch.nn.Module, DiffusionLikelihood, None]:
-    """SD1.5 / SD2 (modality `sd`): (trainable UNet, likelihood owning VAE + text encoder, None);
-    from the cache in `diffusion.cache_dir` when set (see `build_family`)."""
-    from transformers import CLIPTextModel
-
-    return build_family(cfg, DiffusionLikelihood, [("text_encoder", "tokenizer", CLIPTextModel)], use_cache, unet)
+def image_likelihood(cfg: Any, family: Family, parts: dict[str, Any], encoder: PromptEncoder,
+                     denoiser: Denoiser, objective: Any = None) -> DiffusionLikelihood:
+    """A live image likelihood: `ImageLatents` through the loaded VAE, `TextConditioning` through
+    the family's encoder; the ELBO objective unless another is given (flow)."""
+    d = cfg.diffusion
+    objective = objective or ElboObjective(parts["scheduler"], d.prediction_type)
+    return DiffusionLikelihood(family, objective, ImageLatents(parts["vae"], d, data_roots(cfg)),
+                               TextConditioning(encoder, d.null_prompt), denoiser, d)

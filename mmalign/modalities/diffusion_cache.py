@@ -13,10 +13,10 @@ What is cached (METHODS.md §2: "cache the distribution's mean and std, not one 
   clip the mel-VAE posterior of its log-mel (no flip, no crop); per unique prompt its own-length
   conditioning with the attention mask (int64) and `length/<name>`, padded per batch at train time.
 
-Per step, `CachedDiffusionLikelihood.draw` makes exactly the uncached draw's random choices from
-each pair's generator, in the same order (`DiffusionLikelihood.draw` itself: `draw_choices`'s flip,
-crop fraction, caption dropout, t; then ε (G, C, h, w); then the latent sample η (N, C, h, w)
-in `CachedDiffusionLikelihood.draw_latents`), and forms
+Per step, `DiffusionLikelihood.draw` with the cache's sources (`CachedLatents`, `CachedText`)
+makes exactly the uncached draw's random choices from each pair's generator, in the same order
+(`draw_choices`'s flip, crop fraction, caption dropout, t; then ε (G, C, h, w); then the latent
+sample η (N, C, h, w) in `CachedLatents.sample`), and forms
 latents = (mean + std · η - shift) · scale. So with the same records and seed, cached and
 uncached training see the same t, ε, η, flips and dropped captions, hence the same loss (up to
 the storage dtype's rounding).
@@ -61,10 +61,10 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from mmalign.data.preference import DataError, batch_fields
-from mmalign.modalities.diffusion import DiffusionLikelihood, _prompt_text, item_normals
-from mmalign.modalities.sdxl import SDXLLikelihood
-from mmalign.types import PreferenceBatch
+from mmalign.data.preference import DataError
+from mmalign.families import Family
+from mmalign.modalities.diffusion import DiffusionLikelihood, ElboObjective, _prompt_text, sample_latents
+from mmalign.modalities.loading import load_parts
 
 CACHE_VERSION = 1
 TEXT = "text"
@@ -136,13 +136,6 @@ def cache_splits(cfg: Any) -> dict[str, tuple[Sequence[dict[str, Any]], str]]:
 
 
 # -- encoding (mmalign cache) ---------------------------------------------------------------
-
-
-def extra_settings(cls: type, cfg: Any) -> dict[str, Any]:
-    """Plan settings that a likelihood class adds or overrides (its `cache_settings(cfg)`, e.g.
-    audio's mel settings); {} for the image families."""
-    hook = getattr(cls, "cache_settings", None)
-    return hook(cfg) if hook is not None else {}
 
 
 # -- reading (training) ----------------------------------------------------------------------
@@ -266,7 +259,7 @@ class LatentCache:
     def check(self, cfg: Any, num_records: dict[str, int], unet: Any = None,
               extra: dict[str, Any] | None = None) -> None:
         """Raise a `CacheError` naming the first way the cache does not fit the config and data;
-        `extra`: the likelihood class's own settings (`extra_settings`, e.g. audio's mel)."""
+        `extra`: the latent source's own settings (`cache_settings`, e.g. audio's mel)."""
         s, d, splits = self.settings, cfg.diffusion, self.index["splits"]
         expected = {"modality": cfg.modality, "resolution": d.resolution, "crop": d.crop, **(extra or {})}
         problems = [f"{key}: cache {s.get(key)!r}, config {now!r}" for key, now in expected.items()
@@ -286,21 +279,24 @@ class LatentCache:
                              "Rerun mmalign cache with another diffusion.cache_dir")
 
 
-# -- the likelihood ------------------------------------------------------------------------------
-class CachedDiffusionLikelihood(DiffusionLikelihood):
-    """`DiffusionLikelihood` whose collate reads cached latent distributions and text tensors
-    by record (no image decoding, no VAE, no text encoder) and whose draw (the base class's, with
-    `draw_latents` and `prompt_conditioning` reading the cache) samples them with exactly the
-    uncached draw's randomness (module docstring). vae is None, text_encoders []."""
+# -- the sources ------------------------------------------------------------------------------
+def _record_wheres(records: list[dict[str, Any]]) -> list[str]:
+    return [f"row {r.get('_index', i)}" for i, r in enumerate(records)]
+
+
+class CachedLatents:
+    """A latent source reading each item's cached VAE posterior (mean, std [+ flipped]) and
+    facts by record (no image decoding, no VAE) and sampling it with exactly the uncached draw's
+    randomness (module docstring). vae is None."""
 
     items_key = "latent_mean"
+    vae = None
 
-    def __init__(self, cache: LatentCache, scheduler: Any, settings: Any) -> None:
-        super().__init__(None, [], [], scheduler, settings)
-        self.cache = cache
+    def __init__(self, cache: LatentCache, settings: Any) -> None:
+        self.cache, self.settings = cache, settings
 
-    def to(self, device: torch.device | str) -> "CachedDiffusionLikelihood":
-        return self  # nothing frozen to move
+    def to(self, device: torch.device | str) -> None:
+        """Nothing frozen to move."""
 
     def latent_shape(self) -> tuple[int, int, int]:
         return tuple(self.cache.index["latent"]["shape"])  # type: ignore[return-value]
@@ -309,79 +305,89 @@ class CachedDiffusionLikelihood(DiffusionLikelihood):
         latent = self.cache.index["latent"]
         return latent["shift_factor"], float(latent["scaling_factor"])
 
-    def encode_prompt(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+    def collate(self, records: list[dict[str, Any]], kind: str) -> dict[str, Tensor]:
+        """latent_mean, latent_std [+ latent_mean_flipped, latent_std_flipped] (N, C, h, w)
+        float32; original_sizes, crop_top_left, crop_top_left_flipped (N, 2) (flatten order)."""
+        locations = [self.cache.locate(r, kind, w) for r, w in zip(records, _record_wheres(records))]
+        slots = item_slots(kind, len(records), len(locations[0]))
+        return self.cache.read_items([locations[i][j] for i, j in slots], self.settings.random_flip)
+
+    def sample(self, inputs: dict[str, Any], groups: Tensor, flip: Tensor, crop_fraction: Tensor,
+               eta: Any) -> tuple[Tensor, Tensor]:
+        """latents = (mean + std · η - shift) · scale of the flipped or unflipped cached posterior,
+        η = `eta(shape)` (the uncached draw's per-item latent sample); crop_fraction is unused
+        (the crop was fixed at cache time). Returns x0 (N, C, h, w) and the crop top-left (N, 2)."""
+        noise_eta = eta(inputs["latent_mean"].shape)
+        flipped = flip[groups].to(inputs["latent_mean"].device)
+        mean, std = inputs["latent_mean"], inputs["latent_std"]
+        if bool(flipped.any()):
+            mask = flipped.view(-1, 1, 1, 1)
+            mean = torch.where(mask, inputs["latent_mean_flipped"], mean)
+            std = torch.where(mask, inputs["latent_std_flipped"], std)
+        crop_top_left = torch.where(flipped[:, None], inputs["crop_top_left_flipped"], inputs["crop_top_left"]).cpu()
+        return sample_latents(mean, std, noise_eta, *self.latent_scaling()), crop_top_left
+
+
+class CachedText:
+    """A conditioning source reading each item's caption tensors from the cache (no text encoder):
+    the caption's, or the null prompt's where the group's caption is dropped (`null_prompt:
+    empty`), or zeros (`null_prompt: zeros`), as the live `TextConditioning`."""
+
+    def __init__(self, cache: LatentCache, null_prompt: str) -> None:
+        self.cache, self.null_prompt = cache, null_prompt
+
+    def to(self, device: torch.device | str) -> None:
+        """Nothing frozen to move."""
+
+    def encode_text(self, prompts: list[str]) -> dict[str, Tensor]:
         raise CacheError("a cached likelihood has no text encoder: captions are looked up in the cache")
 
-    def collate(self, records: list[dict[str, Any]], kind: str) -> PreferenceBatch:
-        """records -> batch of N items (flatten order). inputs: latent_mean, latent_std
-        [+ latent_mean_flipped, latent_std_flipped] (N, C, h, w) float32; original_sizes,
-        crop_top_left, crop_top_left_flipped (N, 2); caption_rows (N,); prompt/<name> (N, ...)
-        text tensors (prompt/encoder_hidden_states (N, L, D) [, prompt/text_embeds (N, P)])."""
-        wheres = [f"row {r.get('_index', i)}" for i, r in enumerate(records)]
-        locations = [self.cache.locate(r, kind, w) for r, w in zip(records, wheres)]
-        slots = item_slots(kind, len(records), len(locations[0]))
-        inputs: dict[str, Any] = self.cache.read_items([locations[i][j] for i, j in slots], self.settings.random_flip)
+    def collate(self, records: list[dict[str, Any]], kind: str) -> dict[str, Tensor]:
+        """caption_rows (N,); prompt/<name> (N, ...) text tensors (prompt/encoder_hidden_states
+        (N, L, D) [, prompt/text_embeds (N, P)]), flatten order."""
+        wheres = _record_wheres(records)
+        per_record = len(record_outputs(records[0], kind))
+        slots = item_slots(kind, len(records), per_record)
         rows = torch.tensor([self.cache.caption_row(_prompt_text(records[i]["prompt"]), wheres[i]) for i, _ in slots])
         unique, inverse = rows.unique(return_inverse=True)
-        inputs.update({f"prompt/{k}": v[inverse] for k, v in self.cache.read_text(unique.tolist()).items()})
+        inputs: dict[str, Tensor] = {f"prompt/{k}": v[inverse] for k, v in self.cache.read_text(unique.tolist()).items()}
         inputs["caption_rows"] = rows
-        return batch_fields(records, kind, inputs)
+        return inputs
 
-    def prompt_conditioning(self, batch: PreferenceBatch, groups: Tensor, dropped: Tensor) -> dict[str, Tensor]:
-        """Per-item text tensors: the caption's, or the null prompt's where the group's caption
-        is dropped (`null_prompt: empty`), or zeros (`null_prompt: zeros`), as the uncached one."""
+    def per_item(self, inputs: dict[str, Any], groups: Tensor, dropped: Tensor) -> dict[str, Tensor]:
         item_dropped = dropped[groups]
         out = {}
-        for key, value in batch.inputs.items():
+        for key, value in inputs.items():
             if not key.startswith("prompt/"):
                 continue
             name, mask = key[len("prompt/"):], item_dropped.to(value.device).view(-1, *[1] * (value.ndim - 1))
-            if self.settings.null_prompt == "empty":
+            if self.null_prompt == "empty":
                 value = torch.where(mask, self.cache.null[name].to(value.device), value)
             else:
                 value = value * (~mask).to(value.dtype)
             out[name] = value
         return out
 
-    def draw_latents(self, batch: PreferenceBatch, groups: Tensor, flip: Tensor, crop_fraction: Tensor,
-                     generators: list[torch.Generator | None]) -> tuple[Tensor, Tensor, Tensor]:
-        """The uncached draw's ε (G, C, h, w) and η (N, C, h, w), in that order from each group's
-        generator, applied to the cached distributions: latents = (mean + std · η - shift) · scale
-        of the flipped or unflipped cached posterior; crop_fraction is unused (the crop was fixed
-        at cache time). `DiffusionLikelihood.draw` makes the choices (flip, crop fraction,
-        dropout, t) before."""
-        x = batch.inputs
-        noise = torch.stack([torch.randn(self.latent_shape(), generator=g) for g in generators])
-        eta = item_normals(x["latent_mean"].shape, groups, generators)
-        flipped = flip[groups].to(x["latent_mean"].device)
-        mean, std = x["latent_mean"], x["latent_std"]
-        if bool(flipped.any()):
-            mask = flipped.view(-1, 1, 1, 1)
-            mean, std = torch.where(mask, x["latent_mean_flipped"], mean), torch.where(mask, x["latent_std_flipped"], std)
-        crop_top_left = torch.where(flipped[:, None], x["crop_top_left_flipped"], x["crop_top_left"]).cpu()
-        return self.sample_latents(mean, std, eta), noise, crop_top_left
 
-
-class CachedSDXLLikelihood(CachedDiffusionLikelihood, SDXLLikelihood):
-    """SDXL from a cache: text tensors (prompt + pooled) from the cache, add_time_ids from the
-    cached original size and crop (`SDXLLikelihood.extra_conditioning`), SDXL's UNet call."""
-
-
-# uncached likelihood class -> its cached class; the audio ones are added by mmalign.modalities.audio_cache
-CACHED = {DiffusionLikelihood: CachedDiffusionLikelihood, SDXLLikelihood: CachedSDXLLikelihood}
-
-
-def build_cached(cfg: Any, cls: type, parts: dict[str, Any]) -> tuple[Any, CachedDiffusionLikelihood, None]:
-    """(UNet, cached likelihood, None) for `diffusion.cache_dir`, after checking that the cache
-    fits the config and the data (`LatentCache.check`). No VAE or text encoder is loaded."""
+def open_cache(cfg: Any, family: Family, unet: Any, latents_extra: dict[str, Any] | None = None) -> LatentCache:
+    """The complete cache of `diffusion.cache_dir`, checked against the config and the data
+    (`LatentCache.check`); validation images are refused (no VAE or text encoder is loaded)."""
     from mmalign.config import ConfigError
 
-    if cls not in CACHED:
-        raise ConfigError(f"diffusion.cache_dir: modality '{cfg.modality}' cannot train from a cache yet")
-    if cfg.train.validate_every and hasattr(cls, "validate"):
+    if cfg.train.validate_every and family.validation:
         raise ConfigError("train.validate_every samples images with the VAE and text encoders, which a run "
                           "from diffusion.cache_dir does not load; set train.validate_every=0")
     cache = LatentCache(cfg.diffusion.cache_dir)
-    cache.check(cfg, {name: len(records) for name, (records, _) in cache_splits(cfg).items()}, parts["unet"],
-                extra_settings(cls, cfg))
-    return parts["unet"], CACHED[cls](cache, parts["scheduler"], cfg.diffusion), None
+    cache.check(cfg, {name: len(records) for name, (records, _) in cache_splits(cfg).items()}, unet, latents_extra)
+    return cache
+
+
+def build_cached(cfg: Any, family: Family, denoiser: Any, trained: bool = True) -> tuple[Any, DiffusionLikelihood, None]:
+    """(UNet, image likelihood reading `diffusion.cache_dir`, None): only the UNet and the scheduler
+    are loaded; latents and text from the cache (`CachedLatents`, `CachedText`)."""
+    parts = load_parts(cfg, family, unet=trained, frozen=False)
+    cache = open_cache(cfg, family, parts["unet"])
+    d = cfg.diffusion
+    likelihood = DiffusionLikelihood(family, ElboObjective(parts["scheduler"], d.prediction_type),
+                                     CachedLatents(cache, d), CachedText(cache, d.null_prompt), denoiser, d)
+    return parts["unet"], likelihood, None

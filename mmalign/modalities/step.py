@@ -180,21 +180,26 @@ class StepLikelihood:
         return predict_x0_eps(output, x, alpha, self.prediction_type, self.clip_range)[0]
 
     # -- conditioning and the guided model output ----------------------------------------------
+    def tokenize(self, prompts: list[str]) -> dict[str, Tensor]:
+        """Token ids of the base family's text encoders (`PromptEncoder.tokenize`)."""
+        return self.base.conditioning.encoder.tokenize(prompts)
+
+    def latent_shape(self) -> tuple[int, ...]:
+        return self.base.latents.latent_shape()
+
     def encode(self, input_ids: dict[str, Tensor]) -> dict[str, Tensor]:
         """Prompt conditioning (n, ...) from token ids, plus SDXL's time_ids [res, res, 0, 0, res, res]
         (generated images: original = target size, no crop), as the SDXL pipeline samples."""
-        cond = self.base.encode_prompt(input_ids)
-        if "text_embeds" in cond:
-            res = self.base.settings.resolution
-            n = cond["text_embeds"].shape[0]
-            cond["time_ids"] = torch.tensor([[res, res, 0, 0, res, res]], dtype=torch.float32,
-                                            device=cond["text_embeds"].device).expand(n, 6)
+        cond = self.base.conditioning.encoder.encode(input_ids)
+        first = next(iter(cond.values()))
+        cond.update(self.base.denoiser.sampling_conditioning(first.shape[0], self.base.settings.resolution,
+                                                             first.device))
         return cond
 
     def null_conditioning(self) -> dict[str, Tensor]:
         """(1, ...) negative conditioning: encode("") or zeros (`diffusion.null_prompt`), cached."""
         if self._null is None:
-            cond = self.encode(self.base.tokenize([""]))
+            cond = self.encode(self.tokenize([""]))
             if self.base.settings.null_prompt == "zeros":
                 cond = {k: v if k == "time_ids" else torch.zeros_like(v) for k, v in cond.items()}
             self._null = cond
@@ -212,7 +217,7 @@ class StepLikelihood:
             null = {k: v.to(cond[k].device).expand(n, *v.shape[1:]) for k, v in self.null_conditioning().items()}
             values = {k: torch.cat([null[k], cond[k]]) for k in cond}
             xs, ts = torch.cat([x, x]), torch.cat([timesteps, timesteps])
-        out = model(xs.to(dtype), ts.to(x.device), **self.base.unet_kwargs(Draw(values), dtype), return_dict=False)[0]
+        out = model(xs.to(dtype), ts.to(x.device), **self.base.denoiser.kwargs(values, dtype), return_dict=False)[0]
         out = out.float()
         if w == 1.0:
             return out
@@ -241,7 +246,7 @@ class StepLikelihood:
             "timesteps": torch.tensor([int(item["timestep"]) for item in items]),
             "prev_timesteps": torch.tensor([int(item["prev_timestep"]) for item in items]),
         }
-        inputs.update(self.base.tokenize([str(item["prompt"]) for item in items]))
+        inputs.update(self.tokenize([str(item["prompt"]) for item in items]))
         return batch_fields(records, kind, inputs)
 
     def draw(self, batch: PreferenceBatch, generator: torch.Generator | None = None) -> Draw:

@@ -126,7 +126,7 @@ def _randn(shape: tuple[int, ...], generator: torch.Generator, device: torch.dev
 
 
 def _conditioning(likelihood: StepLikelihood, prompts: list[str]) -> dict[str, Tensor]:
-    return likelihood.encode(likelihood.base.tokenize(prompts))
+    return likelihood.encode(likelihood.tokenize(prompts))
 
 
 def _repeat(cond: dict[str, Tensor], k: int) -> dict[str, Tensor]:
@@ -134,7 +134,7 @@ def _repeat(cond: dict[str, Tensor], k: int) -> dict[str, Tensor]:
 
 
 def _latent_shape(likelihood: StepLikelihood) -> tuple[int, ...]:
-    return likelihood.base.latent_shape()
+    return likelihood.latent_shape()
 
 
 @torch.no_grad()
@@ -408,7 +408,7 @@ class OnlineStepSource:
         return records, totals
 
 
-# -- modalities `sd_spo` and `sdxl_spo` -----------------------------------------------------------
+# -- families `sd_spo` and `sdxl_spo` (mmalign/families/) -------------------------------------------
 def check_settings(cfg: Any) -> None:
     s = cfg.spo
     if cfg.data.train:
@@ -428,24 +428,9 @@ def check_settings(cfg: Any) -> None:
         raise ConfigError("spo.labels (human labels per trajectory) is for spo.method d3po")
 
 
-def build_step(cfg: Any, family_build: Any) -> tuple[torch.nn.Module, StepLikelihood, None]:
-    """(UNet, StepLikelihood with an `OnlineStepSource`, None) on top of a family's `build`."""
+def build_step(cfg: Any, family_build: Any, trained: bool = True) -> tuple[torch.nn.Module, StepLikelihood, None]:
+    """(UNet, StepLikelihood, None) on top of a base family's `build` (never from a cache: the
+    sampler decodes with the VAE); the family's `source` makes the `OnlineStepSource`."""
     check_settings(cfg)
-    model, base, _ = family_build(cfg, use_cache=False)
-    likelihood = StepLikelihood(base, cfg.spo)
-    likelihood.data_source = OnlineStepSource(likelihood, cfg)
-    return model, likelihood, None
-
-
-def build(cfg: Any) -> tuple[torch.nn.Module, StepLikelihood, None]:
-    """Modality `sd_spo`: SPO / D3PO on an SD1.5 / SD2 UNet."""
-    from mmalign.modalities.diffusion import build as build_sd
-
-    return build_step(cfg, build_sd)
-
-
-def build_sdxl(cfg: Any) -> tuple[torch.nn.Module, StepLikelihood, None]:
-    """Modality `sdxl_spo`: SPO / D3PO on an SDXL UNet (two text encoders, add_time_ids)."""
-    from mmalign.modalities.sdxl import build as build_xl
-
-    return build_step(cfg, build_xl)
+    model, base, _ = family_build(cfg, use_cache=False, trained=trained)
+    return model, StepLikelihood(base, cfg.spo), None

@@ -2,8 +2,9 @@
 
 `validate_images` puts the policy UNet (plain or peft-wrapped, adapters active) together with
 the likelihood's frozen parts (VAE, text encoder(s), tokenizer(s)) into the matching diffusers
-pipeline in memory (StableDiffusionPipeline for SD1.5/SD2, StableDiffusionXLPipeline for
-SDXL, no safety checker; StableDiffusion3Pipeline / FluxPipeline for the flow transformers),
+pipeline in memory (the family's `Family.pipeline`: StableDiffusionPipeline for SD1.5/SD2 with no
+safety checker, StableDiffusionXLPipeline for SDXL, StableDiffusion3Pipeline / FluxPipeline for the
+flow transformers),
 samples every prompt × seed of the config with a fresh Euler scheduler (EulerDiscreteScheduler,
 or FlowMatchEulerDiscreteScheduler for flow) made from the training scheduler's config, and
 saves one PNG grid per call:
@@ -29,74 +30,59 @@ from mmalign.io import atomic_path
 from mmalign.train.reference import eval_mode
 
 
-FLOW_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
+def is_flow(family: Any) -> bool:
+    """A flow family (its scheduler is flow matching): sampled with FlowMatchEulerDiscreteScheduler."""
+    return family.layout.scheduler_class == "FlowMatchEulerDiscreteScheduler"
 
 
-def pipeline_name(likelihood: Any) -> str | None:
-    """The diffusers pipeline that samples like `likelihood` trains: StableDiffusionXLPipeline
-    for `SDXLLikelihood`, StableDiffusionPipeline for the plain SD1.5/SD2 UNet likelihood,
-    FluxPipeline for `FluxLikelihood`, StableDiffusion3Pipeline for the SD3 `FlowLikelihood`;
-    None for others (they must bring their own `validate`)."""
-    from mmalign.modalities.diffusion import DiffusionLikelihood
-    from mmalign.modalities.flow import FlowLikelihood, FluxLikelihood
-    from mmalign.modalities.sdxl import SDXLLikelihood
-
-    if isinstance(likelihood, SDXLLikelihood):
-        return "StableDiffusionXLPipeline"
-    if isinstance(likelihood, FluxLikelihood):
-        return "FluxPipeline"
-    if isinstance(likelihood, FlowLikelihood):
-        return "StableDiffusion3Pipeline"
-    same_elbo = type(likelihood).logps is DiffusionLikelihood.logps
-    return "StableDiffusionPipeline" if same_elbo and len(likelihood.text_encoders) == 1 else None
-
-
-def sampling_scheduler(likelihood: Any, name: str) -> Any:
+def sampling_scheduler(likelihood: Any) -> Any:
     """A fresh Euler sampler from the training scheduler's config: FlowMatchEulerDiscreteScheduler
-    for the flow pipelines, else EulerDiscreteScheduler with the likelihood's prediction type."""
+    for the flow families, else EulerDiscreteScheduler with the likelihood's prediction type."""
     import diffusers
 
-    if name in FLOW_PIPELINES:
+    family = likelihood.family
+    if is_flow(family):
         return diffusers.FlowMatchEulerDiscreteScheduler.from_config(likelihood.scheduler.config)
     config = {k: v for k, v in likelihood.scheduler.config.items() if k != "clip_sample"}  # DDPM-only key
-    if name == "StableDiffusionPipeline":
+    if family.pipeline == "StableDiffusionPipeline":
         config["steps_offset"] = 1  # what StableDiffusionPipeline.__init__ forces (with a warning) anyway
     return diffusers.EulerDiscreteScheduler.from_config(config, prediction_type=likelihood.prediction_type)
 
 
-def text_parts(likelihood: Any, name: str) -> dict[str, Any]:
-    """The pipeline's text encoder and tokenizer arguments (text_encoder, tokenizer, *_2, *_3);
-    SD3 without T5 gets None for text_encoder_3 (the pipeline then feeds zeros, as training)."""
+def text_parts(likelihood: Any) -> dict[str, Any]:
+    """The pipeline's text encoder and tokenizer arguments (text_encoder, tokenizer, *_2, *_3), one
+    pair per encoder of the family (`Family.text_encoders`); an optional encoder the folder lacks
+    (SD3 without T5) gets None (the pipeline then feeds zeros, as training)."""
     encoders, tokenizers = likelihood.text_encoders, likelihood.tokenizers
-    count = {"StableDiffusionPipeline": 1, "StableDiffusion3Pipeline": 3}.get(name, 2)
     parts = {}
-    for i in range(count):
+    for i in range(len(likelihood.family.text_encoders)):
         suffix = "" if i == 0 else f"_{i + 1}"
         parts[f"text_encoder{suffix}"] = encoders[i] if i < len(encoders) else None
         parts[f"tokenizer{suffix}"] = tokenizers[i] if i < len(tokenizers) else None
-    if name == "StableDiffusionPipeline":
+    if likelihood.family.pipeline == "StableDiffusionPipeline":
         parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     return parts
 
 
-def sampling_pipeline(likelihood: Any, unet: torch.nn.Module, name: str) -> Any:
-    """Pipeline `name` of `likelihood`'s frozen parts and `unet` (the denoiser: a UNet, or the
-    flow transformer) in memory, nothing copied.
+def sampling_pipeline(likelihood: Any, unet: torch.nn.Module) -> Any:
+    """The family's pipeline (`Family.pipeline`) of `likelihood`'s frozen parts and `unet` (the
+    denoiser: a UNet, or the flow transformer) in memory, nothing copied.
 
     A peft-wrapped UNet goes in as its base model: the LoRA layers are injected in place, so
     the pipeline samples with the adapters active."""
     import diffusers
 
+    family = likelihood.family
     if likelihood.vae is None or not likelihood.text_encoders:
         raise ValueError("validation images need the VAE and text encoders (a run from diffusion.cache_dir has none)")
     base = unet.get_base_model() if hasattr(unet, "get_base_model") else unet
-    denoiser = {"transformer" if name in FLOW_PIPELINES else "unet": base}
-    if name == "StableDiffusionXLPipeline":
+    denoiser = {family.layout.denoiser: base}
+    if family.null_prompt_zeros_flag:
         # Sample with the null prompt training used: SDXL's default feeds zeros for an empty
         # negative prompt, training drops captions to encode("") unless null_prompt is "zeros".
         denoiser["force_zeros_for_empty_prompt"] = likelihood.settings.null_prompt == "zeros"
-    pipe = getattr(diffusers, name)(vae=likelihood.vae, scheduler=sampling_scheduler(likelihood, name), **denoiser,
-                                    **text_parts(likelihood, name))
+    pipe = getattr(diffusers, family.pipeline)(vae=likelihood.vae, scheduler=sampling_scheduler(likelihood),
+                                               **denoiser, **text_parts(likelihood))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -149,9 +135,8 @@ def validate_images(likelihood: Any, unet: torch.nn.Module, step: int, folder: s
     `folder/grid.png` (rows: prompts, columns: seeds) and `folder/grid.json` (its layout).
 
     Returns {"validation/images": n, "validation/seconds": s} for the metrics log."""
-    name = pipeline_name(likelihood)
-    if name is None:
-        warnings.warn(f"validation images are not implemented for {type(likelihood).__name__}; skipped")
+    if not likelihood.family.validation:
+        warnings.warn(f"validation images are not implemented for modality '{likelihood.family.name}'; skipped")
         return {}
     if not prompts or not seeds:
         raise ValueError("validation needs at least one prompt and one seed "
@@ -161,7 +146,7 @@ def validate_images(likelihood: Any, unet: torch.nn.Module, step: int, folder: s
     folder.mkdir(parents=True, exist_ok=True)
     resolution = likelihood.settings.resolution
     with eval_mode(unet):  # LoRA dropout off: the same seeds give the same images
-        images = sample_images(sampling_pipeline(likelihood, unet, name), prompts, seeds, steps, guidance, resolution)
+        images = sample_images(sampling_pipeline(likelihood, unet), prompts, seeds, steps, guidance, resolution)
     with atomic_path(folder / "grid.png") as tmp:
         image_grid(images, len(seeds)).save(tmp, format="PNG")
     layout = {"step": step, "rows": list(prompts), "columns": [int(s) for s in seeds], "steps": steps,

@@ -83,13 +83,13 @@ def split_pairs(n: int, eval_pairs: int, seed: int) -> tuple[list[int], list[int
 class NoisyX0:
     """Decoded x̂0 predictions of pair images at t under a frozen local SD / SDXL pipeline folder.
 
-    Built on the family likelihoods (`diffusion.py`, `sdxl.py`) for image loading, VAE and text
+    Built on the family likelihoods (`mmalign/families/sd.py`, `sdxl.py`) for image loading, VAE and text
     encoding, and on `StepLikelihood` for CFG and x̂0, exactly as the SPO sampler uses them."""
 
     def __init__(self, path: str, resolution: int = 0, guidance: float = 1.0, data_path: str = "",
                  device: str | torch.device = "cpu", dtype: str = "float32") -> None:
         from mmalign.config import Config, from_dict, resolve_path
-        from mmalign.modalities import diffusion, sdxl
+        from mmalign.families import get_family
         from mmalign.modalities.step import StepLikelihood
 
         folder = Path(resolve_path(path))
@@ -100,7 +100,7 @@ class NoisyX0:
         cfg = from_dict(Config, {"modality": "sdxl" if is_xl else "sd", "model": {"path": str(folder), "dtype": dtype},
                                  "data": {"train": str(data_path)}, "diffusion": {"resolution": resolution},
                                  "spo": {"guidance": float(guidance)}})
-        unet, base, _ = (sdxl.build if is_xl else diffusion.build)(cfg, use_cache=False)
+        unet, base, _ = get_family(cfg.modality).build(cfg, use_cache=False)
         self.device = torch.device(device)
         self.unet = unet.requires_grad_(False).eval().to(self.device)
         self.base = base.to(self.device)
@@ -111,12 +111,15 @@ class NoisyX0:
     def latents(self, records: list[dict[str, Any]]) -> Tensor:
         """(2B, C, h, w) scaled VAE latents (posterior mean), chosen rows then rejected; images
         resized (shortest side = resolution) and centre-cropped as `mmalign train` does."""
+        from mmalign.modalities.diffusion import sample_latents
+
         batch = self.base.collate(records, "pair")
         n = batch.inputs["pixel_values"].shape[0]
         batch.inputs = {k: v.to(self.device) for k, v in batch.inputs.items()}
-        pixels, _ = self.base.augment(batch, torch.zeros(n, dtype=torch.bool), torch.zeros(n, 2))
-        mean, std = self.base.latent_dist(pixels)
-        return self.base.sample_latents(mean, std, torch.zeros_like(mean))
+        latents = self.base.latents
+        pixels, _ = latents.augment(batch.inputs, torch.zeros(n, dtype=torch.bool), torch.zeros(n, 2))
+        mean, std = latents.latent_dist(pixels)
+        return sample_latents(mean, std, torch.zeros_like(mean), *latents.latent_scaling())
 
     @torch.no_grad()
     def x0_hat(self, latents: Tensor, noise: Tensor, timesteps: Tensor, cond: dict[str, Tensor]) -> Tensor:
@@ -135,7 +138,7 @@ class NoisyX0:
         b = len(records)
         noise = torch.randn((b, *latents.shape[1:]), generator=generator).to(self.device).repeat(2, 1, 1, 1)
         t = timesteps.to(self.device).repeat(2)
-        cond = self.step.encode(self.base.tokenize([str(r["prompt"]) for r in records]))
+        cond = self.step.encode(self.step.tokenize([str(r["prompt"]) for r in records]))
         cond = {k: v.repeat(2, *[1] * (v.ndim - 1)) for k, v in cond.items()}
         return decode_latents(self.base.vae, self.x0_hat(latents, noise, t, cond))
 

@@ -1,0 +1,69 @@
+"""Loading a family's parts from a local diffusers folder (no downloads): the denoiser, the VAE,
+the scheduler and the text encoders its `Family` descriptor names (`layout`, `text_encoders`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmalign.families import Family, PipelineLayout, TextEncoderSpec
+
+
+def import_class(spec: str) -> Any:
+    """The class named "library:Class" (e.g. "transformers:CLIPTextModel")."""
+    import importlib
+
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def load_parts(cfg: Any, family: Family, unet: bool = True, frozen: bool = True) -> dict[str, Any]:
+    """Load the family's denoiser (key "unet", also for a flow transformer), vae, scheduler and
+    text encoders (`family.text_encoders`) from the local pipeline folder `cfg.model.path` (no
+    downloads), laid out as `family.layout` says. An optional encoder whose folder is missing is
+    skipped (SD3 without T5). unet=False skips the denoiser (`mmalign cache`), frozen=False the
+    VAE, text encoders and tokenizers (training from a cache); a skipped part is None
+    (text_encoders/tokenizers: [])."""
+    import diffusers
+    from transformers import AutoTokenizer
+
+    from mmalign.config import ConfigError, resolve_path
+
+    layout: PipelineLayout = family.layout
+    path, d = resolve_path(cfg.model.path), cfg.diffusion
+    if not (Path(path) / layout.denoiser).is_dir():
+        raise ConfigError(f"model.path {path} is not a local diffusers {layout.kind} folder "
+                          f"(no {layout.denoiser}/ inside)")
+    variant = {"variant": d.variant} if d.variant else {}
+    dtype = getattr(torch, cfg.model.dtype)
+    scheduler = getattr(diffusers, layout.scheduler_class).from_pretrained(path, subfolder="scheduler")
+    parts: dict[str, Any] = {"unet": None, "vae": None, "text_encoders": [], "tokenizers": [], "scheduler": scheduler}
+    if unet:
+        parts["unet"] = getattr(diffusers, layout.denoiser_class).from_pretrained(
+            path, subfolder=layout.denoiser, torch_dtype=dtype, **variant)
+    if frozen:
+        vae_path, vae_sub = (d.vae_path, None) if d.vae_path else (path, "vae")
+        parts["vae"] = diffusers.AutoencoderKL.from_pretrained(vae_path, subfolder=vae_sub,
+                                                               torch_dtype=getattr(torch, d.vae_dtype), **variant)
+        present: list[TextEncoderSpec] = [e for e in family.text_encoders
+                                          if e.required or (Path(path) / e.subfolder).is_dir()]
+        parts["text_encoders"] = [import_class(e.cls).from_pretrained(path, subfolder=e.subfolder, dtype=dtype,
+                                                                      **variant) for e in present]
+        parts["tokenizers"] = [AutoTokenizer.from_pretrained(path, subfolder=e.tokenizer) for e in present]
+    return parts
+
+
+def from_cache(cfg: Any, use_cache: bool) -> bool:
+    """Whether a build reads `diffusion.cache_dir` (set, and the caller wants the cache)."""
+    return bool(use_cache and cfg.diffusion.cache_dir)
+
+
+def refuse_cache(cfg: Any, family: Family, use_cache: bool = True) -> None:
+    """A family without a latent cache refuses `diffusion.cache_dir` with a clear error."""
+    from mmalign.config import ConfigError
+
+    if use_cache and cfg.diffusion.cache_dir and not family.cache:
+        raise ConfigError(f"diffusion.cache_dir: cached latents are not supported for modality '{family.name}' "
+                          "yet; leave it empty to encode every step")
