@@ -21,6 +21,9 @@ MODALITIES = {
 }
 
 
+def known_modalities() -> list[str]: return sorted(MODALITIES)
+
+
 def build_modality(cfg: Any) -> tuple[Any, Any, Any]:
     """(model, likelihood, processor) for `cfg.modality`."""
     if cfg.modality not in MODALITIES:
