@@ -114,7 +114,7 @@ DATA_KINDS = {
 
 
 def loss_hyperparameter_values(spec: LossSpec, cfg: LossConfig) -> dict[str, Any]:
-    """{name: cfg.name} for the spec's hyperparameters that LossConfig holds (others keep fn's default)."""
+    """{name: getattr(cfg, name)} for the spec's hyperparameters that LossConfig holds (others: fn's default)."""
     return {k: getattr(cfg, k) for k in spec.hyperparameters if k in CONFIG_KEYS}
 
 
