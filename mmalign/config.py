@@ -13,9 +13,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from mmalign.losses import LossSpec
 
 
 class ConfigError(ValueError):
@@ -331,6 +334,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 
 def validate(cfg: Config) -> None:
     """Cross-field checks that a single field cannot express."""
+    _validate_names(cfg)
     t = cfg.train
     for name in ("max_steps", "batch_size", "grad_accum", "eval_batch_size"):
         if getattr(t, name) < 1:
@@ -352,6 +356,44 @@ def validate(cfg: Config) -> None:
     if not 0.0 < cfg.reference.sync_alpha <= 1.0:
         raise ConfigError(f"reference.sync_alpha must be in (0, 1], got {cfg.reference.sync_alpha}")
     _validate_diffusion(cfg.diffusion)
+
+
+# LossConfig fields that a loss function takes but that the trainer also reads for every loss:
+# beta scales the logged implicit rewards and the VLM image terms (even with `loss.name: sft`).
+SHARED_LOSS_KEYS = frozenset({"beta"})
+
+
+def _known(where: str, value: str, valid: list[str], what: str) -> None:
+    """A ConfigError naming the nearest of `valid` unless `value` is one of them."""
+    if value in valid:
+        return
+    match = difflib.get_close_matches(value, valid, n=1, cutoff=0.5)
+    hint = f"did you mean '{match[0]}'?" if match else f"valid: {', '.join(valid)}"
+    raise ConfigError(f"{where}: unknown {what} '{value}'; {hint}")
+
+
+def _validate_names(cfg: Config) -> None:
+    """`modality` and `loss.name` are registered; no other loss's hyperparameter is set."""
+    from mmalign.losses import LOSSES
+    from mmalign.modalities import known_modalities
+
+    _known("modality", cfg.modality, known_modalities(), "modality")
+    _known("loss.name", cfg.loss.name, sorted(LOSSES), "loss")
+    _validate_loss_hyperparameters(cfg.loss, LOSSES)
+
+
+def _validate_loss_hyperparameters(loss: LossConfig, losses: dict[str, LossSpec]) -> None:
+    """A LossConfig field that is a hyperparameter of some registered loss but not of the
+    chosen one (nor in SHARED_LOSS_KEYS) must keep its default: it would have no effect."""
+    takes, defaults = losses[loss.name].hyperparameters, LossConfig()
+    for f in dataclasses.fields(LossConfig):
+        owners = [name for name, spec in sorted(losses.items()) if f.name in spec.hyperparameters]
+        value = getattr(loss, f.name)
+        if not owners or f.name in takes or f.name in SHARED_LOSS_KEYS or value == getattr(defaults, f.name):
+            continue
+        taken = f"which takes: {', '.join(takes)}" if takes else "which takes no hyperparameters"
+        raise ConfigError(f"loss.{f.name}={value} is a hyperparameter of {', '.join(owners)}, "
+                          f"not of loss '{loss.name}', {taken}")
 
 
 def _validate_image_term(cfg: Config) -> None:

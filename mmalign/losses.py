@@ -11,30 +11,37 @@ hr = policy.rejected - reference.rejected, d = hc - hr, sigma the logistic funct
 `dpo`, `cdpo`, `robust`, `soft`, `hinge` and `ipo` depend on d alone; `bco_pair`,
 `nca_pair`, `sppo_hard`, `apo_zero`, `simpo` and `kto` do not.
 
-The trainer picks a loss by name: `get_loss(name)` returns a `LossSpec`, and
-`loss_hyperparameters(name)` lists the keyword arguments that loss accepts.
+The trainer picks a loss by name: `get_loss(name)` returns a `LossSpec`, which declares
+what the loss needs: its hyperparameters (the keyword-only parameters of its function, read
+from the config), the batch fields it reads (`soft`'s soft_labels) and the batch statistics
+the trainer gathers for it (`Statistic`: `kto`'s z, `bco_pair`'s delta). The trainer
+(mmalign/train/objective.py) supplies them the same way for every loss.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 import math
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmalign.types import PairLogps
+from mmalign.types import PairLogps, PreferenceBatch
 
 __all__ = [
     "LOSSES",
     "PAIR_LOSSES",
     "IMAGE_TERMS",
+    "BCO_DELTA",
     "ImageTermSpec",
+    "KTO_Z",
     "LossSpec",
+    "Statistic",
     "anchor_loss",
     "apo_zero_loss",
     "bco_pair_loss",
@@ -353,17 +360,100 @@ def ranked_loss(
 # --------------------------------------------------------------------------- registry
 
 
+def _item_logratios(policy: Tensor, reference: Tensor) -> Tensor:
+    """h = policy - reference, (N,), detached."""
+    return (policy - reference).detach()
+
+
+def _pair_logratios(policy: PairLogps, reference: PairLogps) -> Tensor:
+    """cat(hc, hr), (2B,), detached."""
+    return torch.cat(_ratios(policy, reference)).detach()
+
+
+def _bco_batch_mean(world: Tensor, hyperparameters: Mapping[str, Any]) -> float:
+    """mean(beta cat(hc, hr)) of the world batch, world = cat(hc, hr) gathered (`bco_reward_mean`)."""
+    half = world.shape[0] // 2
+    rewards = PairLogps(world[:half], world[half:])
+    zeros = PairLogps(torch.zeros_like(world[:half]), torch.zeros_like(world[half:]))
+    return float(bco_reward_mean(rewards, zeros, beta=hyperparameters["beta"]))
+
+
+def _kto_z(world: Tensor, hyperparameters: Mapping[str, Any]) -> Tensor:
+    """z = max(0, mean(world)), world = h of every process (`kto_reference_point`)."""
+    return kto_reference_point(world)
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """A batch statistic v a loss takes as a keyword, computed by the trainer over ALL processes:
+
+    v = reduce(gather(local(policy, reference)), hyperparameters).
+
+    local: (M,) detached values of this process's items, from the loss's own inputs;
+    gather concatenates them over processes; reduce -> float or 0-dim tensor.
+    running: the loss gets the running mean of every v so far, weighted by world.numel()
+    (BCO's delta), not v. mismatched: the trainer may give the local values of other items
+    instead (KTO's mismatched (prompt, other completion) log-ratios). metric: v is logged
+    under this name (None: not logged).
+    """
+
+    local: Callable[[Any, Any], Tensor]
+    reduce: Callable[[Tensor, Mapping[str, Any]], float | Tensor]
+    running: bool = False
+    mismatched: bool = False
+    metric: str | None = None
+
+
+BCO_DELTA = Statistic(_pair_logratios, _bco_batch_mean, running=True)
+KTO_Z = Statistic(_item_logratios, _kto_z, mismatched=True, metric="kl")
+
+KINDS = ("pair", "unpaired", "ranked")
+BATCH_FIELDS = frozenset(f.name for f in dataclasses.fields(PreferenceBatch))
+
+
 @dataclass(frozen=True)
 class LossSpec:
-    """How the trainer calls a loss.
+    """A loss and what the trainer must supply to it:
 
-    kind: "pair" (fn(policy: PairLogps, reference: PairLogps, **hp)), "unpaired"
-    (`kto_loss`) or "ranked" (`ranked_loss`). needs_reference: False only for simpo.
+    fn(policy, reference, **batch fields, **statistics, **hyperparameters) -> (B,).
+
+    kind: the data it takes: "pair" (policy, reference: PairLogps), "unpaired" ((N,) item
+    log-likelihoods) or "ranked" ((B, K) lists). needs_reference: False passes reference=None
+    (simpo, sft). fields: `PreferenceBatch` attributes passed under their own name (soft's
+    soft_labels, kto's desirable labels, ranked's scores). statistics: keyword -> `Statistic`
+    (bco_pair's delta, kto's reference_point z). `hyperparameters`: the other keyword-only
+    parameters of fn, read from the `LossConfig` fields of the same name.
     """
 
     fn: Callable[..., Tensor]
     kind: str
     needs_reference: bool = True
+    fields: tuple[str, ...] = ()
+    statistics: Mapping[str, Statistic] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        params = inspect.signature(self.fn).parameters
+        if self.kind not in KINDS:
+            raise ValueError(f"loss kind {self.kind!r} is not one of {', '.join(KINDS)}")
+        for name in self.fields:
+            if name not in BATCH_FIELDS:
+                raise ValueError(f"batch field {name!r} is not one of {', '.join(sorted(BATCH_FIELDS))}")
+        for name in (*self.fields, *self.statistics):
+            if name not in params:
+                raise ValueError(f"{self.fn.__name__} has no parameter {name!r}")
+        if sum(s.running for s in self.statistics.values()) > 1:
+            raise ValueError("a loss takes at most one running statistic (the trainer keeps one running mean)")
+
+    @property
+    def hyperparameters(self) -> tuple[str, ...]:
+        """Keyword-only parameters of fn that are neither batch fields nor statistics, in order."""
+        supplied = {*self.fields, *self.statistics}
+        return tuple(n for n in _keyword_only(self.fn) if n not in supplied)
+
+
+def _keyword_only(fn: Callable[..., Tensor]) -> list[str]:
+    params = inspect.signature(fn).parameters.values()
+    return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
 
 LOSSES: dict[str, LossSpec] = {
@@ -372,17 +462,17 @@ LOSSES: dict[str, LossSpec] = {
     "robust": LossSpec(robust_loss, "pair"),
     "ipo": LossSpec(ipo_loss, "pair"),
     "hinge": LossSpec(hinge_loss, "pair"),
-    "bco_pair": LossSpec(bco_pair_loss, "pair"),
+    "bco_pair": LossSpec(bco_pair_loss, "pair", statistics={"delta": BCO_DELTA}),
     "nca_pair": LossSpec(nca_pair_loss, "pair"),
     "sppo_hard": LossSpec(sppo_hard_loss, "pair"),
     "apo_zero": LossSpec(apo_zero_loss, "pair"),
     "simpo": LossSpec(simpo_loss, "pair", needs_reference=False),
-    "soft": LossSpec(soft_loss, "pair"),
+    "soft": LossSpec(soft_loss, "pair", fields=("soft_labels",)),
     "sft": LossSpec(sft_only_loss, "pair", needs_reference=False),
     "spo": LossSpec(spo_loss, "pair"),
     "d3po": LossSpec(d3po_loss, "pair"),
-    "kto": LossSpec(kto_loss, "unpaired"),
-    "ranked": LossSpec(ranked_loss, "ranked"),
+    "kto": LossSpec(kto_loss, "unpaired", fields=("desirable",), statistics={"reference_point": KTO_Z}),
+    "ranked": LossSpec(ranked_loss, "ranked", fields=("scores",)),
 }
 
 # The subset that takes (policy: PairLogps, reference: PairLogps).
@@ -420,9 +510,6 @@ def get_loss(name: str) -> LossSpec:
 
 
 def loss_hyperparameters(name: str) -> set[str]:
-    """Keyword-only parameter names of the loss `name` (e.g. {"beta"} for dpo).
-
-    The trainer passes only these to the loss function.
-    """
-    params = inspect.signature(get_loss(name).fn).parameters.values()
-    return {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    """Every keyword-only parameter of the loss `name` (e.g. {"beta"} for dpo, {"beta", "delta"}
+    for bco_pair): its `LossSpec.hyperparameters` plus the fields and statistics passed by keyword."""
+    return set(_keyword_only(get_loss(name).fn))

@@ -18,6 +18,9 @@ def known_modalities() -> list[str]:
     return family_names()
 
 
+def known_modalities() -> list[str]: return sorted(MODALITIES)
+
+
 def build_modality(cfg: Any) -> tuple[Any, Any, Any]:
     """(model, likelihood, processor) for `cfg.modality` (its family's `build`)."""
     from mmalign.families import get_family

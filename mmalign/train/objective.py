@@ -1,26 +1,31 @@
 """From policy/reference log-likelihoods to per-example losses and metrics.
 
-The pure losses live in `mmalign.losses`; this module feeds them: it splits paired
-outputs, supplies the batch statistics (KTO's z, BCO's running δ) computed over ALL
-processes through `gather`, adds the SFT (RPO) term and per-example weights.
+The pure losses live in `mmalign.losses`; each `LossSpec` declares what its function takes.
+This module supplies it the same way for every loss: it arranges the outputs by data kind
+(pairs, unpaired items, ranked lists), passes the declared batch fields, computes the declared
+batch statistics (KTO's z, BCO's running delta) over ALL processes through `gather`, reads the
+hyperparameters from `LossConfig`, then adds the SFT (RPO) term and per-example weights.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from mmalign.config import LossConfig
-from mmalign.losses import (
-    LossSpec, bco_reward_mean, kto_loss, kto_reference_point, loss_hyperparameters, ranked_loss, sft_loss,
-)
+from mmalign.losses import LossSpec, sft_loss
 from mmalign.train.dense import dense_pairs
 from mmalign.train.metrics import pair_metrics
 from mmalign.types import LogpOutput, PairLogps, PreferenceBatch
 
 Gather = Callable[[Tensor], Tensor]
+CONFIG_KEYS = frozenset(f.name for f in dataclasses.fields(LossConfig))
+# How to ask for a batch field that is missing, where a record column supplies it.
+FIELD_HINTS = {"soft_labels": "a 'soft_label' column (preference probability p of chosen)"}
 
 
 class RunningMean:
@@ -41,60 +46,99 @@ class RunningMean:
         self.mean, self.count = float(state["mean"]), int(state["count"])
 
 
-def _hyperparameters(cfg: LossConfig) -> dict[str, Any]:
-    return {k: getattr(cfg, k) for k in loss_hyperparameters(cfg.name) if hasattr(cfg, k)}
+# --------------------------------------------------------------------------- data kinds
 
 
-def _pair_losses(spec: LossSpec, cfg: LossConfig, batch: PreferenceBatch, policy: PairLogps,
-                 reference: PairLogps, gather: Gather, state: RunningMean) -> tuple[Tensor, dict[str, Tensor]]:
-    extra: dict[str, Any] = {}
-    if cfg.name == "bco_pair":
-        local = torch.cat([policy.chosen - reference.chosen, policy.rejected - reference.rejected]).detach()
-        world = gather(local)
-        half = world.shape[0] // 2
-        world_policy = PairLogps(world[:half], world[half:])
-        zeros = PairLogps(torch.zeros_like(world[:half]), torch.zeros_like(world[half:]))
-        mean = float(bco_reward_mean(world_policy, zeros, beta=cfg.beta))
-        extra["delta"] = state.update(mean, world.numel())
-    if cfg.name == "soft":
-        if batch.soft_labels is None:
-            raise ValueError("loss 'soft' needs a 'soft_label' column (preference probability p of chosen)")
-        extra["soft_labels"] = batch.soft_labels
-    losses = spec.fn(policy, reference if spec.needs_reference else None, **_hyperparameters(cfg), **extra)
-    if cfg.sft_weight:
-        losses = losses + cfg.sft_weight * sft_loss(policy)
-    return losses, pair_metrics(policy, reference, cfg.beta)
+def _pair_inputs(cfg: LossConfig, batch: PreferenceBatch, policy: LogpOutput,
+                 reference: LogpOutput) -> tuple[PairLogps, PairLogps]:
+    """(B,) chosen/rejected of the 2B items, re-scored by `dense_pairs` when loss.dense_gamma > 0."""
+    if cfg.dense_gamma:
+        return dense_pairs(batch, policy, reference, cfg.dense_gamma)
+    return policy.pairs(), reference.pairs()
 
 
-def _unpaired_losses(cfg: LossConfig, batch: PreferenceBatch, policy: LogpOutput, reference: LogpOutput,
-                     gather: Gather, kl_logratios: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
-    logratios = policy.logps - reference.logps
-    # z = max(0, E[h]) over the whole world batch, detached (KTO's reference point), from the
-    # mismatched KL items when the trainer scored them, else from the batch itself.
-    source = logratios if kl_logratios is None else kl_logratios
-    z = kto_reference_point(gather(source.detach()))
+def _unpaired_inputs(cfg: LossConfig, batch: PreferenceBatch, policy: LogpOutput,
+                     reference: LogpOutput) -> tuple[Tensor, Tensor]:
+    """(N,) item log-likelihoods."""
+    return policy.logps, reference.logps
+
+
+def _ranked_inputs(cfg: LossConfig, batch: PreferenceBatch, policy: LogpOutput,
+                   reference: LogpOutput) -> tuple[Tensor, Tensor]:
+    """(B, K) lists of the B*K list-major items."""
+    b, k = batch.scores.shape
+    return policy.logps.view(b, k), reference.logps.view(b, k)
+
+
+def _pair_metrics(cfg: LossConfig, batch: PreferenceBatch, policy: PairLogps,
+                  reference: PairLogps) -> dict[str, Tensor]:
+    return pair_metrics(policy, reference, cfg.beta)
+
+
+def _unpaired_metrics(cfg: LossConfig, batch: PreferenceBatch, policy: Tensor,
+                      reference: Tensor) -> dict[str, Tensor]:
+    """Rewards beta (policy - reference) and log-likelihoods of desirable ("chosen") and other items."""
     desirable = batch.desirable
-    losses = kto_loss(policy.logps, reference.logps, desirable, beta=cfg.beta, reference_point=z,
-                      desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight)
-    rewards = cfg.beta * logratios.detach()
-    metrics = {"rewards/chosen": rewards[desirable], "rewards/rejected": rewards[~desirable],
-               "logps/chosen": policy.logps[desirable], "logps/rejected": policy.logps[~desirable],
-               "kl": z.reshape(1)}
-    return losses, metrics
+    rewards = cfg.beta * (policy - reference).detach()
+    return {"rewards/chosen": rewards[desirable], "rewards/rejected": rewards[~desirable],
+            "logps/chosen": policy[desirable], "logps/rejected": policy[~desirable]}
 
 
-def _ranked_losses(cfg: LossConfig, batch: PreferenceBatch, policy: LogpOutput,
-                   reference: LogpOutput) -> tuple[Tensor, dict[str, Tensor]]:
+def _ranked_metrics(cfg: LossConfig, batch: PreferenceBatch, policy: Tensor,
+                    reference: Tensor) -> dict[str, Tensor]:
+    """The best against the worst item of each list, with the pairwise metric names."""
     scores = batch.scores
-    b, k = scores.shape
-    policy_logps, ref_logps = policy.logps.view(b, k), reference.logps.view(b, k)
-    losses = ranked_loss(policy_logps, ref_logps, scores, beta=cfg.beta)
-    # Report the best against the worst item of each list with the pairwise metric names.
     best, worst = scores.argmax(-1, keepdim=True), scores.argmin(-1, keepdim=True)
     pick = lambda t, i: t.gather(1, i).squeeze(1)  # noqa: E731
-    metrics = pair_metrics(PairLogps(pick(policy_logps, best), pick(policy_logps, worst)),
-                           PairLogps(pick(ref_logps, best), pick(ref_logps, worst)), cfg.beta)
-    return losses, metrics
+    return pair_metrics(PairLogps(pick(policy, best), pick(policy, worst)),
+                        PairLogps(pick(reference, best), pick(reference, worst)), cfg.beta)
+
+
+@dataclass(frozen=True)
+class DataKind:
+    """How a batch kind is laid out: inputs(cfg, batch, policy, reference) -> the loss's
+    (policy, reference) arguments; metrics(cfg, batch, policy, reference) -> per-example values."""
+
+    inputs: Callable[[LossConfig, PreferenceBatch, LogpOutput, LogpOutput], tuple[Any, Any]]
+    metrics: Callable[[LossConfig, PreferenceBatch, Any, Any], dict[str, Tensor]]
+
+
+DATA_KINDS = {
+    "pair": DataKind(_pair_inputs, _pair_metrics),
+    "unpaired": DataKind(_unpaired_inputs, _unpaired_metrics),
+    "ranked": DataKind(_ranked_inputs, _ranked_metrics),
+}
+
+
+# --------------------------------------------------------------------------- what a spec declares
+
+
+def loss_hyperparameter_values(spec: LossSpec, cfg: LossConfig) -> dict[str, Any]:
+    """{name: getattr(cfg, name)} for the spec's hyperparameters that LossConfig holds (others: fn's default)."""
+    return {k: getattr(cfg, k) for k in spec.hyperparameters if k in CONFIG_KEYS}
+
+
+def batch_fields(spec: LossSpec, batch: PreferenceBatch, loss_name: str) -> dict[str, Tensor]:
+    """{field: batch.field} for the spec's declared fields; a missing one is a ValueError."""
+    values = {name: getattr(batch, name) for name in spec.fields}  # names checked by LossSpec
+    for name, value in values.items():
+        if value is None:
+            raise ValueError(f"loss '{loss_name}' needs {FIELD_HINTS.get(name, f'batch field {name!r}')}")
+    return values
+
+
+def batch_statistics(spec: LossSpec, hyperparameters: dict[str, Any], policy: Any, reference: Any,
+                     gather: Gather, state: RunningMean, mismatched: Tensor | None) -> dict[str, Any]:
+    """{keyword: v} for the spec's statistics, v = reduce(gather(local values), hyperparameters);
+    a running statistic gives the running mean kept in `state`. mismatched: (N,) log-ratios of
+    other items that a statistic declared `mismatched` uses instead of the batch's own, or None."""
+    values: dict[str, Any] = {}
+    for name, stat in spec.statistics.items():
+        local = mismatched if stat.mismatched and mismatched is not None else stat.local(policy, reference)
+        world = gather(local.detach())
+        value = stat.reduce(world, hyperparameters)
+        values[name] = state.update(float(value), world.numel()) if stat.running else value
+    return values
 
 
 def preference_losses(spec: LossSpec, cfg: LossConfig, batch: PreferenceBatch, policy: LogpOutput,
@@ -104,14 +148,18 @@ def preference_losses(spec: LossSpec, cfg: LossConfig, batch: PreferenceBatch, p
     kl_logratios: (N,) policy - reference log-ratios of KTO's mismatched items, or None."""
     if spec.kind != batch.kind:
         raise ValueError(f"loss '{cfg.name}' needs '{spec.kind}' data but the batch is '{batch.kind}'")
-    if batch.kind == "pair":
-        pairs = dense_pairs(batch, policy, reference, cfg.dense_gamma) if cfg.dense_gamma else (
-            policy.pairs(), reference.pairs())
-        losses, metrics = _pair_losses(spec, cfg, batch, *pairs, gather, state)
-    elif batch.kind == "unpaired":
-        losses, metrics = _unpaired_losses(cfg, batch, policy, reference, gather, kl_logratios)
-    else:
-        losses, metrics = _ranked_losses(cfg, batch, policy, reference)
+    kind = DATA_KINDS[batch.kind]
+    pol, ref = kind.inputs(cfg, batch, policy, reference)
+    hyperparameters = loss_hyperparameter_values(spec, cfg)
+    statistics = batch_statistics(spec, hyperparameters, pol, ref, gather, state, kl_logratios)
+    losses = spec.fn(pol, ref if spec.needs_reference else None, **batch_fields(spec, batch, cfg.name),
+                     **statistics, **hyperparameters)
+    if cfg.sft_weight and batch.kind == "pair":  # RPO: the chosen answers' NLL
+        losses = losses + cfg.sft_weight * sft_loss(pol)
+    metrics = kind.metrics(cfg, batch, pol, ref)
+    for name, stat in spec.statistics.items():
+        if stat.metric is not None:
+            metrics[stat.metric] = torch.as_tensor(statistics[name]).reshape(1)
     if batch.weights is not None:
         losses = losses * batch.weights.to(losses.dtype)
     for key, values in policy.diagnostics.items():  # e.g. mse of diffusion likelihoods
