@@ -1,11 +1,15 @@
 """Per-modality likelihoods. Each registry value names `module:function` (function defaults to
 `build`), called as `build(cfg) -> (model, likelihood, processor)`; heavy libraries
-(transformers, diffusers) are imported only when a modality is built."""
+(transformers, diffusers) are imported only when a modality is built. `build_source` gives the
+online data source of the modalities that sample their own records."""
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mmalign.types import DataSource, Likelihood
 
 MODALITIES = {
     "causal_lm": "mmalign.modalities.causal_lm:build",
@@ -27,3 +31,13 @@ def build_modality(cfg: Any) -> tuple[Any, Any, Any]:
         raise ValueError(f"unknown modality '{cfg.modality}'; known: {', '.join(MODALITIES)}")
     module, _, function = MODALITIES[cfg.modality].partition(":")
     return getattr(importlib.import_module(module), function or "build")(cfg)
+
+
+def build_source(cfg: Any, likelihood: Likelihood) -> DataSource | None:
+    """The online `mmalign.types.DataSource` of `cfg.modality` (SPO / D3PO rounds for `sd_spo` and
+    `sdxl_spo`), or None when the records come from `data.train`."""
+    if cfg.modality in ("sd_spo", "sdxl_spo"):
+        from mmalign.modalities.step_sampler import build_source as build_rounds
+
+        return build_rounds(cfg, likelihood)
+    return None

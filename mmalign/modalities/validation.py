@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import torch
 
 from mmalign.io import atomic_path
-from mmalign.train.reference import eval_mode
+from mmalign.nn import eval_mode
 
 
 FLOW_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
