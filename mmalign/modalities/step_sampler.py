@@ -452,7 +452,8 @@ def build_step(cfg: Any, family_build: Any) -> tuple[torch.nn.Module, StepLikeli
 def build_source(cfg: Any, likelihood: Likelihood) -> OnlineStepSource:
     """The online rounds of `sd_spo` / `sdxl_spo` for the likelihood `build_step` made."""
     if not isinstance(likelihood, StepLikelihood):
-        raise TypeError(f"modality '{cfg.modality}' samples rounds with a StepLikelihood, got {type(likelihood).__name__}")
+        raise TypeError(f"modality '{cfg.modality}' samples rounds with a StepLikelihood, "
+                        f"got {type(likelihood).__name__}")
     return OnlineStepSource(likelihood, cfg)
 
 

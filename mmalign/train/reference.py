@@ -14,7 +14,8 @@ from mmalign.types import Draw, Likelihood, LogpOutput, PreferenceBatch
 __all__ = ["FrozenReference", "LoraDisabledReference", "PrecomputedReference", "eval_mode"]
 
 
-def _score(likelihood: Likelihood, model: torch.nn.Module, batch: PreferenceBatch, draw: Draw, autocast: Any) -> LogpOutput:
+def _score(likelihood: Likelihood, model: torch.nn.Module, batch: PreferenceBatch, draw: Draw,
+           autocast: Any) -> LogpOutput:
     with torch.inference_mode(), eval_mode(model), autocast():
         out = likelihood.logps(model, batch, draw)
     # Inference tensors cannot be saved for backward; clone into normal tensors.

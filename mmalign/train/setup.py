@@ -23,8 +23,9 @@ def check_contracts(cfg: Config, likelihood: Likelihood, source: DataSource | No
     """Refuse parts that do not satisfy the protocols of `mmalign.types` (TypeError), or that lack
     an ability the config asks for (ConfigError)."""
     if not isinstance(likelihood, Likelihood):
-        raise TypeError(f"{type(likelihood).__name__} is not a mmalign.types.Likelihood: it needs `deterministic`, "
-                        "`to(device)`, `collate(records, kind)`, `draw(batch, generator)` and `logps(model, batch, draw)`")
+        raise TypeError(f"{type(likelihood).__name__} is not a mmalign.types.Likelihood: it needs "
+                        "`deterministic`, `to(device)`, `collate(records, kind)`, `draw(batch, generator)` "
+                        "and `logps(model, batch, draw)`")
     if source is not None and not isinstance(source, DataSource):
         raise TypeError(f"{type(source).__name__} is not a mmalign.types.DataSource: it needs `kind`, `describe()` "
                         "and `records_for_step(step, model, accelerator)`")

@@ -1,16 +1,17 @@
 """The preference trainer: one loop for every modality and loss.
 
-Per optimizer step: (online data) ask the `DataSource` for the step's records; for each micro-step, draw the randomness once, score chosen and
-rejected under the policy and the reference with that SAME draw, turn the
-log-likelihoods into per-example losses, backward; then clip, step, log, evaluate,
-checkpoint. Processes are coordinated by accelerate (DDP over NCCL or gloo).
+Per optimizer step: with online data, ask the `DataSource` for the step's records; for each
+micro-step, draw the randomness once, score chosen and rejected under the policy and the
+reference with that SAME draw, turn the log-likelihoods into per-example losses, backward;
+then clip, step, log, evaluate, checkpoint. Processes are coordinated by accelerate (DDP over
+NCCL or gloo).
 """
 
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -255,7 +256,7 @@ class PreferenceTrainer:
                 last.update(ev)
             if (t.save_every and self.step % t.save_every == 0) or self.step == t.max_steps:
                 self.save()
-            if t.validate_every and self.step % t.validate_every == 0 and isinstance(self.likelihood, Validates):
+            if t.validate_every and self.step % t.validate_every == 0:
                 self.validate()
         bar.close()
         logger.close()
