@@ -3,12 +3,18 @@
 A `Likelihood` turns a batch into per-item implicit log-likelihoods (`LogpOutput`).
 A paired batch holds the chosen items first, then the rejected ones (2B items);
 `LogpOutput.pairs()` splits it into a `PairLogps` that the losses consume.
+
+Optional abilities of a likelihood are separate runtime-checkable protocols (`Validates`,
+`ScoresModifiedImages`, `TokenValues`), checked with `isinstance`. Online data comes from a
+`DataSource` that returns a `Round` (records + sampler) for each step.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -144,13 +150,20 @@ class PreferenceBatch:
         )
 
 
+@runtime_checkable
 class Likelihood(Protocol):
-    """One class per model family (text LM, LLaVA, SDXL UNet, flow transformer, ...).
+    """One class per model family (text LM, LLaVA, SDXL UNet, flow transformer, ...): what the
+    trainer needs from every likelihood. Optional abilities are the separate protocols below.
 
-    Optional: `deterministic` (True when `draw` makes no randomness, so a precomputed
-    reference is exact) and `to(device)` (moves frozen parts it owns, e.g. a VAE and
-    text encoders; the trainer calls it once).
+    deterministic: True when `draw` makes no randomness, so a precomputed reference is exact.
     """
+
+    deterministic: bool
+
+    def to(self, device: torch.device | str) -> "Likelihood":
+        """Move the frozen parts it owns (e.g. a VAE and text encoders; none for a text LM) to
+        `device`; the trainer calls it once. Returns self."""
+        ...
 
     def collate(self, records: list[dict[str, Any]], kind: str) -> PreferenceBatch:
         """Turn raw records (dicts from a preference loader) into a batch."""
@@ -162,4 +175,78 @@ class Likelihood(Protocol):
 
     def logps(self, model: torch.nn.Module, batch: PreferenceBatch, draw: Draw) -> LogpOutput:
         """Score every item of the batch under `model`."""
+        ...
+
+
+@runtime_checkable
+class Validates(Protocol):
+    """Ability: samples for a human to watch every `train.validate_every` steps (e.g. images for
+    fixed prompts and seeds), called on the main process under `torch.no_grad`."""
+
+    def validate(self, model: torch.nn.Module, step: int, folder: str | Path) -> dict[str, float]:
+        """Write the samples of `model` at `step` under `folder`; returns {metric: value} to log."""
+        ...
+
+
+@runtime_checkable
+class ScoresModifiedImages(Protocol):
+    """Ability (VLMs): answers are scored given the record's images, and `collate` takes a record's
+    `images` as PIL images as well as stored values; what `loss.image_term` (mDPO, Re-Align) needs
+    to score the chosen answer again with a modified image."""
+
+    def read_image(self, value: Any, where: str, root: str | None = None) -> Any:
+        """One stored image value (path, bytes, ...) as the RGB PIL image `collate` would read;
+        relative paths resolve against `root` (a record's `_root`), else the likelihood's data
+        folders. `where` names the value in errors."""
+        ...
+
+
+@runtime_checkable
+class TokenValues(Protocol):
+    """Ability: `logps` also fills `token_logps` and `token_mask` (N, T), what `loss.dense_gamma`
+    (dense DPO) re-weights."""
+
+    def scored_token_ids(self, batch: PreferenceBatch, width: int) -> Tensor:
+        """(N, width) ids of the tokens that the last `width` columns of `token_logps` score."""
+        ...
+
+
+@runtime_checkable
+class MicroBatchSampler(Protocol):
+    """Which record rows a process reads at each micro-step (`mmalign.data.preference.StreamSampler`)."""
+
+    def micro_batch(self, micro_step: int, batch_size: int, rank: int, world_size: int) -> list[int]:
+        """`batch_size` row indices for process `rank` of `world_size` at global micro-step `micro_step`."""
+        ...
+
+
+@dataclass
+class Round:
+    """What the trainer trains on from some step on: `records` (read by index only, never
+    mutated) and the `sampler` that picks each micro-batch's rows from them."""
+
+    records: Sequence[dict[str, Any]]
+    sampler: MicroBatchSampler
+
+
+@runtime_checkable
+class DataSource(Protocol):
+    """Online data (SPO / D3PO rounds, ...): the trainer asks it, before every optimizer step, for
+    the records to train on; a source never writes trainer attributes. Rounds must be functions
+    of (seed, round) and of the weights at their first step, so resume and multi-process runs
+    stay exact. Offline runs (a preference file) have no source.
+
+    kind: the batch kind of its records ("pair", "unpaired", "ranked").
+    """
+
+    kind: str
+
+    def describe(self) -> str:
+        """What the trainer's start-up line says instead of "N examples from FILE"."""
+        ...
+
+    def records_for_step(self, step: int, model: torch.nn.Module, accelerator: Any) -> Round:
+        """The `Round` that optimizer step `step` trains on (the same object while a round lasts).
+        model: the current policy, unwrapped; accelerator: the run's `accelerate.Accelerator`
+        (device, autocast, process rank)."""
         ...

@@ -128,18 +128,48 @@ def format_table(table: dict[str, dict[str, Any]]) -> str:
 
 # -- CLI ------------------------------------------------------------------------------------
 
-def _generate_and_score(args: argparse.Namespace, model: str, out: Path) -> Path:
-    """Sample `model` on --prompts (same seeds for both models) and score it with every --scorer,
-    through `mmalign generate` and `mmalign score`. Resumable: a rerun reuses what is there."""
-    from mmalign.cli import main
+def sampling_settings(items: Sequence[str]) -> dict[str, Any]:
+    """`--set key=value` items -> {key: value}, values read as YAML scalars (as `mmalign generate --set`)."""
+    import yaml
 
-    if not args.prompts or not args.scorer:
+    from mmalign.config import ConfigError
+
+    settings: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set '{item}' is not of the form key=value")
+        key, raw = item.split("=", 1)
+        settings[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return settings
+
+
+def generate_and_score(model: str, prompts: str, scorers: Sequence[str], out: Path, samples: int = 1, seed: int = 0,
+                       sampling: dict[str, Any] | None = None) -> Path:
+    """Sample `model` on `prompts` (`samples` per prompt, seeds from `seed`: the same for every model)
+    into the manifest folder `out` and score it with every scorer spec, through the library calls of
+    `mmalign generate` and `mmalign score`. Resumable: a rerun reuses what is there. Returns `out`."""
+    import os
+
+    from mmalign.generate.run import generate, make_options
+    from mmalign.scoring.manifest import score_manifest
+
+    if not prompts or not scorers:
         raise DataError("--base-model / --aligned-model need --prompts and at least one --scorer")
-    gen = ["generate", "--model", model, "--prompts", args.prompts, "--out", str(out),
-           "--num-samples", str(args.samples), "--seed", str(args.seed), *sum((["--set", s] for s in args.set), [])]
-    if main(gen) != 0 or main(["score", str(out), *sum((["--scorer", s] for s in args.scorer), [])]) != 0:
-        raise DataError(f"generating or scoring {model} failed (see above)")
+    options = {"model": model, "prompts": prompts, "out": str(out), "num_samples": samples, "seed": seed}
+    result = generate(make_options(dict(options, sampling=sampling) if sampling else options))
+    if int(os.environ.get("RANK", "0")) == 0:
+        first = f" (first failure: {result['failures'][0]})" if result["failures"] else ""
+        print(f"[mmalign] generate ({result['kind']}): {result['generated']} generated, {result['reused']} reused, "
+              f"{result['failed']} failed{first}; manifest {result['manifest']}")
+    if result["failed"]:
+        raise DataError(f"generating {model} failed for {result['failed']} samples (see above)")
+    print(score_manifest(out, scorers))
     return out
+
+
+def _generate_and_score(args: argparse.Namespace, model: str, out: Path) -> Path:
+    return generate_and_score(model, args.prompts, args.scorer or [], out, args.samples, args.seed,
+                              sampling_settings(args.set))
 
 
 def run(args: argparse.Namespace) -> int:

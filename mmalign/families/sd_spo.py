@@ -20,9 +20,9 @@ def build(cfg: Any, use_cache: bool = True, trained: bool = True) -> tuple[Any, 
 
 def source(cfg: Any, likelihood: Any) -> Any:
     """The online SPO / D3PO rounds (`OnlineStepSource`)."""
-    from mmalign.modalities.step_sampler import OnlineStepSource
+    from mmalign.modalities.step_sampler import build_source
 
-    return OnlineStepSource(likelihood, cfg)
+    return build_source(cfg, likelihood)
 
 
 FAMILY = replace(sd.FAMILY, name="sd_spo", summary="SPO / D3PO: sampled transitions, online rounds (SD1.5 / SD2)",

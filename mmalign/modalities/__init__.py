@@ -8,7 +8,10 @@ its online data source (or None)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mmalign.types import DataSource, Likelihood
 
 
 def known_modalities() -> list[str]:
@@ -18,9 +21,6 @@ def known_modalities() -> list[str]:
     return family_names()
 
 
-def known_modalities() -> list[str]: return sorted(MODALITIES)
-
-
 def build_modality(cfg: Any) -> tuple[Any, Any, Any]:
     """(model, likelihood, processor) for `cfg.modality` (its family's `build`)."""
     from mmalign.families import get_family
@@ -28,7 +28,7 @@ def build_modality(cfg: Any) -> tuple[Any, Any, Any]:
     return get_family(cfg.modality).build(cfg)
 
 
-def build_source(cfg: Any, likelihood: Any) -> Any:
+def build_source(cfg: Any, likelihood: Likelihood) -> DataSource | None:
     """The family's online data source for `likelihood` (SPO rounds), or None (data from files)."""
     from mmalign.families import get_family
 

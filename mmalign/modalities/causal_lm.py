@@ -110,7 +110,15 @@ class CausalLMLikelihood:
                   "loss_mask": loss_mask, "position_ids": position_ids}
         return batch_fields(records, kind, inputs)
 
-    # -- the contract ---------------------------------------------------------
+    # -- the contract (mmalign.types.Likelihood, TokenValues) -------------------
+    def to(self, device: torch.device | str) -> "CausalLMLikelihood":
+        """Nothing to move: the tokenizer is all it owns."""
+        return self
+
+    def scored_token_ids(self, batch: PreferenceBatch, width: int) -> Tensor:
+        """(N, width) ids scored by the last `width` columns of `token_logps` (labels are input_ids[:, 1:])."""
+        return batch.inputs["input_ids"][:, -width:]
+
     def draw(self, batch: PreferenceBatch, generator: torch.Generator | None = None) -> Draw:
         return Draw()
 

@@ -167,6 +167,10 @@ class LlavaLikelihood(CausalLMLikelihood):
         """`root`: the record's own data folder (`_root`, set by the trainer), else the data folders."""
         return load_image(value, where, root or self.roots)
 
+    def read_image(self, value: Any, where: str, root: str | None = None) -> Any:
+        """One image value as `collate` reads it (mmalign.types.ScoresModifiedImages)."""
+        return self._image(value, where, root)
+
     def encode_prompt(self, record: dict[str, Any]) -> dict[str, Tensor]:
         """Processor outputs for one record's prompt and images, each with a leading dim of 1
         (text keys: (1, P)) or of the record's image count (pixel_values: (n_images, ...))."""

@@ -115,7 +115,7 @@ class StepLikelihood:
     settings: the `spo` config section (`StepConfig`): sampler (ddim | ddpm), eta, guidance.
     """
 
-    deterministic = False  # the records change every round: a precomputed reference would be stale
+    deterministic: bool = False  # the records change every round: a precomputed reference would be stale
 
     def __init__(self, base: Any, settings: Any) -> None:
         import diffusers
@@ -132,7 +132,6 @@ class StepLikelihood:
         self.clip_range = float(c.clip_sample_range) if c.clip_sample else None
         self.final_alpha = float(getattr(self.scheduler, "final_alpha_cumprod", 1.0))
         self.prediction_type = base.prediction_type
-        self.data_source: Any = None  # set by `step_sampler.build_step` (online sampling)
         self._null: dict[str, Tensor] | None = None
 
     # frozen parts: the sampler decodes with the VAE; validation uses the base's pipeline
@@ -224,7 +223,7 @@ class StepLikelihood:
         uncond, text = out.chunk(2)
         return uncond + w * (text - uncond)
 
-    # -- the Likelihood contract ----------------------------------------------------------------
+    # -- the Likelihood contract (mmalign.types.Likelihood; `to` and `validate` above) --------------
     def collate(self, records: list[dict[str, Any]], kind: str) -> PreferenceBatch:
         """Transition pair records -> a "pair" batch of 2B items (chosen rows first).
 

@@ -40,7 +40,8 @@ from mmalign.data.preference import DataError, StreamSampler, read_records
 from mmalign.io import atomic_path
 from mmalign.modalities.step import StepLikelihood
 from mmalign.modalities.validation import decode_latents
-from mmalign.train.reference import eval_mode
+from mmalign.nn import eval_mode
+from mmalign.types import Likelihood, Round
 
 
 # -- scorers -----------------------------------------------------------------------------------
@@ -334,12 +335,13 @@ def load_prompts(settings: Any) -> list[str]:
 
 
 class OnlineStepSource:
-    """Fills the trainer's records with round r = step // spo.round_steps, sampled by the policy.
+    """The trainer's data source (mmalign.types.DataSource) of `sd_spo` / `sdxl_spo`: optimizer
+    step s trains on round r = s // spo.round_steps, sampled by the policy at the round's first step.
 
     Every process samples the same round (same seed, same weights): the records are identical
-    everywhere and the trainer's sampler splits them across processes."""
+    everywhere and the round's sampler splits them across processes."""
 
-    kind = "pair"
+    kind: str = "pair"
 
     def __init__(self, likelihood: StepLikelihood, cfg: Any) -> None:
         self.likelihood, self.cfg, self.settings = likelihood, cfg, cfg.spo
@@ -349,6 +351,7 @@ class OnlineStepSource:
         self.scorer = None if self.labels is not None else load_step_scorer(cfg.spo.scorer, cfg)
         self.fingerprint = run_fingerprint(cfg)
         self.round = -1
+        self.current: Round | None = None
 
     def describe(self) -> str:
         """What the trainer's start-up line says instead of "N examples from FILE"."""
@@ -357,39 +360,49 @@ class OnlineStepSource:
     def round_path(self, r: int) -> Path:
         return Path(self.cfg.train.output_dir) / "rounds" / f"round_{r:05d}.safetensors"
 
-    def refill(self, trainer: Any) -> None:
-        """Before each optimizer step: at a new round, load it (resume) or sample it, then point the
-        trainer's records and sampler at it."""
+    def records_for_step(self, step: int, model: torch.nn.Module, accelerator: Any) -> Round:
+        """The round of optimizer step `step`: loaded (resume) or sampled with `model` (the unwrapped
+        policy) when it begins, the same `Round` until it ends. Its sampler starts its seeded stream
+        at the round's first micro-step."""
         s, t = self.settings, self.cfg.train
-        r = trainer.step // s.round_steps
-        if r == self.round:
-            return
-        records = load_round(self.round_path(r), self.fingerprint) if s.save_rounds else None
-        if records is None:
-            records, counts = self.sample(r, trainer)
-            if trainer.accelerator.is_main_process:
-                why = {"dropped_gap": f"softmax gap <= {s.threshold}", "dropped_unlabelled": "no human label"}
-                dropped = ", ".join(f"{v} ({why[k]})" for k, v in counts.items() if k in why and v)
-                unit = "candidate steps" if s.method == "spo" else "trajectory pairs"
-                print(f"[mmalign] {s.method} round {r}: {len(records)} transition pairs from {s.prompts_per_round} "
-                      f"prompts; {unit}: kept {counts['kept']}, dropped {dropped or 'none'}")
-            if not records:
-                raise DataError(f"{s.method} round {r} kept no pairs: lower spo.threshold, raise spo.score_scale "
-                                "or spo.prompts_per_round")
-            if s.save_rounds and trainer.accelerator.is_main_process:
-                save_round(records, self.round_path(r), self.fingerprint)
-        trainer.records = records
-        trainer.sampler = RoundSampler(len(records), t.seed * 7919 + r, r * s.round_steps * t.grad_accum)
-        self.round = r
+        r = step // s.round_steps
+        if r != self.round or self.current is None:
+            records = self.load_or_sample(r, model, accelerator)
+            sampler = RoundSampler(len(records), t.seed * 7919 + r, r * s.round_steps * t.grad_accum)
+            self.current, self.round = Round(records, sampler), r
+        return self.current
 
-    def sample(self, r: int, trainer: Any) -> tuple[list[dict[str, Any]], dict[str, int]]:
-        """Round r with the current policy (adapters on, eval mode, no grad)."""
+    def load_or_sample(self, r: int, model: torch.nn.Module, accelerator: Any) -> list[dict[str, Any]]:
+        """Round r's records: read back from its saved file (`spo.save_rounds`), else sampled,
+        reported on the main process, and saved."""
+        s = self.settings
+        records = load_round(self.round_path(r), self.fingerprint) if s.save_rounds else None
+        if records is not None:
+            return records
+        records, counts = self.sample(r, model, accelerator)
+        if accelerator.is_main_process:
+            why = {"dropped_gap": f"softmax gap <= {s.threshold}", "dropped_unlabelled": "no human label"}
+            dropped = ", ".join(f"{v} ({why[k]})" for k, v in counts.items() if k in why and v)
+            unit = "candidate steps" if s.method == "spo" else "trajectory pairs"
+            print(f"[mmalign] {s.method} round {r}: {len(records)} transition pairs from {s.prompts_per_round} "
+                  f"prompts; {unit}: kept {counts['kept']}, dropped {dropped or 'none'}")
+        if not records:
+            raise DataError(f"{s.method} round {r} kept no pairs: lower spo.threshold, raise spo.score_scale "
+                            "or spo.prompts_per_round")
+        if s.save_rounds and accelerator.is_main_process:
+            save_round(records, self.round_path(r), self.fingerprint)
+        return records
+
+    def sample(self, r: int, model: torch.nn.Module,
+               accelerator: Any) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        """Round r with the current policy `model` (adapters on, eval mode, no grad): its records
+        and the counts of kept and dropped candidates."""
         s, t = self.settings, self.cfg.train
         indices = self.prompt_stream.indices(r * s.prompts_per_round, s.prompts_per_round)
         prompts = [self.prompts[i] for i in indices]
         ids = [f"round{r}-{n}" for n in range(len(prompts))]
         generator = torch.Generator().manual_seed(t.seed * 1_000_003 + r * 7_919 + 17)
-        model, acc = trainer.unwrapped, trainer.accelerator
+        acc = accelerator
         records, totals = [], {}
         bar = tqdm(range(0, len(prompts), s.sample_batch_size), desc=f"{s.method} round {r}",
                    disable=not (t.progress and acc.is_main_process), leave=False)
@@ -430,7 +443,15 @@ def check_settings(cfg: Any) -> None:
 
 def build_step(cfg: Any, family_build: Any, trained: bool = True) -> tuple[torch.nn.Module, StepLikelihood, None]:
     """(UNet, StepLikelihood, None) on top of a base family's `build` (never from a cache: the
-    sampler decodes with the VAE); the family's `source` makes the `OnlineStepSource`."""
+    sampler decodes with the VAE); its data comes from `build_source` (an `OnlineStepSource`)."""
     check_settings(cfg)
     model, base, _ = family_build(cfg, use_cache=False, trained=trained)
     return model, StepLikelihood(base, cfg.spo), None
+
+
+def build_source(cfg: Any, likelihood: Likelihood) -> OnlineStepSource:
+    """The online rounds of `sd_spo` / `sdxl_spo` for the likelihood `build_step` made."""
+    if not isinstance(likelihood, StepLikelihood):
+        raise TypeError(f"modality '{cfg.modality}' samples rounds with a StepLikelihood, "
+                        f"got {type(likelihood).__name__}")
+    return OnlineStepSource(likelihood, cfg)

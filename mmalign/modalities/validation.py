@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import torch
 
 from mmalign.io import atomic_path
-from mmalign.train.reference import eval_mode
+from mmalign.nn import eval_mode
 
 
 def is_flow(family: Any) -> bool:

@@ -29,10 +29,9 @@ from torch import Tensor
 
 from mmalign.config import ConfigError, LossConfig
 from mmalign.data.corrupt import corrupt_image
-from mmalign.data.media import load_image
 from mmalign.data.preference import DataError
 from mmalign.losses import IMAGE_TERMS
-from mmalign.types import LogpOutput, PairLogps, PreferenceBatch
+from mmalign.types import Likelihood, LogpOutput, PairLogps, PreferenceBatch, ScoresModifiedImages
 
 Score = Callable[[PreferenceBatch, torch.Generator], tuple[LogpOutput, LogpOutput]]
 OTHER_IMAGE_TRIES = 8  # offsets tried before accepting another example whose image is the same
@@ -54,12 +53,12 @@ def _images(record: dict[str, Any], where: str) -> list[Any]:
 class ImageTerms:
     """Adds one `IMAGE_TERMS` entry to per-example pair losses (see the module docstring).
 
-    likelihood: the trainer's likelihood (collates and scores the modified items, and owns
-        `roots` for relative image paths); pool: the training records, where `realign` finds
-        other images (read by index only).
+    likelihood: the trainer's likelihood, with the `ScoresModifiedImages` ability (collates and
+        scores the modified items, and reads the images to corrupt); pool: the training records,
+        where `realign` finds other images (read by index only).
     """
 
-    def __init__(self, cfg: LossConfig, likelihood: Any, kind: str, strategy: str,
+    def __init__(self, cfg: LossConfig, likelihood: Likelihood, kind: str, strategy: str,
                  pool: Sequence[dict[str, Any]]) -> None:
         if cfg.image_term not in IMAGE_TERMS:
             raise ConfigError(f"loss.image_term '{cfg.image_term}' is not one of none, {', '.join(IMAGE_TERMS)}")
@@ -68,9 +67,12 @@ class ImageTerms:
         if strategy == "precomputed":
             raise ConfigError(f"loss.image_term '{cfg.image_term}' scores a freshly modified image every step, "
                               "which a precomputed reference cannot: use reference.strategy frozen or lora_disabled")
+        if not isinstance(likelihood, ScoresModifiedImages):
+            raise ConfigError(f"loss.image_term '{cfg.image_term}' scores answers with modified images, which "
+                              f"{type(likelihood).__name__} cannot: use a VLM modality (llava)")
         self.cfg, self.name, self.spec = cfg, cfg.image_term, IMAGE_TERMS[cfg.image_term]
         self.likelihood, self.pool = likelihood, pool
-        self.roots = getattr(likelihood, "roots", None)
+        self.reader: ScoresModifiedImages = likelihood  # the same object, through its image ability
         if self.spec.image == "other" and len(pool) < 2:
             raise DataError(f"loss.image_term '{self.name}' takes another example's image: it needs >= 2 examples")
         self.params = {"crop": {"scale": tuple(cfg.corruption_crop_scale)},
@@ -80,7 +82,7 @@ class ImageTerms:
     # -- the modified items --------------------------------------------------------------
     def _corrupted(self, images: list[Any], where: str, generator: torch.Generator,
                    root: str | None) -> list[Any]:
-        return [corrupt_image(load_image(v, f"{where}, image {j}", root or self.roots), self.cfg.corruption,
+        return [corrupt_image(self.reader.read_image(v, f"{where}, image {j}", root), self.cfg.corruption,
                               generator, **self.params) for j, v in enumerate(images)]
 
     def _other(self, images: list[Any], index: int, generator: torch.Generator) -> tuple[list[Any], str | None]:
@@ -146,7 +148,7 @@ class ImageTerms:
         return losses, metrics
 
 
-def build_image_terms(cfg: Any, likelihood: Any, kind: str, strategy: str,
+def build_image_terms(cfg: Any, likelihood: Likelihood, kind: str, strategy: str,
                       pool: Sequence[dict[str, Any]]) -> ImageTerms | None:
     """The run's `ImageTerms`, or None when `loss.image_term` is none."""
     if cfg.loss.image_term == "none":

@@ -4,25 +4,18 @@ scores under `torch.inference_mode`, with dropout off, on the SAME draw as the p
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
-from mmalign.types import Draw, LogpOutput, PreferenceBatch
+from mmalign.nn import eval_mode
+from mmalign.types import Draw, Likelihood, LogpOutput, PreferenceBatch
+
+__all__ = ["FrozenReference", "LoraDisabledReference", "PrecomputedReference", "eval_mode"]
 
 
-@contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def _score(likelihood: Any, model: torch.nn.Module, batch: PreferenceBatch, draw: Draw, autocast: Any) -> LogpOutput:
+def _score(likelihood: Likelihood, model: torch.nn.Module, batch: PreferenceBatch, draw: Draw,
+           autocast: Any) -> LogpOutput:
     with torch.inference_mode(), eval_mode(model), autocast():
         out = likelihood.logps(model, batch, draw)
     # Inference tensors cannot be saved for backward; clone into normal tensors.
@@ -35,7 +28,7 @@ class FrozenReference:
     """A frozen copy of the initial policy (full fine-tuning). `sync` implements TR-DPO:
     ref <- (1 - alpha) ref + alpha policy."""
 
-    def __init__(self, model: torch.nn.Module, likelihood: Any, autocast: Any,
+    def __init__(self, model: torch.nn.Module, likelihood: Likelihood, autocast: Any,
                  device: torch.device | str = "cpu") -> None:
         # The copy goes to the training device itself: accelerate's prepare() moves only the policy.
         self.model = copy.deepcopy(model).to(device).eval().requires_grad_(False)
@@ -53,7 +46,7 @@ class FrozenReference:
 class LoraDisabledReference:
     """The policy's base weights with its LoRA adapters switched off: no second copy."""
 
-    def __init__(self, peft_model: torch.nn.Module, likelihood: Any, autocast: Any) -> None:
+    def __init__(self, peft_model: torch.nn.Module, likelihood: Likelihood, autocast: Any) -> None:
         self.model, self.likelihood, self.autocast = peft_model, likelihood, autocast
 
     def logps(self, batch: PreferenceBatch, draw: Draw) -> LogpOutput:

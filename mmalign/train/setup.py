@@ -1,5 +1,5 @@
-"""Building blocks the trainer assembles: accelerator, LoRA, reference strategy, and
-the precomputed-reference cache."""
+"""Building blocks the trainer assembles: the contract check of its parts, accelerator, LoRA,
+reference strategy, and the precomputed-reference cache."""
 
 from __future__ import annotations
 
@@ -15,7 +15,23 @@ from mmalign.io import atomic_path
 from mmalign.config import Config, ConfigError, TrainConfig
 from mmalign.data.preference import flatten
 from mmalign.losses import LossSpec
-from mmalign.train.reference import eval_mode
+from mmalign.nn import eval_mode
+from mmalign.types import DataSource, Likelihood, TokenValues
+
+
+def check_contracts(cfg: Config, likelihood: Likelihood, source: DataSource | None) -> None:
+    """Refuse parts that do not satisfy the protocols of `mmalign.types` (TypeError), or that lack
+    an ability the config asks for (ConfigError)."""
+    if not isinstance(likelihood, Likelihood):
+        raise TypeError(f"{type(likelihood).__name__} is not a mmalign.types.Likelihood: it needs "
+                        "`deterministic`, `to(device)`, `collate(records, kind)`, `draw(batch, generator)` "
+                        "and `logps(model, batch, draw)`")
+    if source is not None and not isinstance(source, DataSource):
+        raise TypeError(f"{type(source).__name__} is not a mmalign.types.DataSource: it needs `kind`, `describe()` "
+                        "and `records_for_step(step, model, accelerator)`")
+    if cfg.loss.dense_gamma and not isinstance(likelihood, TokenValues):
+        raise ConfigError(f"loss.dense_gamma needs per-token log-probs, which {type(likelihood).__name__} does not "
+                          "give: use a token likelihood (causal_lm, llava)")
 
 
 def make_accelerator(t: TrainConfig) -> Any:
@@ -63,7 +79,9 @@ def apply_lora(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
         return peft.get_peft_model(model, peft_config)
 
 
-def resolve_strategy(cfg: Config, spec: LossSpec, likelihood: Any) -> str:
+def resolve_strategy(cfg: Config, spec: LossSpec, likelihood: Likelihood) -> str:
+    """The reference strategy to use: `reference.strategy`, with "auto" resolved and the ones the
+    loss or likelihood cannot use refused."""
     strategy = cfg.reference.strategy
     if not spec.needs_reference:
         return "none"
@@ -71,7 +89,7 @@ def resolve_strategy(cfg: Config, spec: LossSpec, likelihood: Any) -> str:
         return "lora_disabled" if cfg.lora.enabled else "frozen"
     if strategy == "none":
         raise ConfigError(f"loss '{cfg.loss.name}' needs a reference; reference.strategy 'none' is for simpo")
-    if strategy == "precomputed" and not getattr(likelihood, "deterministic", False):
+    if strategy == "precomputed" and not likelihood.deterministic:
         raise ConfigError("reference.strategy 'precomputed' needs a deterministic likelihood "
                           "(diffusion draws differ every step)")
     return strategy

@@ -1,14 +1,16 @@
 """The preference trainer: one loop for every modality and loss.
 
-Per optimizer step: for each micro-step, draw the randomness once, score chosen and
-rejected under the policy and the reference with that SAME draw, turn the
-log-likelihoods into per-example losses, backward; then clip, step, log, evaluate,
-checkpoint. Processes are coordinated by accelerate (DDP over NCCL or gloo).
+Per optimizer step: with online data, ask the `DataSource` for the step's records; for each
+micro-step, draw the randomness once, score chosen and rejected under the policy and the
+reference with that SAME draw, turn the log-likelihoods into per-example losses, backward;
+then clip, step, log, evaluate, checkpoint. Processes are coordinated by accelerate (DDP over
+NCCL or gloo).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -25,8 +27,9 @@ from mmalign.train.metrics import Meter, MetricsLogger, format_metrics
 from mmalign.train.objective import RunningMean, preference_losses
 from mmalign.train.optim import build_optimizer, build_scheduler
 from mmalign.train.reference import FrozenReference, LoraDisabledReference, PrecomputedReference
-from mmalign.train.setup import apply_lora, make_accelerator, precompute_reference, resolve_strategy
-from mmalign.types import LogpOutput, PreferenceBatch
+from mmalign.train.setup import (apply_lora, check_contracts, make_accelerator, precompute_reference,
+                                 resolve_strategy)
+from mmalign.types import DataSource, Likelihood, LogpOutput, MicroBatchSampler, PreferenceBatch, Validates
 
 
 class NonFiniteLossError(RuntimeError):
@@ -39,22 +42,26 @@ def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
 
 
 class PreferenceTrainer:
-    def __init__(self, cfg: Config, model: torch.nn.Module, likelihood: Any, processor: Any = None) -> None:
-        self.cfg, self.likelihood, self.processor = cfg, likelihood, processor
+    """Trains `model` on preference data scored by `likelihood` (see the module docstring).
+
+    source: online data (SPO / D3PO rounds, ...), asked for its records before every optimizer
+        step; None reads `cfg.data.train`.
+    """
+
+    def __init__(self, cfg: Config, model: torch.nn.Module, likelihood: Likelihood, processor: Any = None,
+                 source: DataSource | None = None) -> None:
+        check_contracts(cfg, likelihood, source)
+        self.cfg, self.likelihood, self.processor, self.source = cfg, likelihood, processor, source
         t = cfg.train
         self.accelerator = make_accelerator(t)
-        if hasattr(likelihood, "to"):  # frozen parts it owns (VAE, text encoders) go to the device
-            likelihood.to(self.accelerator.device)
+        likelihood.to(self.accelerator.device)  # frozen parts it owns (VAE, text encoders)
         self.output_dir = Path(t.output_dir)
         self.loss_spec = get_loss(cfg.loss.name)
-        # Records are read by index only (a lazy dataset works too) and never mutated.
+        # Records are read by index only (a lazy dataset works too) and never mutated. An online
+        # source replaces them (and the sampler) with each round it returns (`train_step`).
         d = cfg.data
-        # An online source (SPO/D3PO sampling, `likelihood.data_source`) fills the records itself:
-        # `refill(trainer)` before every step replaces records and sampler when a new round begins;
-        # `describe()` names it in the start-up line.
-        self.source = getattr(likelihood, "data_source", None)
-        self.records, self.kind = (([], self.source.kind) if self.source is not None
-                                   else load_split(d.train, format=d.format))
+        self.records: Sequence[dict[str, Any]]
+        self.records, self.kind = ([], source.kind) if source is not None else load_split(d.train, format=d.format)
         self.eval_records = load_split(d.eval, self.kind, d.format)[0] if d.eval else []
         self.ref_values: dict[str, list[list[float]] | None] = {"train": None, "eval": None}
         self.strategy = resolve_strategy(cfg, self.loss_spec, likelihood)
@@ -76,7 +83,7 @@ class PreferenceTrainer:
             "none": lambda: None,
         }[self.strategy]()
         self.loss_state = RunningMean()
-        self.sampler = StreamSampler(len(self.records), t.seed) if self.source is None else None
+        self.sampler: MicroBatchSampler | None = StreamSampler(len(self.records), t.seed) if source is None else None
         self.step = 0
 
     @property
@@ -134,11 +141,16 @@ class PreferenceTrainer:
                 f"{last or 'none written yet'}. Lower optim.lr or loss.beta, or check the data.")
 
     # -- one optimizer step ------------------------------------------------------
+    def _take_round(self) -> None:
+        """Train on the records (and with the sampler) the online source gives for this step."""
+        current = self.source.records_for_step(self.step, self.unwrapped, self.accelerator)
+        self.records, self.sampler = current.records, current.sampler
+
     def train_step(self) -> dict[str, float]:
         t, acc = self.cfg.train, self.accelerator
         meter = Meter()
         if self.source is not None:
-            self.source.refill(self)
+            self._take_round()
         for micro in range(t.grad_accum):
             micro_step = self.step * t.grad_accum + micro
             seed = step_seed(t.seed, self.step, micro, acc.process_index)
@@ -244,7 +256,7 @@ class PreferenceTrainer:
                 last.update(ev)
             if (t.save_every and self.step % t.save_every == 0) or self.step == t.max_steps:
                 self.save()
-            if t.validate_every and self.step % t.validate_every == 0 and hasattr(self.likelihood, "validate"):
+            if t.validate_every and self.step % t.validate_every == 0:
                 self.validate()
         bar.close()
         logger.close()
@@ -253,7 +265,10 @@ class PreferenceTrainer:
 
     def validate(self) -> None:
         """Modality-defined samples for a human to watch (e.g. images for fixed prompts and
-        seeds): `likelihood.validate(model, step, folder) -> {metric: value}`, main process."""
+        seeds): `likelihood.validate(model, step, folder) -> {metric: value}`, main process.
+        Only for a likelihood with that ability (`mmalign.types.Validates`)."""
+        if not isinstance(self.likelihood, Validates):
+            return
         acc = self.accelerator
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -284,8 +299,9 @@ class PreferenceTrainer:
 
 
 def train(cfg: Config) -> dict[str, float]:
-    """Build the modality named in the config and train it; returns the last metrics."""
-    from mmalign.modalities import build_modality
+    """Build the modality named in the config (and its online data source, if any) and train it;
+    returns the last metrics."""
+    from mmalign.modalities import build_modality, build_source
 
     model, likelihood, processor = build_modality(cfg)
-    return PreferenceTrainer(cfg, model, likelihood, processor).fit()
+    return PreferenceTrainer(cfg, model, likelihood, processor, build_source(cfg, likelihood)).fit()
