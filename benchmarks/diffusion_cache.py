@@ -117,12 +117,25 @@ def make_config(work: Path, s: Settings, cached: bool, run: str) -> Any:
                   "seed": s.seed, "progress": False, "tensorboard": False}})
 
 
-def time_calls(likelihood: Any, names: tuple[str, ...]) -> dict[str, float]:
-    """Wrap the likelihood's methods `names` to add their wall time to the returned dict
-    (the data path that caching replaces: collate reads images or cache rows, the encoders)."""
-    spent = dict.fromkeys(names, 0.0)
-    for name in names:
-        method = getattr(likelihood, name)
+def data_path_calls(likelihood: Any) -> list[tuple[Any, str, str]]:
+    """(object, method, key) of the data path that caching replaces: collate reads images or cache
+    rows; the VAE (`encode_images`) and the text encoders (`encode_prompt`) of an uncached run."""
+    from mmalign.modalities.diffusion import ImageLatents, TextConditioning
+
+    calls = [(likelihood, "collate", "collate")]
+    if isinstance(likelihood.latents, ImageLatents):
+        calls.append((likelihood.latents, "latent_dist", "encode_images"))
+    if isinstance(likelihood.conditioning, TextConditioning):
+        calls.append((likelihood.conditioning.encoder, "encode", "encode_prompt"))
+    return calls
+
+
+def time_calls(calls: list[tuple[Any, str, str]]) -> dict[str, float]:
+    """Wrap each (object, method, key) to add its wall time to the returned dict under key; the
+    keys collate, encode_images and encode_prompt are always there (0 when not called)."""
+    spent = dict.fromkeys(("collate", "encode_images", "encode_prompt"), 0.0)
+    for owner, method_name, name in calls:
+        method = getattr(owner, method_name)
 
         def timed(*args: Any, _name: str = name, _method: Any = method, **kwargs: Any) -> Any:
             tic = time.perf_counter()
@@ -131,7 +144,7 @@ def time_calls(likelihood: Any, names: tuple[str, ...]) -> dict[str, float]:
             finally:
                 spent[_name] += time.perf_counter() - tic
 
-        setattr(likelihood, name, timed)
+        setattr(owner, method_name, timed)
     return spent
 
 
@@ -145,7 +158,7 @@ def run_side(work: Path, s: Settings, cached: bool, repeat: int) -> dict[str, An
     unet, likelihood, _ = build_modality(cfg)
     trainer = PreferenceTrainer(cfg, unet, likelihood)
     setup = time.perf_counter() - tic
-    spent = time_calls(likelihood, ("collate", "encode_images", "encode_prompt"))
+    spent = time_calls(data_path_calls(likelihood))
     start, ends, losses = time.perf_counter(), [], []
     for _ in range(s.steps):
         losses.append(float(trainer.train_step()["loss"]))

@@ -93,9 +93,13 @@ class Clock:
 
 def time_draw(clock: Clock, likelihood: Any) -> None:
     """draw = collate-free augmentation + VAE + text encoders: time the encoders apart."""
+    from mmalign.modalities.diffusion import ImageLatents, TextConditioning
+
     clock.wrap(likelihood, "collate", "collate")
-    clock.wrap(likelihood, "encode_images", "vae")
-    clock.wrap(likelihood, "encode_prompt", "text_encoders")
+    if isinstance(likelihood.latents, ImageLatents):  # a cached likelihood has neither
+        clock.wrap(likelihood.latents, "latent_dist", "vae")
+    if isinstance(likelihood.conditioning, TextConditioning):
+        clock.wrap(likelihood.conditioning.encoder, "encode", "text_encoders")
     draw = likelihood.draw
 
     def timed_draw(*args: Any, **kwargs: Any) -> Any:
@@ -106,11 +110,6 @@ def time_draw(clock: Clock, likelihood: Any) -> None:
         return out
 
     likelihood.draw = timed_draw
-
-
-class _Draw:  # what `unet_kwargs` reads: .values
-    def __init__(self, values: dict[str, Any]) -> None:
-        self.values = values
 
 
 def recipe_step(likelihood: Any, model: Any, ref: Any, values: dict[str, Any], clock: Any, *, beta: float,
@@ -134,7 +133,7 @@ def recipe_step(likelihood: Any, model: Any, ref: Any, values: dict[str, Any], c
 
     def mse(net: Any, dtype: Any) -> Any:
         with autocast():
-            pred = net(noisy.to(dtype), v["timesteps"], **likelihood.unet_kwargs(_Draw(v), dtype)).sample
+            pred = net(noisy.to(dtype), v["timesteps"], **likelihood.denoiser.kwargs(v, dtype)).sample
         return F.mse_loss(pred.float(), v["noise"].float(), reduction="none").mean(dim=(1, 2, 3))
 
     model_w, model_l = clock.time("policy_forward", lambda: mse(model, torch.float32)).chunk(2)

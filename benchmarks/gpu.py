@@ -199,11 +199,15 @@ class PhaseClock:
         """collate, draw (VAE and text encoders inside it are timed apart), logps by reference/policy."""
         import torch
 
-        names = [("collate", "collate"), ("draw", "draw")]
-        if hasattr(likelihood, "encode_images"):  # diffusion; LLaVA's encode_prompt is part of its collate
-            names += [("encode_images", "vae"), ("encode_prompt", "text_encoders")]
-        for name, phase in names:
+        from mmalign.modalities.diffusion import DiffusionLikelihood, ImageLatents, TextConditioning
+
+        for name, phase in [("collate", "collate"), ("draw", "draw")]:
             self.wrap(likelihood, name, phase)
+        if isinstance(likelihood, DiffusionLikelihood):  # LLaVA's text encoding is part of its collate
+            if isinstance(likelihood.latents, ImageLatents):
+                self.wrap(likelihood.latents, "latent_dist", "vae")
+            if isinstance(likelihood.conditioning, TextConditioning):
+                self.wrap(likelihood.conditioning.encoder, "encode", "text_encoders")
         self.wrap(likelihood, "logps",
                   lambda: "reference_forward" if torch.is_inference_mode_enabled() else "policy_forward")
 

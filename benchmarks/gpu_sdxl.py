@@ -44,12 +44,13 @@ def clip_tokenizer() -> Any:
 
 
 def sdxl_likelihood(cfg: Any, s: Settings, device: Any, text_dtype: Any) -> Any:
-    """Uncached `SDXLLikelihood` with the VAE (fp32) and both text encoders (`text_dtype`) on `device`."""
+    """Uncached SDXL likelihood with the VAE (fp32) and both text encoders (`text_dtype`) on `device`."""
     import torch
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from mmalign.modalities.sdxl import SDXLLikelihood
+    from mmalign.families import sdxl
+    from mmalign.modalities.diffusion import DiffusionLikelihood, ElboObjective, ImageLatents, TextConditioning
 
     parts = sdxl_parts(s)
     torch.manual_seed(s.seed + 1)
@@ -57,8 +58,11 @@ def sdxl_likelihood(cfg: Any, s: Settings, device: Any, text_dtype: Any) -> Any:
         vae = AutoencoderKL(**parts["vae"])
         encoders = [cls(CLIPTextConfig(**parts[key], bos_token_id=0, eos_token_id=1, pad_token_id=1)).to(text_dtype)
                     for key, cls in (("text", CLIPTextModel), ("text_2", CLIPTextModelWithProjection))]
-    return SDXLLikelihood(vae, encoders, [clip_tokenizer()] * 2, sdxl_scheduler(), cfg.diffusion,
-                          [Path(cfg.data.train).parent])
+    d = cfg.diffusion
+    text = TextConditioning(sdxl.SDXLText(encoders, [clip_tokenizer()] * 2), d.null_prompt)
+    return DiffusionLikelihood(sdxl.FAMILY, ElboObjective(sdxl_scheduler(), d.prediction_type),
+                               ImageLatents(vae, d, [Path(cfg.data.train).parent]), text,
+                               sdxl.SDXLUNet(d.resolution), d)
 
 
 def sdxl_scheduler() -> Any:
@@ -122,7 +126,9 @@ def build_sdxl_cache(work: Path, s: Settings, dev: Device) -> dict[str, Any]:
 
 def sdxl_mmalign(work: Path, s: Settings, dev: Device, lora: bool, checkpointing: bool) -> dict[str, Any]:
     """PreferenceTrainer on the cache: no VAE or text encoder in memory."""
-    from mmalign.modalities.diffusion_cache import CachedSDXLLikelihood, LatentCache
+    from mmalign.families import sdxl
+    from mmalign.modalities.diffusion import DiffusionLikelihood, ElboObjective
+    from mmalign.modalities.diffusion_cache import CachedLatents, CachedText, LatentCache
     from mmalign.train.trainer import PreferenceTrainer
 
     cache_info = build_sdxl_cache(work, s, dev)
@@ -131,7 +137,10 @@ def sdxl_mmalign(work: Path, s: Settings, dev: Device, lora: bool, checkpointing
     unet = build_unet(s, dev.device)
     cache = LatentCache(cfg.diffusion.cache_dir)
     cache.check(cfg, {"train": 4 * s.sdxl_batch}, unet)
-    likelihood = CachedSDXLLikelihood(cache, sdxl_scheduler(), cfg.diffusion)
+    d = cfg.diffusion
+    likelihood = DiffusionLikelihood(sdxl.FAMILY, ElboObjective(sdxl_scheduler(), d.prediction_type),
+                                     CachedLatents(cache, d), CachedText(cache, d.null_prompt),
+                                     sdxl.SDXLUNet(d.resolution), d)
     trainer = PreferenceTrainer(cfg, unet, likelihood)
     clock = PhaseClock(dev.sync)
     clock.wrap_likelihood(likelihood)
