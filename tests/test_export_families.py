@@ -1,0 +1,178 @@
+"""`mmalign export` for every registered family: a 1-step run of its tiny config (configs/tiny/,
+or the nearest one with the modality switched where a family has none), exported in every
+format its `EXPORTS` entry lists, loaded with the family's own loader (a diffusers pipeline's
+`from_pretrained` / `load_lora_weights`, the denoiser's `from_pretrained` / `load_lora_adapter`,
+the transformers model's `from_pretrained`, `PeftModel.from_pretrained`) and run on a fixed
+batch: the loaded model's output equals the trained model's (`load_trained`), which differs
+from the base. Formats a family lacks are refused with a one-line error naming them."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from audio_fixtures import save_tiny_tango, write_audio_pairs, write_tiny_audio_run
+from diffusion_fixtures import save_tiny_pipeline, write_pairs_file
+from flow_fixtures import write_tiny_flow_run
+
+from mmalign.cli import main
+from mmalign.config import resolve_path
+from mmalign.export import EXPORTS, find_run, load_trained, write_model_index
+from mmalign.modalities import MODALITIES, build_modality
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = ["train.progress=false", "train.tensorboard=false", "train.max_steps=1", "train.log_every=1",
+         "optim.lr=1e-2", "optim.warmup_steps=0"]
+LORA = ["lora.enabled=true", "lora.r=4", "lora.alpha=8", "lora.target_modules=[to_q,to_k,to_v,to_out.0]"]
+SPO = ["spo.num_steps=4", "spo.prompts_per_round=2", "spo.round_steps=1", "spo.sample_batch_size=2",
+       "spo.candidates=2", "spo.threshold=0.0", "train.batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    """Tiny base folders and data for the families without a shipped one."""
+    root = tmp_path_factory.mktemp("export_assets")
+    from mmalign.toyvlm import make_shape_pairs, save_tiny_llava
+
+    return {"sd": save_tiny_pipeline(root / "sd"), "sd_pairs": write_pairs_file(root / "sd_pairs", 4)[0],
+            "sd3": write_tiny_flow_run(root / "sd3", count=4), "flux": write_tiny_flow_run(root / "flux", flux=True,
+                                                                                           count=4),
+            "audio": write_tiny_audio_run(root / "audio", count=4), "tango": save_tiny_tango(root / "tango"),
+            "audio_pairs": write_audio_pairs(root / "audio_pairs", 4)[0],
+            "llava": save_tiny_llava(root / "llava", seed=0), "shapes": make_shape_pairs(4, 0, root / "shapes")}
+
+
+# modality -> (variant, tiny config, overrides given the assets); `probe` overrides are the
+# config the fixed batch is built from, when the run's own has no data (SPO samples its own).
+CASES: dict[str, list[tuple[str, str, callable]]] = {
+    "causal_lm": [("full", "lm_dpo.yaml", lambda a: ["data.eval=", "train.batch_size=2"]),
+                  ("lora", "lm_dpo_lora.yaml", lambda a: ["data.eval=", "train.batch_size=2"])],
+    "llava": [("lora", "llava_dpo.yaml", lambda a: [f"model.path={a['llava']}", f"data.train={a['shapes']}",
+                                                   "data.eval=", "train.batch_size=2"])],
+    "sd": [("full", "sd_dpo.yaml", lambda a: [f"model.path={a['sd']}", f"data.train={a['sd_pairs']}",
+                                              "train.batch_size=2"])],
+    "sdxl": [("lora", "sdxl_dpo.yaml", lambda a: ["train.batch_size=2"])],
+    "sd_spo": [("lora", "spo.yaml", lambda a: ["modality=sd_spo", f"model.path={a['sd']}", *SPO])],
+    "sdxl_spo": [("lora", "spo.yaml", lambda a: SPO)],
+    "sd3": [("lora", "flow_dpo.yaml", lambda a: [f"model.path={a['sd3'].parents[1] / 'pipeline'}",
+                                                 f"data.train={a['sd3']}", "train.batch_size=2"])],
+    "flux": [("lora", "flow_dpo.yaml", lambda a: ["modality=flux", f"model.path={a['flux'].parents[1] / 'pipeline'}",
+                                                  f"data.train={a['flux']}", "train.batch_size=2"])],
+    "audioldm2": [("full", "audio_dpo.yaml", lambda a: [f"model.path={a['audio'].parents[1] / 'pipeline'}",
+                                                        f"data.train={a['audio']}", "train.batch_size=2"])],
+    "tango": [("lora", "audio_dpo.yaml", lambda a: ["modality=tango", f"model.path={a['tango']}",
+                                                    f"data.train={a['audio_pairs']}", "train.batch_size=2", *LORA])],
+}
+PROBE_DATA = {"sd_spo": ("sd", "sd_pairs"), "sdxl_spo": ("sdxl", "sd_pairs")}  # SPO runs read no data file
+
+
+def case_ids() -> list[tuple[str, str]]:
+    return [(m, v) for m in MODALITIES for v, *_ in CASES.get(m, [("missing", None, None)])]
+
+
+# -- the fixed batch and the output it gives --------------------------------------------------------
+def probe_for(run_dir: Path, modality: str, assets: dict[str, Path]):
+    """A function model -> its output tensor (logits / denoiser output) on one fixed batch of the
+    run's data, through the family's likelihood (the same inputs, noise and timesteps each call)."""
+    from mmalign.data.preference import load_split
+
+    cfg = find_run(run_dir).cfg
+    if modality in PROBE_DATA:
+        base, data = PROBE_DATA[modality]
+        cfg = dataclasses.replace(cfg, modality=base, data=dataclasses.replace(cfg.data, train=str(assets[data]),
+                                                                               format="auto"))
+    _, likelihood, _ = build_modality(dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, enabled=False)))
+    records, kind = load_split(cfg.data.train, format=cfg.data.format)
+    batch = likelihood.collate([dict(records[i], _index=i) for i in range(2)], kind)
+    draw = likelihood.draw(batch, torch.Generator().manual_seed(0))
+
+    @torch.no_grad()
+    def probe(model: torch.nn.Module) -> torch.Tensor:
+        seen = []
+        handle = model.register_forward_hook(lambda module, args, out: seen.append(out[0]))
+        try:
+            likelihood.logps(model.eval(), batch, draw)
+        finally:
+            handle.remove()
+        return seen[0].float()
+
+    return probe
+
+
+# -- each format's loader ---------------------------------------------------------------------------
+def loadable_base(folder: Path, pipeline: str, tmp_path: Path) -> Path:
+    """The base folder, or a copy with a model_index.json when it has none (the tiny builders omit it)."""
+    if (folder / "model_index.json").is_file():
+        return folder
+    copy = shutil.copytree(folder, tmp_path / "base_pipeline")
+    write_model_index(copy, pipeline)
+    return copy
+
+
+def load_export(fmt: str, out: Path, base: Path, modality: str, trained: torch.nn.Module,
+                tmp_path: Path) -> torch.nn.Module:
+    """The exported model, loaded the way a user of the family loads it."""
+    from diffusers import DiffusionPipeline
+    from peft import PeftModel
+
+    family = EXPORTS[modality]
+    plain = trained.get_base_model() if hasattr(trained, "get_base_model") else trained
+    cls = type(plain)
+    if family.component is None:  # transformers
+        return cls.from_pretrained(out) if fmt == "merged" else PeftModel.from_pretrained(cls.from_pretrained(base), out)
+    if fmt == "unet":
+        return cls.from_pretrained(out)
+    if fmt == "merged" and family.pipeline:
+        pipe = DiffusionPipeline.from_pretrained(out)
+        assert type(pipe).__name__ == family.pipeline
+        return getattr(pipe, family.component)
+    if fmt == "merged":  # a component folder without a pipeline class
+        assert {p.name for p in base.iterdir()} <= {p.name for p in out.iterdir()}
+        return cls.from_pretrained(out, subfolder=family.component)
+    if family.pipeline:  # lora onto the base pipeline
+        pipe = DiffusionPipeline.from_pretrained(loadable_base(base, family.pipeline, tmp_path))
+        pipe.load_lora_weights(out)
+        return getattr(pipe, family.component)
+    denoiser = cls.from_pretrained(base, subfolder=family.component)  # lora onto the denoiser alone
+    denoiser.load_lora_adapter(out, prefix=family.component, use_safetensors=True)
+    return denoiser
+
+
+def base_model(base: Path, modality: str, trained: torch.nn.Module) -> torch.nn.Module:
+    plain = trained.get_base_model() if hasattr(trained, "get_base_model") else trained
+    component = EXPORTS[modality].component
+    return type(plain).from_pretrained(base, **({"subfolder": component} if component else {}))
+
+
+# -- the test ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("modality,variant", case_ids())
+def test_every_family_exports_what_its_own_loader_loads(modality, variant, assets, tmp_path, capsys):
+    if modality not in CASES or modality not in EXPORTS:
+        pytest.fail(f"family '{modality}' has no export case here (CASES) or no EXPORTS entry in mmalign/export.py")
+    _, config, overrides = next(c for c in CASES[modality] if c[0] == variant)
+    run = tmp_path / "run"
+    assert main(["train", str(ROOT / "configs" / "tiny" / config), f"train.output_dir={run}", *QUIET,
+                 *overrides(assets)]) == 0
+    family, probe = EXPORTS[modality], probe_for(run, modality, assets)
+    trained, _ = load_trained(find_run(run))
+    base = Path(resolve_path(find_run(run).cfg.model.path))
+    expected = probe(trained)
+    assert not torch.allclose(probe(base_model(base, modality, trained)), expected, rtol=1e-4, atol=1e-5)
+    for fmt in ("merged", "unet", "lora"):
+        out = tmp_path / fmt
+        capsys.readouterr()
+        code = main(["export", str(run), "--to", str(out), "--format", fmt])
+        err = capsys.readouterr().err
+        if fmt not in family.formats:  # one line naming the family and what it supports
+            line = next(x for x in err.splitlines() if "error:" in x)
+            assert code == 2 and f"modality '{modality}' has no --format {fmt}" in line
+            assert line.endswith(f"it supports {', '.join(family.formats)}")
+        elif fmt == "lora" and variant == "full":
+            assert code == 2 and "needs a LoRA run" in err
+        else:
+            assert code == 0, err
+            loaded = load_export(fmt, out, base, modality, trained, tmp_path)
+            torch.testing.assert_close(probe(loaded), expected, rtol=1e-4, atol=1e-5, msg=f"{modality} {fmt}")
