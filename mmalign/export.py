@@ -23,9 +23,9 @@ Formats (`--format`; `auto` is lora for a LoRA run of a family that has it, merg
   `convert_state_dict_to_diffusers` -> keys prefixed with the component, "unet." or
   "transformer.", with the LoraConfig as metadata so lora_alpha survives), loaded by
   `pipeline.load_lora_weights(OUT)`, or onto the denoiser alone by
-  `denoiser.load_lora_adapter(OUT, prefix="unet")` (tango). Text models: the peft adapter folder
-  + tokenizer (`PeftModel.from_pretrained(base, OUT)`). AudioLDM2 has none: diffusers'
-  `AudioLDM2Pipeline` has no `load_lora_weights` (use merged or unet).
+  `denoiser.load_lora_adapter(OUT, prefix="unet", use_safetensors=True)` (tango). Text models:
+  the peft adapter folder + tokenizer (`PeftModel.from_pretrained(base, OUT)`). AudioLDM2 has
+  none: diffusers' `AudioLDM2Pipeline` has no `load_lora_weights` (use merged or unet).
 The output is written to a hidden temporary folder next to OUT and renamed into place.
 """
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from audio_fixtures import save_tiny_tango, write_audio_pairs, write_tiny_audio_run
+from audio_fixtures import save_tiny_tango, write_tiny_audio_run
 from diffusion_fixtures import save_tiny_pipeline, write_pairs_file
 from flow_fixtures import write_tiny_flow_run
 
@@ -26,64 +27,72 @@ from mmalign.modalities import MODALITIES, build_modality
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["train.progress=false", "train.tensorboard=false", "train.max_steps=1", "train.log_every=1",
          "optim.lr=1e-2", "optim.warmup_steps=0"]
-LORA = ["lora.enabled=true", "lora.r=4", "lora.alpha=8", "lora.target_modules=[to_q,to_k,to_v,to_out.0]"]
-SPO = ["spo.num_steps=4", "spo.prompts_per_round=2", "spo.round_steps=1", "spo.sample_batch_size=2",
-       "spo.candidates=2", "spo.threshold=0.0", "train.batch_size=2"]
+LORA = ("lora.enabled=true", "lora.r=4", "lora.alpha=8", "lora.target_modules=[to_q,to_k,to_v,to_out.0]")
+SPO = ("spo.num_steps=4", "spo.prompts_per_round=2", "spo.round_steps=1", "spo.sample_batch_size=2",
+       "spo.candidates=2", "spo.threshold=0.0", "train.batch_size=2")
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> dict[str, Path]:
-    """Tiny base folders and data for the families without a shipped one."""
-    root = tmp_path_factory.mktemp("export_assets")
+def assets(tmp_path_factory) -> dict[str, Any]:
+    """`model.path=` / `data.train=` overrides for the tiny base folders and data built here, by
+    name (the shipped tiny_sdxl and tiny_lm need none), and `sd_pairs`, an image pairs file."""
     from mmalign.toyvlm import make_shape_pairs, save_tiny_llava
 
-    return {"sd": save_tiny_pipeline(root / "sd"), "sd_pairs": write_pairs_file(root / "sd_pairs", 4)[0],
-            "sd3": write_tiny_flow_run(root / "sd3", count=4), "flux": write_tiny_flow_run(root / "flux", flux=True,
-                                                                                           count=4),
-            "audio": write_tiny_audio_run(root / "audio", count=4), "tango": save_tiny_tango(root / "tango"),
-            "audio_pairs": write_audio_pairs(root / "audio_pairs", 4)[0],
-            "llava": save_tiny_llava(root / "llava", seed=0), "shapes": make_shape_pairs(4, 0, root / "shapes")}
+    root = tmp_path_factory.mktemp("export_assets")
+    sd, sd_pairs = save_tiny_pipeline(root / "sd"), write_pairs_file(root / "sd_pairs", 4)[0]
+    sd3, flux = write_tiny_flow_run(root / "sd3", count=4), write_tiny_flow_run(root / "flux", flux=True, count=4)
+    audio = write_tiny_audio_run(root / "audio", count=4)
+    llava, shapes = save_tiny_llava(root / "llava", seed=0), make_shape_pairs(4, 0, root / "shapes")
+    folders = {"sd": (sd, sd_pairs), "sd3": (sd3.parents[1] / "pipeline", sd3),
+               "flux": (flux.parents[1] / "pipeline", flux), "audioldm2": (audio.parents[1] / "pipeline", audio),
+               "tango": (save_tiny_tango(root / "tango"), audio), "llava": (llava, shapes)}
+    named = {k: [f"model.path={model}", f"data.train={data}"] for k, (model, data) in folders.items()}
+    return dict(named, sd_pairs=sd_pairs)
 
 
-# modality -> (variant, tiny config, overrides given the assets); `probe` overrides are the
-# config the fixed batch is built from, when the run's own has no data (SPO samples its own).
-CASES: dict[str, list[tuple[str, str, callable]]] = {
-    "causal_lm": [("full", "lm_dpo.yaml", lambda a: ["data.eval=", "train.batch_size=2"]),
-                  ("lora", "lm_dpo_lora.yaml", lambda a: ["data.eval=", "train.batch_size=2"])],
-    "llava": [("lora", "llava_dpo.yaml", lambda a: [f"model.path={a['llava']}", f"data.train={a['shapes']}",
-                                                   "data.eval=", "train.batch_size=2"])],
-    "sd": [("full", "sd_dpo.yaml", lambda a: [f"model.path={a['sd']}", f"data.train={a['sd_pairs']}",
-                                              "train.batch_size=2"])],
-    "sdxl": [("lora", "sdxl_dpo.yaml", lambda a: ["train.batch_size=2"])],
-    "sd_spo": [("lora", "spo.yaml", lambda a: ["modality=sd_spo", f"model.path={a['sd']}", *SPO])],
-    "sdxl_spo": [("lora", "spo.yaml", lambda a: SPO)],
-    "sd3": [("lora", "flow_dpo.yaml", lambda a: [f"model.path={a['sd3'].parents[1] / 'pipeline'}",
-                                                 f"data.train={a['sd3']}", "train.batch_size=2"])],
-    "flux": [("lora", "flow_dpo.yaml", lambda a: ["modality=flux", f"model.path={a['flux'].parents[1] / 'pipeline'}",
-                                                  f"data.train={a['flux']}", "train.batch_size=2"])],
-    "audioldm2": [("full", "audio_dpo.yaml", lambda a: [f"model.path={a['audio'].parents[1] / 'pipeline'}",
-                                                        f"data.train={a['audio']}", "train.batch_size=2"])],
-    "tango": [("lora", "audio_dpo.yaml", lambda a: ["modality=tango", f"model.path={a['tango']}",
-                                                    f"data.train={a['audio_pairs']}", "train.batch_size=2", *LORA])],
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """A run to export: `config` under configs/tiny/ with the `assets` entry's paths and `overrides`."""
+
+    variant: str  # "lora" or "full"
+    config: str
+    assets: str | None = None
+    overrides: tuple[str, ...] = ()
+
+
+BATCH = ("train.batch_size=2",)
+CASES: dict[str, list[Case]] = {
+    "causal_lm": [Case("full", "lm_dpo.yaml", None, ("data.eval=", *BATCH)),
+                  Case("lora", "lm_dpo_lora.yaml", None, ("data.eval=", *BATCH))],
+    "llava": [Case("lora", "llava_dpo.yaml", "llava", ("data.eval=", *BATCH))],
+    "sd": [Case("full", "sd_dpo.yaml", "sd", BATCH)],
+    "sdxl": [Case("lora", "sdxl_dpo.yaml", None, BATCH)],
+    "sd_spo": [Case("lora", "spo.yaml", "sd", ("modality=sd_spo", "data.train=", *SPO))],
+    "sdxl_spo": [Case("lora", "spo.yaml", None, SPO)],
+    "sd3": [Case("lora", "flow_dpo.yaml", "sd3", BATCH)],
+    "flux": [Case("lora", "flow_dpo.yaml", "flux", ("modality=flux", *BATCH))],
+    "audioldm2": [Case("full", "audio_dpo.yaml", "audioldm2", BATCH)],
+    "tango": [Case("lora", "audio_dpo.yaml", "tango", ("modality=tango", *LORA, *BATCH))],
 }
-PROBE_DATA = {"sd_spo": ("sd", "sd_pairs"), "sdxl_spo": ("sdxl", "sd_pairs")}  # SPO runs read no data file
+# SPO runs read no data file: their fixed batch is image pairs through the base family's likelihood
+PROBE_AS = {"sd_spo": "sd", "sdxl_spo": "sdxl"}
 
 
 def case_ids() -> list[tuple[str, str]]:
-    return [(m, v) for m in MODALITIES for v, *_ in CASES.get(m, [("missing", None, None)])]
+    """(modality, variant) for every registered family; a family without a case gives "missing"."""
+    return [(m, c.variant) for m in MODALITIES for c in CASES.get(m, [Case("missing", "")])]
 
 
 # -- the fixed batch and the output it gives --------------------------------------------------------
-def probe_for(run_dir: Path, modality: str, assets: dict[str, Path]):
+def probe_for(run_dir: Path, modality: str, assets: dict[str, Any]):
     """A function model -> its output tensor (logits / denoiser output) on one fixed batch of the
     run's data, through the family's likelihood (the same inputs, noise and timesteps each call)."""
     from mmalign.data.preference import load_split
 
     cfg = find_run(run_dir).cfg
-    if modality in PROBE_DATA:
-        base, data = PROBE_DATA[modality]
-        cfg = dataclasses.replace(cfg, modality=base, data=dataclasses.replace(cfg.data, train=str(assets[data]),
-                                                                               format="auto"))
+    if modality in PROBE_AS:
+        data = dataclasses.replace(cfg.data, train=str(assets["sd_pairs"]), format="auto")
+        cfg = dataclasses.replace(cfg, modality=PROBE_AS[modality], data=data)
     _, likelihood, _ = build_modality(dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, enabled=False)))
     records, kind = load_split(cfg.data.train, format=cfg.data.format)
     batch = likelihood.collate([dict(records[i], _index=i) for i in range(2)], kind)
@@ -121,8 +130,10 @@ def load_export(fmt: str, out: Path, base: Path, modality: str, trained: torch.n
     family = EXPORTS[modality]
     plain = trained.get_base_model() if hasattr(trained, "get_base_model") else trained
     cls = type(plain)
-    if family.component is None:  # transformers
-        return cls.from_pretrained(out) if fmt == "merged" else PeftModel.from_pretrained(cls.from_pretrained(base), out)
+    if family.component is None:  # transformers: the merged model, or the adapter onto the base
+        if fmt == "merged":
+            return cls.from_pretrained(out)
+        return PeftModel.from_pretrained(cls.from_pretrained(base), out)
     if fmt == "unet":
         return cls.from_pretrained(out)
     if fmt == "merged" and family.pipeline:
@@ -152,10 +163,10 @@ def base_model(base: Path, modality: str, trained: torch.nn.Module) -> torch.nn.
 def test_every_family_exports_what_its_own_loader_loads(modality, variant, assets, tmp_path, capsys):
     if modality not in CASES or modality not in EXPORTS:
         pytest.fail(f"family '{modality}' has no export case here (CASES) or no EXPORTS entry in mmalign/export.py")
-    _, config, overrides = next(c for c in CASES[modality] if c[0] == variant)
+    case = next(c for c in CASES[modality] if c.variant == variant)
     run = tmp_path / "run"
-    assert main(["train", str(ROOT / "configs" / "tiny" / config), f"train.output_dir={run}", *QUIET,
-                 *overrides(assets)]) == 0
+    assert main(["train", str(ROOT / "configs" / "tiny" / case.config), f"train.output_dir={run}", *QUIET,
+                 *assets.get(case.assets, []), *case.overrides]) == 0
     family, probe = EXPORTS[modality], probe_for(run, modality, assets)
     trained, _ = load_trained(find_run(run))
     base = Path(resolve_path(find_run(run).cfg.model.path))
@@ -176,3 +187,17 @@ def test_every_family_exports_what_its_own_loader_loads(modality, variant, asset
             assert code == 0, err
             loaded = load_export(fmt, out, base, modality, trained, tmp_path)
             torch.testing.assert_close(probe(loaded), expected, rtol=1e-4, atol=1e-5, msg=f"{modality} {fmt}")
+
+
+@pytest.mark.parametrize("modality,lora,expected", [
+    ("audioldm2", True, "merged"),  # no lora format: auto falls back to the merged pipeline
+    ("tango", True, "lora"), ("sdxl_spo", True, "lora"), ("sd3", False, "merged"), ("llava", True, "lora"),
+])
+def test_auto_format_follows_the_family_table(modality, lora, expected):
+    from mmalign.config import Config, ConfigError, from_dict
+    from mmalign.export import family_export, resolve_format
+
+    cfg = from_dict(Config, {"modality": modality, "lora": {"enabled": lora}})
+    assert resolve_format("auto", cfg, family_export(modality)) == expected
+    with pytest.raises(ConfigError, match="no export support yet"):
+        family_export("no_such_family")
