@@ -330,6 +330,23 @@ def write_export(model: torch.nn.Module, processor: Any, cfg: Config, family: Fa
         _merged(model, dtype).save_pretrained(str(out))
 
 
+def load_hint(family: FamilyExport, fmt: str, model_class: str) -> str:
+    """The call that loads an export of `fmt` (OUT: the export, BASE: the run's base model)."""
+    if family.component is None:
+        return (f"{model_class}.from_pretrained(OUT)" if fmt == "merged"
+                else f"PeftModel.from_pretrained({model_class}.from_pretrained(BASE), OUT)")
+    sub = family.component
+    if fmt == "unet":
+        return f"{model_class}.from_pretrained(OUT)"
+    if fmt == "merged":
+        return (f"{family.pipeline}.from_pretrained(OUT)" if family.pipeline
+                else f"{model_class}.from_pretrained(OUT, subfolder='{sub}')")
+    if family.pipeline:
+        return f"{family.pipeline}.from_pretrained(BASE).load_lora_weights(OUT)"
+    return (f"{model_class}.from_pretrained(BASE, subfolder='{sub}')"
+            f".load_lora_adapter(OUT, prefix='{sub}', use_safetensors=True)")
+
+
 def _prepare(out: Path, overwrite: bool) -> Path:
     """A fresh hidden temporary folder next to `out` (which must not exist unless overwrite)."""
     if out.exists() and not overwrite:
@@ -352,7 +369,8 @@ def export_run(target: str | Path, out: str | Path, fmt: str = "auto", source: s
                overrides: list[str] | None = None) -> dict[str, Any]:
     """Export run `target` (run folder or YAML config) to the folder `out` atomically.
 
-    Returns a summary: format, source folder, step (checkpoints), files written and MB."""
+    Returns a summary: format, source folder, step (checkpoints), files written, MB and the call
+    that loads the export."""
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"export: --dtype '{dtype}' is not one of {', '.join(DTYPES)}")
     run, out = find_run(target, source, overrides), Path(out)
@@ -363,9 +381,11 @@ def export_run(target: str | Path, out: str | Path, fmt: str = "auto", source: s
     try:
         model, processor = load_trained(run)
         write_export(model, processor, run.cfg, family, fmt, tmp, torch_dtype)
+        plain = model.get_base_model() if hasattr(model, "get_base_model") else model
+        hint = load_hint(family, fmt, type(plain).__name__)
         sizes = [p.stat().st_size for p in tmp.rglob("*") if p.is_file()]
         _commit(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"format": fmt, "modality": run.cfg.modality, "source": str(run.weights), "step": run.step,
-            "out": str(out), "files": len(sizes), "mb": sum(sizes) / 2**20}
+            "out": str(out), "files": len(sizes), "mb": sum(sizes) / 2**20, "load": hint}

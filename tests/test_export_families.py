@@ -9,6 +9,7 @@ from the base. Formats a family lacks are refused with a one-line error naming t
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -171,12 +172,14 @@ def test_every_family_exports_what_its_own_loader_loads(modality, variant, asset
     trained, _ = load_trained(find_run(run))
     base = Path(resolve_path(find_run(run).cfg.model.path))
     expected = probe(trained)
+    model_class = type(trained.get_base_model() if hasattr(trained, "get_base_model") else trained).__name__
     assert not torch.allclose(probe(base_model(base, modality, trained)), expected, rtol=1e-4, atol=1e-5)
     for fmt in ("merged", "unet", "lora"):
         out = tmp_path / fmt
         capsys.readouterr()
         code = main(["export", str(run), "--to", str(out), "--format", fmt])
-        err = capsys.readouterr().err
+        printed = capsys.readouterr()
+        err = printed.err
         if fmt not in family.formats:  # one line naming the family and what it supports
             line = next(x for x in err.splitlines() if "error:" in x)
             assert code == 2 and f"modality '{modality}' has no --format {fmt}" in line
@@ -186,6 +189,11 @@ def test_every_family_exports_what_its_own_loader_loads(modality, variant, asset
         else:
             assert code == 0, err
             loaded = load_export(fmt, out, base, modality, trained, tmp_path)
+            if fmt == "merged" and family.index_update is not None:  # e.g. SDXL's null prompt as trained
+                index = json.loads((out / "model_index.json").read_text())
+                assert family.index_update(find_run(run).cfg).items() <= index.items()
+            loader = family.pipeline if fmt != "unet" and family.pipeline else model_class
+            assert "; load with " in printed.out and f"{loader}.from_pretrained(" in printed.out
             torch.testing.assert_close(probe(loaded), expected, rtol=1e-4, atol=1e-5, msg=f"{modality} {fmt}")
 
 

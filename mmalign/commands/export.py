@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
     s = export_run(args.run, args.to, args.format, args.source, args.dtype, args.overwrite, args.overrides)
     where = "final/" if s["step"] is None else f"checkpoint step {s['step']}"
     print(f"[mmalign] exported {s['modality']} run ({where}) as {s['format']} to {s['out']}: "
-          f"{s['files']} files, {s['mb']:.1f} MB")
+          f"{s['files']} files, {s['mb']:.1f} MB; load with {s['load']}")
     return 0
 
 
