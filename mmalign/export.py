@@ -5,19 +5,27 @@ folder with LoRA, the model's own folder otherwise) and `checkpoints/step_*/` (t
 weights + `state.json`, whose "config" key is the run's whole config). The base model is read
 from that config (`model.path`), or from a YAML config given instead of the run folder.
 
-Formats (`--format`):
-- `merged`: something one `from_pretrained` call loads. Diffusion (sd, sdxl, sd3, flux): a
-  complete diffusers pipeline folder: a copy of the base pipeline's files (the VAE from
-  `diffusion.vae_path` when set; a `model_index.json` written if the base has none) with the
-  trained denoiser, LoRA merged in with
-  peft `merge_and_unload`. Causal LMs: the merged model + tokenizer (`save_pretrained`).
-- `unet`: diffusion only: the trained denoiser alone (`UNet2DConditionModel.save_pretrained`;
+Every fact about a family that export needs is in `EXPORTS` below (one `FamilyExport` per
+registered modality); the code under it reads only that table.
+
+Formats (`--format`; `auto` is lora for a LoRA run of a family that has it, merged otherwise):
+- `merged`: something one `from_pretrained` call loads. Diffusion: a copy of the base folder's
+  files (the VAE from `diffusion.vae_path` when set) with the trained denoiser, LoRA merged in
+  with peft `merge_and_unload`: a complete diffusers pipeline folder for a family with a pipeline
+  class (a `model_index.json` written if the base has none; `DiffusionPipeline.from_pretrained`),
+  the component folder otherwise (tango: `UNet2DConditionModel.from_pretrained(OUT,
+  subfolder="unet")`, the other parts beside it). Text models: the merged model + tokenizer or
+  processor (`save_pretrained`).
+- `unet`: diffusion only: the trained denoiser alone (`<Denoiser>.save_pretrained`: the UNet, or
   the transformer for sd3/flux), LoRA merged.
 - `lora`: LoRA runs only. Diffusion: `pytorch_lora_weights.safetensors` in diffusers' key
   format (what diffusers' train_text_to_image_lora_sdxl.py writes: peft state dict ->
-  `convert_state_dict_to_diffusers` -> `<Pipeline>.save_lora_weights`, with the LoraConfig as
-  metadata so lora_alpha survives), loaded by `pipeline.load_lora_weights(OUT)`. Causal LMs: the
-  peft adapter folder + tokenizer (`PeftModel.from_pretrained(base, OUT)`).
+  `convert_state_dict_to_diffusers` -> keys prefixed with the component, "unet." or
+  "transformer.", with the LoraConfig as metadata so lora_alpha survives), loaded by
+  `pipeline.load_lora_weights(OUT)`, or onto the denoiser alone by
+  `denoiser.load_lora_adapter(OUT, prefix="unet", use_safetensors=True)` (tango). Text models:
+  the peft adapter folder + tokenizer (`PeftModel.from_pretrained(base, OUT)`). AudioLDM2 has
+  none: diffusers' `AudioLDM2Pipeline` has no `load_lora_weights` (use merged or unet).
 The output is written to a hidden temporary folder next to OUT and renamed into place.
 """
 
@@ -27,6 +35,7 @@ import dataclasses
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +45,56 @@ from mmalign.config import Config, ConfigError, apply_overrides, from_dict, load
 
 FORMATS = ("auto", "merged", "unet", "lora")
 DTYPES = ("float32", "float16", "bfloat16")
-# modality -> (diffusers pipeline class, the trained component's subfolder)
-DIFFUSERS_PIPELINES = {
-    "sd": ("StableDiffusionPipeline", "unet"),
-    "sdxl": ("StableDiffusionXLPipeline", "unet"),
-    "sd3": ("StableDiffusion3Pipeline", "transformer"),
-    "flux": ("FluxPipeline", "transformer"),
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilyExport:
+    """What `mmalign export` needs to know about one family (to move into its descriptor).
+
+    pipeline: the diffusers pipeline class of a merged export (None: no pipeline class);
+    component: the trained part's subfolder in the base folder ("unet", "transformer"; None: a
+    transformers model that is the whole folder); formats: the `--format` values it supports;
+    no_lora: why `lora` is missing, for the error; index_update: model_index.json entries that
+    depend on the run's config (the one per-family hook)."""
+
+    pipeline: str | None
+    component: str | None
+    formats: tuple[str, ...]
+    no_lora: str = ""
+    index_update: Callable[[Config], dict[str, Any]] | None = None
+
+
+def sdxl_null_prompt(cfg: Config) -> dict[str, Any]:
+    """SDXL pipelines sample the unconditional branch with zeros when `force_zeros_for_empty_prompt`
+    (the SDXL base says true); the export samples with the null prompt training used
+    (`diffusion.null_prompt`: encode("") by default)."""
+    return {"force_zeros_for_empty_prompt": cfg.diffusion.null_prompt == "zeros"}
+
+
+_TEXT = FamilyExport(None, None, ("merged", "lora"))
+_SD = FamilyExport("StableDiffusionPipeline", "unet", ("merged", "unet", "lora"))
+_SDXL = FamilyExport("StableDiffusionXLPipeline", "unet", ("merged", "unet", "lora"), index_update=sdxl_null_prompt)
+EXPORTS: dict[str, FamilyExport] = {
+    "causal_lm": _TEXT,
+    "llava": _TEXT,
+    "sd": _SD,
+    "sdxl": _SDXL,
+    "sd_spo": _SD,
+    "sdxl_spo": _SDXL,
+    "sd3": FamilyExport("StableDiffusion3Pipeline", "transformer", ("merged", "unet", "lora")),
+    "flux": FamilyExport("FluxPipeline", "transformer", ("merged", "unet", "lora")),
+    "audioldm2": FamilyExport("AudioLDM2Pipeline", "unet", ("merged", "unet"),
+                              no_lora="diffusers' AudioLDM2Pipeline has no load_lora_weights"),
+    "tango": FamilyExport(None, "unet", ("merged", "unet", "lora")),
 }
+
+
+def family_export(modality: str) -> FamilyExport:
+    """The export facts of `modality`; a ConfigError for a family without them."""
+    if modality not in EXPORTS:
+        raise ConfigError(f"export: modality '{modality}' has no export support yet (known: {', '.join(EXPORTS)})")
+    return EXPORTS[modality]
 
 
 @dataclasses.dataclass
@@ -190,23 +242,24 @@ def write_model_index(out: Path, pipeline: str) -> None:
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
-def write_pipeline(model: torch.nn.Module, cfg: Config, out: Path, dtype: torch.dtype | None) -> None:
-    """A diffusers pipeline folder: the base pipeline with the trained (merged) denoiser (and
-    `diffusion.vae_path`'s VAE when set); a `model_index.json` is written if the base lacks one."""
-    pipeline, component = DIFFUSERS_PIPELINES[cfg.modality]
-    vae_path = cfg.diffusion.vae_path
+def write_component_folder(model: torch.nn.Module, cfg: Config, family: FamilyExport, out: Path,
+                           dtype: torch.dtype | None) -> None:
+    """The base folder with the trained (merged) denoiser in `family.component` (and
+    `diffusion.vae_path`'s VAE when set). With a pipeline class it is a pipeline folder: a
+    `model_index.json` is written if the base lacks one, and the family's `index_update` applied."""
+    component, vae_path = family.component, cfg.diffusion.vae_path
     _copy_tree(Path(resolve_path(cfg.model.path)), out, {component} | ({"vae"} if vae_path else set()))
     if vae_path:
         shutil.copytree(vae_path, out / "vae")
     _merged(model, dtype).save_pretrained(str(out / component))
-    if not (out / "model_index.json").is_file():
-        write_model_index(out, pipeline)
-    if pipeline == "StableDiffusionXLPipeline":
-        # Sampling from the export uses the null prompt training used (the SDXL base says
-        # force_zeros_for_empty_prompt: true; training drops captions to encode("") by default).
-        index_path = out / "model_index.json"
+    if family.pipeline is None:
+        return
+    index_path = out / "model_index.json"
+    if not index_path.is_file():
+        write_model_index(out, family.pipeline)
+    if family.index_update is not None:
         index = json.loads(index_path.read_text())
-        index["force_zeros_for_empty_prompt"] = cfg.diffusion.null_prompt == "zeros"
+        index.update(family.index_update(cfg))
         index_path.write_text(json.dumps(index, indent=2))
 
 
@@ -222,15 +275,16 @@ def diffusers_lora_state_dict(model: torch.nn.Module, dtype: torch.dtype | None)
     return {k: (v.to(dtype) if dtype is not None else v).detach().contiguous().cpu() for k, v in state.items()}
 
 
-def write_diffusers_lora(model: torch.nn.Module, cfg: Config, out: Path, dtype: torch.dtype | None) -> None:
-    """`pytorch_lora_weights.safetensors` that `<Pipeline>.load_lora_weights(out)` loads."""
-    import diffusers
+def write_diffusers_lora(model: torch.nn.Module, family: FamilyExport, out: Path, dtype: torch.dtype | None) -> None:
+    """`pytorch_lora_weights.safetensors`, keys and LoraConfig metadata prefixed with the component
+    ("unet." / "transformer."), as `<Pipeline>.save_lora_weights` writes it: what
+    `pipeline.load_lora_weights(out)` and `denoiser.load_lora_adapter(out, prefix=component)` load."""
+    from diffusers.loaders.lora_base import LoraBaseMixin
 
-    name, component = DIFFUSERS_PIPELINES[cfg.modality]
-    metadata = model.peft_config[model.active_adapter].to_dict()
-    getattr(diffusers, name).save_lora_weights(
-        str(out), **{f"{component}_lora_layers": diffusers_lora_state_dict(model, dtype),
-                     f"{component}_lora_adapter_metadata": metadata})
+    prefix = f"{family.component}."
+    state = {prefix + k: v for k, v in diffusers_lora_state_dict(model, dtype).items()}
+    metadata = {prefix + k: v for k, v in model.peft_config[model.active_adapter].to_dict().items()}
+    LoraBaseMixin.write_lora_layers(state, str(out), True, LORA_WEIGHTS, None, True, metadata)
 
 
 def write_transformers(model: torch.nn.Module, processor: Any, out: Path, merged: bool,
@@ -246,17 +300,51 @@ def write_transformers(model: torch.nn.Module, processor: Any, out: Path, merged
 
 
 # -- the command's work ----------------------------------------------------------------------------
-def resolve_format(fmt: str, cfg: Config, diffusion: bool) -> str:
-    """Check `fmt` against the run; `auto` is `lora` for a LoRA run, `merged` otherwise."""
+def resolve_format(fmt: str, cfg: Config, family: FamilyExport) -> str:
+    """Check `fmt` against the run and its family; `auto` is `lora` for a LoRA run of a family
+    that has it, `merged` otherwise."""
     if fmt not in FORMATS:
         raise ConfigError(f"export: --format '{fmt}' is not one of {', '.join(FORMATS)}")
     if fmt == "auto":
-        return "lora" if cfg.lora.enabled else "merged"
+        return "lora" if cfg.lora.enabled and "lora" in family.formats else "merged"
+    if fmt not in family.formats:
+        why = f" ({family.no_lora})" if fmt == "lora" and family.no_lora else ""
+        raise ConfigError(f"export: modality '{cfg.modality}' has no --format {fmt}{why}; "
+                          f"it supports {', '.join(family.formats)}")
     if fmt == "lora" and not cfg.lora.enabled:
-        raise ConfigError("export: --format lora needs a LoRA run (lora.enabled: true); use merged or unet")
-    if fmt == "unet" and not diffusion:
-        raise ConfigError(f"export: --format unet is for diffusion runs, not modality '{cfg.modality}'")
+        others = " or ".join(f for f in family.formats if f != "lora")
+        raise ConfigError(f"export: --format lora needs a LoRA run (lora.enabled: true); use {others}")
     return fmt
+
+
+def write_export(model: torch.nn.Module, processor: Any, cfg: Config, family: FamilyExport, fmt: str, out: Path,
+                 dtype: torch.dtype | None) -> None:
+    """Fill the empty folder `out` with the run's model in format `fmt` (resolved)."""
+    if family.component is None:
+        write_transformers(model, processor, out, fmt == "merged", dtype)
+    elif fmt == "lora":
+        write_diffusers_lora(model, family, out, dtype)
+    elif fmt == "merged":
+        write_component_folder(model, cfg, family, out, dtype)
+    else:
+        _merged(model, dtype).save_pretrained(str(out))
+
+
+def load_hint(family: FamilyExport, fmt: str, model_class: str) -> str:
+    """The call that loads an export of `fmt` (OUT: the export, BASE: the run's base model)."""
+    if family.component is None:
+        return (f"{model_class}.from_pretrained(OUT)" if fmt == "merged"
+                else f"PeftModel.from_pretrained({model_class}.from_pretrained(BASE), OUT)")
+    sub = family.component
+    if fmt == "unet":
+        return f"{model_class}.from_pretrained(OUT)"
+    if fmt == "merged":
+        return (f"{family.pipeline}.from_pretrained(OUT)" if family.pipeline
+                else f"{model_class}.from_pretrained(OUT, subfolder='{sub}')")
+    if family.pipeline:
+        return f"{family.pipeline}.from_pretrained(BASE).load_lora_weights(OUT)"
+    return (f"{model_class}.from_pretrained(BASE, subfolder='{sub}')"
+            f".load_lora_adapter(OUT, prefix='{sub}', use_safetensors=True)")
 
 
 def _prepare(out: Path, overwrite: bool) -> Path:
@@ -281,27 +369,23 @@ def export_run(target: str | Path, out: str | Path, fmt: str = "auto", source: s
                overrides: list[str] | None = None) -> dict[str, Any]:
     """Export run `target` (run folder or YAML config) to the folder `out` atomically.
 
-    Returns a summary: format, source folder, step (checkpoints), files written and MB."""
+    Returns a summary: format, source folder, step (checkpoints), files written, MB and the call
+    that loads the export."""
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"export: --dtype '{dtype}' is not one of {', '.join(DTYPES)}")
     run, out = find_run(target, source, overrides), Path(out)
     torch_dtype = getattr(torch, dtype) if dtype else None
-    fmt = resolve_format(fmt, run.cfg, run.cfg.modality in DIFFUSERS_PIPELINES)
+    family = family_export(run.cfg.modality)
+    fmt = resolve_format(fmt, run.cfg, family)
     tmp = _prepare(out, overwrite)
     try:
         model, processor = load_trained(run)
-        diffusion = _is_diffusers(model)
-        if diffusion and fmt == "lora":
-            write_diffusers_lora(model, run.cfg, tmp, torch_dtype)
-        elif diffusion and fmt == "merged":
-            write_pipeline(model, run.cfg, tmp, torch_dtype)
-        elif diffusion:
-            _merged(model, torch_dtype).save_pretrained(str(tmp))
-        else:
-            write_transformers(model, processor, tmp, fmt == "merged", torch_dtype)
+        write_export(model, processor, run.cfg, family, fmt, tmp, torch_dtype)
+        plain = model.get_base_model() if hasattr(model, "get_base_model") else model
+        hint = load_hint(family, fmt, type(plain).__name__)
         sizes = [p.stat().st_size for p in tmp.rglob("*") if p.is_file()]
         _commit(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"format": fmt, "modality": run.cfg.modality, "source": str(run.weights), "step": run.step,
-            "out": str(out), "files": len(sizes), "mb": sum(sizes) / 2**20}
+            "out": str(out), "files": len(sizes), "mb": sum(sizes) / 2**20, "load": hint}

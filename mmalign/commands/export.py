@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 
-FORMAT_HELP = ("auto: lora for a LoRA run, merged otherwise; merged: diffusion -> a complete diffusers "
-               "pipeline folder, causal LM -> the merged model + tokenizer; unet: the diffusion denoiser "
-               "alone (UNet2DConditionModel folder, LoRA merged); lora: diffusion -> "
-               "pytorch_lora_weights.safetensors for pipeline.load_lora_weights, causal LM -> the peft adapter folder")
+FORMAT_HELP = ("auto: lora for a LoRA run of a family that has it, merged otherwise; merged: diffusion -> a "
+               "complete diffusers pipeline folder (tango: the component folder, no pipeline class), text models -> "
+               "the merged model + tokenizer/processor; unet: the diffusion denoiser alone (UNet or transformer "
+               "folder, LoRA merged); lora: diffusion -> pytorch_lora_weights.safetensors for "
+               "pipeline.load_lora_weights (tango: unet.load_lora_adapter(OUT, prefix='unet'); audioldm2 has none), "
+               "text models -> the peft adapter folder; each family's formats: mmalign/export.py EXPORTS")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -17,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
     s = export_run(args.run, args.to, args.format, args.source, args.dtype, args.overwrite, args.overrides)
     where = "final/" if s["step"] is None else f"checkpoint step {s['step']}"
     print(f"[mmalign] exported {s['modality']} run ({where}) as {s['format']} to {s['out']}: "
-          f"{s['files']} files, {s['mb']:.1f} MB")
+          f"{s['files']} files, {s['mb']:.1f} MB; load with {s['load']}")
     return 0
 
 
