@@ -17,9 +17,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names the offending key."""
+from mmalign.errors import ConfigError  # noqa: F401  (defined in mmalign.errors; re-exported here)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 from mmalign.data.corrupt import corrupt_image
 from mmalign.data.media import load_image
-from mmalign.data.preference import DataError
+from mmalign.errors import DataError
 from mmalign.io import atomic_path
 
 CORRUPTION_DEFAULTS = {"noise": {"step": 500}, "crop": {"scale": (0.01, 0.2)}, "mask": {"ratio": 0.3, "patch": 1}}

@@ -37,7 +37,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from mmalign.data.preference import DataError
+from mmalign.errors import DataError
 from mmalign.evaluation.objects import Mention, ObjectVocabulary, load_vocabulary, plural_of, words
 
 KINDS = ("object", "attribute", "relation")

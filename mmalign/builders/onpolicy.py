@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 from mmalign.builders.corrupt import (add_model_builder_args, image_refs, load_builder_inputs, record_images,
                                       write_vlm_pairs)
-from mmalign.data.preference import DataError
+from mmalign.errors import DataError
 
 Score = Callable[[dict[str, Any], str], tuple[float, float]]
 

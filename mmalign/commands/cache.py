@@ -23,7 +23,8 @@ def cache_size(folder: str) -> float:
 def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
-    from mmalign.config import ConfigError, load_config
+    from mmalign.config import load_config
+    from mmalign.errors import ConfigError
     from mmalign.modalities import MODALITIES
     from mmalign.modalities.cache_writer import write_cache
 

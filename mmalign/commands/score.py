@@ -55,7 +55,7 @@ def _run_scorer(spec: Any, rows: list[dict[str, Any]], path: Path, args: argpars
     """Fill `score_<column>` for the rows that need it; returns this scorer's summary fragment."""
     from tqdm.auto import tqdm
 
-    from mmalign.data.preference import DataError
+    from mmalign.errors import DataError
     from mmalign.generate.manifest import write_manifest
     from mmalign.scoring import load_scorer, scorer_class
 
@@ -101,7 +101,7 @@ def _combine_rows(rows: list[dict[str, Any]], specs: list[Any], znorm: bool) -> 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from mmalign.config import ConfigError
+    from mmalign.errors import ConfigError
     from mmalign.generate.manifest import manifest_path, read_manifest, write_manifest
     from mmalign.scoring import parse_spec
 

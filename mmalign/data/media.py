@@ -7,7 +7,7 @@ import io
 from pathlib import Path
 from typing import Any, Sequence
 
-from mmalign.data.preference import DataError
+from mmalign.errors import DataError
 
 
 def _resolve(path: Path, root: str | Path | Sequence[str | Path] | None) -> Path:

@@ -25,11 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mmalign.errors import DataError  # noqa: F401  (defined in mmalign.errors; re-exported here)
 from mmalign.types import PreferenceBatch
-
-
-class DataError(ValueError):
-    """Bad preference data; the message names the file and row."""
 
 
 REQUIRED = {

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from mmalign.config import ConfigError
+from mmalign.errors import ConfigError
 
 # pipeline __call__ arguments that `generate_images` sets itself (not sampling parameters)
 RESERVED = {"prompt", "prompt_2", "prompt_3", "generator", "output_type", "return_dict", "latents",

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mmalign.data.preference import DataError
+from mmalign.errors import DataError
 
 SUFFIXES = (".txt", ".jsonl", ".csv", ".tsv")
 PROMPT_COLUMNS = ("prompt", "Prompt")

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from mmalign.data.preference import DataError
+from mmalign.errors import DataError
 
 
 class RowSampler:

@@ -41,9 +41,9 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from mmalign.config import ConfigError
 from mmalign.data.media import load_image
-from mmalign.data.preference import DataError, batch_fields, flatten
+from mmalign.data.preference import batch_fields, flatten
+from mmalign.errors import ConfigError, DataError
 from mmalign.modalities.causal_lm import CausalLMLikelihood, selective_log_softmax
 from mmalign.types import Draw, LogpOutput, PreferenceBatch
 

@@ -37,8 +37,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mmalign.config import ConfigError
-from mmalign.data.preference import DataError, StreamSampler
+from mmalign.data.preference import StreamSampler
+from mmalign.errors import ConfigError, DataError
 from mmalign.scoring.step_aware import StepAwareScorer, pair_loss
 
 ImageFn = Callable[[list[dict[str, Any]], Tensor, torch.Generator], Tensor]
