@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from mmalign.errors import ConfigError  # noqa: F401  (defined in mmalign.errors; re-exported here)
+from mmalign.errors import ConfigError  # defined in mmalign.errors; still importable from here
 
 
 @dataclass

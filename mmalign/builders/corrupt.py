@@ -25,6 +25,7 @@ from mmalign.data.corrupt import corrupt_image
 from mmalign.data.media import load_image
 from mmalign.errors import DataError
 from mmalign.io import atomic_path
+from mmalign.seeds import mix_seed
 
 CORRUPTION_DEFAULTS = {"noise": {"step": 500}, "crop": {"scale": (0.01, 0.2)}, "mask": {"ratio": 0.3, "patch": 1}}
 
@@ -86,7 +87,7 @@ def write_vlm_pairs(records: list[dict[str, Any]], out_dir: str | Path, name: st
 
 def corruption_seed(seed: int, index: int) -> int:
     """Seed of record `index`'s corrupted images."""
-    return (seed * 1_000_003 + index * 7_919) % (2**63)
+    return mix_seed(seed, index)
 
 
 # -- the builder --------------------------------------------------------------------------------

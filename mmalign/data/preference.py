@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mmalign.errors import DataError  # noqa: F401  (defined in mmalign.errors; re-exported here)
+from mmalign.errors import DataError  # defined in mmalign.errors; still importable from here
+from mmalign.seeds import RUN, mix_seed
 from mmalign.types import PreferenceBatch
 
 
@@ -271,7 +272,7 @@ class StreamSampler:
 
     def _perm(self, epoch: int) -> Tensor:
         if epoch not in self._perms:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, strides=(RUN, 1), wrap=False))
             self._perms = {epoch: torch.randperm(self.n, generator=g)}
         return self._perms[epoch]
 

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from mmalign.data.preference import StreamSampler
 from mmalign.errors import ConfigError, DataError
 from mmalign.scoring.step_aware import StepAwareScorer, pair_loss
+from mmalign.seeds import ROW, mix_seed
 
 ImageFn = Callable[[list[dict[str, Any]], Tensor, torch.Generator], Tensor]
 
@@ -75,7 +76,7 @@ def split_pairs(n: int, eval_pairs: int, seed: int) -> tuple[list[int], list[int
     """(train indices, held-out indices): a seeded permutation, the first `eval_pairs` held out."""
     if n - eval_pairs < 1:
         raise DataError(f"{n} pairs: nothing left to train on after holding out {eval_pairs}")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7_919 + 1)).tolist()
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, strides=(ROW,), offset=1, wrap=False))).tolist()
     return sorted(perm[eval_pairs:]), sorted(perm[:eval_pairs])
 
 
@@ -156,7 +157,7 @@ class TrainOptions:
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step * 7_919 + 17)
+    return torch.Generator().manual_seed(mix_seed(seed, step, offset=17, wrap=False))
 
 
 def pair_scores(scorer: StepAwareScorer, records: list[dict[str, Any]], images: Tensor | list[Any],
