@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mmalign.data.corrupt import corrupt_image
-from mmalign.data.media import load_image
+from mmalign.data.media import load_image, record_images
 from mmalign.errors import DataError
 from mmalign.io import atomic_path
 from mmalign.seeds import mix_seed
@@ -40,12 +40,9 @@ def read_prompt_records(path: str | Path, format: str = "auto") -> list[dict[str
         missing = [k for k in ("prompt", "images") if k not in r and not (k == "images" and "image" in r)]
         if missing:
             raise DataError(f"{path}: row {i} has no column {', '.join(map(repr, missing))}")
+        if r.get("images", r.get("image")) is None:  # record_images would read it as no image at all
+            raise DataError(f"{path}: row {i} has no images (the field is null)")
     return records
-
-
-def record_images(record: dict[str, Any]) -> list[Any]:
-    value = record.get("images", record.get("image"))
-    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def load_vlm(path: str | Path, trust_remote_code: bool = False) -> tuple[Any, Any]:

@@ -20,8 +20,8 @@ import argparse
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from mmalign.builders.corrupt import (add_model_builder_args, image_refs, load_builder_inputs, record_images,
-                                      write_vlm_pairs)
+from mmalign.builders.corrupt import add_model_builder_args, image_refs, load_builder_inputs, write_vlm_pairs
+from mmalign.data.media import record_images
 from mmalign.errors import DataError
 from mmalign.seeds import RUN, STEP, mix_seed
 

@@ -41,7 +41,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from mmalign.data.media import load_image
+from mmalign.data.media import load_image, record_images
 from mmalign.data.preference import batch_fields, flatten
 from mmalign.errors import ConfigError, DataError
 from mmalign.modalities.causal_lm import CausalLMLikelihood, selective_log_softmax
@@ -51,14 +51,6 @@ from mmalign.types import Draw, LogpOutput, PreferenceBatch
 VISION_PARTS = ("vision_tower", "multi_modal_projector", "vision_model", "visual", "image_newline",
                 "mm_projector", "vision_resampler")
 TEXT_KEYS = ("input_ids", "attention_mask")
-
-
-def record_images(record: dict[str, Any]) -> list[Any]:
-    """The image values of a record: `images` (a list or one value) or `image`; [] if none."""
-    value = record.get("images", record.get("image"))
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def item_owners(records: list[dict[str, Any]], kind: str) -> list[int]:
