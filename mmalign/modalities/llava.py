@@ -45,6 +45,7 @@ from mmalign.data.media import load_image, record_images
 from mmalign.data.preference import batch_fields, flatten
 from mmalign.errors import ConfigError, DataError
 from mmalign.modalities.causal_lm import CausalLMLikelihood, selective_log_softmax
+from mmalign.tensors import right_pad_cat
 from mmalign.types import Draw, LogpOutput, PreferenceBatch
 
 # Submodules that belong to the vision side (towers, projectors) across LLaVA-like families.
@@ -60,20 +61,6 @@ def item_owners(records: list[dict[str, Any]], kind: str) -> list[int]:
     if kind == "ranked":
         return [i for i, r in enumerate(records) for _ in r["completions"]]
     return list(range(len(records)))
-
-
-def cat_rows(tensors: list[Tensor]) -> Tensor:
-    """Concatenate along dim 0, zero-padding the other dims to their maximum:
-    [(n_i, P_i, ...)] -> (Σ n_i, max P_i, ...)."""
-    shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].ndim)]
-    padded = []
-    for t in tensors:
-        if list(t.shape[1:]) != shape:
-            out = t.new_zeros((t.shape[0], *shape))
-            out[tuple(slice(0, s) for s in t.shape)] = t
-            t = out
-        padded.append(t)
-    return torch.cat(padded)
 
 
 def _text_of(content: Any) -> str:
@@ -252,7 +239,7 @@ class LlavaLikelihood(CausalLMLikelihood):
                     block[row, : t.shape[1]] = t[0]
                 extra[key] = block
             else:  # per image (or per record): item order
-                extra[key] = cat_rows([t for t, _ in parts])
+                extra[key] = right_pad_cat([t for t, _ in parts])
         return extra
 
     # -- the contract (draw: the parent's empty Draw) -----------------------------------------
