@@ -44,6 +44,7 @@ from torch import Tensor
 from mmalign.data.media import load_image, record_images
 from mmalign.data.preference import batch_fields, flatten
 from mmalign.errors import ConfigError, DataError
+from mmalign.layout import batch_slots
 from mmalign.modalities.causal_lm import CausalLMLikelihood, selective_log_softmax
 from mmalign.tensors import right_pad_cat
 from mmalign.types import Draw, LogpOutput, PreferenceBatch
@@ -52,15 +53,6 @@ from mmalign.types import Draw, LogpOutput, PreferenceBatch
 VISION_PARTS = ("vision_tower", "multi_modal_projector", "vision_model", "visual", "image_newline",
                 "mm_projector", "vision_resampler")
 TEXT_KEYS = ("input_ids", "attention_mask")
-
-
-def item_owners(records: list[dict[str, Any]], kind: str) -> list[int]:
-    """Record position of every item of `flatten(records, kind)`: pairs [0..B-1, 0..B-1]."""
-    if kind == "pair":
-        return list(range(len(records))) * 2
-    if kind == "ranked":
-        return [i for i, r in enumerate(records) for _ in r["completions"]]
-    return list(range(len(records)))
 
 
 def _text_of(content: Any) -> str:
@@ -209,7 +201,7 @@ class LlavaLikelihood(CausalLMLikelihood):
         (Σ images, 3, H, W)), per-token tensors (N, T).
         """
         prompts = [self.encode_prompt(r) for r in records]
-        owners = item_owners(records, kind)
+        owners = [i for i, _ in batch_slots(records, kind)]
         items = flatten(records, kind)
         rows = []
         for item, owner in zip(items, owners, strict=True):

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from mmalign.data.preference import StreamSampler
 from mmalign.errors import ConfigError, DataError
+from mmalign.layout import chosen_rejected, repeat_pairs
 from mmalign.scoring.step_aware import StepAwareScorer, pair_loss
 from mmalign.seeds import ROW, mix_seed
 
@@ -134,10 +135,10 @@ class NoisyX0:
 
         latents = self.latents(records)
         b = len(records)
-        noise = torch.randn((b, *latents.shape[1:]), generator=generator).to(self.device).repeat(2, 1, 1, 1)
-        t = timesteps.to(self.device).repeat(2)
+        noise = repeat_pairs(torch.randn((b, *latents.shape[1:]), generator=generator).to(self.device))
+        t = repeat_pairs(timesteps.to(self.device))
         cond = self.step.encode(self.base.tokenize([str(r["prompt"]) for r in records]))
-        cond = {k: v.repeat(2, *[1] * (v.ndim - 1)) for k, v in cond.items()}
+        cond = {k: repeat_pairs(v) for k, v in cond.items()}
         return decode_latents(self.base.vae, self.x0_hat(latents, noise, t, cond))
 
 
@@ -163,10 +164,8 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 def pair_scores(scorer: StepAwareScorer, records: list[dict[str, Any]], images: Tensor | list[Any],
                 timesteps: Tensor) -> tuple[Tensor, Tensor]:
     """Scores (B,), (B,) of the chosen and rejected images (2B rows, chosen first) at t (B,)."""
-    b = len(records)
-    prompts = [str(r["prompt"]) for r in records] * 2
-    scores = scorer.scores(prompts, scorer.pixel_values(images), timesteps.repeat(2))
-    return scores[:b], scores[b:]
+    prompts = repeat_pairs([str(r["prompt"]) for r in records])
+    return chosen_rejected(scorer.scores(prompts, scorer.pixel_values(images), repeat_pairs(timesteps)))
 
 
 def fixed_draw(pairs: Sequence[dict[str, Any]], indices: list[int], image_fn: ImageFn, t_max: int, seed: int,
