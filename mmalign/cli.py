@@ -29,8 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from mmalign.config import ConfigError
-    from mmalign.data.preference import DataError
+    from mmalign.errors import ConfigError, DataError
 
     try:
         return args.func(args)

@@ -17,12 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from mmalign.errors import ConfigError  # defined in mmalign.errors; still importable from here
+
 if TYPE_CHECKING:
     from mmalign.losses import LossSpec
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names the offending key."""
 
 
 @dataclass

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mmalign.data.corrupt import corrupt_image
-from mmalign.data.media import load_image
-from mmalign.data.preference import DataError
+from mmalign.data.media import load_image, record_images
+from mmalign.errors import DataError
 from mmalign.io import atomic_path
+from mmalign.seeds import mix_seed
 
 CORRUPTION_DEFAULTS = {"noise": {"step": 500}, "crop": {"scale": (0.01, 0.2)}, "mask": {"ratio": 0.3, "patch": 1}}
 
@@ -39,12 +40,9 @@ def read_prompt_records(path: str | Path, format: str = "auto") -> list[dict[str
         missing = [k for k in ("prompt", "images") if k not in r and not (k == "images" and "image" in r)]
         if missing:
             raise DataError(f"{path}: row {i} has no column {', '.join(map(repr, missing))}")
+        if r.get("images", r.get("image")) is None:  # record_images would read it as no image at all
+            raise DataError(f"{path}: row {i} has no images (the field is null)")
     return records
-
-
-def record_images(record: dict[str, Any]) -> list[Any]:
-    value = record.get("images", record.get("image"))
-    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def load_vlm(path: str | Path, trust_remote_code: bool = False) -> tuple[Any, Any]:
@@ -86,7 +84,7 @@ def write_vlm_pairs(records: list[dict[str, Any]], out_dir: str | Path, name: st
 
 def corruption_seed(seed: int, index: int) -> int:
     """Seed of record `index`'s corrupted images."""
-    return (seed * 1_000_003 + index * 7_919) % (2**63)
+    return mix_seed(seed, index)
 
 
 # -- the builder --------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from mmalign.data.preference import DataError
+from mmalign.errors import DataError
 
 
 def build_existence_pairs(objects_by_image: Mapping[str, Iterable[str]], *, setting: str = "adversarial",

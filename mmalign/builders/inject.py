@@ -37,7 +37,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from mmalign.data.preference import DataError
+from mmalign.data.media import record_images
+from mmalign.errors import DataError
 from mmalign.evaluation.objects import Mention, ObjectVocabulary, load_vocabulary, plural_of, words
 
 KINDS = ("object", "attribute", "relation")
@@ -254,17 +255,12 @@ def build_injection_pairs(records: Sequence[dict[str, Any]], vocab: ObjectVocabu
             counts["dropped: no requested kind applies"] += 1
             continue
         counts[f"kept {out['kind']}"] += 1
-        pairs.append({"images": _images(record), "prompt": record.get("prompt", prompt), "chosen": text,
+        pairs.append({"images": record_images(record), "prompt": record.get("prompt", prompt), "chosen": text,
                       "rejected": out["rejected"], "injected": out["injected"], "injection_kind": out["kind"],
                       "replaced": out["replaced"], "source_id": record.get("id", record.get("image_id", n))})
     if rewriter is not None:
         _rewrite(pairs, vocab, rewriter, max_length_ratio, counts)
     return pairs, counts
-
-
-def _images(record: dict[str, Any]) -> list[Any]:
-    value = record.get("images", record.get("image"))
-    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _present_objects(records: Sequence[dict[str, Any]], texts: list[str], vocab: ObjectVocabulary) -> list[set[str]]:
@@ -274,7 +270,7 @@ def _present_objects(records: Sequence[dict[str, Any]], texts: list[str], vocab:
     by_image: dict[str, set[str]] = {}
     keys = []
     for n, (r, text) in enumerate(zip(records, texts)):
-        key = str(r["image_id"]) if "image_id" in r else repr(_images(r) or n)
+        key = str(r["image_id"]) if "image_id" in r else repr(record_images(r) or n)
         by_image.setdefault(key, set()).update(set(r.get("objects") or ()) | vocab.objects(text))
         keys.append(key)
     return [by_image[k] for k in keys]
@@ -366,7 +362,7 @@ def _jsonl_records(args: argparse.Namespace, out_dir: Path) -> list[dict[str, An
         by_file = {Path(f).name: by_id[i] for i, f in files.items()}
     for r in records:
         images = [os.path.relpath((path.parent / p).resolve(), out_dir.resolve()) if isinstance(p, str)
-                  and not os.path.isabs(p) else p for p in _images(r)]
+                  and not os.path.isabs(p) else p for p in record_images(r)]
         r.pop("image", None)
         r["images"] = images
         extra = by_id.get(r.get("image_id"), set()) | set().union(*(by_file.get(Path(str(p)).name, set())

@@ -20,15 +20,16 @@ import argparse
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from mmalign.builders.corrupt import (add_model_builder_args, image_refs, load_builder_inputs, record_images,
-                                      write_vlm_pairs)
-from mmalign.data.preference import DataError
+from mmalign.builders.corrupt import add_model_builder_args, image_refs, load_builder_inputs, write_vlm_pairs
+from mmalign.data.media import record_images
+from mmalign.errors import DataError
+from mmalign.seeds import RUN, STEP, mix_seed
 
 Score = Callable[[dict[str, Any], str], tuple[float, float]]
 
 
 def sample_seed(seed: int, index: int, sample: int) -> int:
-    return (seed * 1_000_003 + index * 1_009 + sample) % (2**63)
+    return mix_seed(seed, index, sample, strides=(RUN, STEP, 1))
 
 
 def hallucination_score(vocab: Any, present: set[str], answer: str) -> tuple[list[str], float]:

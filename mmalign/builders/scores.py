@@ -31,7 +31,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-from mmalign.data.preference import DataError
+from mmalign.errors import DataError
 from mmalign.io import atomic_path
 
 STRATEGIES = ("best_worst", "margin", "ranked", "judge")

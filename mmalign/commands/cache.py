@@ -25,7 +25,8 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from mmalign.config import ConfigError, load_config
+    from mmalign.config import load_config
+    from mmalign.errors import ConfigError
     from mmalign.families import all_families, get_family
     from mmalign.modalities.cache_writer import write_cache
 

@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
 
         return run_text_demo(args.out, args.overrides)
     if args.overrides:
-        from mmalign.config import ConfigError
+        from mmalign.errors import ConfigError
 
         raise ConfigError(f"overrides {args.overrides} apply to --world text only; rerun the printed commands "
                           "with other settings instead")

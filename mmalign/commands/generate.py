@@ -15,7 +15,7 @@ def options_data(args: argparse.Namespace) -> dict:
     """The options as a dict: the YAML config (if any), then the flags, then the --set values."""
     import yaml
 
-    from mmalign.config import ConfigError
+    from mmalign.errors import ConfigError
 
     data: dict = {}
     if args.config:

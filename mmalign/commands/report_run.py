@@ -10,7 +10,7 @@ import argparse
 
 
 def _labelled(items: list[str], flag: str) -> dict[str, str]:
-    from mmalign.config import ConfigError
+    from mmalign.errors import ConfigError
 
     out = {}
     for item in items:

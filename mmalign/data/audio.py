@@ -36,7 +36,8 @@ import torch
 from torch import Tensor
 
 from mmalign.data.media import _resolve
-from mmalign.data.preference import DataError, read_records, validate_records
+from mmalign.data.preference import read_records, validate_records
+from mmalign.errors import DataError
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 

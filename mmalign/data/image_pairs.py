@@ -17,8 +17,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from mmalign.errors import DataError
 from mmalign.io import atomic_path
-from mmalign.data.preference import DataError
 
 IMAGE_KEYS = ("chosen", "rejected")
 _SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}

@@ -7,7 +7,17 @@ import io
 from pathlib import Path
 from typing import Any, Sequence
 
-from mmalign.data.preference import DataError
+from mmalign.errors import DataError
+
+
+def record_images(record: dict[str, Any]) -> list[Any]:
+    """The image values of a record, as a list: its `images` field (a list, or one value), else
+    its `image` field; [] when it has neither (or the field is None). Values are returned as
+    stored (paths, bytes, {"bytes", "path"} dicts, PIL images); `load_image` reads one."""
+    value = record.get("images", record.get("image"))
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _resolve(path: Path, root: str | Path | Sequence[str | Path] | None) -> Path:

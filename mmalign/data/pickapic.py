@@ -39,7 +39,7 @@ import numpy as np
 
 from mmalign.io import atomic_path
 from mmalign.data.media import image_readable
-from mmalign.data.preference import DataError
+from mmalign.errors import DataError
 
 def v2_schema() -> Any:
     """The exact Arrow schema of the Pick-a-Pic v2 parquet shards (METHODS.md §6)."""

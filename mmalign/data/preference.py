@@ -25,11 +25,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mmalign.errors import DataError  # defined in mmalign.errors; still importable from here
+from mmalign.layout import check_kind, item_slots, record_outputs
+from mmalign.seeds import RUN, mix_seed
 from mmalign.types import PreferenceBatch
-
-
-class DataError(ValueError):
-    """Bad preference data; the message names the file and row."""
 
 
 REQUIRED = {
@@ -213,13 +212,9 @@ def flatten(records: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     """One item per scored output: pairs give chosen items then rejected items (2B),
     ranked lists give K items per list (list-major), unpaired records one item each.
     Each item is the record with `response` set to the output it scores."""
-    if kind == "pair":
-        return [dict(r, response=r["chosen"]) for r in records] + [dict(r, response=r["rejected"]) for r in records]
-    if kind == "ranked":
-        return [dict(r, response=c) for r in records for c in r["completions"]]
-    if kind == "unpaired":
-        return [dict(r, response=r["completion"]) for r in records]
-    raise DataError(f"unknown batch kind '{kind}'")
+    check_kind(kind)
+    outputs = [record_outputs(r, kind) for r in records]
+    return [dict(records[i], response=outputs[i][j]) for i, j in item_slots(kind, [len(o) for o in outputs])]
 
 
 def mismatched(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -238,10 +233,8 @@ def batch_fields(records: list[dict[str, Any]], kind: str, inputs: dict[str, Any
     has = lambda name: any(name in r for r in records)  # noqa: E731
     ref = None
     if any("_ref_logps" in r for r in records):
-        if kind == "pair":
-            ref = torch.tensor([r["_ref_logps"][0] for r in records] + [r["_ref_logps"][1] for r in records])
-        else:
-            ref = torch.tensor([x for r in records for x in r["_ref_logps"]])
+        refs = [r["_ref_logps"] for r in records]
+        ref = torch.tensor([refs[i][j] for i, j in item_slots(kind, [len(x) for x in refs])])
     return PreferenceBatch(
         kind=kind,
         inputs=inputs,
@@ -274,7 +267,7 @@ class StreamSampler:
 
     def _perm(self, epoch: int) -> Tensor:
         if epoch not in self._perms:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, strides=(RUN, 1), wrap=False))
             self._perms = {epoch: torch.randperm(self.n, generator=g)}
         return self._perms[epoch]
 

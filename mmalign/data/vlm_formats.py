@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from mmalign.data.preference import DataError, read_records, validate_records
+from mmalign.data.preference import read_records, validate_records
+from mmalign.errors import DataError
 
 PROVENANCE = ("ds_name", "idx", "origin_dataset", "origin_split", "image_path", "id")
 PLACEHOLDER = re.compile(r"\s*<image>\s*")

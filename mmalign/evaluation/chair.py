@@ -18,7 +18,7 @@ import random
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from mmalign.data.preference import DataError
+from mmalign.errors import DataError
 from mmalign.evaluation.objects import ObjectVocabulary, load_vocabulary
 
 DEFAULT_PROMPT = "Describe the image."

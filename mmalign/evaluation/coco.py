@@ -13,7 +13,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
-from mmalign.data.preference import DataError
+from mmalign.errors import DataError
 from mmalign.evaluation.objects import ObjectVocabulary
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from mmalign.data.preference import DataError
+from mmalign.errors import DataError
 from mmalign.io import atomic_path
 
 

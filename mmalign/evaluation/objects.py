@@ -30,7 +30,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
 
-from mmalign.data.preference import DataError
+from mmalign.errors import DataError
 
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "data" / "vocab" / "coco_objects.txt"
 # "baby bird" is a bird: these person words act as modifiers in front of another category.

@@ -27,7 +27,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from mmalign.data.preference import DataError
+from mmalign.errors import DataError
 
 SETTINGS = ("random", "popular", "adversarial")
 DEFAULT_SUFFIX = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5's POPE prompt

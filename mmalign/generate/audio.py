@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from mmalign.config import ConfigError
+from mmalign.errors import ConfigError
 from mmalign.generate.images import RESERVED, image_params, pipeline_class_name, prepare_pipeline
 from mmalign.generate.manifest import media_rows
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from mmalign.config import ConfigError
+from mmalign.errors import ConfigError
 from mmalign.families import family_for_folder
 
 # pipeline __call__ arguments that `generate_images` sets itself (not sampling parameters)

@@ -31,7 +31,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Callable
 
-from mmalign.data.preference import DataError
+from mmalign.errors import DataError
 from mmalign.io import atomic_path
 
 MANIFEST = "manifest.jsonl"

@@ -17,7 +17,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mmalign.data.preference import DataError
+from mmalign.data.media import record_images
+from mmalign.errors import DataError
 
 SUFFIXES = (".txt", ".jsonl", ".csv", ".tsv")
 PROMPT_COLUMNS = ("prompt", "Prompt")
@@ -27,10 +28,7 @@ def _from_txt(path: Path) -> list[dict[str, Any]]:
     return [{"prompt": line.strip()} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _images(value: Any, root: Path, where: str) -> list[str]:
-    if value is None:
-        return []
-    values = value if isinstance(value, list) else [value]
+def _images(values: list[Any], root: Path, where: str) -> list[str]:
     out = []
     for v in values:
         if not isinstance(v, str):
@@ -57,7 +55,7 @@ def _from_jsonl(path: Path) -> list[dict[str, Any]]:
         if not isinstance(row["prompt"], (str, list)) or not row["prompt"]:
             raise DataError(f"{where}: 'prompt' must be a non-empty string or a list of chat messages")
         record: dict[str, Any] = {"prompt": row["prompt"]}
-        images = _images(row.get("images", row.get("image")), path.parent, where)
+        images = _images(record_images(row), path.parent, where)
         if images:
             record["images"] = images
         if "id" in row:

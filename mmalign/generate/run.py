@@ -29,8 +29,8 @@ from typing import Any, Callable
 
 import torch
 
-from mmalign.config import ConfigError, from_dict, resolve_path
-from mmalign.data.preference import DataError
+from mmalign.config import from_dict, resolve_path
+from mmalign.errors import ConfigError, DataError
 from mmalign.generate.manifest import (MANIFEST, ManifestWriter, media_rows, merge_manifests, read_manifest,
                                       sample_id, write_manifest)
 from mmalign.generate.prompts import prompt_text, read_prompts

@@ -28,7 +28,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from mmalign.data.preference import DataError
+from mmalign.errors import DataError
+from mmalign.tensors import right_pad_cat
 
 
 class RowSampler:
@@ -73,8 +74,8 @@ def _left_pad(rows: list[Tensor], pad: int) -> tuple[Tensor, Tensor]:
 def _vlm_batch(likelihood: Any, records: list[dict[str, Any]], pad: int) -> dict[str, Tensor]:
     """Left-padded processor outputs of a VLM batch: input_ids, attention_mask (B, T); per-token
     extras (B, T) left-padded with zeros; per-image tensors (pixel_values ...) concatenated in
-    record order (`cat_rows`)."""
-    from mmalign.modalities.llava import TEXT_KEYS, cat_rows
+    record order (`right_pad_cat`)."""
+    from mmalign.modalities.llava import TEXT_KEYS
 
     encoded = [likelihood.encode_prompt(r) for r in records]
     ids, mask = _left_pad([e["input_ids"][0] for e in encoded], pad)
@@ -87,7 +88,7 @@ def _vlm_batch(likelihood: Any, records: list[dict[str, Any]], pad: int) -> dict
                 block[i, ids.shape[1] - e[key].shape[1]:] = e[key][0]
             batch[key] = block
         else:
-            batch[key] = cat_rows([e[key] for e in parts])
+            batch[key] = right_pad_cat([e[key] for e in parts])
     return batch
 
 

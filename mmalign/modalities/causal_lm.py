@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mmalign.data.preference import DataError, batch_fields, flatten
+from mmalign.data.preference import batch_fields, flatten
+from mmalign.errors import DataError
 from mmalign.types import Draw, LogpOutput, PreferenceBatch
 
 

@@ -41,47 +41,18 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from mmalign.config import ConfigError
-from mmalign.data.media import load_image
-from mmalign.data.preference import DataError, batch_fields, flatten
+from mmalign.data.media import load_image, record_images
+from mmalign.data.preference import batch_fields, flatten
+from mmalign.errors import ConfigError, DataError
+from mmalign.layout import batch_slots
 from mmalign.modalities.causal_lm import CausalLMLikelihood, selective_log_softmax
+from mmalign.tensors import right_pad_cat
 from mmalign.types import Draw, LogpOutput, PreferenceBatch
 
 # Submodules that belong to the vision side (towers, projectors) across LLaVA-like families.
 VISION_PARTS = ("vision_tower", "multi_modal_projector", "vision_model", "visual", "image_newline",
                 "mm_projector", "vision_resampler")
 TEXT_KEYS = ("input_ids", "attention_mask")
-
-
-def record_images(record: dict[str, Any]) -> list[Any]:
-    """The image values of a record: `images` (a list or one value) or `image`; [] if none."""
-    value = record.get("images", record.get("image"))
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def item_owners(records: list[dict[str, Any]], kind: str) -> list[int]:
-    """Record position of every item of `flatten(records, kind)`: pairs [0..B-1, 0..B-1]."""
-    if kind == "pair":
-        return list(range(len(records))) * 2
-    if kind == "ranked":
-        return [i for i, r in enumerate(records) for _ in r["completions"]]
-    return list(range(len(records)))
-
-
-def cat_rows(tensors: list[Tensor]) -> Tensor:
-    """Concatenate along dim 0, zero-padding the other dims to their maximum:
-    [(n_i, P_i, ...)] -> (Σ n_i, max P_i, ...)."""
-    shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].ndim)]
-    padded = []
-    for t in tensors:
-        if list(t.shape[1:]) != shape:
-            out = t.new_zeros((t.shape[0], *shape))
-            out[tuple(slice(0, s) for s in t.shape)] = t
-            t = out
-        padded.append(t)
-    return torch.cat(padded)
 
 
 def _text_of(content: Any) -> str:
@@ -234,7 +205,7 @@ class LlavaLikelihood(CausalLMLikelihood):
         (Σ images, 3, H, W)), per-token tensors (N, T).
         """
         prompts = [self.encode_prompt(r) for r in records]
-        owners = item_owners(records, kind)
+        owners = [i for i, _ in batch_slots(records, kind)]
         items = flatten(records, kind)
         rows = []
         for item, owner in zip(items, owners, strict=True):
@@ -264,7 +235,7 @@ class LlavaLikelihood(CausalLMLikelihood):
                     block[row, : t.shape[1]] = t[0]
                 extra[key] = block
             else:  # per image (or per record): item order
-                extra[key] = cat_rows([t for t, _ in parts])
+                extra[key] = right_pad_cat([t for t, _ in parts])
         return extra
 
     # -- the contract (draw: the parent's empty Draw) -----------------------------------------

@@ -27,7 +27,7 @@ from html import escape
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from mmalign.data.preference import DataError
+from mmalign.errors import DataError
 from mmalign.report.html import SCRIPT, STYLE, image_data_uri
 
 COLOURS = ["#2b83ba", "#d7191c", "#1a9641", "#fdae61", "#7b3294", "#636363", "#e66101", "#5e3c99"]

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mmalign.config import ConfigError
+from mmalign.errors import ConfigError
 
 SCORERS: dict[str, str] = {
     "clipscore": "mmalign.scoring.clip:CLIPScoreScorer",

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mmalign.config import ConfigError
+from mmalign.errors import ConfigError
 from mmalign.scoring.base import Scorer, features, load_images, require_path, resolve_dtype
 
 HIDDEN = (1024, 128, 64, 16)

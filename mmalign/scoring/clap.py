@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mmalign.data.preference import DataError
+from mmalign.errors import DataError
 from mmalign.scoring.base import Scorer, cosine, features, require_path, resolve_dtype, unique_texts
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mmalign.config import ConfigError
+from mmalign.errors import ConfigError
 from mmalign.scoring.base import Scorer, cosine, load_images, require_path, resolve_dtype, unique_texts
 
 HPS_IMAGE_SIZE = 224

@@ -35,8 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mmalign.config import ConfigError
-from mmalign.data.preference import DataError
+from mmalign.errors import ConfigError, DataError
 from mmalign.scoring.base import Scorer, require_path, resolve_dtype
 
 PAIR_VERDICTS = ("A", "B", "tie")

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mmalign.config import ConfigError
+from mmalign.errors import ConfigError
 from mmalign.scoring.base import chunks
 from mmalign.scoring.pickscore import PickScoreScorer
 

@@ -37,9 +37,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mmalign.config import ConfigError
-from mmalign.data.preference import DataError, StreamSampler
+from mmalign.data.preference import StreamSampler
+from mmalign.errors import ConfigError, DataError
+from mmalign.layout import chosen_rejected, repeat_pairs
 from mmalign.scoring.step_aware import StepAwareScorer, pair_loss
+from mmalign.seeds import ROW, mix_seed
 
 ImageFn = Callable[[list[dict[str, Any]], Tensor, torch.Generator], Tensor]
 
@@ -75,7 +77,7 @@ def split_pairs(n: int, eval_pairs: int, seed: int) -> tuple[list[int], list[int
     """(train indices, held-out indices): a seeded permutation, the first `eval_pairs` held out."""
     if n - eval_pairs < 1:
         raise DataError(f"{n} pairs: nothing left to train on after holding out {eval_pairs}")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7_919 + 1)).tolist()
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, strides=(ROW,), offset=1, wrap=False))).tolist()
     return sorted(perm[eval_pairs:]), sorted(perm[:eval_pairs])
 
 
@@ -136,10 +138,10 @@ class NoisyX0:
 
         latents = self.latents(records)
         b = len(records)
-        noise = torch.randn((b, *latents.shape[1:]), generator=generator).to(self.device).repeat(2, 1, 1, 1)
-        t = timesteps.to(self.device).repeat(2)
+        noise = repeat_pairs(torch.randn((b, *latents.shape[1:]), generator=generator).to(self.device))
+        t = repeat_pairs(timesteps.to(self.device))
         cond = self.step.encode(self.step.tokenize([str(r["prompt"]) for r in records]))
-        cond = {k: v.repeat(2, *[1] * (v.ndim - 1)) for k, v in cond.items()}
+        cond = {k: repeat_pairs(v) for k, v in cond.items()}
         return decode_latents(self.base.vae, self.x0_hat(latents, noise, t, cond))
 
 
@@ -159,16 +161,14 @@ class TrainOptions:
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step * 7_919 + 17)
+    return torch.Generator().manual_seed(mix_seed(seed, step, offset=17, wrap=False))
 
 
 def pair_scores(scorer: StepAwareScorer, records: list[dict[str, Any]], images: Tensor | list[Any],
                 timesteps: Tensor) -> tuple[Tensor, Tensor]:
     """Scores (B,), (B,) of the chosen and rejected images (2B rows, chosen first) at t (B,)."""
-    b = len(records)
-    prompts = [str(r["prompt"]) for r in records] * 2
-    scores = scorer.scores(prompts, scorer.pixel_values(images), timesteps.repeat(2))
-    return scores[:b], scores[b:]
+    prompts = repeat_pairs([str(r["prompt"]) for r in records])
+    return chosen_rejected(scorer.scores(prompts, scorer.pixel_values(images), repeat_pairs(timesteps)))
 
 
 def fixed_draw(pairs: Sequence[dict[str, Any]], indices: list[int], image_fn: ImageFn, t_max: int, seed: int,

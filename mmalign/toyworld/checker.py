@@ -130,7 +130,7 @@ class CheckerScorer(Scorer):
     PARTS = ("score", "colour", "shape")
 
     def __init__(self, path: str = "score", *, device: str = "cpu", batch_size: int = 64) -> None:
-        from mmalign.config import ConfigError
+        from mmalign.errors import ConfigError
 
         super().__init__(device=device, batch_size=batch_size)
         if path not in self.PARTS:

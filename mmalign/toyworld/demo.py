@@ -310,7 +310,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, settings: DemoS
     print the tables; returns {"tables", "seconds", "settings"}."""
     import torch
 
-    from mmalign.config import ConfigError
+    from mmalign.errors import ConfigError
 
     missing = [c for c in (IMAGE_CONFIG, VLM_CONFIG) if not Path(c).is_file()]
     if missing:

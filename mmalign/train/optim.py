@@ -15,7 +15,7 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> t
     if not params:
         raise ValueError("no trainable parameters")
     if cfg.fused and cfg.name not in ("adamw", "sgd"):
-        from mmalign.config import ConfigError
+        from mmalign.errors import ConfigError
 
         raise ConfigError(f"optim.fused: torch has fused kernels for adamw and sgd, not {cfg.name}")
     fused = True if cfg.fused else None  # None: torch's default (foreach where supported)
@@ -28,7 +28,7 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> t
         try:
             import bitsandbytes as bnb
         except ImportError as e:
-            from mmalign.config import ConfigError
+            from mmalign.errors import ConfigError
 
             raise ConfigError("optim.name 'adamw8bit' needs bitsandbytes (pip install bitsandbytes; CUDA) "
                               "- or use adamw / adafactor") from e

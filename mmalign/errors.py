@@ -1,0 +1,16 @@
+"""The project's own exception classes, in a module that imports nothing heavy (no torch,
+no yaml), so any module can raise or catch them without pulling in the data or config code.
+
+`mmalign.data.preference.DataError` and `mmalign.config.ConfigError` are these same
+classes (re-exported), so `except` and `pytest.raises` match whichever path is imported.
+"""
+
+from __future__ import annotations
+
+
+class DataError(ValueError):
+    """Bad preference data; the message names the file and row."""
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the offending key."""
