@@ -5,8 +5,8 @@ folder with LoRA, the model's own folder otherwise) and `checkpoints/step_*/` (t
 weights + `state.json`, whose "config" key is the run's whole config). The base model is read
 from that config (`model.path`), or from a YAML config given instead of the run folder.
 
-Every fact about a family that export needs is in `EXPORTS` below (one `FamilyExport` per
-registered modality); the code under it reads only that table.
+Every fact about a family that export needs is in its descriptor (`mmalign/families/<name>.py`:
+`pipeline`, `trained`, `export_formats`, `unsupported`); the code here is generic over them.
 
 Formats (`--format`; `auto` is lora for a LoRA run of a family that has it, merged otherwise):
 - `merged`: something one `from_pretrained` call loads. Diffusion: a copy of the base folder's
@@ -35,66 +35,26 @@ import dataclasses
 import json
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mmalign.config import Config, ConfigError, apply_overrides, from_dict, load_config, resolve_path, validate
+from mmalign.families import Family, get_family
 
 FORMATS = ("auto", "merged", "unet", "lora")
 DTYPES = ("float32", "float16", "bfloat16")
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
-@dataclasses.dataclass(frozen=True)
-class FamilyExport:
-    """What `mmalign export` needs to know about one family (to move into its descriptor).
-
-    pipeline: the diffusers pipeline class of a merged export (None: no pipeline class);
-    component: the trained part's subfolder in the base folder ("unet", "transformer"; None: a
-    transformers model that is the whole folder); formats: the `--format` values it supports;
-    no_lora: why `lora` is missing, for the error; index_update: model_index.json entries that
-    depend on the run's config (the one per-family hook)."""
-
-    pipeline: str | None
-    component: str | None
-    formats: tuple[str, ...]
-    no_lora: str = ""
-    index_update: Callable[[Config], dict[str, Any]] | None = None
-
-
-def sdxl_null_prompt(cfg: Config) -> dict[str, Any]:
-    """SDXL pipelines sample the unconditional branch with zeros when `force_zeros_for_empty_prompt`
-    (the SDXL base says true); the export samples with the null prompt training used
-    (`diffusion.null_prompt`: encode("") by default)."""
-    return {"force_zeros_for_empty_prompt": cfg.diffusion.null_prompt == "zeros"}
-
-
-_TEXT = FamilyExport(None, None, ("merged", "lora"))
-_SD = FamilyExport("StableDiffusionPipeline", "unet", ("merged", "unet", "lora"))
-_SDXL = FamilyExport("StableDiffusionXLPipeline", "unet", ("merged", "unet", "lora"), index_update=sdxl_null_prompt)
-EXPORTS: dict[str, FamilyExport] = {
-    "causal_lm": _TEXT,
-    "llava": _TEXT,
-    "sd": _SD,
-    "sdxl": _SDXL,
-    "sd_spo": _SD,
-    "sdxl_spo": _SDXL,
-    "sd3": FamilyExport("StableDiffusion3Pipeline", "transformer", ("merged", "unet", "lora")),
-    "flux": FamilyExport("FluxPipeline", "transformer", ("merged", "unet", "lora")),
-    "audioldm2": FamilyExport("AudioLDM2Pipeline", "unet", ("merged", "unet"),
-                              no_lora="diffusers' AudioLDM2Pipeline has no load_lora_weights"),
-    "tango": FamilyExport(None, "unet", ("merged", "unet", "lora")),
-}
-
-
-def family_export(modality: str) -> FamilyExport:
-    """The export facts of `modality`; a ConfigError for a family without them."""
-    if modality not in EXPORTS:
-        raise ConfigError(f"export: modality '{modality}' has no export support yet (known: {', '.join(EXPORTS)})")
-    return EXPORTS[modality]
+def index_update(family: Family, cfg: Config) -> dict[str, Any]:
+    """model_index.json entries that depend on the run's config: SDXL pipelines sample the
+    unconditional branch with zeros when `force_zeros_for_empty_prompt` (the SDXL base says true);
+    the export samples with the null prompt training used (`diffusion.null_prompt`)."""
+    if family.null_prompt_zeros_flag:
+        return {"force_zeros_for_empty_prompt": cfg.diffusion.null_prompt == "zeros"}
+    return {}
 
 
 @dataclasses.dataclass
@@ -242,12 +202,12 @@ def write_model_index(out: Path, pipeline: str) -> None:
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
-def write_component_folder(model: torch.nn.Module, cfg: Config, family: FamilyExport, out: Path,
+def write_component_folder(model: torch.nn.Module, cfg: Config, family: Family, out: Path,
                            dtype: torch.dtype | None) -> None:
-    """The base folder with the trained (merged) denoiser in `family.component` (and
+    """The base folder with the trained (merged) denoiser in `family.trained` (and
     `diffusion.vae_path`'s VAE when set). With a pipeline class it is a pipeline folder: a
     `model_index.json` is written if the base lacks one, and the family's `index_update` applied."""
-    component, vae_path = family.component, cfg.diffusion.vae_path
+    component, vae_path = family.trained, cfg.diffusion.vae_path
     _copy_tree(Path(resolve_path(cfg.model.path)), out, {component} | ({"vae"} if vae_path else set()))
     if vae_path:
         shutil.copytree(vae_path, out / "vae")
@@ -257,9 +217,9 @@ def write_component_folder(model: torch.nn.Module, cfg: Config, family: FamilyEx
     index_path = out / "model_index.json"
     if not index_path.is_file():
         write_model_index(out, family.pipeline)
-    if family.index_update is not None:
+    if update := index_update(family, cfg):
         index = json.loads(index_path.read_text())
-        index.update(family.index_update(cfg))
+        index.update(update)
         index_path.write_text(json.dumps(index, indent=2))
 
 
@@ -275,13 +235,13 @@ def diffusers_lora_state_dict(model: torch.nn.Module, dtype: torch.dtype | None)
     return {k: (v.to(dtype) if dtype is not None else v).detach().contiguous().cpu() for k, v in state.items()}
 
 
-def write_diffusers_lora(model: torch.nn.Module, family: FamilyExport, out: Path, dtype: torch.dtype | None) -> None:
+def write_diffusers_lora(model: torch.nn.Module, family: Family, out: Path, dtype: torch.dtype | None) -> None:
     """`pytorch_lora_weights.safetensors`, keys and LoraConfig metadata prefixed with the component
     ("unet." / "transformer."), as `<Pipeline>.save_lora_weights` writes it: what
     `pipeline.load_lora_weights(out)` and `denoiser.load_lora_adapter(out, prefix=component)` load."""
     from diffusers.loaders.lora_base import LoraBaseMixin
 
-    prefix = f"{family.component}."
+    prefix = f"{family.trained}."
     state = {prefix + k: v for k, v in diffusers_lora_state_dict(model, dtype).items()}
     metadata = {prefix + k: v for k, v in model.peft_config[model.active_adapter].to_dict().items()}
     LoraBaseMixin.write_lora_layers(state, str(out), True, LORA_WEIGHTS, None, True, metadata)
@@ -300,27 +260,27 @@ def write_transformers(model: torch.nn.Module, processor: Any, out: Path, merged
 
 
 # -- the command's work ----------------------------------------------------------------------------
-def resolve_format(fmt: str, cfg: Config, family: FamilyExport) -> str:
+def resolve_format(fmt: str, cfg: Config, family: Family) -> str:
     """Check `fmt` against the run and its family; `auto` is `lora` for a LoRA run of a family
     that has it, `merged` otherwise."""
     if fmt not in FORMATS:
         raise ConfigError(f"export: --format '{fmt}' is not one of {', '.join(FORMATS)}")
     if fmt == "auto":
-        return "lora" if cfg.lora.enabled and "lora" in family.formats else "merged"
-    if fmt not in family.formats:
-        why = f" ({family.no_lora})" if fmt == "lora" and family.no_lora else ""
+        return "lora" if cfg.lora.enabled and "lora" in family.export_formats else "merged"
+    if fmt not in family.export_formats:
+        why = f" ({family.unsupported[fmt]})" if fmt in family.unsupported else ""
         raise ConfigError(f"export: modality '{cfg.modality}' has no --format {fmt}{why}; "
-                          f"it supports {', '.join(family.formats)}")
+                          f"it supports {', '.join(family.export_formats)}")
     if fmt == "lora" and not cfg.lora.enabled:
-        others = " or ".join(f for f in family.formats if f != "lora")
+        others = " or ".join(f for f in family.export_formats if f != "lora")
         raise ConfigError(f"export: --format lora needs a LoRA run (lora.enabled: true); use {others}")
     return fmt
 
 
-def write_export(model: torch.nn.Module, processor: Any, cfg: Config, family: FamilyExport, fmt: str, out: Path,
+def write_export(model: torch.nn.Module, processor: Any, cfg: Config, family: Family, fmt: str, out: Path,
                  dtype: torch.dtype | None) -> None:
     """Fill the empty folder `out` with the run's model in format `fmt` (resolved)."""
-    if family.component is None:
+    if not family.trained:
         write_transformers(model, processor, out, fmt == "merged", dtype)
     elif fmt == "lora":
         write_diffusers_lora(model, family, out, dtype)
@@ -330,12 +290,12 @@ def write_export(model: torch.nn.Module, processor: Any, cfg: Config, family: Fa
         _merged(model, dtype).save_pretrained(str(out))
 
 
-def load_hint(family: FamilyExport, fmt: str, model_class: str) -> str:
+def load_hint(family: Family, fmt: str, model_class: str) -> str:
     """The call that loads an export of `fmt` (OUT: the export, BASE: the run's base model)."""
-    if family.component is None:
+    if not family.trained:
         return (f"{model_class}.from_pretrained(OUT)" if fmt == "merged"
                 else f"PeftModel.from_pretrained({model_class}.from_pretrained(BASE), OUT)")
-    sub = family.component
+    sub = family.trained
     if fmt == "unet":
         return f"{model_class}.from_pretrained(OUT)"
     if fmt == "merged":
@@ -375,7 +335,7 @@ def export_run(target: str | Path, out: str | Path, fmt: str = "auto", source: s
         raise ConfigError(f"export: --dtype '{dtype}' is not one of {', '.join(DTYPES)}")
     run, out = find_run(target, source, overrides), Path(out)
     torch_dtype = getattr(torch, dtype) if dtype else None
-    family = family_export(run.cfg.modality)
+    family = get_family(run.cfg.modality)
     fmt = resolve_format(fmt, run.cfg, family)
     tmp = _prepare(out, overwrite)
     try:

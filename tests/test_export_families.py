@@ -1,6 +1,6 @@
 """`mmalign export` for every registered family: a 1-step run of its tiny config (configs/tiny/,
 or the nearest one with the modality switched where a family has none), exported in every
-format its `EXPORTS` entry lists, loaded with the family's own loader (a diffusers pipeline's
+format its family descriptor lists (`Family.export_formats`), loaded with the family's own loader (a diffusers pipeline's
 `from_pretrained` / `load_lora_weights`, the denoiser's `from_pretrained` / `load_lora_adapter`,
 the transformers model's `from_pretrained`, `PeftModel.from_pretrained`) and run on a fixed
 batch: the loaded model's output equals the trained model's (`load_trained`), which differs
@@ -22,8 +22,9 @@ from flow_fixtures import write_tiny_flow_run
 
 from mmalign.cli import main
 from mmalign.config import resolve_path
-from mmalign.export import EXPORTS, find_run, load_trained, write_model_index
-from mmalign.modalities import MODALITIES, build_modality
+from mmalign.export import find_run, index_update, load_trained, write_model_index
+from mmalign.families import family_names, get_family
+from mmalign.modalities import build_modality
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["train.progress=false", "train.tensorboard=false", "train.max_steps=1", "train.log_every=1",
@@ -81,7 +82,7 @@ PROBE_AS = {"sd_spo": "sd", "sdxl_spo": "sdxl"}
 
 def case_ids() -> list[tuple[str, str]]:
     """(modality, variant) for every registered family; a family without a case gives "missing"."""
-    return [(m, c.variant) for m in MODALITIES for c in CASES.get(m, [Case("missing", "")])]
+    return [(m, c.variant) for m in family_names() for c in CASES.get(m, [Case("missing", "")])]
 
 
 # -- the fixed batch and the output it gives --------------------------------------------------------
@@ -133,8 +134,8 @@ def load_export(fmt: str, out: Path, base: Path, modality: str, trained: torch.n
     from diffusers import DiffusionPipeline
     from peft import PeftModel
 
-    family, cls = EXPORTS[modality], plain_class(trained)
-    if family.component is None:  # transformers: the merged model, or the adapter onto the base
+    family, cls = get_family(modality), plain_class(trained)
+    if not family.trained:  # transformers: the merged model, or the adapter onto the base
         if fmt == "merged":
             return cls.from_pretrained(out)
         return PeftModel.from_pretrained(cls.from_pretrained(base), out)
@@ -143,35 +144,35 @@ def load_export(fmt: str, out: Path, base: Path, modality: str, trained: torch.n
     if fmt == "merged" and family.pipeline:
         pipe = DiffusionPipeline.from_pretrained(out)
         assert type(pipe).__name__ == family.pipeline
-        return getattr(pipe, family.component)
+        return getattr(pipe, family.trained)
     if fmt == "merged":  # a component folder without a pipeline class
         assert {p.name for p in base.iterdir()} <= {p.name for p in out.iterdir()}
-        return cls.from_pretrained(out, subfolder=family.component)
+        return cls.from_pretrained(out, subfolder=family.trained)
     if family.pipeline:  # lora onto the base pipeline
         pipe = DiffusionPipeline.from_pretrained(loadable_base(base, family.pipeline, tmp_path))
         pipe.load_lora_weights(out)
-        return getattr(pipe, family.component)
-    denoiser = cls.from_pretrained(base, subfolder=family.component)  # lora onto the denoiser alone
-    denoiser.load_lora_adapter(out, prefix=family.component, use_safetensors=True)
+        return getattr(pipe, family.trained)
+    denoiser = cls.from_pretrained(base, subfolder=family.trained)  # lora onto the denoiser alone
+    denoiser.load_lora_adapter(out, prefix=family.trained, use_safetensors=True)
     return denoiser
 
 
 def base_model(base: Path, modality: str, trained: torch.nn.Module) -> torch.nn.Module:
     """The untrained model the run started from."""
-    component = EXPORTS[modality].component
+    component = get_family(modality).trained
     return plain_class(trained).from_pretrained(base, **({"subfolder": component} if component else {}))
 
 
 # -- the test ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("modality,variant", case_ids())
 def test_every_family_exports_what_its_own_loader_loads(modality, variant, assets, tmp_path, capsys):
-    if modality not in CASES or modality not in EXPORTS:
-        pytest.fail(f"family '{modality}' has no export case here (CASES) or no EXPORTS entry in mmalign/export.py")
+    if modality not in CASES:
+        pytest.fail(f"family '{modality}' has no export case here (CASES)")
     case = next(c for c in CASES[modality] if c.variant == variant)
     run = tmp_path / "run"
     assert main(["train", str(ROOT / "configs" / "tiny" / case.config), f"train.output_dir={run}", *QUIET,
                  *assets.get(case.assets, []), *case.overrides]) == 0
-    family, probe = EXPORTS[modality], probe_for(run, modality, assets)
+    family, probe = get_family(modality), probe_for(run, modality, assets)
     trained, _ = load_trained(find_run(run))
     base = Path(resolve_path(find_run(run).cfg.model.path))
     expected = probe(trained)
@@ -183,18 +184,18 @@ def test_every_family_exports_what_its_own_loader_loads(modality, variant, asset
         code = main(["export", str(run), "--to", str(out), "--format", fmt])
         printed = capsys.readouterr()
         err = printed.err
-        if fmt not in family.formats:  # one line naming the family and what it supports
+        if fmt not in family.export_formats:  # one line naming the family and what it supports
             line = next(x for x in err.splitlines() if "error:" in x)
             assert code == 2 and f"modality '{modality}' has no --format {fmt}" in line
-            assert line.endswith(f"it supports {', '.join(family.formats)}")
+            assert line.endswith(f"it supports {', '.join(family.export_formats)}")
         elif fmt == "lora" and variant == "full":
             assert code == 2 and "needs a LoRA run" in err
         else:
             assert code == 0, err
             loaded = load_export(fmt, out, base, modality, trained, tmp_path)
-            if fmt == "merged" and family.index_update is not None:  # e.g. SDXL's null prompt as trained
+            if fmt == "merged" and (update := index_update(family, find_run(run).cfg)):  # SDXL's null prompt
                 index = json.loads((out / "model_index.json").read_text())
-                assert family.index_update(find_run(run).cfg).items() <= index.items()
+                assert update.items() <= index.items()
             loader = family.pipeline if fmt != "unet" and family.pipeline else model_class
             assert "; load with " in printed.out and f"{loader}.from_pretrained(" in printed.out
             torch.testing.assert_close(probe(loaded), expected, rtol=1e-5, atol=1e-5, msg=f"{modality} {fmt}")
@@ -204,11 +205,9 @@ def test_every_family_exports_what_its_own_loader_loads(modality, variant, asset
     ("audioldm2", True, "merged"),  # no lora format: auto falls back to the merged pipeline
     ("tango", True, "lora"), ("sdxl_spo", True, "lora"), ("sd3", False, "merged"), ("llava", True, "lora"),
 ])
-def test_auto_format_follows_the_family_table(modality, lora, expected):
-    from mmalign.config import Config, ConfigError, from_dict
-    from mmalign.export import family_export, resolve_format
+def test_auto_format_follows_the_family_descriptor(modality, lora, expected):
+    from mmalign.config import Config, from_dict
+    from mmalign.export import resolve_format
 
     cfg = from_dict(Config, {"modality": modality, "lora": {"enabled": lora}})
-    assert resolve_format("auto", cfg, family_export(modality)) == expected
-    with pytest.raises(ConfigError, match="no export support yet"):
-        family_export("no_such_family")
+    assert resolve_format("auto", cfg, get_family(modality)) == expected

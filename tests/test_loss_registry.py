@@ -14,7 +14,6 @@ import torch
 from torch import Tensor
 
 from mmalign import losses as L
-from mmalign import modalities
 from mmalign.config import ConfigError, LossConfig, load_config
 from mmalign.losses import LOSSES, LossSpec, Statistic, get_loss
 from mmalign.train.objective import RunningMean, preference_losses
@@ -191,7 +190,10 @@ def test_a_loss_own_hyperparameters_and_trainer_options_load(config, overrides) 
 def test_the_check_reads_the_registries(config, monkeypatch) -> None:
     """A loss or modality added to its registry is known to the config with no other change."""
     monkeypatch.setitem(LOSSES, "toy", LossSpec(L.simpo_loss, "pair", needs_reference=False))
-    monkeypatch.setitem(modalities.MODALITIES, "toy_modality", "x:build")
+    import mmalign.families
+
+    names = mmalign.families.family_names()
+    monkeypatch.setattr(mmalign.families, "family_names", lambda: [*names, "toy_modality"])  # a new family module
     assert config("loss.name=toy", "loss.gamma=0.5", "modality=toy_modality").loss.name == "toy"
     with pytest.raises(ConfigError, match="loss.clip=0.2 is a hyperparameter of d3po, spo, not of loss 'toy'"):
         config("loss.name=toy", "loss.clip=0.2")

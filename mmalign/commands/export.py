@@ -10,7 +10,7 @@ FORMAT_HELP = ("auto: lora for a LoRA run of a family that has it, merged otherw
                "the merged model + tokenizer/processor; unet: the diffusion denoiser alone (UNet or transformer "
                "folder, LoRA merged); lora: diffusion -> pytorch_lora_weights.safetensors for "
                "pipeline.load_lora_weights (tango: unet.load_lora_adapter(OUT, prefix='unet'); audioldm2 has none), "
-               "text models -> the peft adapter folder; each family's formats: mmalign/export.py EXPORTS")
+               "text models -> the peft adapter folder; each family's formats: its descriptor in mmalign/families/")
 
 
 def run(args: argparse.Namespace) -> int:

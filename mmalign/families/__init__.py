@@ -70,6 +70,7 @@ class Family:
     source: online data (SPO rounds): source(cfg, likelihood) -> a `DataSource`, or None.
     null_prompt_zeros_flag: the pipeline's `force_zeros_for_empty_prompt` switch exists (SDXL):
         exports and validation set it to what training used (`diffusion.null_prompt`).
+    unsupported: why an export format is missing ({"lora": "..."}), for the error naming it.
     """
 
     name: str
@@ -86,7 +87,7 @@ class Family:
     sample: str = ""
     source: Callable[[Any, Any], Any] | None = None
     null_prompt_zeros_flag: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    unsupported: dict[str, str] = field(default_factory=dict)
 
     @property
     def diffusion(self) -> bool:

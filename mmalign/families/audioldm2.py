@@ -93,4 +93,5 @@ FAMILY = Family(
     layout=PipelineLayout(denoiser_class="AudioLDM2UNet2DConditionModel", kind="AudioLDM2 pipeline"),
     text_encoders=(TextEncoderSpec("text_encoder", "tokenizer", "transformers:ClapModel"),
                    TextEncoderSpec("text_encoder_2", "tokenizer_2", "transformers:T5EncoderModel")),
-    pipeline="AudioLDM2Pipeline", export_formats=("merged", "unet"), cache=True, sample="audio")
+    pipeline="AudioLDM2Pipeline", export_formats=("merged", "unet"), cache=True, sample="audio",
+    unsupported={"lora": "diffusers' AudioLDM2Pipeline has no load_lora_weights"})
