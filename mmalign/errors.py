@@ -14,3 +14,8 @@ class DataError(ValueError):
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the offending key."""
+
+
+class CacheError(DataError):
+    """The latent cache (`mmalign cache`) is missing, incomplete, or does not match the data or
+    the config."""

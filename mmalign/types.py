@@ -19,6 +19,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from mmalign.layout import chosen_rejected
+
 
 @dataclass
 class Draw:
@@ -80,17 +82,9 @@ class LogpOutput:
 
     def pairs(self) -> PairLogps:
         """Split a paired output (chosen items first, then rejected) into a `PairLogps`."""
-        n = self.logps.shape[0]
-        if n % 2:
-            raise ValueError(f"a paired LogpOutput needs an even number of items, got {n}")
-        b = n // 2
-        tokens = self.tokens
-        return PairLogps(
-            self.logps[:b],
-            self.logps[b:],
-            None if tokens is None else tokens[:b],
-            None if tokens is None else tokens[b:],
-        )
+        chosen, rejected = chosen_rejected(self.logps)
+        tokens = (None, None) if self.tokens is None else chosen_rejected(self.tokens)
+        return PairLogps(chosen, rejected, *tokens)
 
     def detach(self) -> "LogpOutput":
         def d(t: Tensor | None) -> Tensor | None:

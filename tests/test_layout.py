@@ -71,19 +71,16 @@ def test_flatten_and_batch_fields_follow_the_layout():
     assert batch_fields(ranked, "ranked", {}).ref_logps.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
 
 
-def test_the_copies_in_other_modules_agree():
-    """The layout still written out in the modules being rewritten equals these helpers."""
+def test_the_diffusion_groups_and_item_names_follow_the_layout():
+    """A diffusion draw's groups (items sharing t, ε, ...) and the item names of its error messages."""
     from mmalign.modalities.diffusion import _output_names, group_index
-    from mmalign.modalities.diffusion_cache import item_slots as cache_item_slots
-    from mmalign.modalities.diffusion_cache import record_outputs as cache_record_outputs
 
-    for kind, records in (("pair", PAIRS), ("ranked", RANKED), ("unpaired", UNPAIRED)):
-        slots = batch_slots(records, kind)
-        per = len(record_outputs(records[0], kind))
-        assert cache_item_slots(kind, len(records), per) == slots
-        assert all(cache_record_outputs(r, kind) == record_outputs(r, kind) for r in records)
-        assert group_index(kind, len(slots), len(records)).tolist() == [i for i, _ in slots]
-        assert _output_names(kind, records) == [f"row {i}, {output_fields(records[i], kind)[j]}" for i, j in slots]
+    assert group_index("pair", 4, 2).tolist() == [0, 1, 0, 1]
+    assert group_index("ranked", 6, 2).tolist() == [0, 0, 0, 1, 1, 1]
+    assert group_index("unpaired", 2, 2).tolist() == [0, 1]
+    assert _output_names("pair", PAIRS) == ["row 0, chosen", "row 1, chosen", "row 0, rejected", "row 1, rejected"]
+    assert _output_names("ranked", RANKED)[2:4] == ["row 0, completions[2]", "row 1, completions[0]"]
+    assert _output_names("unpaired", [dict(UNPAIRED[0], _index=7, source="shard:3")]) == ["row 7 (shard:3), completion"]
 
 
 def test_import_is_light():

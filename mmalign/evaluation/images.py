@@ -132,7 +132,7 @@ def sampling_settings(items: Sequence[str]) -> dict[str, Any]:
     """`--set key=value` items -> {key: value}, values read as YAML scalars (as `mmalign generate --set`)."""
     import yaml
 
-    from mmalign.config import ConfigError
+    from mmalign.errors import ConfigError
 
     settings: dict[str, Any] = {}
     for item in items:

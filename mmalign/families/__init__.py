@@ -105,7 +105,7 @@ def get_family(name: str) -> Family:
     naming the nearest registered one."""
     names = family_names()
     if name not in names:
-        from mmalign.config import ConfigError
+        from mmalign.errors import ConfigError
 
         close = difflib.get_close_matches(str(name), names, n=1, cutoff=0.5)
         hint = f"; did you mean '{close[0]}'?" if close else ""

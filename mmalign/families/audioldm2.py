@@ -59,7 +59,7 @@ class AudioLDM2UNet(UNetCall):
     def predict(self, model: torch.nn.Module, noisy: Tensor, values: dict[str, Tensor]) -> Tensor:
         unet = getattr(model, "module", model)  # DDP-wrapped or not
         if getattr(unet, "is_gradient_checkpointing", False) and not bool(values["encoder_attention_mask_1"].all()):
-            from mmalign.config import ConfigError
+            from mmalign.errors import ConfigError
 
             raise ConfigError("model.gradient_checkpointing with AudioLDM2: diffusers misroutes the text mask of a "
                               "padded batch under checkpointing; set train.batch_size 1 or gradient_checkpointing "

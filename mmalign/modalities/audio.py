@@ -44,6 +44,7 @@ from torch import Tensor
 from mmalign.data.audio import MelSettings, load_audio, log_mel, mel_filters, normalize_waveform
 from mmalign.data.preference import flatten
 from mmalign.modalities.diffusion import _output_names, _prompt_text, sample_latents, vae_posterior
+from mmalign.tensors import right_pad_cat
 
 DEFAULT_RATE, DEFAULT_MELS = 16000, 64  # AudioLDM / AudioLDM2 / Tango
 
@@ -60,14 +61,7 @@ def mel_settings(audio: Any, vocoder_config: dict[str, Any] | None) -> MelSettin
 def pad_conditioning(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     """Stack per-prompt conditioning dicts of (1, L_i, ...) tensors into (n, max L, ...), right-
     padding with zeros (a padded mask position is 0: never attended)."""
-    out = {}
-    for key in parts[0]:
-        values = [p[key] for p in parts]
-        if values[0].ndim >= 2:
-            length = max(v.shape[1] for v in values)
-            values = [torch.nn.functional.pad(v, (0, 0) * (v.ndim - 2) + (0, length - v.shape[1])) for v in values]
-        out[key] = torch.cat(values)
-    return out
+    return {key: right_pad_cat([p[key] for p in parts]) for key in parts[0]}
 
 
 def audio_cache_settings(cfg: Any) -> dict[str, Any]:
@@ -91,7 +85,7 @@ class MelLatents:
 
     def __init__(self, vae: Any, settings: Any, audio: Any, vocoder_config: dict[str, Any] | None,
                  roots: Sequence[str | Path] = ()) -> None:
-        from mmalign.config import ConfigError
+        from mmalign.errors import ConfigError
 
         self.vae = None if vae is None else vae.requires_grad_(False).eval()
         self.settings, self.audio, self.roots = settings, audio, [Path(r) for r in roots]
@@ -234,7 +228,7 @@ def vocoder_config(path: str | Path) -> dict[str, Any] | None:
 
 def check_audio_config(cfg: Any) -> None:
     """Settings that have no meaning for clips are ConfigErrors."""
-    from mmalign.config import ConfigError
+    from mmalign.errors import ConfigError
 
     if cfg.diffusion.random_flip:
         raise ConfigError("diffusion.random_flip: audio clips are never flipped (a time-reversed clip is another "

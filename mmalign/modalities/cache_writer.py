@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from mmalign.io import atomic_path
+from mmalign.seeds import RUN, mix_seed
 from mmalign.modalities.diffusion import DiffusionLikelihood, _prompt_text
 from mmalign.modalities.diffusion_cache import (
     CACHE_VERSION, TEXT, CacheError, cache_splits, output_key, record_outputs, shard_name,
@@ -78,7 +79,7 @@ def fixed_crop_fraction(settings: dict[str, Any], split: str, row: int) -> Tenso
     from a generator seeded by (train.seed, split, row), so a rerun or another process repeats it."""
     if settings["crop"] != "random":
         return None
-    seed = (settings["crop_seed"] * 1_000_003 + 2 * row + (split != "train")) % 2**63
+    seed = mix_seed(settings["crop_seed"], row, split != "train", strides=(RUN, 2, 1))
     return torch.rand((1, 2), generator=torch.Generator().manual_seed(seed))
 
 

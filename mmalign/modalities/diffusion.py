@@ -47,19 +47,18 @@ from torch import Tensor
 from mmalign.data.media import load_image
 from mmalign.data.preference import batch_fields, data_folder, flatten
 from mmalign.families import Family
+from mmalign.layout import batch_slots, item_slots, output_fields
+from mmalign.seeds import mix_seed
 from mmalign.types import Draw, LogpOutput, PreferenceBatch
+
 
 # -- pure helpers ------------------------------------------------------------------
 def group_index(kind: str, num_items: int, num_records: int) -> Tensor:
     """(N,) group of each item: items of a group share t, ε, crop, flip and caption dropout.
 
     pair: chosen i and rejected i (rows i and B+i) form group i; ranked: the K items of a
-    list; unpaired: every item alone (Diffusion-KTO)."""
-    if kind == "pair":
-        return torch.arange(num_records).repeat(2)
-    if kind == "ranked":
-        return torch.arange(num_records).repeat_interleave(num_items // num_records)
-    return torch.arange(num_items)
+    list; unpaired: every item alone (Diffusion-KTO). The item order is `mmalign.layout`'s."""
+    return torch.tensor([i for i, _ in item_slots(kind, [num_items // num_records] * num_records)])
 
 
 def example_generators(index: Tensor, generator: torch.Generator | None) -> list[torch.Generator | None]:
@@ -70,7 +69,7 @@ def example_generators(index: Tensor, generator: torch.Generator | None) -> list
     if generator is None:
         return [None] * len(index)
     base = generator.initial_seed()
-    return [torch.Generator().manual_seed((base * 1_000_003 + row * 7_919 + 17) % 2**63) for row in index.tolist()]
+    return [torch.Generator().manual_seed(mix_seed(base, row, offset=17)) for row in index.tolist()]
 
 
 def item_normals(shape: Sequence[int], groups: Tensor, generators: list[torch.Generator | None]) -> Tensor:
@@ -133,11 +132,7 @@ def _output_names(kind: str, records: list[dict[str, Any]]) -> list[str]:
     """"row R, field" of every flattened item (R: the dataset row, plus the record's `source`
     such as a Pick-a-Pic shard:row when it has one), for error messages."""
     rows = [f"{r.get('_index', i)}" + (f" ({r['source']})" if r.get("source") else "") for i, r in enumerate(records)]
-    if kind == "pair":
-        return [f"row {i}, chosen" for i in rows] + [f"row {i}, rejected" for i in rows]
-    if kind == "ranked":
-        return [f"row {i}, completions[{k}]" for i, r in zip(rows, records) for k in range(len(r["completions"]))]
-    return [f"row {i}, completion" for i in rows]
+    return [f"row {rows[i]}, {output_fields(records[i], kind)[j]}" for i, j in batch_slots(records, kind)]
 
 
 def sample_latents(mean: Tensor, std: Tensor, eta: Tensor, shift: float | None, scale: float) -> Tensor:

@@ -61,17 +61,15 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from mmalign.data.preference import DataError
+from mmalign.errors import CacheError
 from mmalign.families import Family
+from mmalign.layout import batch_slots, item_slots, record_outputs
 from mmalign.modalities.diffusion import DiffusionLikelihood, ElboObjective, _prompt_text, sample_latents
 from mmalign.modalities.loading import load_parts
+from mmalign.tensors import right_pad_cat
 
 CACHE_VERSION = 1
 TEXT = "text"
-
-
-class CacheError(DataError):
-    """The cache is missing, incomplete, or does not match the data or the config."""
 
 
 # -- keys, layout, atomic files ------------------------------------------------------------
@@ -95,24 +93,6 @@ def output_key(value: Any) -> int:
     else:
         h.update(b"path:" + str(value).encode())
     return int.from_bytes(h.digest(), "little", signed=True)
-
-
-def record_outputs(record: dict[str, Any], kind: str) -> list[Any]:
-    """The outputs of a record in storage order: pair (chosen, rejected), ranked (its K
-    completions), unpaired (its completion)."""
-    if kind == "pair":
-        return [record["chosen"], record["rejected"]]
-    if kind == "ranked":
-        return list(record["completions"])
-    return [record["completion"]]
-
-
-def item_slots(kind: str, num_records: int, per_record: int) -> list[tuple[int, int]]:
-    """(record position, output slot) of every item of a batch in `flatten` order (pairs:
-    all chosen, then all rejected; ranked: list-major; unpaired: one each)."""
-    if kind == "pair":
-        return [(i, 0) for i in range(num_records)] + [(i, 1) for i in range(num_records)]
-    return [(i, j) for i in range(num_records) for j in range(per_record)]
 
 
 def shard_name(split: str, k: int) -> str:
@@ -142,14 +122,6 @@ def cache_splits(cfg: Any) -> dict[str, tuple[Sequence[dict[str, Any]], str]]:
 def _as_read(x: Tensor) -> Tensor:
     """float32 for stored floating tensors (float16 storage), integer tensors (masks) as they are."""
     return x.float() if x.is_floating_point() else x
-
-
-def _cat_right_padded(rows: list[Tensor]) -> Tensor:
-    """Concatenate (1, L_i, ...) rows, right-padding dim 1 with zeros to the longest; (1,) rows as they are."""
-    if rows[0].ndim >= 2:
-        length = max(r.shape[1] for r in rows)
-        rows = [torch.nn.functional.pad(r, (0, 0) * (r.ndim - 2) + (0, length - r.shape[1])) for r in rows]
-    return torch.cat(rows)
 
 
 class LatentCache:
@@ -254,7 +226,7 @@ class LatentCache:
             f = self.file(files[shard])
             for name in f.keys():
                 out.setdefault(name, []).append(f.get_slice(name)[offset : offset + 1])
-        return {k: _as_read(_cat_right_padded(v)) for k, v in out.items()}
+        return {k: _as_read(right_pad_cat(v)) for k, v in out.items()}
 
     def check(self, cfg: Any, num_records: dict[str, int], unet: Any = None,
               extra: dict[str, Any] | None = None) -> None:
@@ -309,7 +281,7 @@ class CachedLatents:
         """latent_mean, latent_std [+ latent_mean_flipped, latent_std_flipped] (N, C, h, w)
         float32; original_sizes, crop_top_left, crop_top_left_flipped (N, 2) (flatten order)."""
         locations = [self.cache.locate(r, kind, w) for r, w in zip(records, _record_wheres(records))]
-        slots = item_slots(kind, len(records), len(locations[0]))
+        slots = item_slots(kind, [len(found) for found in locations])
         return self.cache.read_items([locations[i][j] for i, j in slots], self.settings.random_flip)
 
     def sample(self, inputs: dict[str, Any], groups: Tensor, flip: Tensor, crop_fraction: Tensor,
@@ -346,8 +318,7 @@ class CachedText:
         """caption_rows (N,); prompt/<name> (N, ...) text tensors (prompt/encoder_hidden_states
         (N, L, D) [, prompt/text_embeds (N, P)]), flatten order."""
         wheres = _record_wheres(records)
-        per_record = len(record_outputs(records[0], kind))
-        slots = item_slots(kind, len(records), per_record)
+        slots = batch_slots(records, kind)
         rows = torch.tensor([self.cache.caption_row(_prompt_text(records[i]["prompt"]), wheres[i]) for i, _ in slots])
         unique, inverse = rows.unique(return_inverse=True)
         inputs: dict[str, Tensor] = {f"prompt/{k}": v[inverse] for k, v in self.cache.read_text(unique.tolist()).items()}
@@ -372,7 +343,7 @@ class CachedText:
 def open_cache(cfg: Any, family: Family, unet: Any, latents_extra: dict[str, Any] | None = None) -> LatentCache:
     """The complete cache of `diffusion.cache_dir`, checked against the config and the data
     (`LatentCache.check`); validation images are refused (no VAE or text encoder is loaded)."""
-    from mmalign.config import ConfigError
+    from mmalign.errors import ConfigError
 
     if cfg.train.validate_every and family.validation:
         raise ConfigError("train.validate_every samples images with the VAE and text encoders, which a run "

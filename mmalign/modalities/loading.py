@@ -29,7 +29,8 @@ def load_parts(cfg: Any, family: Family, unet: bool = True, frozen: bool = True)
     import diffusers
     from transformers import AutoTokenizer
 
-    from mmalign.config import ConfigError, resolve_path
+    from mmalign.config import resolve_path
+    from mmalign.errors import ConfigError
 
     layout: PipelineLayout = family.layout
     path, d = resolve_path(cfg.model.path), cfg.diffusion
@@ -62,7 +63,7 @@ def from_cache(cfg: Any, use_cache: bool) -> bool:
 
 def refuse_cache(cfg: Any, family: Family, use_cache: bool = True) -> None:
     """A family without a latent cache refuses `diffusion.cache_dir` with a clear error."""
-    from mmalign.config import ConfigError
+    from mmalign.errors import ConfigError
 
     if use_cache and cfg.diffusion.cache_dir and not family.cache:
         raise ConfigError(f"diffusion.cache_dir: cached latents are not supported for modality '{family.name}' "

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from mmalign.data.preference import batch_fields, flatten
+from mmalign.layout import batch_slots
 from mmalign.types import Draw, LogpOutput, PreferenceBatch
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
@@ -232,12 +233,12 @@ class StepLikelihood:
         if kind != "pair":
             raise ValueError(f"step-aware data is paired transitions; got a '{kind}' batch")
         items = flatten(records, kind)
-        b = len(records)
+        slots = batch_slots(records, kind)
 
         def start(item: dict[str, Any], row: int) -> Tensor:
             if "x_t" in item:
                 return item["x_t"]
-            return item["chosen_x_t" if row < b else "rejected_x_t"]
+            return item["chosen_x_t" if slots[row][1] == 0 else "rejected_x_t"]
 
         inputs: dict[str, Any] = {
             "x_t": torch.stack([start(item, row) for row, item in enumerate(items)]).float(),

@@ -35,12 +35,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mmalign.config import ConfigError, to_dict
-from mmalign.data.preference import DataError, StreamSampler, read_records
+from mmalign.config import to_dict
+from mmalign.data.preference import StreamSampler, read_records
+from mmalign.errors import ConfigError, DataError
 from mmalign.io import atomic_path
 from mmalign.modalities.step import StepLikelihood
 from mmalign.modalities.validation import decode_latents
 from mmalign.nn import eval_mode
+from mmalign.seeds import ROW, mix_seed
 from mmalign.types import Likelihood, Round
 
 
@@ -368,7 +370,8 @@ class OnlineStepSource:
         r = step // s.round_steps
         if r != self.round or self.current is None:
             records = self.load_or_sample(r, model, accelerator)
-            sampler = RoundSampler(len(records), t.seed * 7919 + r, r * s.round_steps * t.grad_accum)
+            sampler = RoundSampler(len(records), mix_seed(t.seed, r, strides=(ROW, 1), wrap=False),
+                                   r * s.round_steps * t.grad_accum)
             self.current, self.round = Round(records, sampler), r
         return self.current
 
@@ -401,7 +404,7 @@ class OnlineStepSource:
         indices = self.prompt_stream.indices(r * s.prompts_per_round, s.prompts_per_round)
         prompts = [self.prompts[i] for i in indices]
         ids = [f"round{r}-{n}" for n in range(len(prompts))]
-        generator = torch.Generator().manual_seed(t.seed * 1_000_003 + r * 7_919 + 17)
+        generator = torch.Generator().manual_seed(mix_seed(t.seed, r, offset=17, wrap=False))
         acc = accelerator
         records, totals = [], {}
         bar = tqdm(range(0, len(prompts), s.sample_batch_size), desc=f"{s.method} round {r}",

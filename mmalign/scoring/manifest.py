@@ -52,7 +52,7 @@ def _run_scorer(spec: Any, rows: list[dict[str, Any]], path: Path, batch_size: i
     """Fill `score_<column>` for the rows that need it; returns this scorer's summary fragment."""
     from tqdm.auto import tqdm
 
-    from mmalign.data.preference import DataError
+    from mmalign.errors import DataError
     from mmalign.generate.manifest import write_manifest
     from mmalign.scoring import load_scorer, scorer_class
 
@@ -102,7 +102,7 @@ def score_manifest(manifest: str | Path, scorers: Sequence[str], *, znorm: bool 
     one-line summary. scorers: specs `NAME=PATH[,key=value...][:weight]`; device: auto | cpu | cuda."""
     import torch
 
-    from mmalign.config import ConfigError
+    from mmalign.errors import ConfigError
     from mmalign.generate.manifest import manifest_path, read_manifest, write_manifest
     from mmalign.scoring import parse_spec
 

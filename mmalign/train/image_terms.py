@@ -27,10 +27,13 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from mmalign.config import ConfigError, LossConfig
+from mmalign.config import LossConfig
 from mmalign.data.corrupt import corrupt_image
-from mmalign.data.preference import DataError
+from mmalign.data.media import record_images
+from mmalign.errors import ConfigError, DataError
+from mmalign.layout import chosen_rejected
 from mmalign.losses import IMAGE_TERMS
+from mmalign.seeds import mix_seed
 from mmalign.types import Likelihood, LogpOutput, PairLogps, PreferenceBatch, ScoresModifiedImages
 
 Score = Callable[[PreferenceBatch, torch.Generator], tuple[LogpOutput, LogpOutput]]
@@ -39,12 +42,11 @@ OTHER_IMAGE_TRIES = 8  # offsets tried before accepting another example whose im
 
 def record_seed(seed: int, index: int) -> int:
     """The seed of example `index`'s modified image in the micro-step with seed `seed`."""
-    return (seed * 1_000_003 + (index + 1) * 7_919) % (2**63)
+    return mix_seed(seed, index + 1)
 
 
 def _images(record: dict[str, Any], where: str) -> list[Any]:
-    value = record.get("images", record.get("image"))
-    images = [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+    images = record_images(record)
     if not images:
         raise DataError(f"{where}: loss.image_term needs an image per example, this one has none")
     return images
@@ -134,9 +136,8 @@ class ImageTerms:
         generator): the trainer's policy + reference scoring of one batch."""
         batch = self.likelihood.collate(self.modified_records(records, seed), "unpaired").to(device)
         policy_mod, ref_mod = score(batch, torch.Generator().manual_seed(seed))
-        b = len(records)
-        policy = PairLogps(policy_out.logps[:b], policy_mod.logps)
-        reference = PairLogps(ref_out.logps[:b], ref_mod.logps)
+        policy = PairLogps(chosen_rejected(policy_out.logps)[0], policy_mod.logps)
+        reference = PairLogps(chosen_rejected(ref_out.logps)[0], ref_mod.logps)
         values = self.terms(policy, reference)
         extra = torch.stack(list(values.values())).sum(0)
         if any("weight" in r for r in records):

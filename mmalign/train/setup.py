@@ -11,9 +11,10 @@ from typing import Any
 
 import torch
 
+from mmalign.config import Config, TrainConfig
+from mmalign.errors import ConfigError
 from mmalign.io import atomic_path
-from mmalign.config import Config, ConfigError, TrainConfig
-from mmalign.data.preference import flatten
+from mmalign.layout import batch_slots, by_record
 from mmalign.losses import LossSpec
 from mmalign.nn import eval_mode
 from mmalign.types import DataSource, Likelihood, TokenValues
@@ -101,10 +102,6 @@ def _fingerprint(cfg: Config, num_records: int) -> str:
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _items_per_record(kind: str, record: dict[str, Any]) -> int:
-    return 2 if kind == "pair" else len(record["completions"]) if kind == "ranked" else 1
-
-
 @torch.no_grad()
 def _score_records(trainer: Any, model: torch.nn.Module, records: list[dict[str, Any]]) -> list[list[float]]:
     out: list[list[float]] = []
@@ -115,14 +112,7 @@ def _score_records(trainer: Any, model: torch.nn.Module, records: list[dict[str,
             chunk = records[start : start + size]
             batch = trainer.likelihood.collate(chunk, trainer.kind).to(trainer.accelerator.device)
             logps = trainer.likelihood.logps(model, batch, trainer.likelihood.draw(batch, None)).logps.float().cpu()
-            items = flatten(chunk, trainer.kind)
-            assert len(items) == logps.shape[0]
-            if trainer.kind == "pair":
-                b = len(chunk)
-                out += [[float(logps[j]), float(logps[b + j])] for j in range(b)]
-            else:
-                k = _items_per_record(trainer.kind, chunk[0])
-                out += [logps[j * k : (j + 1) * k].tolist() for j in range(len(chunk))]
+            out += by_record(logps.tolist(), batch_slots(chunk, trainer.kind), len(chunk))
     return out
 
 

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from mmalign.config import Config, to_dict
 from mmalign.data.preference import StreamSampler, load_split, mismatched
 from mmalign.losses import get_loss
+from mmalign.seeds import MICRO, RUN, STEP, mix_seed
 from mmalign.train import checkpoint as ckpt
 from mmalign.train.image_terms import build_image_terms
 from mmalign.train.metrics import Meter, MetricsLogger, format_metrics
@@ -38,7 +39,7 @@ class NonFiniteLossError(RuntimeError):
 
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     """Every random draw of micro-step `micro` of step `step` on process `rank`."""
-    return (seed * 1_000_003 + step * 1_009 + micro * 101 + rank) % (2**63)
+    return mix_seed(seed, step, micro, rank, strides=(RUN, STEP, MICRO, 1))
 
 
 class PreferenceTrainer:
