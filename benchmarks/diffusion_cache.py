@@ -120,7 +120,8 @@ def make_config(work: Path, s: Settings, cached: bool, run: str) -> Any:
 def data_path_calls(likelihood: Any) -> list[tuple[Any, str, str]]:
     """(object, method, key) of the data path that caching replaces: collate reads images or cache
     rows; the VAE (`encode_images`) and the text encoders (`encode_prompt`) of an uncached run."""
-    from mmalign.modalities.diffusion import ImageLatents, TextConditioning
+    from mmalign.modalities.diffusion import ImageLatents
+    from mmalign.modalities.text import TextConditioning
 
     calls = [(likelihood, "collate", "collate")]
     if isinstance(likelihood.latents, ImageLatents):

@@ -93,7 +93,8 @@ class Clock:
 
 def time_draw(clock: Clock, likelihood: Any) -> None:
     """draw = collate-free augmentation + VAE + text encoders: time the encoders apart."""
-    from mmalign.modalities.diffusion import ImageLatents, TextConditioning
+    from mmalign.modalities.diffusion import ImageLatents
+    from mmalign.modalities.text import TextConditioning
 
     clock.wrap(likelihood, "collate", "collate")
     if isinstance(likelihood.latents, ImageLatents):  # a cached likelihood has neither

@@ -199,7 +199,8 @@ class PhaseClock:
         """collate, draw (VAE and text encoders inside it are timed apart), logps by reference/policy."""
         import torch
 
-        from mmalign.modalities.diffusion import DiffusionLikelihood, ImageLatents, TextConditioning
+        from mmalign.modalities.diffusion import DiffusionLikelihood, ImageLatents
+        from mmalign.modalities.text import TextConditioning
 
         for name, phase in [("collate", "collate"), ("draw", "draw")]:
             self.wrap(likelihood, name, phase)

@@ -50,7 +50,8 @@ def sdxl_likelihood(cfg: Any, s: Settings, device: Any, text_dtype: Any) -> Any:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from mmalign.families import sdxl
-    from mmalign.modalities.diffusion import DiffusionLikelihood, ElboObjective, ImageLatents, TextConditioning
+    from mmalign.modalities.diffusion import DiffusionLikelihood, ElboObjective, ImageLatents
+    from mmalign.modalities.text import TextConditioning
 
     parts = sdxl_parts(s)
     torch.manual_seed(s.seed + 1)

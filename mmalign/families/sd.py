@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from mmalign.families import Family, PipelineLayout, TextEncoderSpec
-from mmalign.modalities.diffusion import UNetCall, image_likelihood, pad_tokens
+from mmalign.modalities.diffusion import UNetCall, image_likelihood
+from mmalign.modalities.text import pad_tokens
 from mmalign.modalities.loading import from_cache, load_parts
 
 

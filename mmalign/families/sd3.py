@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from mmalign.families import Family, PipelineLayout, TextEncoderSpec
-from mmalign.modalities.diffusion import UNetCall, image_likelihood, pad_tokens, vae_latent_shape
+from mmalign.modalities.diffusion import UNetCall, image_likelihood, vae_latent_shape
+from mmalign.modalities.text import pad_tokens
 from mmalign.modalities.flow import FlowObjective, flow_shift, t5_hidden
 from mmalign.modalities.loading import load_parts, refuse_cache
 

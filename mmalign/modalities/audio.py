@@ -43,7 +43,8 @@ from torch import Tensor
 
 from mmalign.data.audio import MelSettings, load_audio, log_mel, mel_filters, normalize_waveform
 from mmalign.data.preference import flatten
-from mmalign.modalities.diffusion import _output_names, _prompt_text, sample_latents, vae_posterior
+from mmalign.modalities.diffusion import _output_names, sample_latents, vae_posterior
+from mmalign.modalities.text import _prompt_text
 from mmalign.tensors import right_pad_cat
 
 DEFAULT_RATE, DEFAULT_MELS = 16000, 64  # AudioLDM / AudioLDM2 / Tango

@@ -12,7 +12,8 @@ from torch import Tensor
 
 from mmalign.io import atomic_path
 from mmalign.seeds import RUN, mix_seed
-from mmalign.modalities.diffusion import DiffusionLikelihood, _prompt_text
+from mmalign.modalities.diffusion import DiffusionLikelihood
+from mmalign.modalities.text import _prompt_text
 from mmalign.modalities.diffusion_cache import (
     CACHE_VERSION, TEXT, CacheError, cache_splits, output_key, record_outputs, shard_name,
 )

@@ -18,7 +18,7 @@ SDXL). The diffusers research script's β 2500 (no 0.5) equals our 5000.
   (x_t, target) from (x0, ε, level);
 - a latent source: images through the live VAE (`ImageLatents`), clips' log-mels through it
   (audio.py `MelLatents`), or a cache (diffusion_cache.py `CachedLatents`);
-- a conditioning source: the family's live text encoders (`TextConditioning` around the family's
+- a conditioning source: the family's live text encoders (text.py `TextConditioning` around the family's
   `PromptEncoder`), per-prompt encoding (audio), or a cache;
 - the family's denoiser call (`Denoiser`): the model's keyword arguments, extra per-item
   conditioning (SDXL's add_time_ids), latent packing (FLUX).
@@ -48,6 +48,7 @@ from mmalign.data.media import load_image
 from mmalign.data.preference import batch_fields, data_folder, flatten
 from mmalign.families import Family
 from mmalign.layout import batch_slots, item_slots, output_fields
+from mmalign.modalities.text import TextConditioning
 from mmalign.seeds import mix_seed
 from mmalign.types import Draw, LogpOutput, PreferenceBatch
 
@@ -122,12 +123,6 @@ def prediction_target(scheduler: Any, prediction_type: str, latents: Tensor, noi
     raise ValueError(f"unsupported prediction_type '{prediction_type}' (epsilon, v_prediction, sample)")
 
 
-def _prompt_text(prompt: Any) -> str:
-    if isinstance(prompt, list):  # chat messages: the caption is their text
-        return " ".join(str(m.get("content", "")) for m in prompt)
-    return str(prompt)
-
-
 def _output_names(kind: str, records: list[dict[str, Any]]) -> list[str]:
     """"row R, field" of every flattened item (R: the dataset row, plus the record's `source`
     such as a Pick-a-Pic shard:row when it has one), for error messages."""
@@ -194,23 +189,6 @@ class ElboObjective:
         t = values["timesteps"]
         noisy = self.scheduler.add_noise(latents, noise, t)
         return noisy, prediction_target(self.scheduler, self.prediction_type, latents, noise, t)
-
-
-class PromptEncoder(Protocol):
-    """A family's live text encoding (e.g. `families.sdxl.SDXLText`): frozen encoders and their
-    tokenizers, in the order the family's pipeline takes them."""
-
-    text_encoders: list[Any]
-    tokenizers: list[Any]
-
-    def tokenize(self, prompts: list[str]) -> dict[str, Tensor]:
-        """{"input_ids": (n, L)[, "input_ids_2": ...]} padded as the pipeline pads."""
-        ...
-
-    def encode(self, ids: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The conditioning tensors (n, ...) float32 the denoiser consumes, as the pipeline's
-        `encode_prompt` makes them."""
-        ...
 
 
 class Denoiser(Protocol):
@@ -347,56 +325,6 @@ class ImageLatents:
         return pixels, [*original, top, left, top, image.width - left - res]
 
 
-def pad_tokens(tokenizers: list[Any], lengths: list[int], prompts: list[str]) -> dict[str, Tensor]:
-    """{"input_ids": (n, L1), "input_ids_2": (n, L2), ...}: each tokenizer pads to its length."""
-    out = {}
-    for i, (tok, length) in enumerate(zip(tokenizers, lengths)):
-        ids = tok(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
-        out["input_ids" if i == 0 else f"input_ids_{i + 1}"] = ids
-    return out
-
-
-class TextConditioning:
-    """Live text conditioning through the family's `PromptEncoder`: token ids in collate, each
-    group's prompt encoded once in the draw; dropped captions become `encode("")`
-    (null_prompt "empty") or zeros (null_prompt "zeros")."""
-
-    def __init__(self, encoder: PromptEncoder, null_prompt: str) -> None:
-        self.encoder, self.null_prompt = encoder, null_prompt
-        for e in encoder.text_encoders:
-            e.requires_grad_(False).eval()
-
-    def to(self, device: torch.device | str) -> None:
-        for e in self.encoder.text_encoders:
-            e.to(device)
-
-    def collate(self, records: list[dict[str, Any]], kind: str) -> dict[str, Tensor]:
-        """input_ids (N, L) [input_ids_2, ...] of each item's prompt."""
-        return self.encoder.tokenize([_prompt_text(item["prompt"]) for item in flatten(records, kind)])
-
-    def encode_text(self, prompts: list[str]) -> dict[str, Tensor]:
-        """Conditioning (n, ...) of plain strings, e.g. `encode_text([""])` is the null prompt."""
-        return self.encoder.encode(self.encoder.tokenize(prompts))
-
-    def per_item(self, inputs: dict[str, Any], groups: Tensor, dropped: Tensor) -> dict[str, Tensor]:
-        """Encode each group's prompt once (its first item), null prompt where `dropped` (G,);
-        returns per-item (N, ...) tensors."""
-        first = (groups[None, :] == torch.arange(int(groups.max()) + 1)[:, None]).int().argmax(1)
-        ids = {k: v[first.to(v.device)] for k, v in inputs.items() if k.startswith("input_ids")}
-        if self.null_prompt == "empty" and bool(dropped.any()):
-            empty = self.encoder.tokenize([""])
-            ids = {k: torch.where(dropped.to(v.device)[:, None], empty[k].to(v.device), v) for k, v in ids.items()}
-        cond = self.encoder.encode(ids)
-        if self.null_prompt == "zeros":
-            cond = {k: v * (~dropped).to(v.device, v.dtype).view(-1, *[1] * (v.ndim - 1)) for k, v in cond.items()}
-        return {k: v[groups.to(v.device)] for k, v in cond.items()}
-
-    def cache_text(self, prompts: list[str], batch: int = 64) -> dict[str, Tensor]:
-        """What `mmalign cache` stores for `prompts`: `encode_text` in chunks of `batch`, (n, ...)."""
-        outs = [self.encode_text(prompts[i : i + batch]) for i in range(0, len(prompts), batch)]
-        return {k: torch.cat([o[k].cpu() for o in outs]) for k in outs[0]}
-
-
 # -- the likelihood ----------------------------------------------------------------------
 class DiffusionLikelihood:
     """Implicit log-likelihood -0.5·mse of an output under a denoiser, from its four parts
@@ -514,7 +442,7 @@ def data_roots(cfg: Any) -> list[Path]:
     return roots
 
 
-def image_likelihood(cfg: Any, family: Family, parts: dict[str, Any], encoder: PromptEncoder,
+def image_likelihood(cfg: Any, family: Family, parts: dict[str, Any], encoder: Any,
                      denoiser: Denoiser, objective: Any = None) -> DiffusionLikelihood:
     """A live image likelihood: `ImageLatents` through the loaded VAE, `TextConditioning` through
     the family's encoder; the ELBO objective unless another is given (flow)."""

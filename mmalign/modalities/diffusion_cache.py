@@ -64,7 +64,8 @@ from torch import Tensor
 from mmalign.errors import CacheError
 from mmalign.families import Family
 from mmalign.layout import batch_slots, item_slots, record_outputs
-from mmalign.modalities.diffusion import DiffusionLikelihood, ElboObjective, _prompt_text, sample_latents
+from mmalign.modalities.diffusion import DiffusionLikelihood, ElboObjective, sample_latents
+from mmalign.modalities.text import _prompt_text
 from mmalign.modalities.loading import load_parts
 from mmalign.tensors import right_pad_cat
 
