@@ -90,7 +90,7 @@ class ZImageTransformer(UNetCall):
 
 def build(cfg: Any, use_cache: bool = True, trained: bool = True) -> tuple[Any, Any, None]:
     """(trainable ZImageTransformer2DModel, likelihood owning the VAE and the Qwen3 text encoder, None)."""
-    from mmalign.config import ConfigError
+    from mmalign.errors import ConfigError
 
     refuse_cache(cfg, FAMILY, use_cache)
     if cfg.diffusion.null_prompt == "zeros":
