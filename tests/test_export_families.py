@@ -19,6 +19,7 @@ import torch
 from audio_fixtures import save_tiny_tango, write_tiny_audio_run
 from diffusion_fixtures import save_tiny_pipeline, write_pairs_file
 from flow_fixtures import write_tiny_flow_run
+from zimage_fixtures import write_tiny_zimage_run
 
 from mmalign.cli import main
 from mmalign.config import resolve_path
@@ -44,10 +45,12 @@ def assets(tmp_path_factory) -> dict[str, Any]:
     sd, sd_pairs = save_tiny_pipeline(root / "sd"), write_pairs_file(root / "sd_pairs", 4)[0]
     sd3, flux = write_tiny_flow_run(root / "sd3", count=4), write_tiny_flow_run(root / "flux", flux=True, count=4)
     audio = write_tiny_audio_run(root / "audio", count=4)
+    zimage = write_tiny_zimage_run(root / "zimage", count=4)
     llava, shapes = save_tiny_llava(root / "llava", seed=0), make_shape_pairs(4, 0, root / "shapes")
     folders = {"sd": (sd, sd_pairs), "sd3": (sd3.parents[1] / "pipeline", sd3),
                "flux": (flux.parents[1] / "pipeline", flux), "audioldm2": (audio.parents[1] / "pipeline", audio),
-               "tango": (save_tiny_tango(root / "tango"), audio), "llava": (llava, shapes)}
+               "tango": (save_tiny_tango(root / "tango"), audio), "llava": (llava, shapes),
+               "zimage": (zimage.parents[1] / "pipeline", zimage)}
     named = {k: [f"model.path={model}", f"data.train={data}"] for k, (model, data) in folders.items()}
     return dict(named, sd_pairs=sd_pairs)
 
@@ -75,6 +78,7 @@ CASES: dict[str, list[Case]] = {
     "flux": [Case("lora", "flow_dpo.yaml", "flux", ("modality=flux", *BATCH))],
     "audioldm2": [Case("full", "audio_dpo.yaml", "audioldm2", BATCH)],
     "tango": [Case("lora", "audio_dpo.yaml", "tango", ("modality=tango", *LORA, *BATCH))],
+    "zimage": [Case("lora", "zimage_flow_dpo.yaml", "zimage", BATCH)],
 }
 # SPO runs read no data file: their fixed batch is image pairs through the base family's likelihood
 PROBE_AS = {"sd_spo": "sd", "sdxl_spo": "sdxl"}
@@ -108,7 +112,8 @@ def probe_for(run_dir: Path, modality: str, assets: dict[str, Any]):
             likelihood.logps(model.eval(), batch, draw)
         finally:
             handle.remove()
-        return seen[0].float()
+        out = seen[0]  # Z-Image's transformer returns a list of (C, 1, h, w), one per item
+        return (torch.stack(list(out)) if isinstance(out, (list, tuple)) else out).float()
 
     return probe
 

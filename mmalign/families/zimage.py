@@ -1,0 +1,116 @@
+"""Z-Image (`modality: zimage`): Flow-DPO (`FlowObjective`, mmalign/modalities/flow.py) on a
+`ZImageTransformer2DModel`, as diffusers' ZImagePipeline (pipelines/z_image/pipeline_z_image.py)
+encodes and calls it:
+
+- conditioning (`ZImagePipeline._encode_prompt`): each prompt as one user message through the
+  tokenizer's chat template (add_generation_prompt=True, enable_thinking=True), padded to
+  max_sequence_length 512 with its attention mask; the Qwen3 text encoder's hidden_states[-2]
+  (n, L, D). The pipeline keeps each prompt's real tokens only (a list of (L_i, D)); here the
+  padded (n, L, D) and the mask (n, L) are kept and split per item at the call;
+- the call (the denoising loop): transformer([x_t[i] as (C, 1, h, w)], (1000 - t)/1000 with
+  t = σ·1000, i.e. 1 - σ, [prompt_embeds[i][mask[i]]], return_dict=False)[0], a list of
+  (C, 1, h, w); the 2×2 patchify and the position ids (caption 1..L', image from L'+1, L' the
+  caption padded to 32) happen inside the model (`patchify_and_embed`);
+- sign: the model predicts x0 - ε = -(ε - x0) (the loop negates it before `scheduler.step`), so
+  the target here is x0 - ε and mse is the model's own error (equal to mse(-out, ε - x0));
+- shift: the scheduler config's, through `flow_shift` (Z-Image-Turbo: static 3.0; a dynamic
+  config: mu of the (h/2)·(w/2) image tokens, as the pipeline's `calculate_shift`);
+- no guidance embedding (the transformer has no guidance input; CFG lives in the loop).
+
+Dropped captions become encode("") — the pipeline's negative prompt; `null_prompt: zeros` has no
+pipeline counterpart (zero-length captions) and is refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mmalign.families import Family, PipelineLayout, TextEncoderSpec
+from mmalign.modalities.diffusion import UNetCall, image_likelihood, vae_latent_shape
+from mmalign.modalities.flow import FlowObjective, flow_shift
+from mmalign.modalities.loading import load_parts, refuse_cache
+
+MASK = "input_ids_mask"  # TextConditioning carries the `input_ids*` keys of `tokenize` into `encode`
+
+
+def chat_prompt(tokenizer: Any, prompt: str) -> str:
+    """The prompt as ZImagePipeline._encode_prompt templates it: one user turn + generation prompt."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True, enable_thinking=True)
+
+
+class ZImageText:
+    """Qwen3 hidden_states[-2] of the chat-templated prompt (module docstring)."""
+
+    def __init__(self, text_encoders: list[Any], tokenizers: list[Any], max_sequence_length: int = 512) -> None:
+        self.text_encoders, self.tokenizers = list(text_encoders), list(tokenizers)
+        self.max_sequence_length = max_sequence_length
+
+    def tokenize(self, prompts: list[str]) -> dict[str, Tensor]:
+        """{"input_ids": (n, L), "input_ids_mask": (n, L)}, L = max_sequence_length, padded as the pipeline."""
+        tokenizer = self.tokenizers[0]
+        out = tokenizer([chat_prompt(tokenizer, p) for p in prompts], padding="max_length",
+                        max_length=self.max_sequence_length, truncation=True, return_tensors="pt")
+        return {"input_ids": out.input_ids, MASK: out.attention_mask}
+
+    @torch.no_grad()
+    def encode(self, ids: dict[str, Tensor]) -> dict[str, Tensor]:
+        """{"prompt_embeds": (n, L, D) float32, "prompt_mask": (n, L) bool}; the pipeline's list is
+        [prompt_embeds[i][prompt_mask[i]]]."""
+        encoder = self.text_encoders[0]
+        tokens, mask = ids["input_ids"].to(encoder.device), ids[MASK].to(encoder.device).bool()
+        with torch.autocast(tokens.device.type, enabled=False):
+            hidden = encoder(input_ids=tokens, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
+        return {"prompt_embeds": hidden.float(), "prompt_mask": mask}
+
+
+def caption_list(values: dict[str, Tensor], dtype: torch.dtype) -> list[Tensor]:
+    """[(L_i, D)]: each item's real caption tokens, as ZImagePipeline.encode_prompt returns them."""
+    return [e[m].to(dtype) for e, m in zip(values["prompt_embeds"], values["prompt_mask"])]
+
+
+class ZImageTransformer(UNetCall):
+    """The Z-Image transformer call of the pipeline's denoising loop (module docstring)."""
+
+    def predict(self, model: torch.nn.Module, noisy: Tensor, values: dict[str, Tensor]) -> Tensor:
+        """The raw model output (N, C, h, w) float32 (≈ x0 - ε) at x_t (N, C, h, w)."""
+        dtype = next(model.parameters()).dtype
+        latents = list(noisy.to(dtype).unsqueeze(2).unbind(dim=0))  # [(C, 1, h, w)]
+        timestep = (1000 - values["timesteps"]) / 1000  # the loop's (1000 - t) / 1000 = 1 - σ
+        out = model(latents, timestep, caption_list(values, dtype), return_dict=False)[0]
+        return torch.stack([o.float() for o in out], dim=0).squeeze(2)
+
+    def layout(self, target: Tensor) -> Tensor:
+        """The objective's v = ε - x0 in the model's sign: x0 - ε."""
+        return -target
+
+
+def build(cfg: Any, use_cache: bool = True, trained: bool = True) -> tuple[Any, Any, None]:
+    """(trainable ZImageTransformer2DModel, likelihood owning the VAE and the Qwen3 text encoder, None)."""
+    from mmalign.errors import ConfigError
+
+    refuse_cache(cfg, FAMILY, use_cache)
+    if cfg.diffusion.null_prompt == "zeros":
+        raise ConfigError("diffusion.null_prompt: zeros has no Z-Image counterpart (ZImagePipeline encodes the "
+                          "empty negative prompt); use 'empty'")
+    parts = load_parts(cfg, FAMILY)
+    scheduler = parts["scheduler"]
+    _, h, w = vae_latent_shape(parts["vae"].config, cfg.diffusion.resolution)
+    if h % 2 or w % 2:
+        raise ConfigError(f"diffusion.resolution {cfg.diffusion.resolution}: Z-Image latents must have an even side "
+                          "(the pipeline needs a multiple of 2 × the VAE factor)")
+    objective = FlowObjective(scheduler, flow_shift(scheduler.config, (h // 2) * (w // 2)),
+                              cfg.diffusion.prediction_type)
+    text = ZImageText(parts["text_encoders"], parts["tokenizers"])
+    return parts["unet"], image_likelihood(cfg, FAMILY, parts, text, ZImageTransformer(), objective), None
+
+
+FAMILY = Family(
+    name="zimage", summary="Z-Image single-stream DiT: Qwen3 chat-template prompt, Flow-DPO (model predicts x0 - eps)",
+    kind="image", build=build, trained="transformer",
+    layout=PipelineLayout("transformer", "ZImageTransformer2DModel", "FlowMatchEulerDiscreteScheduler", "flow pipeline"),
+    text_encoders=(TextEncoderSpec("text_encoder", "tokenizer", "transformers:Qwen3Model"),),
+    pipeline="ZImagePipeline", export_formats=("merged", "unet", "lora"), validation=True, sample="images")
