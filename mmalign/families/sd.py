@@ -19,7 +19,8 @@ from mmalign.modalities.loading import from_cache, load_parts
 
 
 class CLIPText:
-    """One CLIP text encoder: {"encoder_hidden_states": (n, 77, D)} float32, its last hidden state."""
+    """One CLIP text encoder: {"encoder_hidden_states": (n, 77, D)} float32, its last hidden state;
+    every tokenizer pads to its model_max_length (77), as the SD pipelines do."""
 
     def __init__(self, text_encoders: list[Any], tokenizers: list[Any]) -> None:
         self.text_encoders, self.tokenizers = list(text_encoders), list(tokenizers)

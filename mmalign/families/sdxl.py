@@ -20,20 +20,15 @@ import torch
 from torch import Tensor
 
 from mmalign.families import Family, PipelineLayout, TextEncoderSpec
+from mmalign.families.sd import CLIPText
 from mmalign.modalities.diffusion import UNetCall, image_likelihood
-from mmalign.modalities.text import pad_tokens
 from mmalign.modalities.loading import from_cache, load_parts
 
 
-class SDXLText:
+class SDXLText(CLIPText):
     """Both CLIP encoders, as StableDiffusionXLPipeline.encode_prompt: {"encoder_hidden_states":
-    (n, L, D1 + D2), "text_embeds": (n, P)} float32 from input_ids and input_ids_2 (n, 77)."""
-
-    def __init__(self, text_encoders: list[Any], tokenizers: list[Any]) -> None:
-        self.text_encoders, self.tokenizers = list(text_encoders), list(tokenizers)
-
-    def tokenize(self, prompts: list[str]) -> dict[str, Tensor]:
-        return pad_tokens(self.tokenizers, [t.model_max_length for t in self.tokenizers], prompts)
+    (n, L, D1 + D2), "text_embeds": (n, P)} float32 from input_ids and input_ids_2 (n, 77), each
+    tokenizer padding to its model_max_length (`CLIPText.tokenize`)."""
 
     @torch.no_grad()
     def encode(self, ids: dict[str, Tensor]) -> dict[str, Tensor]:
