@@ -183,6 +183,14 @@ class PromptwiseText:
             e.requires_grad_(False).eval()
         self.prompt_cache: OrderedDict[str, dict[str, Tensor]] = OrderedDict()
 
+    @property
+    def text_encoders(self) -> list[Any]:
+        return self.encoder.text_encoders
+
+    @property
+    def tokenizers(self) -> list[Any]:
+        return self.encoder.tokenizers
+
     def to(self, device: torch.device | str) -> None:
         for e in self.encoder.text_encoders:
             e.to(device)

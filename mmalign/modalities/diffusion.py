@@ -341,17 +341,15 @@ class DiffusionLikelihood:
     # frozen parts, for pipelines built in memory (validation, SPO sampling); None / [] from a cache
     @property
     def vae(self) -> Any:
-        return getattr(self.latents, "vae", None)
+        return self.latents.vae
 
     @property
     def text_encoders(self) -> list[Any]:
-        encoder = getattr(self.conditioning, "encoder", None)
-        return [] if encoder is None else encoder.text_encoders
+        return self.conditioning.text_encoders
 
     @property
     def tokenizers(self) -> list[Any]:
-        encoder = getattr(self.conditioning, "encoder", None)
-        return [] if encoder is None else encoder.tokenizers
+        return self.conditioning.tokenizers
 
     @property
     def scheduler(self) -> Any:

@@ -306,6 +306,9 @@ class CachedText:
     the caption's, or the null prompt's where the group's caption is dropped (`null_prompt:
     empty`), or zeros (`null_prompt: zeros`), as the live `TextConditioning`."""
 
+    text_encoders: list[Any] = []  # nothing is encoded live
+    tokenizers: list[Any] = []
+
     def __init__(self, cache: LatentCache, null_prompt: str) -> None:
         self.cache, self.null_prompt = cache, null_prompt
 

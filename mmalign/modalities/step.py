@@ -111,8 +111,8 @@ def gaussian_logp(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
 class StepLikelihood:
     """Log-density of sampled transitions under a UNet with CFG, for SPO and D3PO.
 
-    base: the family's `DiffusionLikelihood` (SD1.5/SD2, or `SDXLLikelihood`): its text
-    encoders, tokenizers, VAE, null prompt and UNet keyword arguments are reused.
+    base: the `sd` or `sdxl` family's `DiffusionLikelihood`: its prompt encoder, VAE, null prompt
+    and UNet call (`denoiser.kwargs`, SDXL's sampling time_ids) are reused.
     settings: the `spo` config section (`StepConfig`): sampler (ddim | ddpm), eta, guidance.
     """
 

@@ -55,6 +55,14 @@ class TextConditioning:
         for e in encoder.text_encoders:
             e.requires_grad_(False).eval()
 
+    @property
+    def text_encoders(self) -> list[Any]:
+        return self.encoder.text_encoders
+
+    @property
+    def tokenizers(self) -> list[Any]:
+        return self.encoder.tokenizers
+
     def to(self, device: torch.device | str) -> None:
         for e in self.encoder.text_encoders:
             e.to(device)
