@@ -74,3 +74,14 @@ def test_no_module_outside_families_keys_a_table_by_family_name():
     found = [f"{path.relative_to(root)}: {line.strip()}" for path in sorted(root.rglob("*.py"))
              if "families" not in path.parts for line in path.read_text().splitlines() if keyed.search(line)]
     assert found == []
+
+
+def test_generate_reads_what_a_pipeline_samples_from_its_family():
+    from mmalign.families import family_for_pipeline
+    from mmalign.generate.images import is_audio_name
+
+    assert family_for_pipeline("StableDiffusionPipeline").name == "sd"  # the base, not sd_spo
+    assert family_for_pipeline("AudioLDM2Pipeline").name == "audioldm2"
+    assert family_for_pipeline("NoSuchPipeline") is None
+    assert is_audio_name("AudioLDM2Pipeline") and not is_audio_name("ZImagePipeline")
+    assert is_audio_name("MusicLDMPipeline")  # no family: by the words of its name

@@ -118,6 +118,13 @@ def all_families() -> list[Family]:
     return [get_family(name) for name in family_names()]
 
 
+def family_for_pipeline(name: str) -> Family | None:
+    """The family whose pipeline is the diffusers class `name` (its base family when several share
+    it, e.g. `sd` rather than `sd_spo`); None when no registered family uses it."""
+    found = [f for f in all_families() if f.pipeline == name]
+    return next((f for f in found if f.source is None), found[0] if found else None)
+
+
 def _config_value(file: Path, key: str) -> str | None:
     if not file.is_file():
         return None

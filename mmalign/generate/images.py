@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from mmalign.errors import ConfigError
-from mmalign.families import family_for_folder
+from mmalign.families import family_for_folder, family_for_pipeline
 
 # pipeline __call__ arguments that `generate_images` sets itself (not sampling parameters)
 RESERVED = {"prompt", "prompt_2", "prompt_3", "generator", "output_type", "return_dict", "latents",
@@ -32,7 +32,7 @@ RESERVED = {"prompt", "prompt_2", "prompt_3", "generator", "output_type", "retur
             "callback", "callback_steps", "ip_adapter_image", "ip_adapter_image_embeds"}
 # parameters recorded in every manifest row even when left at the pipeline's default
 RECORDED = ("num_inference_steps", "guidance_scale", "height", "width")
-AUDIO_WORDS = ("Audio", "MusicLDM")
+AUDIO_WORDS = ("Audio", "MusicLDM")  # audio pipelines of no registered family (MusicLDM, AudioLDM 1)
 
 
 def _config_class(file: Path, key: str = "_class_name") -> str | None:
@@ -53,8 +53,15 @@ def pipeline_class_name(path: str | Path) -> str:
     return family.pipeline
 
 
+def is_audio_name(name: str) -> bool:
+    """A pipeline class that samples audio: its family's `sample` ("audio"), or, for a pipeline of
+    no registered family, an audio word in its name."""
+    family = family_for_pipeline(name)
+    return family.sample == "audio" if family is not None else any(word in name for word in AUDIO_WORDS)
+
+
 def is_audio_pipeline(path: str | Path) -> bool:
-    return any(word in pipeline_class_name(path) for word in AUDIO_WORDS)
+    return is_audio_name(pipeline_class_name(path))
 
 
 def _load_components(path: Path, dtype: torch.dtype) -> dict[str, Any]:
@@ -84,7 +91,7 @@ def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, schedule
 
     path = Path(path)
     name = pipeline_class_name(path)
-    if any(word in name for word in AUDIO_WORDS):
+    if is_audio_name(name):
         raise ConfigError(f"{path}: {name} is an audio pipeline: generate it with kind audio")
     if (path / "model_index.json").is_file():
         pipe = diffusers.DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
