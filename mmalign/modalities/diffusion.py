@@ -199,7 +199,8 @@ class Denoiser(Protocol):
         ...
 
     def predict(self, model: torch.nn.Module, noisy: Tensor, values: dict[str, Tensor]) -> Tensor:
-        """The model's output at x_t (N, C, h, w), float32, in the layout of `layout(target)`."""
+        """The model's output at x_t (N, C, h, w) in the layout of `layout(target)` (any float
+        dtype: `mse_logps` compares in float32)."""
         ...
 
     def layout(self, target: Tensor) -> Tensor:
@@ -209,7 +210,9 @@ class Denoiser(Protocol):
 
 class UNetCall:
     """The plain UNet call `unet(x_t, t, encoder_hidden_states=c)` (SD1.5 / SD2); families with
-    more conditioning override `kwargs` (SDXL, audio)."""
+    more conditioning override `kwargs` (SDXL, audio). Beyond `Denoiser`, a UNet call gives
+    `kwargs` and `sampling_conditioning`, which the step likelihood (SPO) uses for its guided
+    UNet calls on sampled latents."""
 
     def kwargs(self, values: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Any]:
         """Conditioning keyword arguments of the UNet call."""
