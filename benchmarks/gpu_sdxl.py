@@ -137,7 +137,7 @@ def sdxl_mmalign(work: Path, s: Settings, dev: Device, lora: bool, checkpointing
     dev.reset_peak()
     unet = build_unet(s, dev.device)
     cache = LatentCache(cfg.diffusion.cache_dir)
-    cache.check(cfg, {"train": 4 * s.sdxl_batch}, unet)
+    cache.check(cfg, {"train": 4 * s.sdxl_batch}, unet.config.in_channels)
     d = cfg.diffusion
     likelihood = DiffusionLikelihood(sdxl.FAMILY, ElboObjective(sdxl_scheduler(), d.prediction_type),
                                      CachedLatents(cache, d), CachedText(cache, d.null_prompt),

@@ -16,7 +16,8 @@ from diffusion_fixtures import ZeroDenoiser, build_for, draw_for, indexed_pairs
 from flow_fixtures import FLUX_SCHEDULER, T5_TOKENS, T5_WIDTH, save_tiny_flow_pipeline
 
 from mmalign.cli import main
-from mmalign.config import Config, ConfigError
+from mmalign.config import ConfigError
+from mmalign.errors import CacheError
 from mmalign.losses import dpo_loss
 from mmalign.modalities import build_modality
 from mmalign.modalities.flow import flow_shift, latent_image_ids, pack_latents, shift_sigmas
@@ -281,6 +282,10 @@ def test_a_unet_folder_is_not_a_flow_pipeline(tmp_path, pairs):
     (tmp_path / "unet").mkdir()
     with pytest.raises(ConfigError, match="no transformer/ inside"):
         build({"x": tmp_path}, pairs, "x")
-    if "cache_dir" in Config().diffusion.__dataclass_fields__:  # not silently ignored
-        with pytest.raises(ConfigError, match="cache_dir"):
-            build({"x": tmp_path}, pairs, "x", cache_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="no transformer/ inside"):  # checked before a cache is looked for
+        build({"x": tmp_path}, pairs, "x", cache_dir=str(tmp_path))
+
+
+def test_a_cache_dir_without_a_cache_is_not_silently_ignored(pipelines, pairs, tmp_path):
+    with pytest.raises(CacheError, match="unset diffusion.cache_dir"):
+        build(pipelines, pairs, "sd3", cache_dir=str(tmp_path / "empty"))

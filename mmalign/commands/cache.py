@@ -1,5 +1,6 @@
 """`mmalign cache CONFIG [section.key=value ...]`: encode the diffusion data once into
-`diffusion.cache_dir` (VAE latent distributions with flips, deduplicated text embeddings; for the
+`diffusion.cache_dir` (VAE latent distributions with flips, deduplicated text embeddings, for the
+UNet and the flow families alike; for the
 audio modalities `tango` and `audioldm2`: mel-VAE latent distributions of the clips' log-mels, no
 flips, and each unique prompt's conditioning with its attention mask, mmalign/modalities/audio_cache.py).
 

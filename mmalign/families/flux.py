@@ -21,9 +21,10 @@ from torch import Tensor
 
 from mmalign.families import Family, PipelineLayout, TextEncoderSpec
 from mmalign.modalities.diffusion import UNetCall, image_likelihood, vae_latent_shape
+from mmalign.modalities.diffusion_cache import build_cached
+from mmalign.modalities.flow import flow_objective, latent_image_ids, pack_latents, t5_hidden
+from mmalign.modalities.loading import denoiser_config, from_cache, load_parts
 from mmalign.modalities.text import pad_tokens
-from mmalign.modalities.flow import FlowObjective, flow_shift, latent_image_ids, pack_latents, t5_hidden
-from mmalign.modalities.loading import load_parts, refuse_cache
 
 
 class FluxText:
@@ -69,18 +70,23 @@ class FluxTransformer(UNetCall):
     def layout(self, target: Tensor) -> Tensor:
         return pack_latents(target)
 
+    def latent_channels(self, config: Any) -> int:
+        """in_channels counts the 2×2 packed channels (4C)."""
+        return int(config.in_channels) // 4
+
 
 def build(cfg: Any, use_cache: bool = True, trained: bool = True) -> tuple[Any, Any, None]:
-    """(trainable FluxTransformer2DModel, likelihood owning the VAE, CLIP and T5, None)."""
-    refuse_cache(cfg, FAMILY, use_cache)
-    parts = load_parts(cfg, FAMILY)
-    scheduler = parts["scheduler"]
-    _, h, w = vae_latent_shape(parts["vae"].config, cfg.diffusion.resolution)
-    objective = FlowObjective(scheduler, flow_shift(scheduler.config, (h // 2) * (w // 2)),
-                              cfg.diffusion.prediction_type)
-    denoiser = FluxTransformer(bool(parts["unet"].config.guidance_embeds))
+    """(trainable FluxTransformer2DModel, likelihood owning the VAE, CLIP and T5, None); from
+    `diffusion.cache_dir` when set and use_cache (no VAE or text encoder loaded then)."""
+    denoiser = FluxTransformer(bool(denoiser_config(cfg, FAMILY).guidance_embeds))
+    objective = flow_objective(cfg.diffusion.prediction_type, 2)  # 2×2 packing
+    if from_cache(cfg, use_cache):
+        return build_cached(cfg, FAMILY, denoiser, trained, objective)
+    parts = load_parts(cfg, FAMILY, unet=trained)
+    shape = vae_latent_shape(parts["vae"].config, cfg.diffusion.resolution)
     text = FluxText(parts["text_encoders"], parts["tokenizers"])
-    return parts["unet"], image_likelihood(cfg, FAMILY, parts, text, denoiser, objective), None
+    likelihood = image_likelihood(cfg, FAMILY, parts, text, denoiser, objective(parts["scheduler"], shape))
+    return parts["unet"], likelihood, None
 
 
 FAMILY = Family(
@@ -89,4 +95,4 @@ FAMILY = Family(
     layout=PipelineLayout("transformer", "FluxTransformer2DModel", "FlowMatchEulerDiscreteScheduler", "flow pipeline"),
     text_encoders=(TextEncoderSpec("text_encoder", "tokenizer", "transformers:CLIPTextModel"),
                    TextEncoderSpec("text_encoder_2", "tokenizer_2", "transformers:T5EncoderModel")),
-    pipeline="FluxPipeline", export_formats=("merged", "unet", "lora"), validation=True, sample="images")
+    pipeline="FluxPipeline", export_formats=("merged", "unet", "lora"), cache=True, validation=True, sample="images")

@@ -21,9 +21,10 @@ from torch import Tensor
 
 from mmalign.families import Family, PipelineLayout, TextEncoderSpec
 from mmalign.modalities.diffusion import UNetCall, image_likelihood, vae_latent_shape
+from mmalign.modalities.diffusion_cache import build_cached
+from mmalign.modalities.flow import flow_objective, t5_hidden
+from mmalign.modalities.loading import denoiser_config, from_cache, load_parts
 from mmalign.modalities.text import pad_tokens
-from mmalign.modalities.flow import FlowObjective, flow_shift, t5_hidden
-from mmalign.modalities.loading import load_parts, refuse_cache
 
 
 class SD3Text:
@@ -72,16 +73,18 @@ class SD3Transformer(UNetCall):
 
 def build(cfg: Any, use_cache: bool = True, trained: bool = True) -> tuple[Any, Any, None]:
     """(trainable SD3Transformer2DModel, likelihood owning the VAE and the CLIP-L, CLIP-G [, T5]
-    text encoders, None). The transformer's config gives the text width and patch size, so a
-    build with trained=False (nothing here uses it) still loads it."""
-    refuse_cache(cfg, FAMILY, use_cache)
-    parts = load_parts(cfg, FAMILY)
-    transformer, scheduler = parts["unet"].config, parts["scheduler"]
-    _, h, w = vae_latent_shape(parts["vae"].config, cfg.diffusion.resolution)
-    tokens = (h // transformer.patch_size) * (w // transformer.patch_size)
-    objective = FlowObjective(scheduler, flow_shift(scheduler.config, tokens), cfg.diffusion.prediction_type)
+    text encoders, None); from `diffusion.cache_dir` when set and use_cache (no VAE or text
+    encoder loaded then). The transformer's config gives the text width and the patch size."""
+    transformer = denoiser_config(cfg, FAMILY)
+    objective = flow_objective(cfg.diffusion.prediction_type, transformer.patch_size)
+
+    if from_cache(cfg, use_cache):
+        return build_cached(cfg, FAMILY, SD3Transformer(), trained, objective)
+    parts = load_parts(cfg, FAMILY, unet=trained)
+    shape = vae_latent_shape(parts["vae"].config, cfg.diffusion.resolution)
     text = SD3Text(parts["text_encoders"], parts["tokenizers"], transformer.joint_attention_dim)
-    return parts["unet"], image_likelihood(cfg, FAMILY, parts, text, SD3Transformer(), objective), None
+    likelihood = image_likelihood(cfg, FAMILY, parts, text, SD3Transformer(), objective(parts["scheduler"], shape))
+    return parts["unet"], likelihood, None
 
 
 FAMILY = Family(
@@ -91,4 +94,5 @@ FAMILY = Family(
     text_encoders=(TextEncoderSpec("text_encoder", "tokenizer", "transformers:CLIPTextModelWithProjection"),
                    TextEncoderSpec("text_encoder_2", "tokenizer_2", "transformers:CLIPTextModelWithProjection"),
                    TextEncoderSpec("text_encoder_3", "tokenizer_3", "transformers:T5EncoderModel", required=False)),
-    pipeline="StableDiffusion3Pipeline", export_formats=("merged", "unet", "lora"), validation=True, sample="images")
+    pipeline="StableDiffusion3Pipeline", export_formats=("merged", "unet", "lora"), cache=True, validation=True,
+    sample="images")

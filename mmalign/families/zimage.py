@@ -30,8 +30,9 @@ from torch import Tensor
 
 from mmalign.families import Family, PipelineLayout, TextEncoderSpec
 from mmalign.modalities.diffusion import UNetCall, image_likelihood, vae_latent_shape
-from mmalign.modalities.flow import FlowObjective, flow_shift
-from mmalign.modalities.loading import load_parts, refuse_cache
+from mmalign.modalities.diffusion_cache import build_cached
+from mmalign.modalities.flow import flow_objective
+from mmalign.modalities.loading import from_cache, load_parts
 
 MASK = "input_ids_mask"  # TextConditioning carries the `input_ids*` keys of `tokenize` into `encode`
 
@@ -92,20 +93,17 @@ def build(cfg: Any, use_cache: bool = True, trained: bool = True) -> tuple[Any, 
     """(trainable ZImageTransformer2DModel, likelihood owning the VAE and the Qwen3 text encoder, None)."""
     from mmalign.errors import ConfigError
 
-    refuse_cache(cfg, FAMILY, use_cache)
     if cfg.diffusion.null_prompt == "zeros":
         raise ConfigError("diffusion.null_prompt: zeros has no Z-Image counterpart (ZImagePipeline encodes the "
                           "empty negative prompt); use 'empty'")
-    parts = load_parts(cfg, FAMILY)
-    scheduler = parts["scheduler"]
-    _, h, w = vae_latent_shape(parts["vae"].config, cfg.diffusion.resolution)
-    if h % 2 or w % 2:
-        raise ConfigError(f"diffusion.resolution {cfg.diffusion.resolution}: Z-Image latents must have an even side "
-                          "(the pipeline needs a multiple of 2 × the VAE factor)")
-    objective = FlowObjective(scheduler, flow_shift(scheduler.config, (h // 2) * (w // 2)),
-                              cfg.diffusion.prediction_type)
+    objective = flow_objective(cfg.diffusion.prediction_type, 2)  # the model patchifies 2×2
+    if from_cache(cfg, use_cache):
+        return build_cached(cfg, FAMILY, ZImageTransformer(), trained, objective)
+    parts = load_parts(cfg, FAMILY, unet=trained)
+    shape = vae_latent_shape(parts["vae"].config, cfg.diffusion.resolution)
     text = ZImageText(parts["text_encoders"], parts["tokenizers"])
-    return parts["unet"], image_likelihood(cfg, FAMILY, parts, text, ZImageTransformer(), objective), None
+    likelihood = image_likelihood(cfg, FAMILY, parts, text, ZImageTransformer(), objective(parts["scheduler"], shape))
+    return parts["unet"], likelihood, None
 
 
 FAMILY = Family(
@@ -113,4 +111,5 @@ FAMILY = Family(
     kind="image", build=build, trained="transformer",
     layout=PipelineLayout("transformer", "ZImageTransformer2DModel", "FlowMatchEulerDiscreteScheduler", "flow pipeline"),
     text_encoders=(TextEncoderSpec("text_encoder", "tokenizer", "transformers:Qwen3Model"),),
-    pipeline="ZImagePipeline", export_formats=("merged", "unet", "lora"), validation=True, sample="images")
+    pipeline="ZImagePipeline", export_formats=("merged", "unet", "lora"), cache=True, validation=True,
+    sample="images")

@@ -39,7 +39,7 @@ from mmalign.families import Family
 from mmalign.modalities.audio import audio_cache_settings, pad_conditioning
 from mmalign.modalities.diffusion import DiffusionLikelihood, ElboObjective
 from mmalign.modalities.diffusion_cache import CachedLatents, CachedText, open_cache
-from mmalign.modalities.loading import load_parts
+from mmalign.modalities.loading import denoiser_config, load_parts
 
 LENGTH = "length/"
 
@@ -82,7 +82,8 @@ def build_cached_audio(cfg: Any, family: Family, denoiser: Any, trained: bool = 
     """(UNet, audio likelihood reading `diffusion.cache_dir`, None): only the UNet and the scheduler
     are loaded; clips' latent distributions and prompts' conditioning from the cache."""
     parts = load_parts(cfg, family, unet=trained, frozen=False)
-    cache = open_cache(cfg, family, parts["unet"], audio_cache_settings(cfg))
+    channels = denoiser.latent_channels(denoiser_config(cfg, family))
+    cache = open_cache(cfg, family, channels, audio_cache_settings(cfg))
     d = cfg.diffusion
     likelihood = DiffusionLikelihood(family, ElboObjective(parts["scheduler"], d.prediction_type),
                                      CachedLatents(cache, d), CachedPromptwiseText(cache), denoiser, d)

@@ -221,6 +221,10 @@ class UNetCall:
     def extra_conditioning(self, inputs: dict[str, Any], crop_top_left: Tensor) -> dict[str, Tensor]:
         return {}
 
+    def latent_channels(self, config: Any) -> int:
+        """Latent channels the denoiser takes (its config's in_channels; FLUX packs 4 per token)."""
+        return int(config.in_channels)
+
     def sampling_conditioning(self, n: int, resolution: int, device: torch.device) -> dict[str, Tensor]:
         """Extra conditioning of n generated images (no crop; SDXL's time_ids); none here."""
         return {}

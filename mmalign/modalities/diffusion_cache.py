@@ -7,8 +7,10 @@ What is cached (METHODS.md §2: "cache the distribution's mean and std, not one 
   of the cropped image AND of its horizontal mirror (a second latent, the VAE is not
   flip-equivariant), with the original size (h, w) and the crop's top-left in the unflipped and
   in the flipped image (SDXL's add_time_ids);
-- per UNIQUE caption: every tensor the UNet needs (SD1.5/SD2: `encoder_hidden_states`; SDXL:
-  `encoder_hidden_states` + pooled `text_embeds`), plus the null prompt `encode("")`.
+- per UNIQUE caption: every tensor the denoiser needs (SD1.5/SD2: `encoder_hidden_states`; SDXL:
+  `encoder_hidden_states` + pooled `text_embeds`; SD3 / FLUX: the T5 (+ CLIP) sequence and
+  `pooled_projections`; Z-Image: the Qwen3 states and their mask), plus the null prompt
+  `encode("")`; the flow families' objective takes its shift from the cached latents' size;
 - audio (`tango`, `audioldm2`; hooks on the likelihood, reader classes in `audio_cache.py`): per
   clip the mel-VAE posterior of its log-mel (no flip, no crop); per unique prompt its own-length
   conditioning with the attention mask (int64) and `length/<name>`, padded per batch at train time.
@@ -56,7 +58,7 @@ import hashlib
 import json
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -66,7 +68,7 @@ from mmalign.families import Family
 from mmalign.layout import batch_slots, item_slots, record_outputs
 from mmalign.modalities.diffusion import DiffusionLikelihood, ElboObjective, sample_latents
 from mmalign.modalities.text import _prompt_text
-from mmalign.modalities.loading import load_parts
+from mmalign.modalities.loading import denoiser_config, load_parts
 from mmalign.tensors import right_pad_cat
 
 CACHE_VERSION = 1
@@ -229,10 +231,11 @@ class LatentCache:
                 out.setdefault(name, []).append(f.get_slice(name)[offset : offset + 1])
         return {k: _as_read(right_pad_cat(v)) for k, v in out.items()}
 
-    def check(self, cfg: Any, num_records: dict[str, int], unet: Any = None,
+    def check(self, cfg: Any, num_records: dict[str, int], channels: int | None = None,
               extra: dict[str, Any] | None = None) -> None:
         """Raise a `CacheError` naming the first way the cache does not fit the config and data;
-        `extra`: the latent source's own settings (`cache_settings`, e.g. audio's mel)."""
+        `channels`: the latent channels the denoiser takes (None: unchecked); `extra`: the latent
+        source's own settings (`cache_settings`, e.g. audio's mel)."""
         s, d, splits = self.settings, cfg.diffusion, self.index["splits"]
         expected = {"modality": cfg.modality, "resolution": d.resolution, "crop": d.crop, **(extra or {})}
         problems = [f"{key}: cache {s.get(key)!r}, config {now!r}" for key, now in expected.items()
@@ -244,9 +247,9 @@ class LatentCache:
                 problems.append(f"no {name} split in the cache")
             elif splits[name]["num_records"] != n:
                 problems.append(f"{name}: cache has {splits[name]['num_records']} records, data has {n}")
-        channels = getattr(getattr(unet, "config", None), "in_channels", None)
         if channels is not None and channels != self.index["latent"]["shape"][0]:
-            problems.append(f"UNet in_channels {channels} != cached latent channels {self.index['latent']['shape'][0]}")
+            problems.append(f"the denoiser takes {channels} latent channels, the cache holds "
+                            f"{self.index['latent']['shape'][0]}")
         if problems:
             raise CacheError(f"the cache in {self.dir} does not match the config/data: {'; '.join(problems)}. "
                              "Rerun mmalign cache with another diffusion.cache_dir")
@@ -344,25 +347,32 @@ class CachedText:
         return out
 
 
-def open_cache(cfg: Any, family: Family, unet: Any, latents_extra: dict[str, Any] | None = None) -> LatentCache:
-    """The complete cache of `diffusion.cache_dir`, checked against the config and the data
-    (`LatentCache.check`); validation images are refused (no VAE or text encoder is loaded)."""
+def open_cache(cfg: Any, family: Family, channels: int | None,
+               latents_extra: dict[str, Any] | None = None) -> LatentCache:
+    """The complete cache of `diffusion.cache_dir`, checked against the config, the data and the
+    denoiser's latent `channels` (`LatentCache.check`); validation images are refused (no VAE or
+    text encoder is loaded)."""
     from mmalign.errors import ConfigError
 
     if cfg.train.validate_every and family.validation:
         raise ConfigError("train.validate_every samples images with the VAE and text encoders, which a run "
                           "from diffusion.cache_dir does not load; set train.validate_every=0")
     cache = LatentCache(cfg.diffusion.cache_dir)
-    cache.check(cfg, {name: len(records) for name, (records, _) in cache_splits(cfg).items()}, unet, latents_extra)
+    cache.check(cfg, {name: len(records) for name, (records, _) in cache_splits(cfg).items()}, channels, latents_extra)
     return cache
 
 
-def build_cached(cfg: Any, family: Family, denoiser: Any, trained: bool = True) -> tuple[Any, DiffusionLikelihood, None]:
-    """(UNet, image likelihood reading `diffusion.cache_dir`, None): only the UNet and the scheduler
-    are loaded; latents and text from the cache (`CachedLatents`, `CachedText`)."""
+def build_cached(cfg: Any, family: Family, denoiser: Any, trained: bool = True,
+                 objective: Callable[[Any, tuple[int, int, int]], Any] | None = None) -> tuple[Any, DiffusionLikelihood, None]:
+    """(denoiser, image likelihood reading `diffusion.cache_dir`, None): only the denoiser (when
+    trained) and the scheduler are loaded; latents and text from the cache (`CachedLatents`,
+    `CachedText`). objective(scheduler, latent_shape): the family's (flow families: the shift of
+    the cached latents' size); default the ELBO."""
     parts = load_parts(cfg, family, unet=trained, frozen=False)
-    cache = open_cache(cfg, family, parts["unet"])
+    channels = denoiser.latent_channels(denoiser_config(cfg, family))
+    cache = open_cache(cfg, family, channels)
     d = cfg.diffusion
-    likelihood = DiffusionLikelihood(family, ElboObjective(parts["scheduler"], d.prediction_type),
-                                     CachedLatents(cache, d), CachedText(cache, d.null_prompt), denoiser, d)
+    shape = tuple(cache.index["latent"]["shape"])
+    chosen = objective(parts["scheduler"], shape) if objective else ElboObjective(parts["scheduler"], d.prediction_type)
+    likelihood = DiffusionLikelihood(family, chosen, CachedLatents(cache, d), CachedText(cache, d.null_prompt), denoiser, d)
     return parts["unet"], likelihood, None

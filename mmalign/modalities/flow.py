@@ -24,7 +24,7 @@ objective's place, u takes t's.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -101,3 +101,18 @@ def t5_hidden(encoder: Any, ids: Tensor) -> Tensor:
     with torch.autocast(ids.device.type, enabled=False):
         return encoder(ids)[0].float()
 
+
+def flow_objective(prediction_type: str, patch: int) -> Callable[[Any, tuple[int, int, int]], FlowObjective]:
+    """objective(scheduler, latent_shape) of a flow family whose transformer cuts latents (C, h, w)
+    into p×p patches: the shift of its (h/p)·(w/p) image tokens (SD3: the config's patch_size;
+    FLUX, Z-Image: 2×2 packing). A side that p does not divide is a ConfigError."""
+    def make(scheduler: Any, shape: tuple[int, int, int]) -> FlowObjective:
+        from mmalign.errors import ConfigError
+
+        _, h, w = shape
+        if h % patch or w % patch:
+            raise ConfigError(f"diffusion.resolution: latents {h}x{w} are not divisible into {patch}x{patch} patches; "
+                              "choose a resolution that is a multiple of the VAE factor times the patch size")
+        return FlowObjective(scheduler, flow_shift(scheduler.config, (h // patch) * (w // patch)), prediction_type)
+
+    return make

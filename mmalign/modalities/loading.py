@@ -4,11 +4,25 @@ the scheduler and the text encoders its `Family` descriptor names (`layout`, `te
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 from mmalign.families import Family, PipelineLayout, TextEncoderSpec
+
+
+def family_folder(cfg: Any, family: Family) -> str:
+    """`model.path` resolved, checked to be a local folder laid out as the family's (its denoiser
+    subfolder inside); a ConfigError naming the path otherwise."""
+    from mmalign.config import resolve_path
+    from mmalign.errors import ConfigError
+
+    path, layout = resolve_path(cfg.model.path), family.layout
+    if not (Path(path) / layout.denoiser).is_dir():
+        raise ConfigError(f"model.path {path} is not a local diffusers {layout.kind} folder "
+                          f"(no {layout.denoiser}/ inside)")
+    return path
 
 
 def import_class(spec: str) -> Any:
@@ -29,14 +43,8 @@ def load_parts(cfg: Any, family: Family, unet: bool = True, frozen: bool = True)
     import diffusers
     from transformers import AutoTokenizer
 
-    from mmalign.config import resolve_path
-    from mmalign.errors import ConfigError
-
     layout: PipelineLayout = family.layout
-    path, d = resolve_path(cfg.model.path), cfg.diffusion
-    if not (Path(path) / layout.denoiser).is_dir():
-        raise ConfigError(f"model.path {path} is not a local diffusers {layout.kind} folder "
-                          f"(no {layout.denoiser}/ inside)")
+    path, d = family_folder(cfg, family), cfg.diffusion
     variant = {"variant": d.variant} if d.variant else {}
     dtype = getattr(torch, cfg.model.dtype)
     scheduler = getattr(diffusers, layout.scheduler_class).from_pretrained(path, subfolder="scheduler")
@@ -56,15 +64,17 @@ def load_parts(cfg: Any, family: Family, unet: bool = True, frozen: bool = True)
     return parts
 
 
+def denoiser_config(cfg: Any, family: Family) -> SimpleNamespace:
+    """The trainable denoiser's config (its config.json read by the family's denoiser class), with
+    no weights loaded: what a build needs of it (text width, patch size, guidance embedding) also
+    when it loads no denoiser (`mmalign cache`)."""
+    import diffusers
+
+    layout = family.layout
+    cls = getattr(diffusers, layout.denoiser_class)
+    return SimpleNamespace(**cls.load_config(family_folder(cfg, family), subfolder=layout.denoiser))
+
+
 def from_cache(cfg: Any, use_cache: bool) -> bool:
     """Whether a build reads `diffusion.cache_dir` (set, and the caller wants the cache)."""
     return bool(use_cache and cfg.diffusion.cache_dir)
-
-
-def refuse_cache(cfg: Any, family: Family, use_cache: bool = True) -> None:
-    """A family without a latent cache refuses `diffusion.cache_dir` with a clear error."""
-    from mmalign.errors import ConfigError
-
-    if use_cache and cfg.diffusion.cache_dir and not family.cache:
-        raise ConfigError(f"diffusion.cache_dir: cached latents are not supported for modality '{family.name}' "
-                          "yet; leave it empty to encode every step")
