@@ -202,6 +202,34 @@ class StepConfig:
 
 
 @dataclass
+class OnlineConfig:
+    """Online rounds for any family whose descriptor samples (`online:`; mmalign/online/).
+
+    Every `round_steps` optimizer steps the CURRENT policy samples `group_size` outputs for each
+    of the next `prompts_per_round` prompts of a seeded prompt stream, the `scorer` specs score
+    them and `strategy` turns each prompt's group into training records (builders/scores.py)."""
+
+    prompts: str = ""  # prompt file: .txt (one per line) or .jsonl/.json records with "prompt"
+    prompt_list: list[str] = field(default_factory=list)  # or the prompts themselves (tiny runs)
+    prompts_per_round: int = 8
+    group_size: int = 4  # samples per prompt (>= 2)
+    round_steps: int = 10  # optimizer steps trained on one round's records before the next round
+    # `mmalign score` specs NAME=PATH[,key=value...][:weight]; combined as sum_k w_k s_k
+    scorer: list[str] = field(default_factory=list)
+    znorm: bool = False  # z-normalise each scorer over the round before weighting
+    scorer_device: str = "auto"  # auto (the run's device), cpu, cuda
+    strategy: str = "best_worst"  # best_worst | margin | ranked | soft (best_worst + soft_label)
+    margin: float = 0.0  # a kept pair's (ranked: list's) score gap must be >= margin
+    list_size: int = 0  # ranked: K outputs per list (0: group_size)
+    soft_temperature: float = 1.0  # soft: soft_label = sigmoid((s_chosen - s_rejected) / soft_temperature)
+    # the family's sampler settings: text (max_new_tokens, temperature, top_p, do_sample, chat_template)
+    # or pipeline __call__ arguments (num_inference_steps, guidance_scale, height, width, ...)
+    sampling: dict[str, Any] = field(default_factory=dict)
+    sample_batch_size: int = 8  # samples generated together
+    save_rounds: bool = True  # keep each round in output_dir/rounds (resume reads it back)
+
+
+@dataclass
 class Config:
     modality: str = "causal_lm"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -213,6 +241,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     spo: StepConfig = field(default_factory=StepConfig)
+    online: OnlineConfig | None = None  # online rounds (None: data from files or the family's own source)
     audio: AudioConfig = field(default_factory=AudioConfig)
     source: str = ""  # the YAML file it was loaded from (set by load_config)
 
@@ -234,6 +263,8 @@ CHOICES = {
     "diffusion.cache_dtype": ("float16", "float32"),
     "spo.method": ("spo", "d3po"),
     "spo.sampler": ("ddim", "ddpm"),
+    "online.strategy": ("best_worst", "margin", "ranked", "soft"),
+    "online.scorer_device": ("auto", "cpu", "cuda"),
 }
 
 
@@ -256,6 +287,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             except ConfigError:
                 pass
         return _coerce(value, arms[-1], where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
@@ -277,6 +312,17 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
+def _section(hint: Any) -> type | None:
+    """The dataclass of a config section annotated `Section` or `Section | None`, else None."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        arms = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(arms) == 1 and dataclasses.is_dataclass(arms[0]):
+            return arms[0]
+    return None
+
+
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
     if not isinstance(data, dict):
@@ -288,9 +334,10 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         where = f"{prefix}{key}"
         if key not in names:
             raise ConfigError(f"unknown config key '{where}'{_nearest(key, names)}")
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = from_dict(hint, value or {}, prefix=f"{where}.")
+        hint, section = hints[key], _section(hints[key])
+        if section is not None:
+            optional = section is not hint
+            kwargs[key] = None if optional and value is None else from_dict(section, value or {}, prefix=f"{where}.")
         else:
             kwargs[key] = _coerce(value, hint, where)
             allowed = CHOICES.get(where)
@@ -354,6 +401,10 @@ def validate(cfg: Config) -> None:
     if not 0.0 < cfg.reference.sync_alpha <= 1.0:
         raise ConfigError(f"reference.sync_alpha must be in (0, 1], got {cfg.reference.sync_alpha}")
     _validate_diffusion(cfg.diffusion)
+    if cfg.online is not None:
+        from mmalign.online.checks import validate_online
+
+        validate_online(cfg)
 
 
 # LossConfig fields that a loss function takes but that the trainer also reads for every loss:

@@ -313,8 +313,17 @@ def _record(item: dict[str, Any], selection: Selection, kind: str, root: Path, o
         sub = "images" if kind == "image" else "audio"
         outputs = [_copy(_media(r, root), out_dir, f"{sub}/{name}-{index:06d}-{k}{Path(r['path']).suffix}")
                    for k, r in enumerate(rows)]
+    return item_record(item, selection, outputs, _condition_images(rows[0], root, out_dir))
+
+
+def item_record(item: dict[str, Any], selection: Selection, outputs: list[Any],
+                images: list[str] | None = None) -> dict[str, Any]:
+    """The training record of one selected item (pure): {"images"?, "prompt", "chosen", "rejected"}
+    for a pair or {"prompt", "completions"} for a ranked list, with `outputs` the item's outputs
+    in order (chosen, rejected / best first) as the trainer reads them (text, or a media path),
+    `images` the prompt's condition images, plus the provenance (ids, seeds, scores, margin)."""
+    rows = item.get("rows") or [item["chosen"], item["rejected"]]
     record: dict[str, Any] = {"prompt": rows[0]["prompt"]}
-    images = _condition_images(rows[0], root, out_dir)
     if images:
         record = {"images": images, **record}
     if "rows" in item:

@@ -3,8 +3,8 @@ log-probs (causal_lm, llava), the diffusion / flow ELBO and its parts (diffusion
 the latent cache), the step likelihood and its online sampler (SPO / D3PO). Heavy libraries
 (transformers, diffusers) are imported only when a family is built.
 
-`build_modality(cfg)` is the family's `build` for `cfg.modality`; `build_source(cfg, likelihood)`
-its online data source (or None)."""
+`build_modality(cfg)` is the family's `build` for `cfg.modality`; `build_source(cfg, likelihood, processor)`
+its online data source (`online:` rounds, the family's own, or None)."""
 
 from __future__ import annotations
 
@@ -28,9 +28,15 @@ def build_modality(cfg: Any) -> tuple[Any, Any, Any]:
     return get_family(cfg.modality).build(cfg)
 
 
-def build_source(cfg: Any, likelihood: Likelihood) -> DataSource | None:
-    """The family's online data source for `likelihood` (SPO rounds), or None (data from files)."""
+def build_source(cfg: Any, likelihood: Likelihood, processor: Any = None) -> DataSource | None:
+    """The run's online data source: the `online:` rounds (`mmalign.online.OnlineSource`, sampled
+    through the family's descriptor) when `cfg.online` is set, else the family's own source (SPO
+    rounds), else None (data from files). `processor`: the family's processor (text sampling)."""
     from mmalign.families import get_family
 
+    if cfg.online is not None:
+        from mmalign.online import build_online_source
+
+        return build_online_source(cfg, likelihood, processor)
     family = get_family(cfg.modality)
     return None if family.source is None else family.source(cfg, likelihood)

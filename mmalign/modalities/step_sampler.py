@@ -316,13 +316,14 @@ class RoundSampler:
         return self.stream.micro_batch(micro_step - self.first, batch_size, rank, world_size)
 
 
-def load_prompts(settings: Any) -> list[str]:
-    """`spo.prompt_list`, else the prompts of `spo.prompts` (.txt one per line, or records with "prompt")."""
+def load_prompts(settings: Any, section: str = "spo") -> list[str]:
+    """`<section>.prompt_list`, else the prompts of `<section>.prompts` (.txt one per line, or records
+    with "prompt"); `section` names the config section in errors (spo, online)."""
     if settings.prompt_list:
         return [str(p) for p in settings.prompt_list]
     path = Path(settings.prompts)
     if not settings.prompts or not path.is_file():
-        raise ConfigError(f"spo.prompts: prompt file not found: '{settings.prompts}' (or give spo.prompt_list)")
+        raise ConfigError(f"{section}.prompts: prompt file not found: '{settings.prompts}' (or give {section}.prompt_list)")
     if path.suffix == ".txt":
         prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     else:

@@ -11,6 +11,8 @@
     step_aware  step_aware:StepAwareScorer PickScore conditioned on the timestep t (SPO; t = 0 here)
     toyworld_checker  mmalign.toyworld.checker:CheckerScorer  the toy world's exact checker, [0, 1]
                 (PATH: score | colour | shape; nothing is loaded)
+    text_length text_stats:TextLengthScorer  answer length in words | chars (PATH), or -|len - target|;
+                a programmatic test/demo scorer for text (nothing is loaded)
 
 A scorer spec (the `mmalign score --scorer` syntax) is `NAME=PATH[,key=value...][:weight]`:
 `pickscore=/models/PickScore_v1,processor=/models/CLIP-ViT-H-14:1.0`. Options are passed to
@@ -43,6 +45,7 @@ SCORERS: dict[str, str] = {
     "judge": "mmalign.scoring.judge:JudgeScorer",
     "step_aware": "mmalign.scoring.step_aware:StepAwareScorer",
     "toyworld_checker": "mmalign.toyworld.checker:CheckerScorer",
+    "text_length": "mmalign.scoring.text_stats:TextLengthScorer",
 }
 
 

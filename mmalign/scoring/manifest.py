@@ -19,7 +19,7 @@ def _media(row: dict[str, Any], root: Path) -> Any:
     return str(path if path.is_absolute() else root / path)
 
 
-def _score_rows(scorer: Any, rows: list[dict[str, Any]], root: Path) -> list[float | None]:
+def score_rows(scorer: Any, rows: list[dict[str, Any]], root: Path) -> list[float | None]:
     """One scorer call on rows of one kind -> JSON-ready values (NaN -> None)."""
     conditions, outputs = [r["prompt"] for r in rows], [_media(r, root) for r in rows]
     if getattr(scorer, "takes_images", False):  # the judge also sees a VLM prompt's images
@@ -68,7 +68,7 @@ def _run_scorer(spec: Any, rows: list[dict[str, Any]], path: Path, batch_size: i
     done, last_save = 0, time.monotonic()
     with tqdm(total=sum(len(b) for b in batches), desc=f"score {spec.column}", unit="sample") as bar:
         for batch in batches:
-            for row, value in zip(batch, _score_rows(scorer, batch, path.parent)):
+            for row, value in zip(batch, score_rows(scorer, batch, path.parent)):
                 row[column] = value
             done += len(batch)
             bar.update(len(batch))
@@ -81,7 +81,7 @@ def _run_scorer(spec: Any, rows: list[dict[str, Any]], path: Path, batch_size: i
     return f"{spec.column}: {done} new ({len(rows) - done} kept{extra}, {missing} without a score)"
 
 
-def _combine_rows(rows: list[dict[str, Any]], specs: list[Any], znorm: bool) -> int:
+def combine_rows(rows: list[dict[str, Any]], specs: list[Any], znorm: bool) -> int:
     """Write the combined `score` of the given scorers; returns how many rows got a number."""
     import torch
 
@@ -122,7 +122,7 @@ def score_manifest(manifest: str | Path, scorers: Sequence[str], *, znorm: bool 
             parts.append(_run_scorer(spec, rows, path, batch_size, device, overwrite))
     finally:
         write_manifest(rows, path)  # also on a crash or Ctrl-C: finished batches are kept
-    combined = _combine_rows(rows, specs, znorm)
+    combined = combine_rows(rows, specs, znorm)
     write_manifest(rows, path)
     how = "z-normalised " if znorm else ""
     weights = " + ".join(f"{s.weight:g}*{s.column}" for s in specs)

@@ -305,4 +305,4 @@ def train(cfg: Config) -> dict[str, float]:
     from mmalign.modalities import build_modality, build_source
 
     model, likelihood, processor = build_modality(cfg)
-    return PreferenceTrainer(cfg, model, likelihood, processor, build_source(cfg, likelihood)).fit()
+    return PreferenceTrainer(cfg, model, likelihood, processor, build_source(cfg, likelihood, processor)).fit()

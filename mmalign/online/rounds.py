@@ -1,0 +1,123 @@
+"""One online round as data: its samples (manifest rows), their scores, the records the strategy
+builds from them, and the round folder that keeps them (output_dir/rounds/round_NNNNN/).
+
+Rows have the `mmalign generate` manifest shape ({"id", "prompt_index", "prompt", "sample",
+"seed", "kind", "text" | "path"}) so the offline tools apply unchanged: `score_rows` /
+`combine_rows` (mmalign/scoring/manifest.py) fill `score_<column>` and `score`, and
+`build_scored_pairs` + `item_record` (mmalign/builders/scores.py) select and write the records.
+`prompt_index` is the prompt's slot in the round (0..P-1), so a prompt drawn twice in one round
+forms two groups.
+
+Folder: media/ (image samples), samples.jsonl (scored rows), records.jsonl (training records,
+media paths relative to the folder), meta.json (fingerprint, counts; written last: a round
+without it is incomplete and is sampled again).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from mmalign.errors import ConfigError, DataError
+from mmalign.io import atomic_path
+from mmalign.seeds import ROW, RUN, STEP, mix_seed
+
+SEED_OFFSET = 15  # keeps sample seeds apart from the trainer's step seeds (same strides)
+
+
+def sample_seed(seed: int, round_index: int, slot: int, sample: int) -> int:
+    """The seed of sample `sample` of prompt slot `slot` of round `round_index` (a function of
+    the run's seed and these counters only)."""
+    return mix_seed(seed, round_index, slot, sample, strides=(RUN, ROW, STEP, 1), offset=SEED_OFFSET)
+
+
+def plan_rows(prompts: list[str], group_size: int, seed: int, round_index: int) -> list[dict[str, Any]]:
+    """The round's P * group_size rows without outputs, prompt-major: id r<round>-p<slot>-s<j>."""
+    return [{"id": f"r{round_index:05d}-p{slot:03d}-s{j:02d}", "prompt_index": slot, "prompt": prompt,
+             "sample": j, "seed": sample_seed(seed, round_index, slot, j)}
+            for slot, prompt in enumerate(prompts) for j in range(group_size)]
+
+
+def load_scorers(specs: list[str], kind: str, device: str) -> list[tuple[Any, Any]]:
+    """(ScorerSpec, scorer) per `online.scorer` spec; a scorer that cannot score `kind` samples
+    is a ConfigError naming it."""
+    from mmalign.scoring import load_scorer, parse_spec, scorer_class
+
+    loaded = []
+    for spec in map(parse_spec, specs):
+        kinds = scorer_class(spec.name).kinds
+        if kind not in kinds:
+            raise ConfigError(f"online.scorer '{spec.name}' scores {'/'.join(kinds)} samples; this modality "
+                              f"samples {kind}")
+        loaded.append((spec, load_scorer(spec, device=device)))
+    return loaded
+
+
+def score_round(rows: list[dict[str, Any]], scorers: list[tuple[Any, Any]], znorm: bool, root: Path) -> None:
+    """Fill each row's `score_<column>` (None where a scorer gave no number) and the combined
+    `score` = sum_k w_k s_k (s_k z-normalised over the round when `znorm`), in place."""
+    from mmalign.scoring.manifest import combine_rows, score_rows
+
+    for spec, scorer in scorers:
+        for row, value in zip(rows, score_rows(scorer, rows, root), strict=True):
+            row[f"score_{spec.column}"] = value
+    combine_rows(rows, [spec for spec, _ in scorers], znorm)
+
+
+def soft_label(gap: float, temperature: float) -> float:
+    """P(chosen preferred) = sigmoid(gap / temperature) for a score gap >= 0."""
+    return 1.0 / (1.0 + math.exp(-gap / temperature))
+
+
+def select_records(rows: list[dict[str, Any]], settings: Any) -> tuple[list[dict[str, Any]], Any]:
+    """(records, Selection) of scored rows by `online.strategy`: best_worst / margin / ranked as
+    `mmalign build-pairs scores`; soft = best_worst with `soft_label` from the score gap. Record
+    outputs are the texts, or media paths relative to the round folder."""
+    from mmalign.builders.scores import build_scored_pairs, item_record
+
+    strategy = "best_worst" if settings.strategy == "soft" else settings.strategy
+    selection = build_scored_pairs(rows, strategy, settings.margin, "score", settings.list_size or None)
+    records = []
+    for item in selection.items:
+        outputs = [r["text"] if r["kind"] == "text" else r["path"] for r in item.get("rows") or
+                   [item["chosen"], item["rejected"]]]
+        record = item_record(item, selection, outputs)
+        if settings.strategy == "soft":
+            record["soft_label"] = soft_label(item["margin"], settings.soft_temperature)
+        records.append(record)
+    return records, selection
+
+
+def with_root(records: list[dict[str, Any]], folder: Path) -> list[dict[str, Any]]:
+    """Records as the trainer reads them: relative media paths resolve against the round folder
+    (`_root`, which is never saved)."""
+    return [dict(r, _root=str(folder)) for r in records]
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def save_round(folder: Path, rows: list[dict[str, Any]], records: list[dict[str, Any]], fingerprint: str,
+               meta: dict[str, Any]) -> None:
+    """samples.jsonl, records.jsonl, then meta.json (with the fingerprint) under `folder`, atomically."""
+    _write_jsonl(folder / "samples.jsonl", rows)
+    _write_jsonl(folder / "records.jsonl", [{k: v for k, v in r.items() if k != "_root"} for r in records])
+    with atomic_path(folder / "meta.json") as tmp:
+        tmp.write_text(json.dumps({**meta, "fingerprint": fingerprint}, indent=2))
+
+
+def load_round(folder: Path, fingerprint: str) -> list[dict[str, Any]] | None:
+    """The records of a saved round (with `_root`), or None when it is missing, incomplete or
+    from another run (another fingerprint)."""
+    meta = folder / "meta.json"
+    if not meta.is_file() or json.loads(meta.read_text()).get("fingerprint") != fingerprint:
+        return None
+    lines = (folder / "records.jsonl").read_text().splitlines()
+    try:
+        return with_root([json.loads(line) for line in lines if line.strip()], folder)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{folder / 'records.jsonl'}: not valid jsonl ({e}); delete the round folder") from None
