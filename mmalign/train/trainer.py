@@ -36,9 +36,9 @@ from mmalign.types import DataSource, Likelihood, LogpOutput, MicroBatchSampler,
 
 __all__ = ["NonFiniteLossError", "PreferenceTrainer", "step_seed", "train"]
 
-# Config keys a resumed run must share with the checkpoint's run (else a different experiment).
-RESUME_KEYS = (("data", "train"), ("loss", "name"), ("loss", "beta"), ("train", "batch_size"),
-               ("train", "grad_accum"))
+# Config keys a resumed run must share with the checkpoint's run (else a different experiment);
+# train.batch_size is compared as the world micro-batch (x processes): a 2 x 2 run resumes as 1 x 4.
+RESUME_KEYS = (("data", "train"), ("loss", "name"), ("loss", "beta"), ("train", "grad_accum"))
 
 
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
@@ -285,11 +285,17 @@ class PreferenceTrainer:
     def _check_resume_config(self, path: Path, info: dict[str, Any]) -> None:
         """ConfigError naming the first RESUME_KEYS value that differs from the checkpoint's run."""
         stored, now = info.get("config") or {}, to_dict(self.cfg)
-        for section, key in RESUME_KEYS:
-            if key in stored.get(section, {}) and stored[section][key] != now[section][key]:
-                raise ConfigError(f"train.resume: {section}.{key} is {now[section][key]!r} but the run in {path} used "
-                                  f"{stored[section][key]!r}; resume with the same value, or start a new run in "
-                                  "another train.output_dir")
+        changed = [(f"{section}.{key}", now[section][key], stored[section][key]) for section, key in RESUME_KEYS
+                   if key in stored.get(section, {}) and stored[section][key] != now[section][key]]
+        if "batch_size" in stored.get("train", {}):
+            processes = (info.get("num_processes", 1), self.accelerator.num_processes)
+            world = (stored["train"]["batch_size"] * processes[0], self.cfg.train.batch_size * processes[1])
+            if world[0] != world[1]:
+                changed.append(("train.batch_size", f"{self.cfg.train.batch_size} x {processes[1]} process(es)",
+                                f"{stored['train']['batch_size']} x {processes[0]} process(es)"))
+        for key, value, old in changed[:1]:
+            raise ConfigError(f"train.resume: {key} is {value!r} but the run in {path} used {old!r}; resume with "
+                              "the same value, or start a new run in another train.output_dir")
 
     def _check_output_dir(self) -> None:
         """Without train.resume, refuse a folder holding another run's checkpoints, final/ or
