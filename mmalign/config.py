@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -121,6 +122,9 @@ class TrainConfig:
     keep_last: int = 2  # checkpoints kept in output_dir/checkpoints
     validate_every: int = 0  # every N steps, the modality's validation samples (e.g. images) in output_dir/validation
     resume: bool = False  # continue from the latest checkpoint in output_dir
+    # a step whose gradient norm is NaN/inf is skipped (gradients zeroed, counted in the metric
+    # skipped_steps) up to N times in a run; 0: the first one stops the run naming the step
+    skip_nonfinite_steps: int = 0
     cpu: bool = False  # force CPU even when an accelerator is present
     tensorboard: bool = True  # also log to TensorBoard when it is installed
     progress: bool = True
@@ -358,7 +362,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{item}': '{p}' is not a section")
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"override '{item}': the value is not valid YAML") from None
     return data
 
 
@@ -367,8 +374,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    data = _read_yaml(path)
     data = apply_overrides(data, overrides or [])
     data.pop("source", None)
     cfg = from_dict(Config, data)
@@ -377,9 +383,22 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     return cfg
 
 
+def _read_yaml(path: Path) -> Any:
+    """The YAML document in `path`; malformed YAML is a one-line ConfigError naming the line."""
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that a single field cannot express."""
     _validate_names(cfg)
+    _validate_ranges(cfg)
     t = cfg.train
     for name in ("max_steps", "batch_size", "grad_accum", "eval_batch_size"):
         if getattr(t, name) < 1:
@@ -443,6 +462,33 @@ def _validate_loss_hyperparameters(loss: LossConfig, losses: dict[str, LossSpec]
         taken = f"which takes: {', '.join(takes)}" if takes else "which takes no hyperparameters"
         raise ConfigError(f"loss.{f.name}={value} is a hyperparameter of {', '.join(owners)}, "
                           f"not of loss '{loss.name}', {taken}")
+
+
+def _validate_ranges(cfg: Config) -> None:
+    """Numbers that would crash or poison a run later (a division by zero at the first log, a
+    NaN from the first optimizer step): each a one-line error naming the key and its range.
+    The documented 0 = off settings (save_every, eval_every, validate_every, ...) stay allowed."""
+    t, o = cfg.train, cfg.optim
+    checks = [
+        ("train.log_every", t.log_every, t.log_every >= 1, ">= 1"),
+        ("train.save_every", t.save_every, t.save_every >= 0, ">= 0 (0 = only at the end)"),
+        ("train.eval_every", t.eval_every, t.eval_every >= 0, ">= 0 (0 = only at the start and the end)"),
+        ("train.validate_every", t.validate_every, t.validate_every >= 0, ">= 0 (0 = off)"),
+        ("train.keep_last", t.keep_last, t.keep_last >= 0, ">= 0 (0 = keep all)"),
+        ("train.skip_nonfinite_steps", t.skip_nonfinite_steps, t.skip_nonfinite_steps >= 0, ">= 0 (0 = none)"),
+        ("optim.lr", o.lr, math.isfinite(o.lr) and o.lr > 0, "finite and > 0"),
+        ("optim.eps", o.eps, math.isfinite(o.eps) and o.eps > 0, "finite and > 0"),
+        ("optim.weight_decay", o.weight_decay, math.isfinite(o.weight_decay) and o.weight_decay >= 0, ">= 0"),
+        ("optim.warmup_steps", o.warmup_steps, o.warmup_steps >= 0, ">= 0"),
+        ("optim.max_grad_norm", o.max_grad_norm, math.isfinite(o.max_grad_norm) and o.max_grad_norm >= 0,
+         "finite and >= 0 (0 = no clipping)"),
+        ("optim.betas", o.betas, len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "two values in [0, 1)"),
+        ("lora.r", cfg.lora.r, cfg.lora.r >= 1, ">= 1"),
+        ("loss.beta", cfg.loss.beta, math.isfinite(cfg.loss.beta), "finite and > 0"),
+    ]
+    for key, value, ok, valid in checks:
+        if not ok:
+            raise ConfigError(f"{key} must be {valid}, got {value}")
 
 
 def _validate_image_term(cfg: Config) -> None:

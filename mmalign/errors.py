@@ -19,3 +19,13 @@ class ConfigError(ValueError):
 class CacheError(DataError):
     """The latent cache (`mmalign cache`) is missing, incomplete, or does not match the data or
     the config."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read (truncated, emptied); the message names the file."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss, the gradients or the weights became NaN or inf; training stopped before the
+    optimizer step (or the checkpoint) that would have kept them, so the last good checkpoint is
+    left untouched. The message names the step."""

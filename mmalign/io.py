@@ -1,23 +1,92 @@
-"""Writing files so that a file that exists is complete: write beside, then rename."""
+"""Writing files so that a file that exists is complete: write beside, fsync, then rename."""
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+_TMP_PID = re.compile(r"^\..+\.tmp-(\d+)$")
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a file (or every file under a folder, then the folder itself) to the disk, so that
+    a rename that follows can never expose an empty or partial file after a power loss."""
+    path = Path(path)
+    if path.is_dir():
+        for child in path.iterdir():
+            fsync_path(child)
+        fsync_dir(path)
+        return
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename or a new entry in folder `path` durable (POSIX; a no-op where folders cannot
+    be opened, e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path in `path`'s folder (created if needed); when the block succeeds
-    it is renamed onto `path` (atomic on one filesystem), when it fails it is removed. A kill
-    leaves at most a hidden `.NAME.tmp-PID`, which the next write of `path` ignores."""
+    it is fsynced and renamed onto `path` (atomic on one filesystem), and the rename is made
+    durable; when it fails it is removed. A kill leaves at most a hidden `.NAME.tmp-PID`, which
+    the next write of `path` ignores and `clean_stale_tmp` removes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's) or cannot tell: keep its file
+    return True
+
+
+def clean_stale_tmp(folder: str | Path) -> list[Path]:
+    """Remove the `.NAME.tmp-PID` leftovers of killed writers (processes no longer alive) directly
+    in `folder`; returns what was removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in folder.iterdir():
+        match = _TMP_PID.match(p.name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed

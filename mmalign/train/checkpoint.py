@@ -5,8 +5,10 @@ A checkpoint is a folder `output_dir/checkpoints/step_XXXXXXXX/` with
 - `reference.safetensors`: the reference weights, only when they change (TR-DPO sync),
 - `trainer.pt`: optimizer, scheduler, grad-scaler and loss state (loaded with weights_only=True),
 - `state.json`: step and run facts for humans.
-It is written to a hidden temporary folder and renamed into place, then the `latest`
-file is replaced atomically, so a crash mid-write never damages the last good one.
+It is written to a hidden temporary folder, fsynced and renamed into place, then the `latest`
+file is replaced atomically (also fsynced), so a crash or a power loss mid-write never damages
+the last good one. Resume reads the newest checkpoint that loads; a damaged one (e.g. emptied by
+a full disk) is named and skipped in favour of the previous one (`load_latest`).
 The data position and every random draw are pure functions of (seed, step), so the step
 is all a resumed run needs to read the same examples with the same randomness.
 """
@@ -16,13 +18,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from mmalign.io import atomic_path
+from mmalign.errors import CheckpointError
+from mmalign.io import atomic_path, clean_stale_tmp, fsync_dir, fsync_path
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -33,8 +37,9 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.contiguous().cpu() for k, v in state.items()}
 
 
-def load_trainable_state(model: torch.nn.Module, path: Path) -> None:
-    state = load_file(str(path))
+def load_trainable_state(model: torch.nn.Module, path: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Load the trainable state saved in `path` (or already read from it: `state`) into `model`."""
+    state = load_file(str(path)) if state is None else state
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise RuntimeError(f"{path}: unexpected keys {result.unexpected_keys[:5]}")
@@ -63,9 +68,11 @@ def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, t
         save_model(reference, str(tmp / "reference.safetensors"))  # handles tied (shared) weights
     torch.save(trainer_state, tmp / "trainer.pt")
     (tmp / "state.json").write_text(json.dumps(dict(info, step=step), indent=2, default=str))
+    fsync_path(tmp)  # every file's bytes on disk before the rename makes the folder visible
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    fsync_dir(root)
     _atomic_write_text(root / "latest", final.name)
     for old in sorted(root.glob("step_*"))[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -81,15 +88,87 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return path if (path / "trainer.pt").is_file() else None
 
 
+def checkpoint_candidates(output_dir: str | Path) -> list[Path]:
+    """Checkpoint folders to resume from, best first: the one `latest` names, then the others
+    from the newest step down."""
+    root = Path(output_dir) / "checkpoints"
+    folders = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
+    pointer = root / "latest"
+    named = root / pointer.read_text().strip() if pointer.is_file() else None
+    return ([named] if named in folders else []) + [p for p in folders if p != named]
+
+
+def read_info(path: Path) -> dict[str, Any]:
+    """The run facts of checkpoint `path` (`state.json`: step, config, ...)."""
+    file = path / "state.json"
+    try:
+        info = json.loads(file.read_text())
+        int(info["step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{file} is unreadable or damaged ({type(e).__name__}: {e})") from e
+    return info
+
+
+def _read(file: Path, reader: Callable[[Path], Any]) -> Any:
+    """`reader(file)`, with a damaged or missing file as a CheckpointError naming it."""
+    try:
+        return reader(file)
+    except Exception as e:  # safetensors, unpickling and OS errors of a truncated or emptied file
+        raise CheckpointError(f"{file} is unreadable or damaged ({type(e).__name__}: {e})") from e
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module,
                     reference: torch.nn.Module | None = None) -> tuple[int, dict[str, Any]]:
-    """Load model (and reference) weights in place; return (step, trainer_state)."""
-    load_trainable_state(model, path / "model.safetensors")
-    if reference is not None and (path / "reference.safetensors").is_file():
-        load_model(reference, str(path / "reference.safetensors"))
-    trainer_state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
-    step = json.loads((path / "state.json").read_text())["step"]
+    """Load model (and reference) weights in place; return (step, trainer_state). Every file is
+    read before anything is loaded, so a damaged one (a CheckpointError naming it) leaves the
+    models untouched."""
+    step = int(read_info(path)["step"])
+    weights = _read(path / "model.safetensors", lambda f: load_file(str(f)))
+    ref_file = path / "reference.safetensors"
+    ref_weights = _read(ref_file, lambda f: load_file(str(f))) if reference is not None and ref_file.is_file() else None
+    trainer_state = _read(path / "trainer.pt", lambda f: torch.load(f, map_location="cpu", weights_only=True))
+    load_trainable_state(model, path / "model.safetensors", weights)
+    if ref_weights is not None:
+        load_model(reference, str(ref_file))  # tied weights: safetensors' own loader (file read above)
     return step, trainer_state
+
+
+def load_latest(output_dir: str | Path, model: torch.nn.Module, reference: torch.nn.Module | None = None,
+                check: Callable[[Path, dict[str, Any]], None] | None = None,
+                ) -> tuple[Path, int, dict[str, Any]] | None:
+    """Load the newest checkpoint that is intact; a damaged one is reported (naming the file) and
+    the previous one tried. `check(path, info)` may refuse a checkpoint by raising (not caught).
+    None when there is no checkpoint; CheckpointError when none of them loads."""
+    candidates = checkpoint_candidates(output_dir)
+    if not candidates:
+        return None
+    problems = []
+    for path in candidates:
+        try:
+            info = read_info(path)
+            if check is not None:
+                check(path, info)
+            step, state = load_checkpoint(path, model, reference)
+        except CheckpointError as e:
+            problems.append(str(e))
+            print(f"[mmalign] warning: {e}; trying the previous checkpoint")
+            continue
+        return path, step, state
+    raise CheckpointError(f"no intact checkpoint in {Path(output_dir) / 'checkpoints'}: {'; '.join(problems)}")
+
+
+def clean_stale_writes(output_dir: str | Path) -> None:
+    """Remove what killed writers left in `output_dir`: `.NAME.tmp-PID` files of dead processes
+    and the hidden temporary checkpoint and final folders (call before this run writes any)."""
+    out = Path(output_dir)
+    removed = clean_stale_tmp(out) + clean_stale_tmp(out / "checkpoints")
+    for tmp in [*(out / "checkpoints").glob(".step_*.tmp"), out / ".final.tmp"]:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    if removed:
+        print(f"[mmalign] removed {len(removed)} unfinished write(s) of a killed run: "
+              f"{', '.join(p.name for p in removed)}")
 
 
 def save_pretrained_atomic(model: torch.nn.Module, processor: Any, path: Path) -> None:
@@ -100,6 +179,8 @@ def save_pretrained_atomic(model: torch.nn.Module, processor: Any, path: Path) -
     model.save_pretrained(str(tmp))
     if processor is not None and hasattr(processor, "save_pretrained"):
         processor.save_pretrained(str(tmp))
+    fsync_path(tmp)
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)
+    fsync_dir(path.parent)

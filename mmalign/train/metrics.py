@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mmalign.io import atomic_path
 from mmalign.types import PairLogps
 
 
@@ -57,6 +58,33 @@ class Meter:
         return {k: float(totals[0, i] / totals[1, i]) for i, k in enumerate(keys) if totals[1, i] > 0}
 
 
+def trim_metrics(path: Path, resume_step: int) -> None:
+    """Drop the lines a killed run logged after the checkpoint a run resumes from (all of them
+    when it starts from step 0) and a torn (unparseable) line a crash or a full disk left. The
+    file is left alone when nothing is to drop, else replaced atomically (never rewritten in
+    place: a kill during the trim keeps the old history)."""
+    raw = path.read_bytes()
+    kept, dropped, torn = [], 0, []
+    for number, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            step = json.loads(line).get("step", 0)
+        except (ValueError, AttributeError):
+            torn.append(number)
+            continue
+        if resume_step and step <= resume_step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if not dropped and not torn and (not raw or raw.endswith(b"\n")):
+        return
+    if torn:
+        print(f"[mmalign] warning: {path}: dropped unreadable line(s) {torn} (torn by a crash or a full disk)")
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept))
+
+
 class MetricsLogger:
     """Appends one JSON line per log event to `metrics.jsonl` (main process only);
     mirrors scalars to TensorBoard when it is installed and enabled."""
@@ -68,10 +96,8 @@ class MetricsLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():  # drop lines a crashed run logged after the checkpoint we resume from
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and resume_step and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        if self.path.exists():
+            trim_metrics(self.path, resume_step)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

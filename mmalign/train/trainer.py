@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from mmalign.config import Config, to_dict
 from mmalign.data.preference import StreamSampler, load_split, mismatched
+from mmalign.errors import ConfigError, NonFiniteLossError
 from mmalign.losses import get_loss
 from mmalign.seeds import MICRO, RUN, STEP, mix_seed
 from mmalign.train import checkpoint as ckpt
@@ -33,8 +34,11 @@ from mmalign.train.setup import (apply_lora, check_contracts, make_accelerator, 
 from mmalign.types import DataSource, Likelihood, LogpOutput, MicroBatchSampler, PreferenceBatch, Validates
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf; the last good checkpoint is left untouched."""
+__all__ = ["NonFiniteLossError", "PreferenceTrainer", "step_seed", "train"]
+
+# Config keys a resumed run must share with the checkpoint's run (else a different experiment);
+# train.batch_size is compared as the world micro-batch (x processes): a 2 x 2 run resumes as 1 x 4.
+RESUME_KEYS = (("data", "train"), ("loss", "name"), ("loss", "beta"), ("train", "grad_accum"))
 
 
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
@@ -86,6 +90,7 @@ class PreferenceTrainer:
         self.loss_state = RunningMean()
         self.sampler: MicroBatchSampler | None = StreamSampler(len(self.records), t.seed) if source is None else None
         self.step = 0
+        self.skipped_steps = 0  # non-finite steps skipped (train.skip_nonfinite_steps)
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -130,16 +135,59 @@ class PreferenceTrainer:
                                                    self.accelerator.device)
         return losses, metrics
 
-    def _check_finite(self, loss: torch.Tensor, indices: list[int], micro: int) -> None:
-        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.accelerator.device)
+    def _any_process(self, bad: bool) -> bool:
+        """True when `bad` holds on any process (one small all-reduce with several)."""
+        flag = torch.tensor([1.0 if bad else 0.0], device=self.accelerator.device)
         if self.accelerator.num_processes > 1:
-            bad = self.accelerator.reduce(bad, reduction="sum")
-        if bad.item() > 0:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        return flag.item() > 0
+
+    def _check_finite(self, loss: torch.Tensor, indices: list[int], micro: int) -> None:
+        if self._any_process(not torch.isfinite(loss)):
             last = ckpt.latest_checkpoint(self.output_dir)
             raise NonFiniteLossError(
                 f"loss is {loss.item()} at step {self.step} (micro-step {micro}, examples "
                 f"{indices} on this process); training stopped. Last good checkpoint: "
                 f"{last or 'none written yet'}. Lower optim.lr or loss.beta, or check the data.")
+
+    def _check_finite_grads(self, values: dict[str, float]) -> bool:
+        """Compute the gradient norm (clipping to optim.max_grad_norm when > 0, then logged as
+        `grad_norm`); True when it is finite. A non-finite norm skips the step while
+        train.skip_nonfinite_steps allows (gradients zeroed, counted in `skipped_steps`), else
+        stops the run naming the step, before `optimizer.step` (so no checkpoint holds NaN)."""
+        acc, max_norm, allowed = self.accelerator, self.cfg.optim.max_grad_norm, self.cfg.train.skip_nonfinite_steps
+        if max_norm > 0:
+            norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
+            values["grad_norm"] = float(norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        if allowed:
+            values["skipped_steps"] = self.skipped_steps
+        if acc.scaler is not None or not self._any_process(not torch.isfinite(torch.as_tensor(norm))):
+            return True  # fp16: the grad scaler skips overflowing steps itself
+        self.skipped_steps += 1
+        if self.skipped_steps <= allowed:
+            values["skipped_steps"] = self.skipped_steps
+            print(f"[mmalign] warning: gradient norm is {float(norm)} at step {self.step}; step skipped "
+                  f"({self.skipped_steps} of train.skip_nonfinite_steps={allowed})")
+            self.optimizer.zero_grad(set_to_none=True)
+            return False
+        last = ckpt.latest_checkpoint(self.output_dir)
+        raise NonFiniteLossError(
+            f"gradient norm is {float(norm)} at step {self.step}; training stopped before the optimizer step"
+            f"{f' ({self.skipped_steps - 1} step(s) skipped before)' if allowed else ''}. Last good checkpoint: "
+            f"{last or 'none written yet'}. Lower optim.lr or loss.beta, check the data, or allow a few "
+            "skipped steps with train.skip_nonfinite_steps.")
+
+    def _check_finite_params(self) -> None:
+        """After the optimizer step: every trained weight is finite, else stop naming the step
+        (before any checkpoint could keep the weights)."""
+        bad = any(not bool(p.detach().isfinite().all()) for p in self.model.parameters() if p.requires_grad)
+        if self._any_process(bad):
+            last = ckpt.latest_checkpoint(self.output_dir)
+            raise NonFiniteLossError(
+                f"weights became NaN or inf in the optimizer step of step {self.step}; training stopped. Last good "
+                f"checkpoint: {last or 'none written yet'}. Lower optim.lr, or raise optim.eps.")
 
     # -- one optimizer step ------------------------------------------------------
     def _take_round(self) -> None:
@@ -169,10 +217,11 @@ class PreferenceTrainer:
                 acc.backward(loss / t.grad_accum)
             meter.add(metrics)
         values = meter.reduce(acc)
-        if self.cfg.optim.max_grad_norm > 0:
-            values["grad_norm"] = float(acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm))
+        finite = self._check_finite_grads(values)
         values["lr"] = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        if finite:
+            self.optimizer.step()
+            self._check_finite_params()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -202,7 +251,7 @@ class PreferenceTrainer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                     "loss_state": self.loss_state.state_dict()}
+                     "loss_state": self.loss_state.state_dict(), "skipped_steps": self.skipped_steps}
             if acc.scaler is not None:
                 state["scaler"] = acc.scaler.state_dict()
             synced = self.reference.model if self.cfg.reference.sync_every else None
@@ -212,13 +261,19 @@ class PreferenceTrainer:
         acc.wait_for_everyone()
 
     def resume(self) -> None:
-        path = ckpt.latest_checkpoint(self.output_dir)
-        if path is None:
+        """Continue from the newest intact checkpoint (a damaged newest one is named and the one
+        before it used); refuse one whose run differs in a RESUME_KEYS value."""
+        synced = self.reference.model if self.cfg.reference.sync_every else None
+        found = ckpt.load_latest(self.output_dir, self.unwrapped, synced, self._check_resume_config)
+        if found is None:
+            if (self.output_dir / "final").exists():
+                raise FileExistsError(f"train.resume=true but {self.output_dir} holds a finished run's final/ and "
+                                      "no checkpoint to resume from; choose another train.output_dir")
             if self.accelerator.is_main_process:
                 print(f"[mmalign] train.resume: no checkpoint in {self.output_dir}, starting from step 0")
             return
-        synced = self.reference.model if self.cfg.reference.sync_every else None
-        self.step, state = ckpt.load_checkpoint(path, self.unwrapped, synced)
+        path, self.step, state = found
+        self.skipped_steps = state.get("skipped_steps", 0)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.loss_state.load_state_dict(state["loss_state"])
@@ -227,14 +282,42 @@ class PreferenceTrainer:
         if self.accelerator.is_main_process:
             print(f"[mmalign] resumed from {path} at step {self.step}")
 
+    def _check_resume_config(self, path: Path, info: dict[str, Any]) -> None:
+        """ConfigError naming the first RESUME_KEYS value that differs from the checkpoint's run."""
+        stored, now = info.get("config") or {}, to_dict(self.cfg)
+        changed = [(f"{section}.{key}", now[section][key], stored[section][key]) for section, key in RESUME_KEYS
+                   if key in stored.get(section, {}) and stored[section][key] != now[section][key]]
+        if "batch_size" in stored.get("train", {}):
+            processes = (info.get("num_processes", 1), self.accelerator.num_processes)
+            world = (stored["train"]["batch_size"] * processes[0], self.cfg.train.batch_size * processes[1])
+            if world[0] != world[1]:
+                changed.append(("train.batch_size", f"{self.cfg.train.batch_size} x {processes[1]} process(es)",
+                                f"{stored['train']['batch_size']} x {processes[0]} process(es)"))
+        for key, value, old in changed[:1]:
+            raise ConfigError(f"train.resume: {key} is {value!r} but the run in {path} used {old!r}; resume with "
+                              "the same value, or start a new run in another train.output_dir")
+
+    def _check_output_dir(self) -> None:
+        """Without train.resume, refuse a folder holding another run's checkpoints, final/ or
+        metrics.jsonl (nothing finished is overwritten); then clean what killed writers left."""
+        out = self.output_dir
+        if not self.cfg.train.resume:
+            held = [name for name, there in (
+                ("checkpoints", bool(ckpt.checkpoint_candidates(out)) or ckpt.latest_checkpoint(out) is not None),
+                ("final/", (out / "final").exists()), ("metrics.jsonl", (out / "metrics.jsonl").exists())) if there]
+            if held:
+                raise FileExistsError(f"{out} already holds {', '.join(held)} of another run; set train.resume=true "
+                                      "to continue that run, or choose another train.output_dir")
+        if self.accelerator.is_main_process:
+            ckpt.clean_stale_writes(out)
+        self.accelerator.wait_for_everyone()
+
     # -- the loop ----------------------------------------------------------------
     def fit(self) -> dict[str, float]:
         t, acc = self.cfg.train, self.accelerator
+        self._check_output_dir()
         if t.resume:
             self.resume()
-        elif ckpt.latest_checkpoint(self.output_dir) is not None:
-            raise FileExistsError(f"{self.output_dir} already holds checkpoints; set train.resume=true to "
-                                  "continue that run, or choose another train.output_dir")
         self.logger = logger = MetricsLogger(self.output_dir, acc.is_main_process, self.step, t.tensorboard)
         if acc.is_main_process:
             self._print_summary()
