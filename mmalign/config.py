@@ -56,7 +56,14 @@ class DataConfig:
 class LossConfig:
     name: str = "dpo"
     beta: float = 0.1
-    label_smoothing: float = 0.0  # cdpo / robust ε
+    label_smoothing: float = 0.0  # cdpo / robust / aot / aot_unpaired ε; exo_pair ε (> 0, EXO uses 1e-3)
+    discopop_tau: float = 0.05  # discopop τ: temperature of the logistic/exponential mix
+    # f-DPO (TRL's f_divergence_type): each log-ratio u becomes s(u) before delta = s(u_c) - s(u_r):
+    # reverse_kl (u, plain DPO), forward_kl (1 - e^-u), js_divergence (log 2 + log σ(u)),
+    # alpha_divergence ((e^{(α-1)u} - 1)/(α-1), α = f_alpha_divergence_coef). Only for the losses
+    # built on delta alone (dpo, cdpo, robust, soft, ipo, hinge, exo_pair, discopop, sigmoid_norm).
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
     gamma: float = 0.0  # simpo target margin
     sft_weight: float = 0.0  # RPO: α · NLL(chosen) added to the preference loss
     desirable_weight: float = 1.0  # kto λD
@@ -378,6 +385,28 @@ def _validate_names(cfg: Config) -> None:
     _known("modality", cfg.modality, known_modalities(), "modality")
     _known("loss.name", cfg.loss.name, sorted(LOSSES), "loss")
     _validate_loss_hyperparameters(cfg.loss, LOSSES)
+    _validate_loss_options(cfg.loss, LOSSES)
+
+
+def _validate_loss_options(loss: LossConfig, losses: dict[str, LossSpec]) -> None:
+    """The f-divergence only for losses built on delta alone (as TRL); exo_pair needs eps > 0."""
+    from mmalign.losses import F_DIVERGENCES
+
+    spec = losses[loss.name]
+    _known("loss.f_divergence_type", loss.f_divergence_type, list(F_DIVERGENCES), "f-divergence")
+    if loss.f_divergence_type != "reverse_kl" and not spec.f_divergence:
+        takes = sorted(n for n, s in losses.items() if s.f_divergence)
+        raise ConfigError(f"loss.f_divergence_type={loss.f_divergence_type} applies only to the losses built on "
+                          f"the reward difference delta ({', '.join(takes)}), not to loss '{loss.name}': use the "
+                          "default reverse_kl")
+    if loss.f_alpha_divergence_coef != LossConfig.f_alpha_divergence_coef and loss.f_divergence_type != "alpha_divergence":
+        raise ConfigError(f"loss.f_alpha_divergence_coef={loss.f_alpha_divergence_coef} has no effect unless "
+                          "loss.f_divergence_type is alpha_divergence")
+    if loss.name == "exo_pair" and not 0 < loss.label_smoothing < 1:
+        raise ConfigError(f"loss 'exo_pair' needs 0 < loss.label_smoothing < 1 (EXO uses 1e-3), "
+                          f"got {loss.label_smoothing}")
+    if loss.discopop_tau <= 0:
+        raise ConfigError(f"loss.discopop_tau must be > 0, got {loss.discopop_tau}")
 
 
 def _validate_loss_hyperparameters(loss: LossConfig, losses: dict[str, LossSpec]) -> None:

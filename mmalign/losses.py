@@ -16,6 +16,10 @@ what the loss needs: its hyperparameters (the keyword-only parameters of its fun
 from the config), the batch fields it reads (`soft`'s soft_labels) and the batch statistics
 the trainer gathers for it (`Statistic`: `kto`'s z, `bco_pair`'s delta). The trainer
 (mmalign/train/objective.py) supplies them the same way for every loss.
+
+TRL 1.16's other loss types (`exo_pair`, `aot`, `aot_unpaired`, `apo_down`, `discopop`,
+`sigmoid_norm`) and its f-divergence option live in `mmalign.losses_trl`; they are registered
+here and importable from this module too.
 """
 
 from __future__ import annotations
@@ -31,9 +35,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmalign.losses_trl import (
+    F_DIVERGENCES,
+    aot_loss,
+    aot_unpaired_loss,
+    apo_down_loss,
+    discopop_loss,
+    exo_pair_loss,
+    f_divergence_pairs,
+    f_divergence_score,
+    sigmoid_norm_loss,
+)
 from mmalign.types import PairLogps, PreferenceBatch
 
 __all__ = [
+    "F_DIVERGENCES",
     "LOSSES",
     "PAIR_LOSSES",
     "IMAGE_TERMS",
@@ -43,12 +59,19 @@ __all__ = [
     "LossSpec",
     "Statistic",
     "anchor_loss",
+    "aot_loss",
+    "aot_unpaired_loss",
+    "apo_down_loss",
     "apo_zero_loss",
     "bco_pair_loss",
     "bco_reward_mean",
     "cdpo_loss",
     "d3po_loss",
+    "discopop_loss",
     "dpo_loss",
+    "exo_pair_loss",
+    "f_divergence_pairs",
+    "f_divergence_score",
     "get_loss",
     "hinge_loss",
     "image_conditional_loss",
@@ -60,6 +83,7 @@ __all__ = [
     "ranked_loss",
     "robust_loss",
     "sft_loss",
+    "sigmoid_norm_loss",
     "simpo_loss",
     "soft_loss",
     "spo_loss",
@@ -423,6 +447,11 @@ class LossSpec:
     soft_labels, kto's desirable labels, ranked's scores). statistics: keyword -> `Statistic`
     (bco_pair's delta, kto's reference_point z). `hyperparameters`: the other keyword-only
     parameters of fn, read from the `LossConfig` fields of the same name.
+    f_divergence: the loss depends on the reference only through delta = u_c - u_r, so
+    `loss.f_divergence_type` applies (the trainer passes `f_divergence_pairs` instead of the raw
+    pairs); others refuse it. batch_level: entry i depends on the whole batch given (aot sorts
+    over it); the trainer passes this process's micro-batch as TRL does (no cross-process
+    gather), so values depend on the per-process batch size and per-pair weighting is refused.
     """
 
     fn: Callable[..., Tensor]
@@ -430,6 +459,8 @@ class LossSpec:
     needs_reference: bool = True
     fields: tuple[str, ...] = ()
     statistics: Mapping[str, Statistic] = field(default_factory=dict)
+    f_divergence: bool = False
+    batch_level: bool = False
 
     def __post_init__(self) -> None:
         params = inspect.signature(self.fn).parameters
@@ -457,22 +488,29 @@ def _keyword_only(fn: Callable[..., Tensor]) -> list[str]:
 
 
 LOSSES: dict[str, LossSpec] = {
-    "dpo": LossSpec(dpo_loss, "pair"),
-    "cdpo": LossSpec(cdpo_loss, "pair"),
-    "robust": LossSpec(robust_loss, "pair"),
-    "ipo": LossSpec(ipo_loss, "pair"),
-    "hinge": LossSpec(hinge_loss, "pair"),
+    "dpo": LossSpec(dpo_loss, "pair", f_divergence=True),
+    "cdpo": LossSpec(cdpo_loss, "pair", f_divergence=True),
+    "robust": LossSpec(robust_loss, "pair", f_divergence=True),
+    "ipo": LossSpec(ipo_loss, "pair", f_divergence=True),
+    "hinge": LossSpec(hinge_loss, "pair", f_divergence=True),
     "bco_pair": LossSpec(bco_pair_loss, "pair", statistics={"delta": BCO_DELTA}),
     "nca_pair": LossSpec(nca_pair_loss, "pair"),
     "sppo_hard": LossSpec(sppo_hard_loss, "pair"),
     "apo_zero": LossSpec(apo_zero_loss, "pair"),
     "simpo": LossSpec(simpo_loss, "pair", needs_reference=False),
-    "soft": LossSpec(soft_loss, "pair", fields=("soft_labels",)),
+    "soft": LossSpec(soft_loss, "pair", fields=("soft_labels",), f_divergence=True),
     "sft": LossSpec(sft_only_loss, "pair", needs_reference=False),
     "spo": LossSpec(spo_loss, "pair"),
     "d3po": LossSpec(d3po_loss, "pair"),
     "kto": LossSpec(kto_loss, "unpaired", fields=("desirable",), statistics={"reference_point": KTO_Z}),
     "ranked": LossSpec(ranked_loss, "ranked", fields=("scores",)),
+    # TRL 1.16's other types (mmalign/losses_trl.py)
+    "exo_pair": LossSpec(exo_pair_loss, "pair", f_divergence=True),
+    "apo_down": LossSpec(apo_down_loss, "pair"),
+    "discopop": LossSpec(discopop_loss, "pair", f_divergence=True),
+    "sigmoid_norm": LossSpec(sigmoid_norm_loss, "pair", f_divergence=True),
+    "aot": LossSpec(aot_loss, "pair", batch_level=True),
+    "aot_unpaired": LossSpec(aot_unpaired_loss, "pair", batch_level=True),
 }
 
 # The subset that takes (policy: PairLogps, reference: PairLogps).

@@ -31,8 +31,11 @@ test accounts for it:
   of the batch (token-weighted), while mmalign's `sft_loss` is a per-example token mean,
   averaged over examples. They agree when all chosen answers have the same length (the
   "equal" batch); on a mixed-length batch TRL's term is Σ(-pc)/Σ(nc) (pinned below).
-* Not compared: `exo_pair`, `aot_unpaired`, `apo_down`, `discopop`, `sigmoid_norm`,
-  `use_weighting` (WPO), `ld_alpha`, f-divergences: mmalign has no counterpart. mmalign's
+* `exo_pair`, `aot`, `aot_unpaired`, `apo_down`, `discopop`, `sigmoid_norm` (mmalign/losses_trl.py)
+  and the f-divergences are compared below on the whole 4-pair batches; `aot*` sort over the
+  batch in both. `discopop` computes m exp(-x) as exp(log sigma(x/tau) - x) (finite where TRL's
+  exp(-x) overflows), equal up to float rounding here.
+* Not compared: `use_weighting` (WPO), `ld_alpha`: mmalign has no counterpart yet. mmalign's
   `simpo`, `soft`, `kto`, `ranked` have no `DPOTrainer` loss type.
 
 One trainer serves every case: `_compute_loss` reads `loss_types`, `loss_weights`, `beta`
@@ -51,7 +54,7 @@ pytest.importorskip("datasets")
 
 import torch  # noqa: E402
 
-from mmalign.losses import bco_reward_mean, get_loss, sft_loss  # noqa: E402
+from mmalign.losses import bco_reward_mean, f_divergence_pairs, get_loss, sft_loss  # noqa: E402
 from mmalign.modalities.causal_lm import CausalLMLikelihood  # noqa: E402
 from mmalign.toytext import build_tiny_llama, build_word_tokenizer, make_toy_pairs  # noqa: E402
 from mmalign.train.objective import RunningMean  # noqa: E402
@@ -110,17 +113,22 @@ def env(tmp_path_factory):
     return out
 
 
-def trl_loss(trainer, batch, loss_types, loss_weights=None, *, beta=BETA, label_smoothing=0.0) -> torch.Tensor:
+def trl_loss(trainer, batch, loss_types, loss_weights=None, *, beta=BETA, label_smoothing=0.0,
+             f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, discopop_tau=0.05) -> torch.Tensor:
     """TRL's loss for one batch, without training: `compute_loss` under no_grad, eval mode."""
-    saved = (trainer.loss_types, trainer.loss_weights, trainer.beta, trainer.label_smoothing)
+    saved = (trainer.loss_types, trainer.loss_weights, trainer.beta, trainer.label_smoothing,
+             trainer.f_divergence_type, trainer.f_alpha_divergence_coef, trainer.args.discopop_tau)
     trainer.loss_types = list(loss_types)
     trainer.loss_weights = list(loss_weights or [1.0] * len(loss_types))
     trainer.beta, trainer.label_smoothing = beta, label_smoothing
+    trainer.f_divergence_type, trainer.f_alpha_divergence_coef = f_divergence_type, f_alpha_divergence_coef
+    trainer.args.discopop_tau = discopop_tau
     try:
         with torch.no_grad():
             return trainer.compute_loss(trainer.model, batch).detach()
     finally:
-        trainer.loss_types, trainer.loss_weights, trainer.beta, trainer.label_smoothing = saved
+        (trainer.loss_types, trainer.loss_weights, trainer.beta, trainer.label_smoothing,
+         trainer.f_divergence_type, trainer.f_alpha_divergence_coef, trainer.args.discopop_tau) = saved
 
 
 # --------------------------------------------------------------------------- inputs first
@@ -236,3 +244,74 @@ def test_rpo_mixed_lengths_trl_averages_over_tokens(env):
     assert_close(dpo + ALPHA * token_weighted, trl)
     per_example = sft_loss(b.pol)  # mmalign: token mean per example, then mean over examples
     assert abs(float(dpo + ALPHA * per_example.mean() - trl)) > 1e-3
+
+
+# --------------------------------------------------------------------------- TRL's other types, f-divergences
+
+TOL = 1e-6  # the issue's bar: absolute, on values of order 1 (largest here ~5)
+NEW_CASES = [
+    # (TRL loss_type = mmalign loss, extra hyperparameters for both)
+    ("exo_pair", {"label_smoothing": 1e-3}),
+    ("exo_pair", {"label_smoothing": EPS}),
+    ("aot", {"label_smoothing": 0.0}),
+    ("aot", {"label_smoothing": EPS}),
+    ("aot_unpaired", {"label_smoothing": EPS}),
+    ("apo_down", {}),
+    ("discopop", {"discopop_tau": 0.05}),
+    ("discopop", {"discopop_tau": 0.5}),
+    ("sigmoid_norm", {}),
+]
+
+
+@pytest.mark.parametrize("which", ["mixed", "equal"])
+@pytest.mark.parametrize(("name", "hp"), NEW_CASES, ids=[f"{c[0]}-{c[1]}" for c in NEW_CASES])
+def test_new_loss_matches_trl(env, which, name, hp):
+    b = getattr(env, which)
+    expected = trl_loss(env.trainer, b.trl, [name], **hp)
+    ours = get_loss(name).fn(b.pol, b.ref, beta=BETA, **hp)
+    assert ours.shape == (4,)
+    assert abs(float(ours.mean()) - float(expected)) < TOL
+
+
+def test_aot_batch_differs_from_cdpo(env):
+    """The sort matters on this batch: aot's entries over 4 pairs are not per-pair cDPO."""
+    b = env.mixed
+    aot = get_loss("aot").fn(b.pol, b.ref, beta=BETA, label_smoothing=EPS)
+    cdpo = get_loss("cdpo").fn(b.pol, b.ref, beta=BETA, label_smoothing=EPS)
+    assert float((aot - cdpo).abs().max()) > 1e-2
+
+
+F_CASES = [
+    # (TRL loss_type, mmalign loss, extra hyperparameters)
+    ("sigmoid", "dpo", {}),
+    ("hinge", "hinge", {}),
+    ("ipo", "ipo", {}),
+    ("robust", "robust", {"label_smoothing": EPS}),
+    ("exo_pair", "exo_pair", {"label_smoothing": 1e-3}),
+    ("discopop", "discopop", {"discopop_tau": 0.05}),
+    ("sigmoid_norm", "sigmoid_norm", {}),
+]
+DIVERGENCES = [("forward_kl", 0.5), ("js_divergence", 0.5), ("alpha_divergence", 0.5), ("alpha_divergence", 0.2)]
+
+
+@pytest.mark.parametrize(("kind", "alpha"), DIVERGENCES, ids=[f"{k}-{a}" for k, a in DIVERGENCES])
+@pytest.mark.parametrize(("trl_type", "name", "hp"), F_CASES, ids=[c[0] for c in F_CASES])
+def test_f_divergence_matches_trl(env, trl_type, name, hp, kind, alpha):
+    b = env.mixed
+    expected = trl_loss(env.trainer, b.trl, [trl_type], f_divergence_type=kind, f_alpha_divergence_coef=alpha, **hp)
+    ours = get_loss(name).fn(*f_divergence_pairs(b.pol, b.ref, kind, alpha), beta=BETA, **hp)
+    if name == "discopop" and torch.isnan(expected):
+        # forward_kl turns these log-ratios (down to ~ -9) into scores of ~ -8000: beta delta < -88 and
+        # TRL's fp32 exp(-x) overflows, inf * 0 = NaN. mmalign's exp(log sigma(x/tau) - x) stays finite
+        # and equals TRL's formula evaluated in float64 (the intended difference).
+        assert kind == "forward_kl" and torch.isfinite(ours).all()
+        scored, zeros = f_divergence_pairs(b.pol, b.ref, kind, alpha)
+        x = BETA * (scored.chosen - scored.rejected).double()
+        m = torch.sigmoid(x / hp["discopop_tau"])
+        trl64 = -torch.nn.functional.logsigmoid(x) * (1 - m) + torch.exp(-x) * m
+        torch.testing.assert_close(ours.double(), trl64, rtol=1e-6, atol=1e-6)
+        return
+    scale = max(1.0, abs(float(expected)))
+    assert abs(float(ours.mean()) - float(expected)) < TOL * scale
+    scored, _ = f_divergence_pairs(b.pol, b.ref, kind, alpha)
+    assert float((scored.chosen - (b.pol.chosen - b.ref.chosen)).abs().max()) > 0.1  # s(u) is not u here

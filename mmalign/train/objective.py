@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from mmalign.config import LossConfig
-from mmalign.losses import LossSpec, sft_loss
+from mmalign.losses import LossSpec, f_divergence_pairs, sft_loss
 from mmalign.train.dense import dense_pairs
 from mmalign.train.metrics import pair_metrics
 from mmalign.types import LogpOutput, PairLogps, PreferenceBatch
@@ -152,7 +152,10 @@ def preference_losses(spec: LossSpec, cfg: LossConfig, batch: PreferenceBatch, p
     pol, ref = kind.inputs(cfg, batch, policy, reference)
     hyperparameters = loss_hyperparameter_values(spec, cfg)
     statistics = batch_statistics(spec, hyperparameters, pol, ref, gather, state, kl_logratios)
-    losses = spec.fn(pol, ref if spec.needs_reference else None, **batch_fields(spec, batch, cfg.name),
+    loss_pol, loss_ref = pol, ref
+    if spec.f_divergence and cfg.f_divergence_type != "reverse_kl":  # f-DPO: delta = s(u_c) - s(u_r)
+        loss_pol, loss_ref = f_divergence_pairs(pol, ref, cfg.f_divergence_type, cfg.f_alpha_divergence_coef)
+    losses = spec.fn(loss_pol, loss_ref if spec.needs_reference else None, **batch_fields(spec, batch, cfg.name),
                      **statistics, **hyperparameters)
     if cfg.sft_weight and batch.kind == "pair":  # RPO: the chosen answers' NLL
         losses = losses + cfg.sft_weight * sft_loss(pol)
