@@ -64,6 +64,9 @@ class LossConfig:
     # built on delta alone (dpo, cdpo, robust, soft, ipo, hinge, exo_pair, discopop, sigmoid_norm).
     f_divergence_type: str = "reverse_kl"
     f_alpha_divergence_coef: float = 0.5
+    # LD-DPO (TRL's ld_alpha; text/VLM, pairs): tokens past the shorter answer's length count α times
+    # in both answers' log-likelihoods (1 = plain sum, 0 = drop the tail); None = off.
+    ld_alpha: float | None = None
     gamma: float = 0.0  # simpo target margin
     sft_weight: float = 0.0  # RPO: α · NLL(chosen) added to the preference loss
     desirable_weight: float = 1.0  # kto λD
@@ -349,6 +352,9 @@ def validate(cfg: Config) -> None:
     if cfg.loss.dense_gamma and cfg.reference.strategy == "precomputed":
         raise ConfigError("loss.dense_gamma needs per-token reference log-probs; a precomputed reference "
                           "keeps sums only: use reference.strategy frozen or lora_disabled")
+    if cfg.loss.ld_alpha is not None and cfg.reference.strategy == "precomputed":
+        raise ConfigError("loss.ld_alpha (LD-DPO) needs per-token reference log-probs; a precomputed reference "
+                          "keeps sums only: use reference.strategy frozen or lora_disabled")
     if cfg.loss.beta <= 0:
         raise ConfigError(f"loss.beta must be > 0, got {cfg.loss.beta}")
     _validate_image_term(cfg)
@@ -405,6 +411,14 @@ def _validate_loss_options(loss: LossConfig, losses: dict[str, LossSpec]) -> Non
     if loss.name == "exo_pair" and not 0 < loss.label_smoothing < 1:
         raise ConfigError(f"loss 'exo_pair' needs 0 < loss.label_smoothing < 1 (EXO uses 1e-3), "
                           f"got {loss.label_smoothing}")
+    if loss.ld_alpha is not None:
+        if not 0 <= loss.ld_alpha <= 1:
+            raise ConfigError(f"loss.ld_alpha must be in [0, 1] (None = off), got {loss.ld_alpha}")
+        if spec.kind != "pair":
+            raise ConfigError(f"loss.ld_alpha (LD-DPO) re-weights chosen/rejected pairs; loss '{loss.name}' "
+                              f"takes '{spec.kind}' data")
+        if loss.dense_gamma:
+            raise ConfigError("loss.ld_alpha and loss.dense_gamma both re-weight answer tokens: choose one")
     if loss.discopop_tau <= 0:
         raise ConfigError(f"loss.discopop_tau must be > 0, got {loss.discopop_tau}")
 

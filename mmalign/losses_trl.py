@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmalign.types import PairLogps
+from mmalign.types import LogpOutput, PairLogps
 
 __all__ = [
     "F_DIVERGENCES",
@@ -35,6 +35,8 @@ __all__ = [
     "exo_pair_loss",
     "f_divergence_pairs",
     "f_divergence_score",
+    "ld_logps",
+    "ld_pairs",
     "sigmoid_norm_loss",
 ]
 
@@ -196,3 +198,40 @@ def f_divergence_pairs(
                        tokens_c, tokens_r)
     zeros = PairLogps(torch.zeros_like(scored.chosen), torch.zeros_like(scored.rejected), tokens_c, tokens_r)
     return scored, zeros
+
+
+# --------------------------------------------------------------------------- LD-DPO
+
+
+def ld_logps(token_logps: Tensor, token_mask: Tensor, ld_alpha: float) -> Tensor:
+    """LD-DPO's length-desensitised sequence log-likelihood (Liu et al. 2024; TRL's `ld_alpha`):
+
+    logp(y) = sum_{t <= l_s} log p_t + alpha sum_{t > l_s} log p_t,  l_s = min(|c|, |r|) of the pair,
+
+    positions t counted along the answer-token mask (left or right padding both work).
+    token_logps, token_mask: (2B, T), the B chosen rows then the B rejected rows. Returns (2B,).
+    alpha = 1 is the plain sum, 0 drops the longer answer's tail.
+    """
+    mask = token_mask.to(token_logps.dtype)
+    position = mask.cumsum(dim=1)
+    lengths = mask.sum(dim=1)
+    chosen_len, rejected_len = lengths.chunk(2)
+    shared = torch.minimum(chosen_len, rejected_len).repeat(2).unsqueeze(1)
+    values = token_logps * mask
+    head = (values * ((position > 0) & (position <= shared))).sum(dim=1)
+    tail = (values * (position > shared)).sum(dim=1)
+    return head + ld_alpha * tail
+
+
+def ld_pairs(policy: LogpOutput, reference: LogpOutput, ld_alpha: float) -> tuple[PairLogps, PairLogps]:
+    """Policy and reference `PairLogps` re-scored with `ld_logps` (token counts unchanged, as TRL
+    normalises ipo / sigmoid_norm by the full length). Needs per-token values on both sides."""
+    for name, out in (("policy", policy), ("reference", reference)):
+        if out.token_logps is None or out.token_mask is None:
+            raise ValueError(f"loss.ld_alpha (LD-DPO) needs per-token log-probs of the {name}: use a token "
+                             "likelihood (causal_lm, llava) and a reference that is not precomputed")
+    scored = []
+    for out in (policy, reference):
+        values = LogpOutput(ld_logps(out.token_logps, out.token_mask, ld_alpha), policy.tokens)
+        scored.append(values.pairs())
+    return scored[0], scored[1]

@@ -198,3 +198,92 @@ def test_config_accepts_and_refuses_the_options(tmp_path):
     for loss, message in cases.items():
         with pytest.raises(ConfigError, match=message):
             load_config(write(tmp_path, loss))
+
+
+# --------------------------------------------------------------------------- LD-DPO
+
+
+def test_ld_logps_literal_and_padding():
+    from mmalign.losses_trl import ld_logps
+
+    # METHODS.md A.8: alpha 0.5, c = 3 tokens of -1, r = 5 tokens of -2 -> -3, -6 + 0.5 (-4) = -8
+    right = ld_logps(T([[-1.0, -1, -1, 0, 0], [-2.0, -2, -2, -2, -2]]), T([[1.0, 1, 1, 0, 0], [1.0, 1, 1, 1, 1]]), 0.5)
+    left = ld_logps(T([[0.0, 0, -1, -1, -1], [-2.0, -2, -2, -2, -2]]), T([[0.0, 0, 1, 1, 1], [1.0, 1, 1, 1, 1]]), 0.5)
+    close(right, [-3.0, -8.0])
+    close(left, [-3.0, -8.0])
+    token_logps, mask = torch.randn(4, 6), (torch.rand(4, 6) > 0.3).float()
+    torch.testing.assert_close(ld_logps(token_logps, mask, 1.0), (token_logps * mask).sum(-1))
+
+
+def test_ld_pairs_needs_token_values_and_the_trainer_applies_it():
+    from mmalign.losses_trl import ld_pairs
+
+    token_logps = T([[-1.0, -1, -1, 0], [-2.0, -2, -2, -2]])
+    mask = T([[1.0, 1, 1, 0], [1.0, 1, 1, 1]])
+    policy = LogpOutput(token_logps.sum(-1), mask.sum(-1), token_logps, mask)
+    reference = LogpOutput(T([0.0, 0.0]), mask.sum(-1), torch.zeros(2, 4), mask)
+    pol, ref = ld_pairs(policy, reference, 0.25)
+    close(pol.chosen, [-3.0])
+    close(pol.rejected, [-6.5])
+    close(pol.rejected_tokens, [4.0])
+    with pytest.raises(ValueError, match="ld_alpha .* needs per-token log-probs of the reference"):
+        ld_pairs(policy, LogpOutput(T([0.0, 0.0])), 0.25)
+    batch = PreferenceBatch("pair", {}, torch.arange(1))
+    losses, metrics = preference_losses(get_loss("dpo"), LossConfig(ld_alpha=0.25), batch, policy, reference,
+                                        lambda x: x, RunningMean())
+    torch.testing.assert_close(losses, dpo_loss(pol, ref, beta=0.1))
+    close(metrics["logps/rejected"], [-6.5])
+
+
+def test_ld_alpha_config_and_contract_checks(tmp_path):
+    from types import SimpleNamespace
+
+    from mmalign.train.setup import check_contracts
+
+    assert load_config(write(tmp_path, "name: ipo, ld_alpha: 0.5")).loss.ld_alpha == 0.5
+    assert LossConfig().ld_alpha is None
+    for loss, message in {
+        "name: dpo, ld_alpha: 1.5": "loss.ld_alpha must be in \\[0, 1\\]",
+        "name: kto, ld_alpha: 0.5": "re-weights chosen/rejected pairs; loss 'kto' takes 'unpaired' data",
+        "name: dpo, ld_alpha: 0.5, dense_gamma: 2.0": "choose one",
+    }.items():
+        with pytest.raises(ConfigError, match=message):
+            load_config(write(tmp_path, loss))
+    path = tmp_path / "p.yaml"
+    path.write_text("modality: causal_lm\nloss: {ld_alpha: 0.5}\nreference: {strategy: precomputed}\n")
+    with pytest.raises(ConfigError, match="needs per-token reference log-probs"):
+        load_config(str(path))
+
+    class NoTokens:  # a likelihood without per-token values (diffusion, flow, audio)
+        deterministic = True
+
+        def to(self, device): return self  # noqa: E704
+        def collate(self, records, kind): ...  # noqa: E704
+        def draw(self, batch, generator): ...  # noqa: E704
+        def logps(self, model, batch, draw): ...  # noqa: E704
+
+    with pytest.raises(ConfigError, match="loss.ld_alpha \\(LD-DPO\\) needs per-token log-probs, which NoTokens"):
+        check_contracts(SimpleNamespace(loss=LossConfig(ld_alpha=0.5)), NoTokens(), None)
+
+
+# --------------------------------------------------------------------------- one train step each
+
+
+@pytest.mark.parametrize("loss", [
+    {"name": "exo_pair", "label_smoothing": 1e-3},
+    {"name": "aot", "label_smoothing": 0.1},
+    {"name": "aot_unpaired"},
+    {"name": "apo_down"},
+    {"name": "discopop"},
+    {"name": "sigmoid_norm", "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3},
+    {"name": "dpo", "ld_alpha": 0.5, "f_divergence_type": "js_divergence"},
+], ids=lambda d: "-".join(str(v) for v in d.values()))
+def test_text_train_steps(make_config, tmp_path, loss):
+    import json
+
+    from mmalign.cli import main
+
+    cfg = make_config(loss=loss, train={"max_steps": 2})
+    assert main(["train", str(cfg)]) == 0
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert all(math.isfinite(r["loss"]) for r in rows) and rows[-1]["loss"] != rows[0]["loss"]

@@ -35,7 +35,8 @@ test accounts for it:
   and the f-divergences are compared below on the whole 4-pair batches; `aot*` sort over the
   batch in both. `discopop` computes m exp(-x) as exp(log sigma(x/tau) - x) (finite where TRL's
   exp(-x) overflows), equal up to float rounding here.
-* Not compared: `use_weighting` (WPO), `ld_alpha`: mmalign has no counterpart yet. mmalign's
+* `ld_alpha` (LD-DPO) is compared through `ld_pairs` on the likelihoods' per-token values.
+* Not compared: `use_weighting` (WPO): mmalign has no counterpart yet. mmalign's
   `simpo`, `soft`, `kto`, `ranked` have no `DPOTrainer` loss type.
 
 One trainer serves every case: `_compute_loss` reads `loss_types`, `loss_weights`, `beta`
@@ -55,6 +56,7 @@ pytest.importorskip("datasets")
 import torch  # noqa: E402
 
 from mmalign.losses import bco_reward_mean, f_divergence_pairs, get_loss, sft_loss  # noqa: E402
+from mmalign.losses_trl import ld_pairs  # noqa: E402
 from mmalign.modalities.causal_lm import CausalLMLikelihood  # noqa: E402
 from mmalign.toytext import build_tiny_llama, build_word_tokenizer, make_toy_pairs  # noqa: E402
 from mmalign.train.objective import RunningMean  # noqa: E402
@@ -87,6 +89,11 @@ def env(tmp_path_factory):
     equal = [r for r in pool if len(r["chosen"].split()) == 8][:4]  # 3 objects: same chosen length
     assert len({len(r["chosen"].split()) for r in mixed}) > 1, "mixed batch should vary in length"
     assert len(equal) == 4
+    # chosen and rejected of different lengths in every pair (LD-DPO's tail, sigmoid_norm's |c| != |r|)
+    longer = [r["chosen"] for r in pool if len(r["chosen"].split()) >= 8]
+    shorter = [r for r in pool if len(r["chosen"].split()) < 8]
+    uneven = [dict(r, rejected=other) for r, other in zip(shorter[:4], longer)]
+    assert all(len(r["chosen"].split()) != len(r["rejected"].split()) for r in uneven) and len(uneven) == 4
 
     args = DPOConfig(
         output_dir=str(tmp_path_factory.mktemp("trl_dpo")), report_to="none", bf16=False, use_cpu=True,
@@ -95,40 +102,43 @@ def env(tmp_path_factory):
     trainer = DPOTrainer(
         model=policy, ref_model=reference, args=args, processing_class=tok,
         train_dataset=Dataset.from_list(mixed),
-        eval_dataset={"mixed": Dataset.from_list(mixed), "equal": Dataset.from_list(equal)},
+        eval_dataset={"mixed": Dataset.from_list(mixed), "equal": Dataset.from_list(equal),
+                      "uneven": Dataset.from_list(uneven)},
     )
     policy.eval()
     reference.eval()
 
     likelihood = CausalLMLikelihood(tok, max_length=64)
     out = SimpleNamespace(trainer=trainer, policy=policy, reference=reference, tok=tok)
-    for name, records in (("mixed", mixed), ("equal", equal)):
+    for name, records in (("mixed", mixed), ("equal", equal), ("uneven", uneven)):
         # The eval dataloader samples sequentially, so the TRL batch keeps the record order.
         trl_batch = trainer._prepare_inputs(next(iter(trainer.get_eval_dataloader(name))))
         mm_batch = likelihood.collate(records, "pair")
         with torch.no_grad():
-            pol = likelihood.logps(policy, mm_batch).pairs()
-            ref = likelihood.logps(reference, mm_batch).pairs()
-        setattr(out, name, SimpleNamespace(records=records, trl=trl_batch, mm=mm_batch, pol=pol, ref=ref))
+            pol_out, ref_out = likelihood.logps(policy, mm_batch), likelihood.logps(reference, mm_batch)
+            pol, ref = pol_out.pairs(), ref_out.pairs()
+        setattr(out, name, SimpleNamespace(records=records, trl=trl_batch, mm=mm_batch, pol=pol, ref=ref,
+                                           pol_out=pol_out, ref_out=ref_out))
     return out
 
 
 def trl_loss(trainer, batch, loss_types, loss_weights=None, *, beta=BETA, label_smoothing=0.0,
-             f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, discopop_tau=0.05) -> torch.Tensor:
+             f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, discopop_tau=0.05,
+             ld_alpha=None) -> torch.Tensor:
     """TRL's loss for one batch, without training: `compute_loss` under no_grad, eval mode."""
     saved = (trainer.loss_types, trainer.loss_weights, trainer.beta, trainer.label_smoothing,
-             trainer.f_divergence_type, trainer.f_alpha_divergence_coef, trainer.args.discopop_tau)
+             trainer.f_divergence_type, trainer.f_alpha_divergence_coef, trainer.args.discopop_tau, trainer.ld_alpha)
     trainer.loss_types = list(loss_types)
     trainer.loss_weights = list(loss_weights or [1.0] * len(loss_types))
     trainer.beta, trainer.label_smoothing = beta, label_smoothing
     trainer.f_divergence_type, trainer.f_alpha_divergence_coef = f_divergence_type, f_alpha_divergence_coef
-    trainer.args.discopop_tau = discopop_tau
+    trainer.args.discopop_tau, trainer.ld_alpha = discopop_tau, ld_alpha
     try:
         with torch.no_grad():
             return trainer.compute_loss(trainer.model, batch).detach()
     finally:
-        (trainer.loss_types, trainer.loss_weights, trainer.beta, trainer.label_smoothing,
-         trainer.f_divergence_type, trainer.f_alpha_divergence_coef, trainer.args.discopop_tau) = saved
+        (trainer.loss_types, trainer.loss_weights, trainer.beta, trainer.label_smoothing, trainer.f_divergence_type,
+         trainer.f_alpha_divergence_coef, trainer.args.discopop_tau, trainer.ld_alpha) = saved
 
 
 # --------------------------------------------------------------------------- inputs first
@@ -263,7 +273,7 @@ NEW_CASES = [
 ]
 
 
-@pytest.mark.parametrize("which", ["mixed", "equal"])
+@pytest.mark.parametrize("which", ["mixed", "equal", "uneven"])
 @pytest.mark.parametrize(("name", "hp"), NEW_CASES, ids=[f"{c[0]}-{c[1]}" for c in NEW_CASES])
 def test_new_loss_matches_trl(env, which, name, hp):
     b = getattr(env, which)
@@ -315,3 +325,21 @@ def test_f_divergence_matches_trl(env, trl_type, name, hp, kind, alpha):
     assert abs(float(ours.mean()) - float(expected)) < TOL * scale
     scored, _ = f_divergence_pairs(b.pol, b.ref, kind, alpha)
     assert float((scored.chosen - (b.pol.chosen - b.ref.chosen)).abs().max()) > 0.1  # s(u) is not u here
+
+
+LD_CASES = [("sigmoid", "dpo", {}, 0.5), ("sigmoid", "dpo", {}, 0.0), ("ipo", "ipo", {}, 0.5),
+            ("sigmoid_norm", "sigmoid_norm", {}, 0.3), ("apo_down", "apo_down", {}, 0.5)]
+
+
+@pytest.mark.parametrize("which", ["mixed", "uneven"])
+@pytest.mark.parametrize(("trl_type", "name", "hp", "alpha"), LD_CASES, ids=[f"{c[0]}-{c[3]}" for c in LD_CASES])
+def test_ld_alpha_matches_trl(env, which, trl_type, name, hp, alpha):
+    b = getattr(env, which)
+    assert torch.equal(b.trl["input_ids"], b.mm.inputs["input_ids"])
+    assert torch.equal(b.trl["completion_mask"], b.mm.inputs["loss_mask"])
+    expected = trl_loss(env.trainer, b.trl, [trl_type], ld_alpha=alpha, **hp)
+    pol, ref = ld_pairs(b.pol_out, b.ref_out, alpha)
+    ours = get_loss(name).fn(pol, ref, beta=BETA, **hp)
+    assert abs(float(ours.mean()) - float(expected)) < TOL * max(1.0, abs(float(expected)))
+    if which == "uneven":  # unequal lengths in every pair: the tail weight changes the sequence values
+        assert float((pol.chosen - b.pol.chosen).abs().max() + (pol.rejected - b.pol.rejected).abs().max()) > 0.1

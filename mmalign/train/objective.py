@@ -18,6 +18,7 @@ from torch import Tensor
 
 from mmalign.config import LossConfig
 from mmalign.losses import LossSpec, f_divergence_pairs, sft_loss
+from mmalign.losses_trl import ld_pairs
 from mmalign.train.dense import dense_pairs
 from mmalign.train.metrics import pair_metrics
 from mmalign.types import LogpOutput, PairLogps, PreferenceBatch
@@ -51,9 +52,12 @@ class RunningMean:
 
 def _pair_inputs(cfg: LossConfig, batch: PreferenceBatch, policy: LogpOutput,
                  reference: LogpOutput) -> tuple[PairLogps, PairLogps]:
-    """(B,) chosen/rejected of the 2B items, re-scored by `dense_pairs` when loss.dense_gamma > 0."""
+    """(B,) chosen/rejected of the 2B items, re-scored by `dense_pairs` when loss.dense_gamma > 0
+    or by LD-DPO's `ld_pairs` when loss.ld_alpha is set."""
     if cfg.dense_gamma:
         return dense_pairs(batch, policy, reference, cfg.dense_gamma)
+    if cfg.ld_alpha is not None:
+        return ld_pairs(policy, reference, cfg.ld_alpha)
     return policy.pairs(), reference.pairs()
 
 

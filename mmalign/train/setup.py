@@ -33,6 +33,9 @@ def check_contracts(cfg: Config, likelihood: Likelihood, source: DataSource | No
     if cfg.loss.dense_gamma and not isinstance(likelihood, TokenValues):
         raise ConfigError(f"loss.dense_gamma needs per-token log-probs, which {type(likelihood).__name__} does not "
                           "give: use a token likelihood (causal_lm, llava)")
+    if cfg.loss.ld_alpha is not None and not isinstance(likelihood, TokenValues):
+        raise ConfigError(f"loss.ld_alpha (LD-DPO) needs per-token log-probs, which {type(likelihood).__name__} "
+                          "does not give: use a token likelihood (causal_lm, llava)")
 
 
 def make_accelerator(t: TrainConfig) -> Any:
