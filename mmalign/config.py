@@ -67,6 +67,9 @@ class LossConfig:
     # LD-DPO (TRL's ld_alpha; text/VLM, pairs): tokens past the shorter answer's length count α times
     # in both answers' log-likelihoods (1 = plain sum, 0 = drop the tail); None = off.
     ld_alpha: float | None = None
+    # WPO (TRL's use_weighting; text/VLM, pairs): every pair's loss is multiplied by w(c)·w(r),
+    # w(y) = exp(mean_t [log p_t(y_t) − log Σ_v p_t(v)²]) under the policy, detached.
+    use_weighting: bool = False
     gamma: float = 0.0  # simpo target margin
     sft_weight: float = 0.0  # RPO: α · NLL(chosen) added to the preference loss
     desirable_weight: float = 1.0  # kto λD
@@ -419,6 +422,9 @@ def _validate_loss_options(loss: LossConfig, losses: dict[str, LossSpec]) -> Non
                               f"takes '{spec.kind}' data")
         if loss.dense_gamma:
             raise ConfigError("loss.ld_alpha and loss.dense_gamma both re-weight answer tokens: choose one")
+    if loss.use_weighting and (spec.kind != "pair" or spec.batch_level):
+        why = "sorts its batch, which would misalign the pair weights" if spec.batch_level else f"takes '{spec.kind}' data"
+        raise ConfigError(f"loss.use_weighting (WPO) weights chosen/rejected pairs; loss '{loss.name}' {why}")
     if loss.discopop_tau <= 0:
         raise ConfigError(f"loss.discopop_tau must be > 0, got {loss.discopop_tau}")
 

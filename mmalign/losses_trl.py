@@ -36,6 +36,8 @@ __all__ = [
     "f_divergence_pairs",
     "f_divergence_score",
     "ld_logps",
+    "wpo_pair_weights",
+    "wpo_weights",
     "ld_pairs",
     "sigmoid_norm_loss",
 ]
@@ -235,3 +237,29 @@ def ld_pairs(policy: LogpOutput, reference: LogpOutput, ld_alpha: float) -> tupl
         values = LogpOutput(ld_logps(out.token_logps, out.token_mask, ld_alpha), policy.tokens)
         scored.append(values.pairs())
     return scored[0], scored[1]
+
+
+# --------------------------------------------------------------------------- WPO
+
+
+def wpo_weights(token_logps: Tensor, token_log_sq_mass: Tensor, token_mask: Tensor) -> Tensor:
+    """WPO's per-sequence weight (Zhou et al. 2024, arXiv 2406.11827, eq. 2, TRL's `use_weighting`):
+
+    w(y) = exp( (1/|y|) sum_t [log p_t(y_t) - log sum_v p_t(v)^2] ),
+
+    from the policy at temperature 1, detached. token_logps, token_log_sq_mass, token_mask:
+    (N, T). Returns (N,); can exceed 1 (when p_t(y_t) > sum_v p_t(v)^2).
+    """
+    mask = token_mask.to(token_logps.dtype)
+    aligned = (token_logps.detach() - token_log_sq_mass.detach()) * mask
+    return torch.exp(aligned.sum(-1) / mask.sum(-1).clamp(min=1))
+
+
+def wpo_pair_weights(policy: LogpOutput) -> Tensor:
+    """w(chosen) * w(rejected) per pair, (B,), from a paired policy output (2B items) that holds
+    per-token values and `token_log_sq_mass`. TRL multiplies every loss term of a pair by it."""
+    if policy.token_logps is None or policy.token_mask is None or policy.token_log_sq_mass is None:
+        raise ValueError("loss.use_weighting (WPO) needs the policy's per-token log-probs and log sum p^2: "
+                         "use a token likelihood (causal_lm, llava) with square_mass on")
+    chosen, rejected = wpo_weights(policy.token_logps, policy.token_log_sq_mass, policy.token_mask).chunk(2)
+    return chosen * rejected

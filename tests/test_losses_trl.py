@@ -266,6 +266,70 @@ def test_ld_alpha_config_and_contract_checks(tmp_path):
         check_contracts(SimpleNamespace(loss=LossConfig(ld_alpha=0.5)), NoTokens(), None)
 
 
+# --------------------------------------------------------------------------- WPO
+
+
+def test_wpo_weights_literal_and_square_mass():
+    from mmalign.losses_trl import wpo_weights
+    from mmalign.modalities.causal_lm import log_square_mass
+
+    # METHODS.md A.7: mean_t(log p - log sum p^2) = -0.5 -> w = 0.60653; padding ignored
+    token_logps, square = T([[-1.0, -2.0, 0.0]]), T([[-0.5, -1.5, 7.0]])
+    close(wpo_weights(token_logps, square, T([[1.0, 1.0, 0.0]])), [0.60653])
+    logits = torch.randn(2, 3, 11)
+    p = logits.softmax(-1)
+    torch.testing.assert_close(log_square_mass(logits), (p**2).sum(-1).log())
+    torch.testing.assert_close(log_square_mass(logits.to(torch.bfloat16)),
+                               (logits.to(torch.bfloat16).float().softmax(-1) ** 2).sum(-1).log())
+
+
+def test_the_trainer_weights_every_pair_term():
+    from mmalign.losses_trl import wpo_pair_weights
+
+    mask = torch.ones(4, 2)
+    token_logps = T([[-1.0, -1.0], [-2.0, -2.0], [-3.0, -1.0], [-1.0, -1.0]])
+    square = torch.full((4, 2), -1.5)
+    policy = LogpOutput(token_logps.sum(-1), mask.sum(-1), token_logps, mask, token_log_sq_mass=square)
+    reference = LogpOutput(T([-2.0, -2.0, -2.0, -2.0]), mask.sum(-1))
+    weights = wpo_pair_weights(policy)
+    close(weights, [math.exp(0.5) * math.exp(-0.5), math.exp(-0.5) * math.exp(0.5)])
+    batch = PreferenceBatch("pair", {}, torch.arange(2))
+    cfg = LossConfig(use_weighting=True, sft_weight=0.5)
+    losses, metrics = preference_losses(get_loss("dpo"), cfg, batch, policy, reference, lambda x: x, RunningMean())
+    from mmalign.losses import sft_loss
+
+    torch.testing.assert_close(losses, (dpo_loss(policy.pairs(), reference.pairs(), beta=0.1)
+                                        + 0.5 * sft_loss(policy.pairs())) * weights)
+    torch.testing.assert_close(metrics["wpo/weight"], weights)
+    with pytest.raises(ValueError, match="use_weighting \(WPO\) needs the policy's per-token log-probs"):
+        wpo_pair_weights(LogpOutput(T([0.0, 0.0])))
+
+
+def test_use_weighting_config_and_contract_checks(tmp_path):
+    from types import SimpleNamespace
+
+    from mmalign.train.setup import check_contracts
+
+    assert load_config(write(tmp_path, "name: ipo, use_weighting: true")).loss.use_weighting
+    for loss, message in {
+        "name: aot, use_weighting: true": "loss 'aot' sorts its batch",
+        "name: kto, use_weighting: true": "loss 'kto' takes 'unpaired' data",
+    }.items():
+        with pytest.raises(ConfigError, match=message):
+            load_config(write(tmp_path, loss))
+
+    class NoTokens:
+        deterministic = True
+
+        def to(self, device): return self  # noqa: E704
+        def collate(self, records, kind): ...  # noqa: E704
+        def draw(self, batch, generator): ...  # noqa: E704
+        def logps(self, model, batch, draw): ...  # noqa: E704
+
+    with pytest.raises(ConfigError, match="loss.use_weighting \(WPO\) needs per-token probabilities, which NoTokens"):
+        check_contracts(SimpleNamespace(loss=LossConfig(use_weighting=True)), NoTokens(), None)
+
+
 # --------------------------------------------------------------------------- one train step each
 
 
@@ -277,6 +341,7 @@ def test_ld_alpha_config_and_contract_checks(tmp_path):
     {"name": "discopop"},
     {"name": "sigmoid_norm", "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3},
     {"name": "dpo", "ld_alpha": 0.5, "f_divergence_type": "js_divergence"},
+    {"name": "ipo", "use_weighting": True, "sft_weight": 0.5},
 ], ids=lambda d: "-".join(str(v) for v in d.values()))
 def test_text_train_steps(make_config, tmp_path, loss):
     import json

@@ -36,7 +36,8 @@ test accounts for it:
   batch in both. `discopop` computes m exp(-x) as exp(log sigma(x/tau) - x) (finite where TRL's
   exp(-x) overflows), equal up to float rounding here.
 * `ld_alpha` (LD-DPO) is compared through `ld_pairs` on the likelihoods' per-token values.
-* Not compared: `use_weighting` (WPO): mmalign has no counterpart yet. mmalign's
+* `use_weighting` (WPO): the likelihood's `token_log_sq_mass` (square_mass on) gives TRL's fused
+  LM head's log sum p^2; compared through `wpo_pair_weights`. mmalign's
   `simpo`, `soft`, `kto`, `ranked` have no `DPOTrainer` loss type.
 
 One trainer serves every case: `_compute_loss` reads `loss_types`, `loss_weights`, `beta`
@@ -56,7 +57,7 @@ pytest.importorskip("datasets")
 import torch  # noqa: E402
 
 from mmalign.losses import bco_reward_mean, f_divergence_pairs, get_loss, sft_loss  # noqa: E402
-from mmalign.losses_trl import ld_pairs  # noqa: E402
+from mmalign.losses_trl import ld_pairs, wpo_pair_weights  # noqa: E402
 from mmalign.modalities.causal_lm import CausalLMLikelihood  # noqa: E402
 from mmalign.toytext import build_tiny_llama, build_word_tokenizer, make_toy_pairs  # noqa: E402
 from mmalign.train.objective import RunningMean  # noqa: E402
@@ -98,6 +99,8 @@ def env(tmp_path_factory):
     args = DPOConfig(
         output_dir=str(tmp_path_factory.mktemp("trl_dpo")), report_to="none", bf16=False, use_cpu=True,
         per_device_train_batch_size=4, per_device_eval_batch_size=4, max_length=None, beta=BETA,
+        # the fused LM head then also returns log sum p^2 (WPO); `trl_loss` switches the weighting per case
+        use_weighting=True,
     )
     trainer = DPOTrainer(
         model=policy, ref_model=reference, args=args, processing_class=tok,
@@ -109,7 +112,7 @@ def env(tmp_path_factory):
     reference.eval()
 
     likelihood = CausalLMLikelihood(tok, max_length=64)
-    out = SimpleNamespace(trainer=trainer, policy=policy, reference=reference, tok=tok)
+    out = SimpleNamespace(trainer=trainer, policy=policy, reference=reference, tok=tok, likelihood=likelihood)
     for name, records in (("mixed", mixed), ("equal", equal), ("uneven", uneven)):
         # The eval dataloader samples sequentially, so the TRL batch keeps the record order.
         trl_batch = trainer._prepare_inputs(next(iter(trainer.get_eval_dataloader(name))))
@@ -124,21 +127,22 @@ def env(tmp_path_factory):
 
 def trl_loss(trainer, batch, loss_types, loss_weights=None, *, beta=BETA, label_smoothing=0.0,
              f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, discopop_tau=0.05,
-             ld_alpha=None) -> torch.Tensor:
+             ld_alpha=None, use_weighting=False) -> torch.Tensor:
     """TRL's loss for one batch, without training: `compute_loss` under no_grad, eval mode."""
     saved = (trainer.loss_types, trainer.loss_weights, trainer.beta, trainer.label_smoothing,
-             trainer.f_divergence_type, trainer.f_alpha_divergence_coef, trainer.args.discopop_tau, trainer.ld_alpha)
+             trainer.f_divergence_type, trainer.f_alpha_divergence_coef, trainer.args.discopop_tau, trainer.ld_alpha,
+             trainer.use_weighting)
     trainer.loss_types = list(loss_types)
     trainer.loss_weights = list(loss_weights or [1.0] * len(loss_types))
     trainer.beta, trainer.label_smoothing = beta, label_smoothing
     trainer.f_divergence_type, trainer.f_alpha_divergence_coef = f_divergence_type, f_alpha_divergence_coef
-    trainer.args.discopop_tau, trainer.ld_alpha = discopop_tau, ld_alpha
+    trainer.args.discopop_tau, trainer.ld_alpha, trainer.use_weighting = discopop_tau, ld_alpha, use_weighting
     try:
         with torch.no_grad():
             return trainer.compute_loss(trainer.model, batch).detach()
     finally:
         (trainer.loss_types, trainer.loss_weights, trainer.beta, trainer.label_smoothing, trainer.f_divergence_type,
-         trainer.f_alpha_divergence_coef, trainer.args.discopop_tau, trainer.ld_alpha) = saved
+         trainer.f_alpha_divergence_coef, trainer.args.discopop_tau, trainer.ld_alpha, trainer.use_weighting) = saved
 
 
 # --------------------------------------------------------------------------- inputs first
@@ -343,3 +347,48 @@ def test_ld_alpha_matches_trl(env, which, trl_type, name, hp, alpha):
     assert abs(float(ours.mean()) - float(expected)) < TOL * max(1.0, abs(float(expected)))
     if which == "uneven":  # unequal lengths in every pair: the tail weight changes the sequence values
         assert float((pol.chosen - b.pol.chosen).abs().max() + (pol.rejected - b.pol.rejected).abs().max()) > 0.1
+
+
+WPO_CASES = [("sigmoid", "dpo", {}), ("ipo", "ipo", {}), ("apo_down", "apo_down", {}),
+             ("exo_pair", "exo_pair", {"label_smoothing": 1e-3})]
+
+
+@pytest.mark.parametrize("which", ["mixed", "uneven"])
+@pytest.mark.parametrize(("trl_type", "name", "hp"), WPO_CASES, ids=[c[0] for c in WPO_CASES])
+def test_wpo_weighting_matches_trl(env, which, trl_type, name, hp):
+    b = getattr(env, which)
+    expected = trl_loss(env.trainer, b.trl, [trl_type], use_weighting=True, **hp)
+    env.likelihood.square_mass = True
+    try:
+        with torch.no_grad():
+            policy_out = env.likelihood.logps(env.policy, b.mm)
+    finally:
+        env.likelihood.square_mass = False
+    weights = wpo_pair_weights(policy_out)
+    assert weights.shape == (4,) and float((weights - 1).abs().min()) > 1e-3  # not a no-op
+    ours = get_loss(name).fn(b.pol, b.ref, beta=BETA, **hp) * weights
+    # the weights are ~1e-4 here (w ~ 0.01 per answer), so the bar is relative: 1e-5
+    torch.testing.assert_close(ours.mean(), expected, rtol=1e-5, atol=1e-9)
+
+
+def test_wpo_with_the_sft_term(env):
+    """RPO with WPO: TRL 1.16 means to multiply the broadcast SFT value by each pair's weight, but its
+    in-place `per_sequence_loss *= weights` on the expanded SFT tensor raises (a TRL bug). mmalign
+    weights its per-example SFT term by the pair's weight; TRL's intent weights the batch's one SFT
+    value, which differs (sum_i s_i w_i != S sum_i w_i even at equal lengths): pinned both ways."""
+    b = env.equal
+    with pytest.raises(RuntimeError, match="more than one element of the written-to tensor"):
+        trl_loss(env.trainer, b.trl, ["sigmoid", "sft"], [1.0, ALPHA], use_weighting=True)
+    env.likelihood.square_mass = True
+    try:
+        with torch.no_grad():
+            weights = wpo_pair_weights(env.likelihood.logps(env.policy, b.mm))
+    finally:
+        env.likelihood.square_mass = False
+    ours = ((get_loss("dpo").fn(b.pol, b.ref, beta=BETA) + ALPHA * sft_loss(b.pol)) * weights).mean()
+    weighted_sigmoid = trl_loss(env.trainer, b.trl, ["sigmoid"], use_weighting=True)
+    expected = weighted_sigmoid + ALPHA * (sft_loss(b.pol) * weights).mean()
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-9)
+    token_weighted = -b.pol.chosen.sum() / b.pol.chosen_tokens.sum()  # TRL's one SFT value per batch
+    trl_intent = weighted_sigmoid + ALPHA * token_weighted * weights.mean()
+    assert abs(float(ours - trl_intent)) > 1e-3 * abs(float(ours))

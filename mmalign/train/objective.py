@@ -18,7 +18,7 @@ from torch import Tensor
 
 from mmalign.config import LossConfig
 from mmalign.losses import LossSpec, f_divergence_pairs, sft_loss
-from mmalign.losses_trl import ld_pairs
+from mmalign.losses_trl import ld_pairs, wpo_pair_weights
 from mmalign.train.dense import dense_pairs
 from mmalign.train.metrics import pair_metrics
 from mmalign.types import LogpOutput, PairLogps, PreferenceBatch
@@ -163,7 +163,12 @@ def preference_losses(spec: LossSpec, cfg: LossConfig, batch: PreferenceBatch, p
                      **statistics, **hyperparameters)
     if cfg.sft_weight and batch.kind == "pair":  # RPO: the chosen answers' NLL
         losses = losses + cfg.sft_weight * sft_loss(pol)
+    if cfg.use_weighting:  # WPO: every term of a pair times w(c) w(r) (checked: pair data only)
+        weights = wpo_pair_weights(policy)
+        losses = losses * weights.to(losses.dtype)
     metrics = kind.metrics(cfg, batch, pol, ref)
+    if cfg.use_weighting:
+        metrics["wpo/weight"] = weights
     for name, stat in spec.statistics.items():
         if stat.metric is not None:
             metrics[stat.metric] = torch.as_tensor(statistics[name]).reshape(1)

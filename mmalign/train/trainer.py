@@ -52,6 +52,8 @@ class PreferenceTrainer:
     def __init__(self, cfg: Config, model: torch.nn.Module, likelihood: Likelihood, processor: Any = None,
                  source: DataSource | None = None) -> None:
         check_contracts(cfg, likelihood, source)
+        if cfg.loss.use_weighting:  # WPO: the likelihood also returns log sum p^2 per token
+            likelihood.square_mass = True
         self.cfg, self.likelihood, self.processor, self.source = cfg, likelihood, processor, source
         t = cfg.train
         self.accelerator = make_accelerator(t)
