@@ -449,7 +449,7 @@ class LossSpec:
     parameters of fn, read from the `LossConfig` fields of the same name.
     f_divergence: the loss depends on the reference only through delta = u_c - u_r, so
     `loss.f_divergence_type` applies (the trainer passes `f_divergence_pairs` instead of the raw
-    pairs); others refuse it. batch_level: entry i depends on the whole batch given (aot sorts
+    pairs; `sft`, which has no reference, accepts it and is unaffected, as in TRL); others refuse it. batch_level: entry i depends on the whole batch given (aot sorts
     over it); the trainer passes this process's micro-batch as TRL does (no cross-process
     gather), so values depend on the per-process batch size and per-pair weighting is refused.
     """
@@ -499,7 +499,7 @@ LOSSES: dict[str, LossSpec] = {
     "apo_zero": LossSpec(apo_zero_loss, "pair"),
     "simpo": LossSpec(simpo_loss, "pair", needs_reference=False),
     "soft": LossSpec(soft_loss, "pair", fields=("soft_labels",), f_divergence=True),
-    "sft": LossSpec(sft_only_loss, "pair", needs_reference=False),
+    "sft": LossSpec(sft_only_loss, "pair", needs_reference=False, f_divergence=True),  # reads the policy only
     "spo": LossSpec(spo_loss, "pair"),
     "d3po": LossSpec(d3po_loss, "pair"),
     "kto": LossSpec(kto_loss, "unpaired", fields=("desirable",), statistics={"reference_point": KTO_Z}),

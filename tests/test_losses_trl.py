@@ -171,7 +171,7 @@ def test_registry_declares_the_new_losses():
     assert get_loss("discopop").hyperparameters == ("beta", "discopop_tau")
     assert {n for n, s in LOSSES.items() if s.batch_level} == {"aot", "aot_unpaired"}
     assert {n for n, s in LOSSES.items() if s.f_divergence} == {
-        "dpo", "cdpo", "robust", "soft", "ipo", "hinge", "exo_pair", "discopop", "sigmoid_norm"}
+        "dpo", "cdpo", "robust", "soft", "ipo", "hinge", "exo_pair", "discopop", "sigmoid_norm", "sft"}
 
 
 def write(tmp_path, loss: str) -> str:

@@ -392,3 +392,21 @@ def test_wpo_with_the_sft_term(env):
     token_weighted = -b.pol.chosen.sum() / b.pol.chosen_tokens.sum()  # TRL's one SFT value per batch
     trl_intent = weighted_sigmoid + ALPHA * token_weighted * weights.mean()
     assert abs(float(ours - trl_intent)) > 1e-3 * abs(float(ours))
+
+
+@pytest.mark.parametrize(("trl_types", "weights", "kind"), [
+    (["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0], "reverse_kl"),  # MPO
+    (["sigmoid", "sft"], [1.0, ALPHA], "reverse_kl"),  # RPO
+    (["hinge", "ipo", "sft"], [0.5, 0.3, 0.7], "js_divergence"),
+], ids=["mpo", "rpo", "hinge-ipo-sft-js"])
+def test_loss_combinations_match_trl(env, trl_types, weights, kind):
+    """On the equal-length batch (where the two SFT conventions agree); bco_pair at delta = 0 as TRL 1.16."""
+    from mmalign.losses_combined import combined_spec
+
+    b = env.equal
+    expected = trl_loss(env.trainer, b.trl, trl_types, weights, f_divergence_type=kind)
+    names = [{"sigmoid": "dpo"}.get(t, t) for t in trl_types]
+    spec = combined_spec(names, weights)
+    extra = {"delta": 0.0} if "delta" in spec.statistics else {}
+    ours = spec.fn(b.pol, b.ref, beta=BETA, f_divergence_type=kind, **extra)
+    assert abs(float(ours.mean()) - float(expected)) < TOL * max(1.0, abs(float(expected)))

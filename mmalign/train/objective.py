@@ -157,7 +157,7 @@ def preference_losses(spec: LossSpec, cfg: LossConfig, batch: PreferenceBatch, p
     hyperparameters = loss_hyperparameter_values(spec, cfg)
     statistics = batch_statistics(spec, hyperparameters, pol, ref, gather, state, kl_logratios)
     loss_pol, loss_ref = pol, ref
-    if spec.f_divergence and cfg.f_divergence_type != "reverse_kl":  # f-DPO: delta = s(u_c) - s(u_r)
+    if spec.f_divergence and spec.needs_reference and cfg.f_divergence_type != "reverse_kl":  # f-DPO
         loss_pol, loss_ref = f_divergence_pairs(pol, ref, cfg.f_divergence_type, cfg.f_alpha_divergence_coef)
     losses = spec.fn(loss_pol, loss_ref if spec.needs_reference else None, **batch_fields(spec, batch, cfg.name),
                      **statistics, **hyperparameters)

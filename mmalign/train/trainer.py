@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from mmalign.config import Config, to_dict
 from mmalign.data.preference import StreamSampler, load_split, mismatched
-from mmalign.losses import get_loss
+from mmalign.losses_combined import loss_spec_for
 from mmalign.seeds import MICRO, RUN, STEP, mix_seed
 from mmalign.train import checkpoint as ckpt
 from mmalign.train.image_terms import build_image_terms
@@ -59,7 +59,7 @@ class PreferenceTrainer:
         self.accelerator = make_accelerator(t)
         likelihood.to(self.accelerator.device)  # frozen parts it owns (VAE, text encoders)
         self.output_dir = Path(t.output_dir)
-        self.loss_spec = get_loss(cfg.loss.name)
+        self.loss_spec = loss_spec_for(cfg.loss.name, cfg.loss.weights)  # one loss, or a weighted list (MPO)
         # Records are read by index only (a lazy dataset works too) and never mutated. An online
         # source replaces them (and the sampler) with each round it returns (`train_step`).
         d = cfg.data
