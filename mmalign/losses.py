@@ -35,17 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmalign.losses_trl import (
-    F_DIVERGENCES,
-    aot_loss,
-    aot_unpaired_loss,
-    apo_down_loss,
-    discopop_loss,
-    exo_pair_loss,
-    f_divergence_pairs,
-    f_divergence_score,
-    sigmoid_norm_loss,
-)
+from mmalign.losses_image import IMAGE_TERMS, ImageTermSpec, anchor_loss, image_conditional_loss
+from mmalign.losses_trl import (F_DIVERGENCES, aot_loss, aot_unpaired_loss, apo_down_loss, discopop_loss,
+                                exo_pair_loss, f_divergence_pairs, f_divergence_score, sigmoid_norm_loss)
 from mmalign.types import PairLogps, PreferenceBatch
 
 __all__ = [
@@ -239,28 +231,6 @@ def sft_only_loss(policy: PairLogps, reference: PairLogps | None = None) -> Tens
     """Supervised fine-tuning on the chosen outputs alone (`loss.name: sft`), the control
     every preference run should be compared with. Same value as `sft_loss`. Returns (B,)."""
     return sft_loss(policy)
-
-
-# --------------------------------------------------------------------------- image terms (VLM)
-# Extra terms on the chosen answer scored with a modified image (mmalign/train/image_terms.py).
-# Their PairLogps hold chosen = log π(yw | m, x) (the true image m) and rejected =
-# log π(yw | m', x) (the same answer with the modified image m'), for policy and reference.
-
-
-def image_conditional_loss(policy: PairLogps, reference: PairLogps, *, beta: float) -> Tensor:
-    """mDPO's conditional term (Wang et al. 2024, eq. 4), Re-Align's visual term: the answer is
-    preferred with the true image m over the modified one m',
-
-    -log sigma(beta [(log pi(yw|m,x) - log ref(yw|m,x)) - (log pi(yw|m',x) - log ref(yw|m',x))]),
-
-    i.e. `dpo_loss` with the modified-image item as "rejected". Returns (B,)."""
-    return dpo_loss(policy, reference, beta=beta)
-
-
-def anchor_loss(policy: PairLogps, reference: PairLogps, *, beta: float, anchor_delta: float = 0.0) -> Tensor:
-    """mDPO's anchor (Wang et al. 2024, eq. 5): -log sigma(beta (log pi(yw|m,x) - log ref(yw|m,x)) - delta);
-    keeps the chosen reward above delta (0 in mDPO). Reads only the `chosen` fields. Returns (B,)."""
-    return -F.logsigmoid(beta * (policy.chosen - reference.chosen) - anchor_delta)
 
 
 # --------------------------------------------------------------------------- step-aware (SPO, D3PO)
@@ -515,23 +485,6 @@ LOSSES: dict[str, LossSpec] = {
 
 # The subset that takes (policy: PairLogps, reference: PairLogps).
 PAIR_LOSSES: dict[str, LossSpec] = {k: v for k, v in LOSSES.items() if v.kind == "pair"}
-
-
-@dataclass(frozen=True)
-class ImageTermSpec:
-    """An extra VLM objective (`loss.image_term`): `image` names how the trainer modifies the
-    image of each chosen item ("corrupt": `loss.corruption` of the same image; "other": another
-    example's image), `terms` maps a metric name to a pure loss over the (true image, modified
-    image) PairLogps; the trainer adds `loss.image_term_weight` x their sum."""
-
-    image: str
-    terms: dict[str, Callable[..., Tensor]]
-
-
-IMAGE_TERMS: dict[str, ImageTermSpec] = {
-    "mdpo": ImageTermSpec("corrupt", {"conditional": image_conditional_loss, "anchor": anchor_loss}),
-    "realign": ImageTermSpec("other", {"visual": image_conditional_loss}),
-}
 
 
 def get_loss(name: str) -> LossSpec:
