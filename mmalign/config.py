@@ -55,9 +55,25 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "dpo"
+    # a registered loss, or a list of them combined as Σ_k weights[k]·loss_k (MPO, e.g.
+    # [dpo, bco_pair, sft] with weights [0.8, 0.2, 1.0]; RPO = [dpo, sft], [1, α])
+    name: str | list[str] = "dpo"
+    weights: list[float] | None = None  # one per entry of a list `name`; None = all 1
     beta: float = 0.1
-    label_smoothing: float = 0.0  # cdpo / robust ε
+    label_smoothing: float = 0.0  # cdpo / robust / aot / aot_unpaired ε; exo_pair ε (> 0, EXO uses 1e-3)
+    discopop_tau: float = 0.05  # discopop τ: temperature of the logistic/exponential mix
+    # f-DPO (TRL's f_divergence_type): each log-ratio u becomes s(u) before delta = s(u_c) - s(u_r):
+    # reverse_kl (u, plain DPO), forward_kl (1 - e^-u), js_divergence (log 2 + log σ(u)),
+    # alpha_divergence ((e^{(α-1)u} - 1)/(α-1), α = f_alpha_divergence_coef). Only for the losses
+    # built on delta alone (dpo, cdpo, robust, soft, ipo, hinge, exo_pair, discopop, sigmoid_norm).
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    # LD-DPO (TRL's ld_alpha; text/VLM, pairs): tokens past the shorter answer's length count α times
+    # in both answers' log-likelihoods (1 = plain sum, 0 = drop the tail); None = off.
+    ld_alpha: float | None = None
+    # WPO (TRL's use_weighting; text/VLM, pairs): every pair's loss is multiplied by w(c)·w(r),
+    # w(y) = exp(mean_t [log p_t(y_t) − log Σ_v p_t(v)²]) under the policy, detached.
+    use_weighting: bool = False
     gamma: float = 0.0  # simpo target margin
     sft_weight: float = 0.0  # RPO: α · NLL(chosen) added to the preference loss
     desirable_weight: float = 1.0  # kto λD
@@ -408,6 +424,9 @@ def validate(cfg: Config) -> None:
     if cfg.loss.dense_gamma and cfg.reference.strategy == "precomputed":
         raise ConfigError("loss.dense_gamma needs per-token reference log-probs; a precomputed reference "
                           "keeps sums only: use reference.strategy frozen or lora_disabled")
+    if cfg.loss.ld_alpha is not None and cfg.reference.strategy == "precomputed":
+        raise ConfigError("loss.ld_alpha (LD-DPO) needs per-token reference log-probs; a precomputed reference "
+                          "keeps sums only: use reference.strategy frozen or lora_disabled")
     if cfg.loss.beta <= 0:
         raise ConfigError(f"loss.beta must be > 0, got {cfg.loss.beta}")
     _validate_image_term(cfg)
@@ -446,14 +465,72 @@ def _validate_names(cfg: Config) -> None:
     from mmalign.modalities import known_modalities
 
     _known("modality", cfg.modality, known_modalities(), "modality")
-    _known("loss.name", cfg.loss.name, sorted(LOSSES), "loss")
+    from mmalign.losses_combined import combined_spec, loss_names
+
+    names = loss_names(cfg.loss.name)
+    if not names:
+        raise ConfigError("loss.name: an empty list; name at least one loss")
+    for name in names:
+        _known("loss.name", name, sorted(LOSSES), "loss")
+    if len(set(names)) < len(names):
+        raise ConfigError(f"loss.name lists a loss twice: {names}; weight it once with loss.weights")
+    if cfg.loss.weights is not None and len(cfg.loss.weights) != len(names):
+        raise ConfigError(f"loss.weights needs one weight per loss of loss.name: {len(cfg.loss.weights)} weights "
+                          f"for {len(names)} losses ({', '.join(names)})")
+    if len(names) > 1:
+        try:
+            combined_spec(names, cfg.loss.weights)
+        except ValueError as e:
+            raise ConfigError(f"loss.name: {e}") from None
     _validate_loss_hyperparameters(cfg.loss, LOSSES)
+    _validate_loss_options(cfg.loss, LOSSES)
+
+
+def _validate_loss_options(loss: LossConfig, losses: dict[str, LossSpec]) -> None:
+    """The f-divergence only for losses built on delta alone (as TRL); exo_pair needs eps > 0."""
+    from mmalign.losses import F_DIVERGENCES
+
+    from mmalign.losses_combined import loss_names
+
+    names = loss_names(loss.name)
+    specs = [losses[n] for n in names]
+    _known("loss.f_divergence_type", loss.f_divergence_type, list(F_DIVERGENCES), "f-divergence")
+    refusing = [n for n, s in zip(names, specs) if not s.f_divergence]
+    if loss.f_divergence_type != "reverse_kl" and refusing:
+        takes = sorted(n for n, s in losses.items() if s.f_divergence)
+        raise ConfigError(f"loss.f_divergence_type={loss.f_divergence_type} applies only to the losses built on "
+                          f"the reward difference delta ({', '.join(takes)}), not to loss '{refusing[0]}': use the "
+                          "default reverse_kl")
+    if loss.f_alpha_divergence_coef != LossConfig.f_alpha_divergence_coef and loss.f_divergence_type != "alpha_divergence":
+        raise ConfigError(f"loss.f_alpha_divergence_coef={loss.f_alpha_divergence_coef} has no effect unless "
+                          "loss.f_divergence_type is alpha_divergence")
+    if "exo_pair" in names and not 0 < loss.label_smoothing < 1:
+        raise ConfigError(f"loss 'exo_pair' needs 0 < loss.label_smoothing < 1 (EXO uses 1e-3), "
+                          f"got {loss.label_smoothing}")
+    if loss.ld_alpha is not None:
+        if not 0 <= loss.ld_alpha <= 1:
+            raise ConfigError(f"loss.ld_alpha must be in [0, 1] (None = off), got {loss.ld_alpha}")
+        if specs[0].kind != "pair":
+            raise ConfigError(f"loss.ld_alpha (LD-DPO) re-weights chosen/rejected pairs; loss '{names[0]}' "
+                              f"takes '{specs[0].kind}' data")
+        if loss.dense_gamma:
+            raise ConfigError("loss.ld_alpha and loss.dense_gamma both re-weight answer tokens: choose one")
+    for name, spec in zip(names, specs):
+        if loss.use_weighting and (spec.kind != "pair" or spec.batch_level):
+            why = "sorts its batch, which would misalign the pair weights" if spec.batch_level else f"takes '{spec.kind}' data"
+            raise ConfigError(f"loss.use_weighting (WPO) weights chosen/rejected pairs; loss '{name}' {why}")
+    if loss.discopop_tau <= 0:
+        raise ConfigError(f"loss.discopop_tau must be > 0, got {loss.discopop_tau}")
 
 
 def _validate_loss_hyperparameters(loss: LossConfig, losses: dict[str, LossSpec]) -> None:
     """A LossConfig field that is a hyperparameter of some registered loss but not of the
     chosen one (nor in SHARED_LOSS_KEYS) must keep its default: it would have no effect."""
-    takes, defaults = losses[loss.name].hyperparameters, LossConfig()
+    from mmalign.losses_combined import loss_names
+
+    names = loss_names(loss.name)
+    takes = tuple(dict.fromkeys(h for n in names for h in losses[n].hyperparameters))
+    defaults = LossConfig()
     for f in dataclasses.fields(LossConfig):
         owners = [name for name, spec in sorted(losses.items()) if f.name in spec.hyperparameters]
         value = getattr(loss, f.name)
@@ -461,7 +538,7 @@ def _validate_loss_hyperparameters(loss: LossConfig, losses: dict[str, LossSpec]
             continue
         taken = f"which takes: {', '.join(takes)}" if takes else "which takes no hyperparameters"
         raise ConfigError(f"loss.{f.name}={value} is a hyperparameter of {', '.join(owners)}, "
-                          f"not of loss '{loss.name}', {taken}")
+                          f"not of loss '{'+'.join(names)}', {taken}")
 
 
 def _validate_ranges(cfg: Config) -> None:

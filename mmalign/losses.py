@@ -16,6 +16,10 @@ what the loss needs: its hyperparameters (the keyword-only parameters of its fun
 from the config), the batch fields it reads (`soft`'s soft_labels) and the batch statistics
 the trainer gathers for it (`Statistic`: `kto`'s z, `bco_pair`'s delta). The trainer
 (mmalign/train/objective.py) supplies them the same way for every loss.
+
+TRL 1.16's other loss types (`exo_pair`, `aot`, `aot_unpaired`, `apo_down`, `discopop`,
+`sigmoid_norm`) and its f-divergence option live in `mmalign.losses_trl`; they are registered
+here and importable from this module too.
 """
 
 from __future__ import annotations
@@ -31,9 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmalign.losses_image import IMAGE_TERMS, ImageTermSpec, anchor_loss, image_conditional_loss
+from mmalign.losses_trl import (F_DIVERGENCES, aot_loss, aot_unpaired_loss, apo_down_loss, discopop_loss,
+                                exo_pair_loss, f_divergence_pairs, f_divergence_score, sigmoid_norm_loss)
 from mmalign.types import PairLogps, PreferenceBatch
 
 __all__ = [
+    "F_DIVERGENCES",
     "LOSSES",
     "PAIR_LOSSES",
     "IMAGE_TERMS",
@@ -43,12 +51,19 @@ __all__ = [
     "LossSpec",
     "Statistic",
     "anchor_loss",
+    "aot_loss",
+    "aot_unpaired_loss",
+    "apo_down_loss",
     "apo_zero_loss",
     "bco_pair_loss",
     "bco_reward_mean",
     "cdpo_loss",
     "d3po_loss",
+    "discopop_loss",
     "dpo_loss",
+    "exo_pair_loss",
+    "f_divergence_pairs",
+    "f_divergence_score",
     "get_loss",
     "hinge_loss",
     "image_conditional_loss",
@@ -60,6 +75,7 @@ __all__ = [
     "ranked_loss",
     "robust_loss",
     "sft_loss",
+    "sigmoid_norm_loss",
     "simpo_loss",
     "soft_loss",
     "spo_loss",
@@ -215,28 +231,6 @@ def sft_only_loss(policy: PairLogps, reference: PairLogps | None = None) -> Tens
     """Supervised fine-tuning on the chosen outputs alone (`loss.name: sft`), the control
     every preference run should be compared with. Same value as `sft_loss`. Returns (B,)."""
     return sft_loss(policy)
-
-
-# --------------------------------------------------------------------------- image terms (VLM)
-# Extra terms on the chosen answer scored with a modified image (mmalign/train/image_terms.py).
-# Their PairLogps hold chosen = log π(yw | m, x) (the true image m) and rejected =
-# log π(yw | m', x) (the same answer with the modified image m'), for policy and reference.
-
-
-def image_conditional_loss(policy: PairLogps, reference: PairLogps, *, beta: float) -> Tensor:
-    """mDPO's conditional term (Wang et al. 2024, eq. 4), Re-Align's visual term: the answer is
-    preferred with the true image m over the modified one m',
-
-    -log sigma(beta [(log pi(yw|m,x) - log ref(yw|m,x)) - (log pi(yw|m',x) - log ref(yw|m',x))]),
-
-    i.e. `dpo_loss` with the modified-image item as "rejected". Returns (B,)."""
-    return dpo_loss(policy, reference, beta=beta)
-
-
-def anchor_loss(policy: PairLogps, reference: PairLogps, *, beta: float, anchor_delta: float = 0.0) -> Tensor:
-    """mDPO's anchor (Wang et al. 2024, eq. 5): -log sigma(beta (log pi(yw|m,x) - log ref(yw|m,x)) - delta);
-    keeps the chosen reward above delta (0 in mDPO). Reads only the `chosen` fields. Returns (B,)."""
-    return -F.logsigmoid(beta * (policy.chosen - reference.chosen) - anchor_delta)
 
 
 # --------------------------------------------------------------------------- step-aware (SPO, D3PO)
@@ -423,6 +417,11 @@ class LossSpec:
     soft_labels, kto's desirable labels, ranked's scores). statistics: keyword -> `Statistic`
     (bco_pair's delta, kto's reference_point z). `hyperparameters`: the other keyword-only
     parameters of fn, read from the `LossConfig` fields of the same name.
+    f_divergence: the loss depends on the reference only through delta = u_c - u_r, so
+    `loss.f_divergence_type` applies (the trainer passes `f_divergence_pairs` instead of the raw
+    pairs; `sft`, which has no reference, accepts it and is unaffected, as in TRL); others refuse it. batch_level: entry i depends on the whole batch given (aot sorts
+    over it); the trainer passes this process's micro-batch as TRL does (no cross-process
+    gather), so values depend on the per-process batch size and per-pair weighting is refused.
     """
 
     fn: Callable[..., Tensor]
@@ -430,6 +429,8 @@ class LossSpec:
     needs_reference: bool = True
     fields: tuple[str, ...] = ()
     statistics: Mapping[str, Statistic] = field(default_factory=dict)
+    f_divergence: bool = False
+    batch_level: bool = False
 
     def __post_init__(self) -> None:
         params = inspect.signature(self.fn).parameters
@@ -457,43 +458,33 @@ def _keyword_only(fn: Callable[..., Tensor]) -> list[str]:
 
 
 LOSSES: dict[str, LossSpec] = {
-    "dpo": LossSpec(dpo_loss, "pair"),
-    "cdpo": LossSpec(cdpo_loss, "pair"),
-    "robust": LossSpec(robust_loss, "pair"),
-    "ipo": LossSpec(ipo_loss, "pair"),
-    "hinge": LossSpec(hinge_loss, "pair"),
+    "dpo": LossSpec(dpo_loss, "pair", f_divergence=True),
+    "cdpo": LossSpec(cdpo_loss, "pair", f_divergence=True),
+    "robust": LossSpec(robust_loss, "pair", f_divergence=True),
+    "ipo": LossSpec(ipo_loss, "pair", f_divergence=True),
+    "hinge": LossSpec(hinge_loss, "pair", f_divergence=True),
     "bco_pair": LossSpec(bco_pair_loss, "pair", statistics={"delta": BCO_DELTA}),
     "nca_pair": LossSpec(nca_pair_loss, "pair"),
     "sppo_hard": LossSpec(sppo_hard_loss, "pair"),
     "apo_zero": LossSpec(apo_zero_loss, "pair"),
     "simpo": LossSpec(simpo_loss, "pair", needs_reference=False),
-    "soft": LossSpec(soft_loss, "pair", fields=("soft_labels",)),
-    "sft": LossSpec(sft_only_loss, "pair", needs_reference=False),
+    "soft": LossSpec(soft_loss, "pair", fields=("soft_labels",), f_divergence=True),
+    "sft": LossSpec(sft_only_loss, "pair", needs_reference=False, f_divergence=True),  # reads the policy only
     "spo": LossSpec(spo_loss, "pair"),
     "d3po": LossSpec(d3po_loss, "pair"),
     "kto": LossSpec(kto_loss, "unpaired", fields=("desirable",), statistics={"reference_point": KTO_Z}),
     "ranked": LossSpec(ranked_loss, "ranked", fields=("scores",)),
+    # TRL 1.16's other types (mmalign/losses_trl.py)
+    "exo_pair": LossSpec(exo_pair_loss, "pair", f_divergence=True),
+    "apo_down": LossSpec(apo_down_loss, "pair"),
+    "discopop": LossSpec(discopop_loss, "pair", f_divergence=True),
+    "sigmoid_norm": LossSpec(sigmoid_norm_loss, "pair", f_divergence=True),
+    "aot": LossSpec(aot_loss, "pair", batch_level=True),
+    "aot_unpaired": LossSpec(aot_unpaired_loss, "pair", batch_level=True),
 }
 
 # The subset that takes (policy: PairLogps, reference: PairLogps).
 PAIR_LOSSES: dict[str, LossSpec] = {k: v for k, v in LOSSES.items() if v.kind == "pair"}
-
-
-@dataclass(frozen=True)
-class ImageTermSpec:
-    """An extra VLM objective (`loss.image_term`): `image` names how the trainer modifies the
-    image of each chosen item ("corrupt": `loss.corruption` of the same image; "other": another
-    example's image), `terms` maps a metric name to a pure loss over the (true image, modified
-    image) PairLogps; the trainer adds `loss.image_term_weight` x their sum."""
-
-    image: str
-    terms: dict[str, Callable[..., Tensor]]
-
-
-IMAGE_TERMS: dict[str, ImageTermSpec] = {
-    "mdpo": ImageTermSpec("corrupt", {"conditional": image_conditional_loss, "anchor": anchor_loss}),
-    "realign": ImageTermSpec("other", {"visual": image_conditional_loss}),
-}
 
 
 def get_loss(name: str) -> LossSpec:

@@ -72,6 +72,9 @@ class LogpOutput:
     tokens: (N,) number of scored tokens, or None.
     token_logps, token_mask: (N, T) per-token values and their mask, or None.
     diagnostics: extra (N,) tensors for logging (e.g. "mse").
+    token_log_sq_mass: (N, T) log sum_v p_t(v)^2 at each scored position, detached (WPO's
+        weights, `loss.use_weighting`), or None: filled by a `TokenSquareMass` likelihood
+        whose `square_mass` is on.
     """
 
     logps: Tensor
@@ -79,6 +82,7 @@ class LogpOutput:
     token_logps: Tensor | None = None
     token_mask: Tensor | None = None
     diagnostics: dict[str, Tensor] = field(default_factory=dict)
+    token_log_sq_mass: Tensor | None = None
 
     def pairs(self) -> PairLogps:
         """Split a paired output (chosen items first, then rejected) into a `PairLogps`."""
@@ -96,6 +100,7 @@ class LogpOutput:
             d(self.token_logps),
             d(self.token_mask),
             {k: v.detach() for k, v in self.diagnostics.items()},
+            d(self.token_log_sq_mass),
         )
 
 
@@ -203,6 +208,14 @@ class TokenValues(Protocol):
     def scored_token_ids(self, batch: PreferenceBatch, width: int) -> Tensor:
         """(N, width) ids of the tokens that the last `width` columns of `token_logps` score."""
         ...
+
+
+@runtime_checkable
+class TokenSquareMass(Protocol):
+    """Ability: with `square_mass` set, `logps` also fills `token_log_sq_mass` (N, T), the log of
+    sum_v p_t(v)^2 under the model at each scored position (WPO's weights, `loss.use_weighting`)."""
+
+    square_mass: bool
 
 
 @runtime_checkable

@@ -154,12 +154,12 @@ def config(tmp_path):
 @pytest.mark.parametrize("overrides,message", [
     (["loss.name=dpoo"], "loss.name: unknown loss 'dpoo'; did you mean 'dpo'?"),
     (["loss.name=kt0"], "loss.name: unknown loss 'kt0'; did you mean 'kto'?"),
-    (["loss.name=xyzzy"], "loss.name: unknown loss 'xyzzy'; valid: apo_zero, bco_pair, cdpo,"),
+    (["loss.name=xyzzy"], "loss.name: unknown loss 'xyzzy'; valid: aot, aot_unpaired, apo_down, apo_zero, bco_pair, cdpo,"),
     (["modality=llavaa"], "modality: unknown modality 'llavaa'; did you mean 'llava'?"),
     (["modality=sdx1"], "modality: unknown modality 'sdx1'; did you mean 'sdxl'?"),
     (["loss.name=dpo", "loss.gamma=0.5"],
      "loss.gamma=0.5 is a hyperparameter of simpo, not of loss 'dpo', which takes: beta"),
-    (["loss.name=kto", "loss.label_smoothing=0.1"], "loss.label_smoothing=0.1 is a hyperparameter of cdpo, robust, "
+    (["loss.name=kto", "loss.label_smoothing=0.1"], "loss.label_smoothing=0.1 is a hyperparameter of aot, aot_unpaired, cdpo, exo_pair, robust, "
      "not of loss 'kto', which takes: beta, desirable_weight, undesirable_weight"),
     (["loss.name=ipo", "loss.clip=0.2"], "loss.clip=0.2 is a hyperparameter of d3po, spo, not of loss 'ipo'"),
     (["loss.name=dpo", "loss.undesirable_weight=2"], "loss.undesirable_weight=2.0 is a hyperparameter of kto"),

@@ -366,6 +366,13 @@ def test_every_loss_returns_per_example_values() -> None:
         "sft": {},
         "spo": {"beta": 10.0, "clip": 0.1},  # tests/test_spo.py pins its values
         "d3po": {"beta": 10.0, "clip": 0.1},
+        # TRL 1.16's other types (tests/test_losses_trl.py pins their values)
+        "exo_pair": {"beta": 0.1, "label_smoothing": 1e-3},
+        "apo_down": {"beta": 0.1},
+        "discopop": {"beta": 0.1, "discopop_tau": 0.05},
+        "sigmoid_norm": {"beta": 0.1},
+        "aot": {"beta": 0.1, "label_smoothing": 0.1},
+        "aot_unpaired": {"beta": 0.1, "label_smoothing": 0.1},
     }
     assert set(hp) == set(PAIR_LOSSES)
     for name, kw in hp.items():
@@ -388,6 +395,7 @@ def test_registry_contents() -> None:
     assert set(LOSSES) == {
         "dpo", "cdpo", "robust", "ipo", "hinge", "bco_pair", "nca_pair",
         "sppo_hard", "apo_zero", "simpo", "soft", "sft", "spo", "d3po", "kto", "ranked",
+        "exo_pair", "apo_down", "discopop", "sigmoid_norm", "aot", "aot_unpaired",  # mmalign/losses_trl.py
     }
     assert all(isinstance(s, LossSpec) for s in LOSSES.values())
     assert get_loss("kto").kind == "unpaired" and get_loss("ranked").kind == "ranked"

@@ -31,8 +31,13 @@ test accounts for it:
   of the batch (token-weighted), while mmalign's `sft_loss` is a per-example token mean,
   averaged over examples. They agree when all chosen answers have the same length (the
   "equal" batch); on a mixed-length batch TRL's term is Σ(-pc)/Σ(nc) (pinned below).
-* Not compared: `exo_pair`, `aot_unpaired`, `apo_down`, `discopop`, `sigmoid_norm`,
-  `use_weighting` (WPO), `ld_alpha`, f-divergences: mmalign has no counterpart. mmalign's
+* `exo_pair`, `aot`, `aot_unpaired`, `apo_down`, `discopop`, `sigmoid_norm` (mmalign/losses_trl.py)
+  and the f-divergences are compared below on the whole 4-pair batches; `aot*` sort over the
+  batch in both. `discopop` computes m exp(-x) as exp(log sigma(x/tau) - x) (finite where TRL's
+  exp(-x) overflows), equal up to float rounding here.
+* `ld_alpha` (LD-DPO) is compared through `ld_pairs` on the likelihoods' per-token values.
+* `use_weighting` (WPO): the likelihood's `token_log_sq_mass` (square_mass on) gives TRL's fused
+  LM head's log sum p^2; compared through `wpo_pair_weights`. mmalign's
   `simpo`, `soft`, `kto`, `ranked` have no `DPOTrainer` loss type.
 
 One trainer serves every case: `_compute_loss` reads `loss_types`, `loss_weights`, `beta`
@@ -51,7 +56,8 @@ pytest.importorskip("datasets")
 
 import torch  # noqa: E402
 
-from mmalign.losses import bco_reward_mean, get_loss, sft_loss  # noqa: E402
+from mmalign.losses import bco_reward_mean, f_divergence_pairs, get_loss, sft_loss  # noqa: E402
+from mmalign.losses_trl import ld_pairs, wpo_pair_weights  # noqa: E402
 from mmalign.modalities.causal_lm import CausalLMLikelihood  # noqa: E402
 from mmalign.toytext import build_tiny_llama, build_word_tokenizer, make_toy_pairs  # noqa: E402
 from mmalign.train.objective import RunningMean  # noqa: E402
@@ -84,43 +90,59 @@ def env(tmp_path_factory):
     equal = [r for r in pool if len(r["chosen"].split()) == 8][:4]  # 3 objects: same chosen length
     assert len({len(r["chosen"].split()) for r in mixed}) > 1, "mixed batch should vary in length"
     assert len(equal) == 4
+    # chosen and rejected of different lengths in every pair (LD-DPO's tail, sigmoid_norm's |c| != |r|)
+    longer = [r["chosen"] for r in pool if len(r["chosen"].split()) >= 8]
+    shorter = [r for r in pool if len(r["chosen"].split()) < 8]
+    uneven = [dict(r, rejected=other) for r, other in zip(shorter[:4], longer)]
+    assert all(len(r["chosen"].split()) != len(r["rejected"].split()) for r in uneven) and len(uneven) == 4
 
     args = DPOConfig(
         output_dir=str(tmp_path_factory.mktemp("trl_dpo")), report_to="none", bf16=False, use_cpu=True,
         per_device_train_batch_size=4, per_device_eval_batch_size=4, max_length=None, beta=BETA,
+        # the fused LM head then also returns log sum p^2 (WPO); `trl_loss` switches the weighting per case
+        use_weighting=True,
     )
     trainer = DPOTrainer(
         model=policy, ref_model=reference, args=args, processing_class=tok,
         train_dataset=Dataset.from_list(mixed),
-        eval_dataset={"mixed": Dataset.from_list(mixed), "equal": Dataset.from_list(equal)},
+        eval_dataset={"mixed": Dataset.from_list(mixed), "equal": Dataset.from_list(equal),
+                      "uneven": Dataset.from_list(uneven)},
     )
     policy.eval()
     reference.eval()
 
     likelihood = CausalLMLikelihood(tok, max_length=64)
-    out = SimpleNamespace(trainer=trainer, policy=policy, reference=reference, tok=tok)
-    for name, records in (("mixed", mixed), ("equal", equal)):
+    out = SimpleNamespace(trainer=trainer, policy=policy, reference=reference, tok=tok, likelihood=likelihood)
+    for name, records in (("mixed", mixed), ("equal", equal), ("uneven", uneven)):
         # The eval dataloader samples sequentially, so the TRL batch keeps the record order.
         trl_batch = trainer._prepare_inputs(next(iter(trainer.get_eval_dataloader(name))))
         mm_batch = likelihood.collate(records, "pair")
         with torch.no_grad():
-            pol = likelihood.logps(policy, mm_batch).pairs()
-            ref = likelihood.logps(reference, mm_batch).pairs()
-        setattr(out, name, SimpleNamespace(records=records, trl=trl_batch, mm=mm_batch, pol=pol, ref=ref))
+            pol_out, ref_out = likelihood.logps(policy, mm_batch), likelihood.logps(reference, mm_batch)
+            pol, ref = pol_out.pairs(), ref_out.pairs()
+        setattr(out, name, SimpleNamespace(records=records, trl=trl_batch, mm=mm_batch, pol=pol, ref=ref,
+                                           pol_out=pol_out, ref_out=ref_out))
     return out
 
 
-def trl_loss(trainer, batch, loss_types, loss_weights=None, *, beta=BETA, label_smoothing=0.0) -> torch.Tensor:
+def trl_loss(trainer, batch, loss_types, loss_weights=None, *, beta=BETA, label_smoothing=0.0,
+             f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, discopop_tau=0.05,
+             ld_alpha=None, use_weighting=False) -> torch.Tensor:
     """TRL's loss for one batch, without training: `compute_loss` under no_grad, eval mode."""
-    saved = (trainer.loss_types, trainer.loss_weights, trainer.beta, trainer.label_smoothing)
+    saved = (trainer.loss_types, trainer.loss_weights, trainer.beta, trainer.label_smoothing,
+             trainer.f_divergence_type, trainer.f_alpha_divergence_coef, trainer.args.discopop_tau, trainer.ld_alpha,
+             trainer.use_weighting)
     trainer.loss_types = list(loss_types)
     trainer.loss_weights = list(loss_weights or [1.0] * len(loss_types))
     trainer.beta, trainer.label_smoothing = beta, label_smoothing
+    trainer.f_divergence_type, trainer.f_alpha_divergence_coef = f_divergence_type, f_alpha_divergence_coef
+    trainer.args.discopop_tau, trainer.ld_alpha, trainer.use_weighting = discopop_tau, ld_alpha, use_weighting
     try:
         with torch.no_grad():
             return trainer.compute_loss(trainer.model, batch).detach()
     finally:
-        trainer.loss_types, trainer.loss_weights, trainer.beta, trainer.label_smoothing = saved
+        (trainer.loss_types, trainer.loss_weights, trainer.beta, trainer.label_smoothing, trainer.f_divergence_type,
+         trainer.f_alpha_divergence_coef, trainer.args.discopop_tau, trainer.ld_alpha, trainer.use_weighting) = saved
 
 
 # --------------------------------------------------------------------------- inputs first
@@ -236,3 +258,155 @@ def test_rpo_mixed_lengths_trl_averages_over_tokens(env):
     assert_close(dpo + ALPHA * token_weighted, trl)
     per_example = sft_loss(b.pol)  # mmalign: token mean per example, then mean over examples
     assert abs(float(dpo + ALPHA * per_example.mean() - trl)) > 1e-3
+
+
+# --------------------------------------------------------------------------- TRL's other types, f-divergences
+
+TOL = 1e-6  # the issue's bar: absolute, on values of order 1 (largest here ~5)
+NEW_CASES = [
+    # (TRL loss_type = mmalign loss, extra hyperparameters for both)
+    ("exo_pair", {"label_smoothing": 1e-3}),
+    ("exo_pair", {"label_smoothing": EPS}),
+    ("aot", {"label_smoothing": 0.0}),
+    ("aot", {"label_smoothing": EPS}),
+    ("aot_unpaired", {"label_smoothing": EPS}),
+    ("apo_down", {}),
+    ("discopop", {"discopop_tau": 0.05}),
+    ("discopop", {"discopop_tau": 0.5}),
+    ("sigmoid_norm", {}),
+]
+
+
+@pytest.mark.parametrize("which", ["mixed", "equal", "uneven"])
+@pytest.mark.parametrize(("name", "hp"), NEW_CASES, ids=[f"{c[0]}-{c[1]}" for c in NEW_CASES])
+def test_new_loss_matches_trl(env, which, name, hp):
+    b = getattr(env, which)
+    expected = trl_loss(env.trainer, b.trl, [name], **hp)
+    ours = get_loss(name).fn(b.pol, b.ref, beta=BETA, **hp)
+    assert ours.shape == (4,)
+    assert abs(float(ours.mean()) - float(expected)) < TOL
+
+
+def test_aot_batch_differs_from_cdpo(env):
+    """The sort matters on this batch: aot's entries over 4 pairs are not per-pair cDPO."""
+    b = env.mixed
+    aot = get_loss("aot").fn(b.pol, b.ref, beta=BETA, label_smoothing=EPS)
+    cdpo = get_loss("cdpo").fn(b.pol, b.ref, beta=BETA, label_smoothing=EPS)
+    assert float((aot - cdpo).abs().max()) > 1e-2
+
+
+F_CASES = [
+    # (TRL loss_type, mmalign loss, extra hyperparameters)
+    ("sigmoid", "dpo", {}),
+    ("hinge", "hinge", {}),
+    ("ipo", "ipo", {}),
+    ("robust", "robust", {"label_smoothing": EPS}),
+    ("exo_pair", "exo_pair", {"label_smoothing": 1e-3}),
+    ("discopop", "discopop", {"discopop_tau": 0.05}),
+    ("sigmoid_norm", "sigmoid_norm", {}),
+]
+DIVERGENCES = [("forward_kl", 0.5), ("js_divergence", 0.5), ("alpha_divergence", 0.5), ("alpha_divergence", 0.2)]
+
+
+@pytest.mark.parametrize(("kind", "alpha"), DIVERGENCES, ids=[f"{k}-{a}" for k, a in DIVERGENCES])
+@pytest.mark.parametrize(("trl_type", "name", "hp"), F_CASES, ids=[c[0] for c in F_CASES])
+def test_f_divergence_matches_trl(env, trl_type, name, hp, kind, alpha):
+    b = env.mixed
+    expected = trl_loss(env.trainer, b.trl, [trl_type], f_divergence_type=kind, f_alpha_divergence_coef=alpha, **hp)
+    ours = get_loss(name).fn(*f_divergence_pairs(b.pol, b.ref, kind, alpha), beta=BETA, **hp)
+    if name == "discopop" and torch.isnan(expected):
+        # forward_kl turns these log-ratios (down to ~ -9) into scores of ~ -8000: beta delta < -88 and
+        # TRL's fp32 exp(-x) overflows, inf * 0 = NaN. mmalign's exp(log sigma(x/tau) - x) stays finite
+        # and equals TRL's formula evaluated in float64 (the intended difference).
+        assert kind == "forward_kl" and torch.isfinite(ours).all()
+        scored, zeros = f_divergence_pairs(b.pol, b.ref, kind, alpha)
+        x = BETA * (scored.chosen - scored.rejected).double()
+        m = torch.sigmoid(x / hp["discopop_tau"])
+        trl64 = -torch.nn.functional.logsigmoid(x) * (1 - m) + torch.exp(-x) * m
+        torch.testing.assert_close(ours.double(), trl64, rtol=1e-6, atol=1e-6)
+        return
+    scale = max(1.0, abs(float(expected)))
+    assert abs(float(ours.mean()) - float(expected)) < TOL * scale
+    scored, _ = f_divergence_pairs(b.pol, b.ref, kind, alpha)
+    assert float((scored.chosen - (b.pol.chosen - b.ref.chosen)).abs().max()) > 0.1  # s(u) is not u here
+
+
+LD_CASES = [("sigmoid", "dpo", {}, 0.5), ("sigmoid", "dpo", {}, 0.0), ("ipo", "ipo", {}, 0.5),
+            ("sigmoid_norm", "sigmoid_norm", {}, 0.3), ("apo_down", "apo_down", {}, 0.5)]
+
+
+@pytest.mark.parametrize("which", ["mixed", "uneven"])
+@pytest.mark.parametrize(("trl_type", "name", "hp", "alpha"), LD_CASES, ids=[f"{c[0]}-{c[3]}" for c in LD_CASES])
+def test_ld_alpha_matches_trl(env, which, trl_type, name, hp, alpha):
+    b = getattr(env, which)
+    assert torch.equal(b.trl["input_ids"], b.mm.inputs["input_ids"])
+    assert torch.equal(b.trl["completion_mask"], b.mm.inputs["loss_mask"])
+    expected = trl_loss(env.trainer, b.trl, [trl_type], ld_alpha=alpha, **hp)
+    pol, ref = ld_pairs(b.pol_out, b.ref_out, alpha)
+    ours = get_loss(name).fn(pol, ref, beta=BETA, **hp)
+    assert abs(float(ours.mean()) - float(expected)) < TOL * max(1.0, abs(float(expected)))
+    if which == "uneven":  # unequal lengths in every pair: the tail weight changes the sequence values
+        assert float((pol.chosen - b.pol.chosen).abs().max() + (pol.rejected - b.pol.rejected).abs().max()) > 0.1
+
+
+WPO_CASES = [("sigmoid", "dpo", {}), ("ipo", "ipo", {}), ("apo_down", "apo_down", {}),
+             ("exo_pair", "exo_pair", {"label_smoothing": 1e-3})]
+
+
+@pytest.mark.parametrize("which", ["mixed", "uneven"])
+@pytest.mark.parametrize(("trl_type", "name", "hp"), WPO_CASES, ids=[c[0] for c in WPO_CASES])
+def test_wpo_weighting_matches_trl(env, which, trl_type, name, hp):
+    b = getattr(env, which)
+    expected = trl_loss(env.trainer, b.trl, [trl_type], use_weighting=True, **hp)
+    env.likelihood.square_mass = True
+    try:
+        with torch.no_grad():
+            policy_out = env.likelihood.logps(env.policy, b.mm)
+    finally:
+        env.likelihood.square_mass = False
+    weights = wpo_pair_weights(policy_out)
+    assert weights.shape == (4,) and float((weights - 1).abs().min()) > 1e-3  # not a no-op
+    ours = get_loss(name).fn(b.pol, b.ref, beta=BETA, **hp) * weights
+    # the weights are ~1e-4 here (w ~ 0.01 per answer), so the bar is relative: 1e-5
+    torch.testing.assert_close(ours.mean(), expected, rtol=1e-5, atol=1e-9)
+
+
+def test_wpo_with_the_sft_term(env):
+    """RPO with WPO: TRL 1.16 means to multiply the broadcast SFT value by each pair's weight, but its
+    in-place `per_sequence_loss *= weights` on the expanded SFT tensor raises (a TRL bug). mmalign
+    weights its per-example SFT term by the pair's weight; TRL's intent weights the batch's one SFT
+    value, which differs (sum_i s_i w_i != S sum_i w_i even at equal lengths): pinned both ways."""
+    b = env.equal
+    with pytest.raises(RuntimeError, match="more than one element of the written-to tensor"):
+        trl_loss(env.trainer, b.trl, ["sigmoid", "sft"], [1.0, ALPHA], use_weighting=True)
+    env.likelihood.square_mass = True
+    try:
+        with torch.no_grad():
+            weights = wpo_pair_weights(env.likelihood.logps(env.policy, b.mm))
+    finally:
+        env.likelihood.square_mass = False
+    ours = ((get_loss("dpo").fn(b.pol, b.ref, beta=BETA) + ALPHA * sft_loss(b.pol)) * weights).mean()
+    weighted_sigmoid = trl_loss(env.trainer, b.trl, ["sigmoid"], use_weighting=True)
+    expected = weighted_sigmoid + ALPHA * (sft_loss(b.pol) * weights).mean()
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-9)
+    token_weighted = -b.pol.chosen.sum() / b.pol.chosen_tokens.sum()  # TRL's one SFT value per batch
+    trl_intent = weighted_sigmoid + ALPHA * token_weighted * weights.mean()
+    assert abs(float(ours - trl_intent)) > 1e-3 * abs(float(ours))
+
+
+@pytest.mark.parametrize(("trl_types", "weights", "kind"), [
+    (["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0], "reverse_kl"),  # MPO
+    (["sigmoid", "sft"], [1.0, ALPHA], "reverse_kl"),  # RPO
+    (["hinge", "ipo", "sft"], [0.5, 0.3, 0.7], "js_divergence"),
+], ids=["mpo", "rpo", "hinge-ipo-sft-js"])
+def test_loss_combinations_match_trl(env, trl_types, weights, kind):
+    """On the equal-length batch (where the two SFT conventions agree); bco_pair at delta = 0 as TRL 1.16."""
+    from mmalign.losses_combined import combined_spec
+
+    b = env.equal
+    expected = trl_loss(env.trainer, b.trl, trl_types, weights, f_divergence_type=kind)
+    names = [{"sigmoid": "dpo"}.get(t, t) for t in trl_types]
+    spec = combined_spec(names, weights)
+    extra = {"delta": 0.0} if "delta" in spec.statistics else {}
+    ours = spec.fn(b.pol, b.ref, beta=BETA, f_divergence_type=kind, **extra)
+    assert abs(float(ours.mean()) - float(expected)) < TOL * max(1.0, abs(float(expected)))

@@ -35,6 +35,15 @@ def selective_log_softmax(logits: Tensor, labels: Tensor) -> Tensor:
     return torch.stack(rows)
 
 
+def log_square_mass(logits: Tensor) -> Tensor:
+    """log sum_v softmax(logits)_v^2 = logsumexp(2 logits) - 2 logsumexp(logits), detached.
+
+    logits: (B, T, V) -> (B, T) float32; rows are upcast one at a time."""
+    with torch.no_grad():
+        rows = [torch.logsumexp(2 * r.float(), -1) - 2 * torch.logsumexp(r.float(), -1) for r in logits]
+        return torch.stack(rows)
+
+
 class CausalLMLikelihood:
     """Tokenises (prompt, response) items and scores the response under a causal LM.
 
@@ -46,6 +55,7 @@ class CausalLMLikelihood:
     """
 
     deterministic = True  # no randomness: a precomputed reference is exact
+    square_mass = False  # TokenSquareMass: also return token_log_sq_mass (WPO), set by the trainer
 
     def __init__(self, tokenizer: Any, max_length: int = 512, max_prompt_length: int = 0,
                  chat_template: bool = False) -> None:
@@ -131,8 +141,9 @@ class CausalLMLikelihood:
         labels = x["input_ids"][:, 1:]
         mask = x["loss_mask"][:, 1:].to(torch.float32)
         token_logps = selective_log_softmax(logits[:, :-1], labels) * mask
+        square = log_square_mass(logits[:, :-1]) * mask if self.square_mass else None
         return LogpOutput(logps=token_logps.sum(-1), tokens=mask.sum(-1),
-                          token_logps=token_logps, token_mask=mask)
+                          token_logps=token_logps, token_mask=mask, token_log_sq_mass=square)
 
 
 def build(cfg: Any) -> tuple[torch.nn.Module, CausalLMLikelihood, Any]:

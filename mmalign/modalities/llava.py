@@ -45,7 +45,7 @@ from mmalign.data.media import load_image, record_images
 from mmalign.data.preference import batch_fields, flatten
 from mmalign.errors import ConfigError, DataError
 from mmalign.layout import batch_slots
-from mmalign.modalities.causal_lm import CausalLMLikelihood, selective_log_softmax
+from mmalign.modalities.causal_lm import CausalLMLikelihood, log_square_mass, selective_log_softmax
 from mmalign.tensors import right_pad_cat
 from mmalign.types import Draw, LogpOutput, PreferenceBatch
 
@@ -268,7 +268,9 @@ class LlavaLikelihood(CausalLMLikelihood):
         labels = x["input_ids"][:, start + 1:]
         mask = loss_mask[:, start + 1:].to(torch.float32)
         token_logps = selective_log_softmax(logits[:, :-1], labels) * mask
-        return LogpOutput(logps=token_logps.sum(-1), tokens=mask.sum(-1), token_logps=token_logps, token_mask=mask)
+        square = log_square_mass(logits[:, :-1]) * mask if self.square_mass else None
+        return LogpOutput(logps=token_logps.sum(-1), tokens=mask.sum(-1), token_logps=token_logps, token_mask=mask,
+                          token_log_sq_mass=square)
 
 
 # -- LoRA on the language model only ---------------------------------------------------------

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from mmalign.config import LossConfig
-from mmalign.losses import LossSpec, sft_loss
+from mmalign.losses import LossSpec, f_divergence_pairs, sft_loss
+from mmalign.losses_trl import ld_pairs, wpo_pair_weights
 from mmalign.train.dense import dense_pairs
 from mmalign.train.metrics import pair_metrics
 from mmalign.types import LogpOutput, PairLogps, PreferenceBatch
@@ -51,9 +52,12 @@ class RunningMean:
 
 def _pair_inputs(cfg: LossConfig, batch: PreferenceBatch, policy: LogpOutput,
                  reference: LogpOutput) -> tuple[PairLogps, PairLogps]:
-    """(B,) chosen/rejected of the 2B items, re-scored by `dense_pairs` when loss.dense_gamma > 0."""
+    """(B,) chosen/rejected of the 2B items, re-scored by `dense_pairs` when loss.dense_gamma > 0
+    or by LD-DPO's `ld_pairs` when loss.ld_alpha is set."""
     if cfg.dense_gamma:
         return dense_pairs(batch, policy, reference, cfg.dense_gamma)
+    if cfg.ld_alpha is not None:
+        return ld_pairs(policy, reference, cfg.ld_alpha)
     return policy.pairs(), reference.pairs()
 
 
@@ -152,11 +156,19 @@ def preference_losses(spec: LossSpec, cfg: LossConfig, batch: PreferenceBatch, p
     pol, ref = kind.inputs(cfg, batch, policy, reference)
     hyperparameters = loss_hyperparameter_values(spec, cfg)
     statistics = batch_statistics(spec, hyperparameters, pol, ref, gather, state, kl_logratios)
-    losses = spec.fn(pol, ref if spec.needs_reference else None, **batch_fields(spec, batch, cfg.name),
+    loss_pol, loss_ref = pol, ref
+    if spec.f_divergence and spec.needs_reference and cfg.f_divergence_type != "reverse_kl":  # f-DPO
+        loss_pol, loss_ref = f_divergence_pairs(pol, ref, cfg.f_divergence_type, cfg.f_alpha_divergence_coef)
+    losses = spec.fn(loss_pol, loss_ref if spec.needs_reference else None, **batch_fields(spec, batch, cfg.name),
                      **statistics, **hyperparameters)
     if cfg.sft_weight and batch.kind == "pair":  # RPO: the chosen answers' NLL
         losses = losses + cfg.sft_weight * sft_loss(pol)
+    if cfg.use_weighting:  # WPO: every term of a pair times w(c) w(r) (checked: pair data only)
+        weights = wpo_pair_weights(policy)
+        losses = losses * weights.to(losses.dtype)
     metrics = kind.metrics(cfg, batch, pol, ref)
+    if cfg.use_weighting:
+        metrics["wpo/weight"] = weights
     for name, stat in spec.statistics.items():
         if stat.metric is not None:
             metrics[stat.metric] = torch.as_tensor(statistics[name]).reshape(1)

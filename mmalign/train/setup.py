@@ -17,7 +17,7 @@ from mmalign.io import atomic_path
 from mmalign.layout import batch_slots, by_record
 from mmalign.losses import LossSpec
 from mmalign.nn import eval_mode
-from mmalign.types import DataSource, Likelihood, TokenValues
+from mmalign.types import DataSource, Likelihood, TokenSquareMass, TokenValues
 
 
 def check_contracts(cfg: Config, likelihood: Likelihood, source: DataSource | None) -> None:
@@ -33,6 +33,12 @@ def check_contracts(cfg: Config, likelihood: Likelihood, source: DataSource | No
     if cfg.loss.dense_gamma and not isinstance(likelihood, TokenValues):
         raise ConfigError(f"loss.dense_gamma needs per-token log-probs, which {type(likelihood).__name__} does not "
                           "give: use a token likelihood (causal_lm, llava)")
+    if cfg.loss.ld_alpha is not None and not isinstance(likelihood, TokenValues):
+        raise ConfigError(f"loss.ld_alpha (LD-DPO) needs per-token log-probs, which {type(likelihood).__name__} "
+                          "does not give: use a token likelihood (causal_lm, llava)")
+    if cfg.loss.use_weighting and not isinstance(likelihood, TokenSquareMass):
+        raise ConfigError(f"loss.use_weighting (WPO) needs per-token probabilities, which {type(likelihood).__name__} "
+                          "does not give: use a token likelihood (causal_lm, llava)")
 
 
 def make_accelerator(t: TrainConfig) -> Any:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from mmalign.config import Config, to_dict
 from mmalign.data.preference import StreamSampler, load_split, mismatched
 from mmalign.errors import ConfigError, NonFiniteLossError
-from mmalign.losses import get_loss
+from mmalign.losses_combined import loss_spec_for
 from mmalign.seeds import MICRO, RUN, STEP, mix_seed
 from mmalign.train import checkpoint as ckpt
 from mmalign.train.image_terms import build_image_terms
@@ -56,12 +56,14 @@ class PreferenceTrainer:
     def __init__(self, cfg: Config, model: torch.nn.Module, likelihood: Likelihood, processor: Any = None,
                  source: DataSource | None = None) -> None:
         check_contracts(cfg, likelihood, source)
+        if cfg.loss.use_weighting:  # WPO: the likelihood also returns log sum p^2 per token
+            likelihood.square_mass = True
         self.cfg, self.likelihood, self.processor, self.source = cfg, likelihood, processor, source
         t = cfg.train
         self.accelerator = make_accelerator(t)
         likelihood.to(self.accelerator.device)  # frozen parts it owns (VAE, text encoders)
         self.output_dir = Path(t.output_dir)
-        self.loss_spec = get_loss(cfg.loss.name)
+        self.loss_spec = loss_spec_for(cfg.loss.name, cfg.loss.weights)  # one loss, or a weighted list (MPO)
         # Records are read by index only (a lazy dataset works too) and never mutated. An online
         # source replaces them (and the sampler) with each round it returns (`train_step`).
         d = cfg.data
