@@ -225,13 +225,19 @@ def write_component_folder(model: torch.nn.Module, cfg: Config, family: Family, 
 
 def diffusers_lora_state_dict(model: torch.nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     """LoRA weights of a peft-wrapped denoiser in diffusers' key format, without the component
-    prefix (`down_blocks.1.attentions.0....attn1.to_q.lora.down.weight`)."""
+    prefix (`down_blocks.1.attentions.0....attn1.to_q.lora.down.weight`); in peft's key format
+    (`...lora_A.weight`) when some target has no diffusers name (one format per file)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     prefix = "base_model.model."
-    state = {k.removeprefix(prefix): v for k, v in get_peft_model_state_dict(model).items()}
-    state = convert_state_dict_to_diffusers(state)
+    peft_state = {k.removeprefix(prefix): v for k, v in get_peft_model_state_dict(model).items()}
+    state = convert_state_dict_to_diffusers(peft_state)
+    if any(".lora_A." in k or ".lora_B." in k for k in state):
+        # targets outside the legacy mapping (FLUX.2's to_qkv_mlp_proj) would leave a mixed state
+        # dict, which diffusers' load_lora_adapter reads by its FIRST key's format and silently
+        # drops the rest of: keep the peft keys (lora_A / lora_B) throughout, which it also reads
+        state = peft_state
     return {k: (v.to(dtype) if dtype is not None else v).detach().contiguous().cpu() for k, v in state.items()}
 
 

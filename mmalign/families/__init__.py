@@ -29,12 +29,14 @@ from typing import Any, Callable
 @dataclass(frozen=True)
 class PipelineLayout:
     """Where a family's trainable denoiser lives in a diffusers pipeline folder and the diffusers
-    classes of it and of the training scheduler; `kind` names the folder in errors."""
+    classes of it, of the training scheduler and of the VAE (`vae/`); `kind` names the folder in
+    errors."""
 
     denoiser: str = "unet"
     denoiser_class: str = "UNet2DConditionModel"
     scheduler_class: str = "DDPMScheduler"
     kind: str = "pipeline"
+    vae_class: str = "AutoencoderKL"
 
 
 @dataclass(frozen=True)
