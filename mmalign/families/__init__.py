@@ -29,12 +29,14 @@ from typing import Any, Callable
 @dataclass(frozen=True)
 class PipelineLayout:
     """Where a family's trainable denoiser lives in a diffusers pipeline folder and the diffusers
-    classes of it and of the training scheduler; `kind` names the folder in errors."""
+    classes of it and of the training scheduler; `kind` names the folder in errors; `vae_class`:
+    the diffusers class of its `vae/` (Qwen-Image: AutoencoderKLQwenImage)."""
 
     denoiser: str = "unet"
     denoiser_class: str = "UNet2DConditionModel"
     scheduler_class: str = "DDPMScheduler"
     kind: str = "pipeline"
+    vae_class: str = "AutoencoderKL"
 
 
 @dataclass(frozen=True)

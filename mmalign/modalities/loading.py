@@ -54,8 +54,8 @@ def load_parts(cfg: Any, family: Family, unet: bool = True, frozen: bool = True)
             path, subfolder=layout.denoiser, torch_dtype=dtype, **variant)
     if frozen:
         vae_path, vae_sub = (d.vae_path, None) if d.vae_path else (path, "vae")
-        parts["vae"] = diffusers.AutoencoderKL.from_pretrained(vae_path, subfolder=vae_sub,
-                                                               torch_dtype=getattr(torch, d.vae_dtype), **variant)
+        parts["vae"] = getattr(diffusers, layout.vae_class).from_pretrained(
+            vae_path, subfolder=vae_sub, torch_dtype=getattr(torch, d.vae_dtype), **variant)
         present: list[TextEncoderSpec] = [e for e in family.text_encoders
                                           if e.required or (Path(path) / e.subfolder).is_dir()]
         parts["text_encoders"] = [import_class(e.cls).from_pretrained(path, subfolder=e.subfolder, dtype=dtype,
