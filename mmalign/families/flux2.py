@@ -36,13 +36,12 @@ import torch
 from torch import Tensor
 
 from mmalign.families import Family, PipelineLayout, TextEncoderSpec
-from mmalign.modalities.diffusion import ImageLatents, UNetCall, data_roots, vae_latent_shape, DiffusionLikelihood
+from mmalign.modalities.diffusion import DiffusionLikelihood, ImageLatents, UNetCall, data_roots, vae_latent_shape
 from mmalign.modalities.diffusion_cache import build_cached
 from mmalign.modalities.flow import flow_objective
 from mmalign.modalities.loading import denoiser_config, from_cache, load_parts
-from mmalign.modalities.text import TextConditioning
+from mmalign.modalities.text import MASK, TextConditioning, chat_tokens
 
-MASK = "input_ids_mask"  # TextConditioning carries the `input_ids*` keys of `tokenize` into `encode`
 KLEIN_LAYERS = (9, 18, 27)  # Flux2KleinPipeline.encode_prompt's text_encoder_out_layers
 
 
@@ -81,12 +80,6 @@ class Flux2Latents(ImageLatents):
 
 
 # -- the prompt ------------------------------------------------------------------------------------
-def chat_prompt(tokenizer: Any, prompt: str) -> str:
-    """The prompt as Flux2KleinPipeline._get_qwen3_prompt_embeds templates it."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True, enable_thinking=False)
-
-
 def stack_layers(hidden_states: Sequence[Tensor], layers: Sequence[int]) -> Tensor:
     """(n, L, len(layers)·D): the layers' states side by side per token, as the pipeline stacks them."""
     out = torch.stack([hidden_states[k] for k in layers], dim=1)  # (n, K, L, D)
@@ -104,10 +97,7 @@ class Flux2KleinText:
 
     def tokenize(self, prompts: list[str]) -> dict[str, Tensor]:
         """{"input_ids": (n, L), "input_ids_mask": (n, L)}, L = max_sequence_length, padded as the pipeline."""
-        tokenizer = self.tokenizers[0]
-        out = tokenizer([chat_prompt(tokenizer, p) for p in prompts], padding="max_length",
-                        max_length=self.max_sequence_length, truncation=True, return_tensors="pt")
-        return {"input_ids": out.input_ids, MASK: out.attention_mask}
+        return chat_tokens(self.tokenizers[0], prompts, self.max_sequence_length, enable_thinking=False)
 
     @torch.no_grad()
     def encode(self, ids: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -46,7 +46,7 @@ from mmalign.modalities.diffusion import DiffusionLikelihood, ImageLatents, UNet
 from mmalign.modalities.diffusion_cache import build_cached
 from mmalign.modalities.flow import flow_objective, pack_latents
 from mmalign.modalities.loading import denoiser_config, from_cache, load_parts
-from mmalign.modalities.text import TextConditioning
+from mmalign.modalities.text import MASK, TextConditioning
 
 # QwenImagePipeline.__init__: the prompt template, the template tokens dropped, the tokenizer length
 TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
@@ -54,7 +54,6 @@ TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shap
             "<|im_start|>assistant\n")
 DROP = 34
 TOKENIZER_MAX = 1024
-MASK = "input_ids_mask"  # TextConditioning carries the `input_ids*` keys of `tokenize` into `encode`
 
 
 class QwenImageText:

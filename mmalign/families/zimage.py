@@ -33,14 +33,7 @@ from mmalign.modalities.diffusion import UNetCall, image_likelihood, vae_latent_
 from mmalign.modalities.diffusion_cache import build_cached
 from mmalign.modalities.flow import flow_objective
 from mmalign.modalities.loading import from_cache, load_parts
-
-MASK = "input_ids_mask"  # TextConditioning carries the `input_ids*` keys of `tokenize` into `encode`
-
-
-def chat_prompt(tokenizer: Any, prompt: str) -> str:
-    """The prompt as ZImagePipeline._encode_prompt templates it: one user turn + generation prompt."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True, enable_thinking=True)
+from mmalign.modalities.text import MASK, chat_tokens
 
 
 class ZImageText:
@@ -52,10 +45,7 @@ class ZImageText:
 
     def tokenize(self, prompts: list[str]) -> dict[str, Tensor]:
         """{"input_ids": (n, L), "input_ids_mask": (n, L)}, L = max_sequence_length, padded as the pipeline."""
-        tokenizer = self.tokenizers[0]
-        out = tokenizer([chat_prompt(tokenizer, p) for p in prompts], padding="max_length",
-                        max_length=self.max_sequence_length, truncation=True, return_tensors="pt")
-        return {"input_ids": out.input_ids, MASK: out.attention_mask}
+        return chat_tokens(self.tokenizers[0], prompts, self.max_sequence_length, enable_thinking=True)
 
     @torch.no_grad()
     def encode(self, ids: dict[str, Tensor]) -> dict[str, Tensor]:

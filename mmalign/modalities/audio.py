@@ -44,7 +44,7 @@ from torch import Tensor
 from mmalign.data.audio import MelSettings, load_audio, log_mel, mel_filters, normalize_waveform
 from mmalign.data.preference import flatten
 from mmalign.modalities.diffusion import _output_names, sample_latents, vae_posterior
-from mmalign.modalities.text import _prompt_text
+from mmalign.modalities.text import LiveEncoders, _prompt_text
 from mmalign.tensors import right_pad_cat
 
 DEFAULT_RATE, DEFAULT_MELS = 16000, 64  # AudioLDM / AudioLDM2 / Tango
@@ -172,28 +172,15 @@ class PromptwiseEncoder(Protocol):
         ...
 
 
-class PromptwiseText:
+class PromptwiseText(LiveEncoders):
     """Live audio conditioning: each group's prompt ("" where dropped) encoded ALONE, as the pipeline
     encodes one prompt at sampling time, kept in an LRU keyed by the prompt (frozen encoders: a
     kept value is exact), right-padded per batch with mask 0 (`pad_conditioning`)."""
 
     def __init__(self, encoder: PromptwiseEncoder, cache_size: int) -> None:
-        self.encoder, self.cache_size = encoder, max(cache_size, 1)
-        for e in encoder.text_encoders:
-            e.requires_grad_(False).eval()
+        super().__init__(encoder)
+        self.cache_size = max(cache_size, 1)
         self.prompt_cache: OrderedDict[str, dict[str, Tensor]] = OrderedDict()
-
-    @property
-    def text_encoders(self) -> list[Any]:
-        return self.encoder.text_encoders
-
-    @property
-    def tokenizers(self) -> list[Any]:
-        return self.encoder.tokenizers
-
-    def to(self, device: torch.device | str) -> None:
-        for e in self.encoder.text_encoders:
-            e.to(device)
 
     def collate(self, records: list[dict[str, Any]], kind: str) -> dict[str, Any]:
         """prompts: the N prompt texts (encoded in the draw)."""

@@ -19,6 +19,23 @@ def _prompt_text(prompt: Any) -> str:
     return str(prompt)
 
 
+# The attention mask of a family's tokenisation rides under this key: `TextConditioning` hands
+# `encode` every `tokenize` key starting with "input_ids" and swaps them all for `tokenize([""])`'s
+# where a caption is dropped, so ids and mask always travel together (Z-Image, Qwen-Image, FLUX.2).
+MASK = "input_ids_mask"
+
+
+def chat_tokens(tokenizer: Any, prompts: list[str], max_length: int, **template: Any) -> dict[str, Tensor]:
+    """{"input_ids", MASK}: (n, max_length) each, every prompt as ONE user turn through the
+    tokenizer's chat template (`apply_chat_template(..., tokenize=False, add_generation_prompt=True,
+    **template)`), padded to max_length and truncated, as the Qwen3-encoder pipelines do (Z-Image's
+    `_encode_prompt`, FLUX.2 klein's `_get_qwen3_prompt_embeds`)."""
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True, **template) for p in prompts]
+    out = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    return {"input_ids": out.input_ids, MASK: out.attention_mask}
+
+
 class PromptEncoder(Protocol):
     """A family's live text encoding (e.g. `families.sdxl.SDXLText`): frozen encoders and their
     tokenizers, in the order the family's pipeline takes them."""
@@ -45,13 +62,12 @@ def pad_tokens(tokenizers: list[Any], lengths: list[int], prompts: list[str]) ->
     return out
 
 
-class TextConditioning:
-    """Live text conditioning through the family's `PromptEncoder`: token ids in collate, each
-    group's prompt encoded once in the draw; dropped captions become `encode("")`
-    (null_prompt "empty") or zeros (null_prompt "zeros")."""
+class LiveEncoders:
+    """What a live conditioning source owns: the family's encoder object (`encoder`, holding the
+    frozen text encoders and tokenizers), frozen here and moved with `to`."""
 
-    def __init__(self, encoder: PromptEncoder, null_prompt: str) -> None:
-        self.encoder, self.null_prompt = encoder, null_prompt
+    def __init__(self, encoder: Any) -> None:
+        self.encoder = encoder
         for e in encoder.text_encoders:
             e.requires_grad_(False).eval()
 
@@ -66,6 +82,16 @@ class TextConditioning:
     def to(self, device: torch.device | str) -> None:
         for e in self.encoder.text_encoders:
             e.to(device)
+
+
+class TextConditioning(LiveEncoders):
+    """Live text conditioning through the family's `PromptEncoder`: token ids in collate, each
+    group's prompt encoded once in the draw; dropped captions become `encode("")`
+    (null_prompt "empty") or zeros (null_prompt "zeros")."""
+
+    def __init__(self, encoder: PromptEncoder, null_prompt: str) -> None:
+        super().__init__(encoder)
+        self.null_prompt = null_prompt
 
     def collate(self, records: list[dict[str, Any]], kind: str) -> dict[str, Tensor]:
         """input_ids (N, L) [input_ids_2, ...] of each item's prompt."""
