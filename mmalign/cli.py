@@ -27,6 +27,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def close_process_group() -> None:
+    """Tear down the torch.distributed group a launcher started (torchrun, accelerate launch) before
+    the interpreter exits: gloo threads still alive at exit can abort a finished process
+    ("terminate called without an active exception")."""
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from mmalign.errors import ConfigError, DataError
@@ -38,5 +50,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def entry() -> int:
+    """The `mmalign` command and `python -m mmalign.cli` (what launchers run): `main`, then the
+    process group closed."""
+    try:
+        return main()
+    finally:
+        close_process_group()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())
