@@ -72,6 +72,8 @@ class Family:
     source: online data (SPO rounds): source(cfg, likelihood) -> a `DataSource`, or None.
     null_prompt_zeros_flag: the pipeline's `force_zeros_for_empty_prompt` switch exists (SDXL):
         exports and validation set it to what training used (`diffusion.null_prompt`).
+    zeros_null_prompt: whether `diffusion.null_prompt: zeros` has a counterpart in the family's
+        sampling (False: its pipeline encodes the empty negative prompt; zeros are refused).
     unsupported: why an export format is missing ({"lora": "..."}), for the error naming it.
     """
 
@@ -89,6 +91,7 @@ class Family:
     sample: str = ""
     source: Callable[[Any, Any], Any] | None = None
     null_prompt_zeros_flag: bool = False
+    zeros_null_prompt: bool = True
     unsupported: dict[str, str] = field(default_factory=dict)
 
     @property

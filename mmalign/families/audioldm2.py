@@ -94,4 +94,5 @@ FAMILY = Family(
     text_encoders=(TextEncoderSpec("text_encoder", "tokenizer", "transformers:ClapModel"),
                    TextEncoderSpec("text_encoder_2", "tokenizer_2", "transformers:T5EncoderModel")),
     pipeline="AudioLDM2Pipeline", export_formats=("merged", "unet"), cache=True, sample="audio",
+    zeros_null_prompt=False,
     unsupported={"lora": "diffusers' AudioLDM2Pipeline has no load_lora_weights"})

@@ -36,11 +36,11 @@ import torch
 from torch import Tensor
 
 from mmalign.families import Family, PipelineLayout, TextEncoderSpec
-from mmalign.modalities.diffusion import DiffusionLikelihood, ImageLatents, UNetCall, data_roots, vae_latent_shape
+from mmalign.modalities.diffusion import ImageLatents, UNetCall, data_roots, image_likelihood, vae_latent_shape
 from mmalign.modalities.diffusion_cache import build_cached
 from mmalign.modalities.flow import flow_objective
 from mmalign.modalities.loading import denoiser_config, from_cache, load_parts
-from mmalign.modalities.text import MASK, TextConditioning, chat_tokens
+from mmalign.modalities.text import MASK, chat_tokens
 
 KLEIN_LAYERS = (9, 18, 27)  # Flux2KleinPipeline.encode_prompt's text_encoder_out_layers
 
@@ -156,22 +156,15 @@ class Flux2Transformer(UNetCall):
 def build(cfg: Any, use_cache: bool = True, trained: bool = True) -> tuple[Any, Any, None]:
     """(trainable Flux2Transformer2DModel, likelihood owning the FLUX.2 VAE and the Qwen3 text
     encoder, None); from `diffusion.cache_dir` when set and use_cache (neither loaded then)."""
-    from mmalign.errors import ConfigError
-
     d = cfg.diffusion
-    if d.null_prompt == "zeros":
-        raise ConfigError("diffusion.null_prompt: zeros has no FLUX.2 counterpart (Flux2KleinPipeline encodes the "
-                          "empty negative prompt); use 'empty'")
     denoiser = Flux2Transformer(bool(denoiser_config(cfg, FAMILY).guidance_embeds))
     objective = flow_objective(d.prediction_type, 1)  # the latents are patchified already: h·w tokens
     if from_cache(cfg, use_cache):
         return build_cached(cfg, FAMILY, denoiser, trained, objective)
     parts = load_parts(cfg, FAMILY, unet=trained)
     latents = Flux2Latents(parts["vae"], d, data_roots(cfg))
-    text = TextConditioning(Flux2KleinText(parts["text_encoders"], parts["tokenizers"]), d.null_prompt)
-    likelihood = DiffusionLikelihood(FAMILY, objective(parts["scheduler"], latents.latent_shape()), latents, text,
-                                     denoiser, d)
-    return parts["unet"], likelihood, None
+    text = Flux2KleinText(parts["text_encoders"], parts["tokenizers"])
+    return parts["unet"], image_likelihood(cfg, FAMILY, parts, text, denoiser, objective, latents), None
 
 
 FAMILY = Family(
@@ -182,4 +175,4 @@ FAMILY = Family(
                           vae_class="AutoencoderKLFlux2"),
     text_encoders=(TextEncoderSpec("text_encoder", "tokenizer", "transformers:Qwen3ForCausalLM"),),
     pipeline="Flux2KleinPipeline", export_formats=("merged", "unet", "lora"), cache=True, validation=False,
-    sample="images")
+    sample="images", zeros_null_prompt=False)

@@ -42,11 +42,11 @@ import torch
 from torch import Tensor
 
 from mmalign.families import Family, PipelineLayout, TextEncoderSpec
-from mmalign.modalities.diffusion import DiffusionLikelihood, ImageLatents, UNetCall, data_roots
+from mmalign.modalities.diffusion import ImageLatents, UNetCall, data_roots, image_likelihood
 from mmalign.modalities.diffusion_cache import build_cached
 from mmalign.modalities.flow import flow_objective, pack_latents
 from mmalign.modalities.loading import denoiser_config, from_cache, load_parts
-from mmalign.modalities.text import MASK, TextConditioning
+from mmalign.modalities.text import MASK
 
 # QwenImagePipeline.__init__: the prompt template, the template tokens dropped, the tokenizer length
 TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
@@ -161,9 +161,6 @@ def build(cfg: Any, use_cache: bool = True, trained: bool = True) -> tuple[Any, 
     from mmalign.errors import ConfigError
 
     d = cfg.diffusion
-    if d.null_prompt == "zeros":
-        raise ConfigError("diffusion.null_prompt: zeros has no Qwen-Image counterpart (QwenImagePipeline encodes "
-                          "the negative prompt); use 'empty'")
     if getattr(denoiser_config(cfg, FAMILY), "guidance_embeds", False):
         raise ConfigError("this QwenImageTransformer2DModel config has guidance_embeds, which diffusers' "
                           "transformer cannot feed (no guidance embedder)")
@@ -174,9 +171,7 @@ def build(cfg: Any, use_cache: bool = True, trained: bool = True) -> tuple[Any, 
     parts = load_parts(cfg, FAMILY, unet=trained)
     text = QwenImageText(parts["text_encoders"], parts["tokenizers"])
     latents = QwenLatents(parts["vae"], d, data_roots(cfg))
-    likelihood = DiffusionLikelihood(FAMILY, objective(parts["scheduler"], latents.latent_shape()), latents,
-                                     TextConditioning(text, d.null_prompt), denoiser, d)
-    return parts["unet"], likelihood, None
+    return parts["unet"], image_likelihood(cfg, FAMILY, parts, text, denoiser, objective, latents), None
 
 
 FAMILY = Family(
@@ -186,4 +181,4 @@ FAMILY = Family(
                           "flow pipeline", vae_class="AutoencoderKLQwenImage"),
     text_encoders=(TextEncoderSpec("text_encoder", "tokenizer", "transformers:Qwen2_5_VLForConditionalGeneration"),),
     pipeline="QwenImagePipeline", export_formats=("merged", "unet", "lora"), cache=True, validation=False,
-    sample="images")
+    sample="images", zeros_null_prompt=False)

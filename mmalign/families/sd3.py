@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from mmalign.families import Family, PipelineLayout, TextEncoderSpec
-from mmalign.modalities.diffusion import UNetCall, image_likelihood, vae_latent_shape
+from mmalign.modalities.diffusion import UNetCall, image_likelihood
 from mmalign.modalities.diffusion_cache import build_cached
 from mmalign.modalities.flow import flow_objective, t5_hidden
 from mmalign.modalities.loading import denoiser_config, from_cache, load_parts
@@ -81,10 +81,8 @@ def build(cfg: Any, use_cache: bool = True, trained: bool = True) -> tuple[Any, 
     if from_cache(cfg, use_cache):
         return build_cached(cfg, FAMILY, SD3Transformer(), trained, objective)
     parts = load_parts(cfg, FAMILY, unet=trained)
-    shape = vae_latent_shape(parts["vae"].config, cfg.diffusion.resolution)
     text = SD3Text(parts["text_encoders"], parts["tokenizers"], transformer.joint_attention_dim)
-    likelihood = image_likelihood(cfg, FAMILY, parts, text, SD3Transformer(), objective(parts["scheduler"], shape))
-    return parts["unet"], likelihood, None
+    return parts["unet"], image_likelihood(cfg, FAMILY, parts, text, SD3Transformer(), objective), None
 
 
 FAMILY = Family(

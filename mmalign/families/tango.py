@@ -73,4 +73,5 @@ FAMILY = Family(
     name="tango", summary="Tango-style audio: UNet2DConditionModel + T5 (masked), mel-VAE latents",
     kind="audio", build=build, trained="unet", layout=PipelineLayout(),
     text_encoders=(TextEncoderSpec("text_encoder", "tokenizer", "transformers:T5EncoderModel"),),
-    pipeline=None, export_formats=("merged", "unet", "lora"), cache=True, sample="audio")
+    pipeline=None, export_formats=("merged", "unet", "lora"), cache=True, sample="audio",
+    zeros_null_prompt=False)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from mmalign.families import Family, PipelineLayout, TextEncoderSpec
-from mmalign.modalities.diffusion import UNetCall, image_likelihood, vae_latent_shape
+from mmalign.modalities.diffusion import UNetCall, image_likelihood
 from mmalign.modalities.diffusion_cache import build_cached
 from mmalign.modalities.flow import flow_objective
 from mmalign.modalities.loading import from_cache, load_parts
@@ -81,19 +81,12 @@ class ZImageTransformer(UNetCall):
 
 def build(cfg: Any, use_cache: bool = True, trained: bool = True) -> tuple[Any, Any, None]:
     """(trainable ZImageTransformer2DModel, likelihood owning the VAE and the Qwen3 text encoder, None)."""
-    from mmalign.errors import ConfigError
-
-    if cfg.diffusion.null_prompt == "zeros":
-        raise ConfigError("diffusion.null_prompt: zeros has no Z-Image counterpart (ZImagePipeline encodes the "
-                          "empty negative prompt); use 'empty'")
     objective = flow_objective(cfg.diffusion.prediction_type, 2)  # the model patchifies 2×2
     if from_cache(cfg, use_cache):
         return build_cached(cfg, FAMILY, ZImageTransformer(), trained, objective)
     parts = load_parts(cfg, FAMILY, unet=trained)
-    shape = vae_latent_shape(parts["vae"].config, cfg.diffusion.resolution)
     text = ZImageText(parts["text_encoders"], parts["tokenizers"])
-    likelihood = image_likelihood(cfg, FAMILY, parts, text, ZImageTransformer(), objective(parts["scheduler"], shape))
-    return parts["unet"], likelihood, None
+    return parts["unet"], image_likelihood(cfg, FAMILY, parts, text, ZImageTransformer(), objective), None
 
 
 FAMILY = Family(
@@ -102,4 +95,4 @@ FAMILY = Family(
     layout=PipelineLayout("transformer", "ZImageTransformer2DModel", "FlowMatchEulerDiscreteScheduler", "flow pipeline"),
     text_encoders=(TextEncoderSpec("text_encoder", "tokenizer", "transformers:Qwen3Model"),),
     pipeline="ZImagePipeline", export_formats=("merged", "unet", "lora"), cache=True, validation=True,
-    sample="images")
+    sample="images", zeros_null_prompt=False)

@@ -234,9 +234,6 @@ def check_audio_config(cfg: Any) -> None:
                           "is read from its start for audio.seconds); set it to center")
     if cfg.train.validate_every:
         raise ConfigError("train.validate_every: no validation samples for audio models yet; set it to 0")
-    if cfg.diffusion.null_prompt != "empty":
-        raise ConfigError("diffusion.null_prompt: audio models drop captions to the empty prompt \"\" "
-                          "(Tango); 'zeros' is not supported")
 
 
 def load_language_model(path: str | Path, dtype: torch.dtype) -> Any:

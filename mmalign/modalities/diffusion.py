@@ -447,11 +447,15 @@ def data_roots(cfg: Any) -> list[Path]:
     return roots
 
 
-def image_likelihood(cfg: Any, family: Family, parts: dict[str, Any], encoder: Any,
-                     denoiser: Denoiser, objective: Any = None) -> DiffusionLikelihood:
-    """A live image likelihood: `ImageLatents` through the loaded VAE, `TextConditioning` through
-    the family's encoder; the ELBO objective unless another is given (flow)."""
+def image_likelihood(cfg: Any, family: Family, parts: dict[str, Any], encoder: Any, denoiser: Denoiser,
+                     objective: Callable[[Any, tuple[int, int, int]], Any] | None = None,
+                     latents: Any = None) -> DiffusionLikelihood:
+    """A live image likelihood: `TextConditioning` through the family's encoder; `latents` the
+    family's latent source (default `ImageLatents` through the loaded VAE); objective(scheduler,
+    latent_shape) the family's (flow families: the shift of those latents' size), default the ELBO
+    — the same contract as the cached path (`diffusion_cache.build_cached`)."""
     d = cfg.diffusion
-    objective = objective or ElboObjective(parts["scheduler"], d.prediction_type)
-    return DiffusionLikelihood(family, objective, ImageLatents(parts["vae"], d, data_roots(cfg)),
-                               TextConditioning(encoder, d.null_prompt), denoiser, d)
+    latents = latents or ImageLatents(parts["vae"], d, data_roots(cfg))
+    scheduler = parts["scheduler"]
+    chosen = objective(scheduler, latents.latent_shape()) if objective else ElboObjective(scheduler, d.prediction_type)
+    return DiffusionLikelihood(family, chosen, latents, TextConditioning(encoder, d.null_prompt), denoiser, d)

@@ -25,6 +25,17 @@ def family_folder(cfg: Any, family: Family) -> str:
     return path
 
 
+def check_null_prompt(cfg: Any, family: Family) -> None:
+    """`diffusion.null_prompt: zeros` for a family whose pipeline has no zero null prompt (it encodes
+    the empty negative prompt, as caption dropout to "" trains it) is a ConfigError."""
+    from mmalign.errors import ConfigError
+
+    if cfg.diffusion.null_prompt == "zeros" and not family.zeros_null_prompt:
+        raise ConfigError(f"diffusion.null_prompt: zeros has no counterpart in modality '{family.name}' (its "
+                          "pipeline encodes the empty negative prompt, as caption dropout to \"\" trains it); "
+                          "use 'empty'")
+
+
 def import_class(spec: str) -> Any:
     """The class named "library:Class" (e.g. "transformers:CLIPTextModel")."""
     import importlib
@@ -44,6 +55,7 @@ def load_parts(cfg: Any, family: Family, unet: bool = True, frozen: bool = True)
     from transformers import AutoTokenizer
 
     layout: PipelineLayout = family.layout
+    check_null_prompt(cfg, family)
     path, d = family_folder(cfg, family), cfg.diffusion
     variant = {"variant": d.variant} if d.variant else {}
     dtype = getattr(torch, cfg.model.dtype)
