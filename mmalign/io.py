@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterable, Iterator
 
 _TMP_PID = re.compile(r"^\..+\.tmp-(\d+)$")
 
@@ -59,6 +60,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+
+
+def write_jsonl_atomic(path: str | Path, rows: Iterable[Any], ensure_ascii: bool = True) -> None:
+    """`rows` as jsonl (one `json.dumps` per line, UTF-8) written through `atomic_path`: a reader
+    sees the old file or the whole new one."""
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=ensure_ascii) + "\n" for r in rows), encoding="utf-8")
 
 
 def _alive(pid: int) -> bool:

@@ -19,3 +19,14 @@ def test_success_replaces_and_failure_keeps_the_old_file(tmp_path):
             raise RuntimeError("killed mid-write")
     assert target.read_text() == "v1"
     assert sorted(p.name for p in target.parent.iterdir()) == ["index.json"]  # no temp file left
+
+
+def test_write_jsonl_atomic_writes_one_json_per_line_in_utf8(tmp_path):
+    from mmalign.io import write_jsonl_atomic
+
+    path = tmp_path / "sub" / "rows.jsonl"
+    write_jsonl_atomic(path, [{"a": "é"}, {"b": 1}])
+    assert path.read_bytes() == b'{"a": "\\u00e9"}\n{"b": 1}\n'  # ensure_ascii by default
+    write_jsonl_atomic(path, [{"a": "é"}], ensure_ascii=False)
+    assert path.read_bytes() == '{"a": "é"}\n'.encode("utf-8")
+    assert [p.name for p in path.parent.iterdir()] == ["rows.jsonl"]  # no temporary file left

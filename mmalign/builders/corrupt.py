@@ -16,7 +16,6 @@ answer is chosen). Written atomically (the jsonl last).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,7 +23,7 @@ from typing import Any, Sequence
 from mmalign.data.corrupt import corrupt_image
 from mmalign.data.media import load_image, record_images
 from mmalign.errors import DataError
-from mmalign.io import atomic_path
+from mmalign.io import atomic_path, write_jsonl_atomic
 from mmalign.seeds import mix_seed
 
 CORRUPTION_DEFAULTS = {"noise": {"step": 500}, "crop": {"scale": (0.01, 0.2)}, "mask": {"ratio": 0.3, "patch": 1}}
@@ -77,8 +76,7 @@ def write_vlm_pairs(records: list[dict[str, Any]], out_dir: str | Path, name: st
     if not records:
         raise DataError("no pairs to write")
     target = Path(out_dir) / f"{name}.jsonl"
-    with atomic_path(target) as tmp:
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_jsonl_atomic(target, records, ensure_ascii=False)
     return target
 
 

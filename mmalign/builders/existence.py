@@ -44,10 +44,8 @@ def build_existence_pairs(objects_by_image: Mapping[str, Iterable[str]], *, sett
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
     from mmalign.evaluation.coco import load_instances
-    from mmalign.io import atomic_path
+    from mmalign.io import write_jsonl_atomic
 
     out = Path(args.out)
     files, objects = load_instances(args.annotations)
@@ -60,8 +58,7 @@ def run(args: argparse.Namespace) -> int:
                                   yes=args.yes, no=args.no)
     for p in pairs:  # image paths relative to the output file, as every pair file has them
         p["images"] = [os.path.relpath((root / p["images"][0]).resolve(), out.parent.resolve())]
-    with atomic_path(out) as tmp:
-        tmp.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
+    write_jsonl_atomic(out, pairs)
     yes_share = sum(p["label"] == "yes" for p in pairs) / len(pairs)
     print(f"[mmalign] build-pairs existence: {len(pairs)} pairs ({args.setting}, yes {yes_share:.0%}) "
           f"from {len({p['images'][0] for p in pairs})} images; wrote {out}")

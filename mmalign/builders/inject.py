@@ -372,9 +372,7 @@ def _jsonl_records(args: argparse.Namespace, out_dir: Path) -> list[dict[str, An
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
-    from mmalign.io import atomic_path
+    from mmalign.io import write_jsonl_atomic
 
     out = Path(args.out)
     if bool(args.input) == bool(args.captions):
@@ -387,8 +385,7 @@ def run(args: argparse.Namespace) -> int:
     pairs, counts = build_injection_pairs(records, vocab, kinds=args.kinds, strategy=args.strategy,
                                           object_mode=args.object_mode, top_k=args.top_k, seed=args.seed,
                                           prompt=args.prompt, rewriter=rewriter)
-    with atomic_path(out) as tmp:
-        tmp.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
+    write_jsonl_atomic(out, pairs)
     detail = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
     print(f"[mmalign] build-pairs inject: {len(pairs)} pairs from {len(records)} records ({detail or 'nothing dropped'}); wrote {out}")
     return 0

@@ -21,7 +21,6 @@ record carries its provenance (ids, seeds, scores, margin, model).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from mmalign.errors import DataError
-from mmalign.io import atomic_path
+from mmalign.io import atomic_path, write_jsonl_atomic
 
 STRATEGIES = ("best_worst", "margin", "ranked", "judge")
 TIE_TOL = 1e-9  # two scores this close are a tie: the scorer cannot tell the samples apart
@@ -347,8 +346,7 @@ def write_scored_pairs(selection: Selection, root: str | Path, out_dir: str | Pa
     if kind == "image" and selection.strategy != "ranked":
         return write_image_pairs(records, out_dir, name=name)
     target = out_dir / f"{name}.jsonl"
-    with atomic_path(target) as tmp:  # the jsonl last: a reader never sees a partial dataset
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_jsonl_atomic(target, records, ensure_ascii=False)  # the jsonl last: a reader never sees a partial dataset
     return target
 
 

@@ -142,10 +142,9 @@ class AnswerCache:
         if path is not None and path.is_file():
             rows = read_jsonl(path, "answer cache", tolerate_torn_end=True)
             if not path.read_bytes().endswith(b"\n"):  # drop a torn last line before appending
-                from mmalign.io import atomic_path
+                from mmalign.io import write_jsonl_atomic
 
-                with atomic_path(path) as tmp:
-                    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+                write_jsonl_atomic(path, rows)
             for row in rows:
                 if row.get("settings") == settings:
                     self.done[str(row["key"])] = row["answer"]

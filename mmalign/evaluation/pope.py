@@ -201,12 +201,10 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None:
         sets = {k: v[:args.limit] for k, v in sets.items()}
     if args.write_questions:
-        from mmalign.io import atomic_path
-        import json
+        from mmalign.io import write_jsonl_atomic
 
         for name, questions in sets.items():
-            with atomic_path(Path(args.write_questions) / f"pope_{name}.jsonl") as tmp:
-                tmp.write_text("".join(json.dumps(q) + "\n" for q in questions))
+            write_jsonl_atomic(Path(args.write_questions) / f"pope_{name}.jsonl", questions)
     answers = _answers(args, sets)
     results = {name: score(questions, answers[name]) for name, questions in sets.items()}
     settings = {k: v for k, v in vars(args).items() if k not in ("func", "command", "method")}

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mmalign.errors import DataError
-from mmalign.io import atomic_path
+from mmalign.io import atomic_path, write_jsonl_atomic
 
 MANIFEST = "manifest.jsonl"
 REQUIRED = ("id", "prompt_index", "prompt", "sample", "seed", "kind")
@@ -141,8 +141,7 @@ def write_manifest(rows: Iterable[dict[str, Any]], path: str | Path) -> Path:
     rows = sorted(rows, key=lambda r: r["id"])
     for i, row in enumerate(rows):
         _check(row, f"row {i}")
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_jsonl_atomic(path, rows, ensure_ascii=False)
     return path
 
 

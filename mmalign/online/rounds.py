@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mmalign.errors import ConfigError, DataError
-from mmalign.io import atomic_path
+from mmalign.io import atomic_path, write_jsonl_atomic
 from mmalign.seeds import ROW, RUN, STEP, mix_seed
 
 SEED_OFFSET = 15  # keeps sample seeds apart from the trainer's step seeds (same strides)
@@ -96,16 +96,12 @@ def with_root(records: list[dict[str, Any]], folder: Path) -> list[dict[str, Any
     return [dict(r, _root=str(folder)) for r in records]
 
 
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
 def save_round(folder: Path, rows: list[dict[str, Any]], records: list[dict[str, Any]], fingerprint: str,
                meta: dict[str, Any]) -> None:
     """samples.jsonl, records.jsonl, then meta.json (with the fingerprint) under `folder`, atomically."""
-    _write_jsonl(folder / "samples.jsonl", rows)
-    _write_jsonl(folder / "records.jsonl", [{k: v for k, v in r.items() if k != "_root"} for r in records])
+    write_jsonl_atomic(folder / "samples.jsonl", rows, ensure_ascii=False)
+    write_jsonl_atomic(folder / "records.jsonl", [{k: v for k, v in r.items() if k != "_root"} for r in records],
+                       ensure_ascii=False)
     with atomic_path(folder / "meta.json") as tmp:
         tmp.write_text(json.dumps({**meta, "fingerprint": fingerprint}, indent=2))
 
