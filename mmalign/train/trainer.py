@@ -184,7 +184,8 @@ class PreferenceTrainer:
     def _check_finite_params(self) -> None:
         """After the optimizer step: every trained weight is finite, else stop naming the step
         (before any checkpoint could keep the weights)."""
-        bad = any(not bool(p.detach().isfinite().all()) for p in self.model.parameters() if p.requires_grad)
+        trained = [p.detach().isfinite().all() for p in self.model.parameters() if p.requires_grad]
+        bad = bool(trained) and not bool(torch.stack(trained).all())  # one device sync, not one per tensor
         if self._any_process(bad):
             last = ckpt.latest_checkpoint(self.output_dir)
             raise NonFiniteLossError(
