@@ -12,6 +12,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusion_fixtures import build_for, draw_for, indexed_pairs, perturbed, uncached
@@ -267,3 +268,22 @@ def test_cli_trains_and_exports_every_format(pipeline, pairs, tmp_path, capsys):
             pipe.load_lora_weights(out)
             loaded = pipe.transformer
         torch.testing.assert_close(output(loaded), expected, rtol=1e-5, atol=1e-5, msg=fmt)
+
+
+def test_validation_grid_is_the_pipelines_own_decode(built, tmp_path):
+    """The grid holds Flux2KleinPipeline's own decoded images (batch-norm statistics undone,
+    latents unpatchified) for the same seeds."""
+    from PIL import Image
+
+    from mmalign.modalities.validation import sampling_pipeline, validate_images
+
+    transformer, likelihood, _ = built
+    out = validate_images(likelihood, transformer, 1, tmp_path, ["a red circle"], [0, 1], 2, 2.0)
+    grid = np.asarray(Image.open(tmp_path / "grid.png"), dtype=np.int16)
+    pipe = sampling_pipeline(likelihood, transformer)
+    generators = [torch.Generator().manual_seed(s) for s in (0, 1)]
+    with torch.no_grad():
+        images = pipe(prompt=["a red circle"] * 2, generator=generators, num_inference_steps=2, guidance_scale=2.0,
+                      height=16, width=16, output_type="np").images
+    direct = np.concatenate([(im * 255).round().astype(np.int16) for im in images], axis=1)
+    assert out["validation/images"] == 2 and np.abs(grid - direct).max() <= 1

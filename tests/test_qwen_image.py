@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from diffusion_fixtures import build_for, draw_for, indexed_pairs, perturbed, uncached, write_image_pairs
@@ -299,3 +300,27 @@ def test_cli_trains_and_exports_every_format(pipeline, pairs, tmp_path, capsys):
             pipe.load_lora_weights(out)
             loaded = pipe.transformer
         torch.testing.assert_close(output(loaded), expected, rtol=1e-5, atol=1e-5, msg=fmt)
+
+
+def test_validation_grid_is_the_pipelines_own_decode_with_true_cfg(built, tmp_path):
+    """The grid holds QwenImagePipeline's own decoded images (per-channel mean/std, frame axis),
+    guided by true_cfg_scale with the empty negative prompt; not the unguided images."""
+    from PIL import Image
+
+    from mmalign.modalities.validation import sampling_pipeline, validate_images
+
+    transformer, likelihood, _ = built
+    out = validate_images(likelihood, transformer, 1, tmp_path, ["a red circle"], [0, 1], 2, 3.0)
+    grid = np.asarray(Image.open(tmp_path / "grid.png"), dtype=np.int16)
+    assert out["validation/images"] == 2 and grid.shape[1] == 2 * grid.shape[0]
+
+    def direct(**guidance):
+        pipe = sampling_pipeline(likelihood, transformer)
+        generators = [torch.Generator().manual_seed(s) for s in (0, 1)]
+        with torch.no_grad():
+            images = pipe(prompt=["a red circle"] * 2, generator=generators, num_inference_steps=2, height=16,
+                          width=16, output_type="np", **guidance).images
+        return np.concatenate([(im * 255).round().astype(np.int16) for im in images], axis=1)
+
+    assert np.abs(grid - direct(true_cfg_scale=3.0, negative_prompt="")).max() <= 1
+    assert np.abs(grid - direct()).max() > 1  # guidance changed the images

@@ -74,6 +74,8 @@ class Family:
         exports and validation set it to what training used (`diffusion.null_prompt`).
     zeros_null_prompt: whether `diffusion.null_prompt: zeros` has a counterpart in the family's
         sampling (False: its pipeline encodes the empty negative prompt; zeros are refused).
+    true_cfg: the pipeline's classifier-free guidance is `true_cfg_scale` with a negative prompt
+        (Qwen-Image); its `guidance_scale` would feed a guidance embedding the family has not.
     unsupported: why an export format is missing ({"lora": "..."}), for the error naming it.
     """
 
@@ -92,6 +94,7 @@ class Family:
     source: Callable[[Any, Any], Any] | None = None
     null_prompt_zeros_flag: bool = False
     zeros_null_prompt: bool = True
+    true_cfg: bool = False
     unsupported: dict[str, str] = field(default_factory=dict)
 
     @property

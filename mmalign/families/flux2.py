@@ -174,5 +174,5 @@ FAMILY = Family(
     layout=PipelineLayout("transformer", "Flux2Transformer2DModel", "FlowMatchEulerDiscreteScheduler", "flow pipeline",
                           vae_class="AutoencoderKLFlux2"),
     text_encoders=(TextEncoderSpec("text_encoder", "tokenizer", "transformers:Qwen3ForCausalLM"),),
-    pipeline="Flux2KleinPipeline", export_formats=("merged", "unet", "lora"), cache=True, validation=False,
+    pipeline="Flux2KleinPipeline", export_formats=("merged", "unet", "lora"), cache=True, validation=True,
     sample="images", zeros_null_prompt=False)

@@ -29,9 +29,9 @@ pipeline_qwenimage.py, diffusers 0.42.1) encodes and calls it:
   has no guidance embedder to feed (a config with it is refused).
 
 Dropped captions become encode("") — the pipeline's negative prompt (true CFG); `null_prompt:
-zeros` has no pipeline counterpart and is refused. Validation images are not offered: the shared
-`validation.decode_latents` reads `vae.config.scaling_factor` and unpacks 4-D latents, which this
-VAE has not (a design gap, reported with the family).
+zeros` has no pipeline counterpart and is refused. Validation images sample
+through `QwenImagePipeline` (which decodes its own latents), guided by `true_cfg_scale` with the
+empty negative prompt (`Family.true_cfg`), the null prompt training used.
 """
 
 from __future__ import annotations
@@ -180,5 +180,5 @@ FAMILY = Family(
     layout=PipelineLayout("transformer", "QwenImageTransformer2DModel", "FlowMatchEulerDiscreteScheduler",
                           "flow pipeline", vae_class="AutoencoderKLQwenImage"),
     text_encoders=(TextEncoderSpec("text_encoder", "tokenizer", "transformers:Qwen2_5_VLForConditionalGeneration"),),
-    pipeline="QwenImagePipeline", export_formats=("merged", "unet", "lora"), cache=True, validation=False,
-    sample="images", zeros_null_prompt=False)
+    pipeline="QwenImagePipeline", export_formats=("merged", "unet", "lora"), cache=True, validation=True,
+    sample="images", zeros_null_prompt=False, true_cfg=True)

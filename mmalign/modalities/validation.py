@@ -11,9 +11,8 @@ saves one PNG grid per call:
 rows = prompts, columns = seeds. Each image has its own CPU generator seeded with its seed,
 so the same weights give the same pixels in every call; only the weights change between steps.
 
-Latents are decoded here (not by the pipeline) with the VAE in its own dtype and autocast off,
-as `DiffusionLikelihood.encode_images` encodes them: x = latents / scaling_factor + shift
-(FLUX's packed latents are unpacked first).
+The pipeline decodes its own latents (its family's VAE convention); `decode_latents` is the
+shared decoder of scaled latents that SPO's step sampler and the step-aware scorer use.
 """
 
 from __future__ import annotations
@@ -113,19 +112,31 @@ def image_grid(images: torch.Tensor, columns: int) -> Any:
     return Image.fromarray(array)
 
 
+def guidance_arguments(family: Any, guidance: float) -> dict[str, Any]:
+    """The pipeline `__call__` arguments of classifier-free guidance `guidance`: `guidance_scale`,
+    or for a true-CFG family (`Family.true_cfg`: Qwen-Image) `true_cfg_scale` with the empty
+    negative prompt (the null prompt its training drops captions to)."""
+    if family.true_cfg:
+        return {"true_cfg_scale": guidance, "negative_prompt": "", "guidance_scale": None}
+    return {"guidance_scale": guidance}
+
+
 @torch.no_grad()
-def sample_images(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float,
+def sample_images(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: dict[str, Any],
                   resolution: int) -> torch.Tensor:
-    """(len(prompts) · len(seeds), 3, H, W) in [0, 1]: for each prompt, one image per seed."""
+    """(len(prompts) · len(seeds), 3, H, W) float32 in [0, 1]: for each prompt, one image per seed;
+    `guidance` from `guidance_arguments`.
+
+    The pipeline decodes its own latents (output_type "pt"): each family's VAE convention
+    (SD's scaling, SD3/FLUX's shift, FLUX's packing, Qwen-Image's per-channel mean/std and frame
+    axis, FLUX.2's batch-norm statistics) lives in its pipeline, so no family needs a decoder here."""
     images = []
     for prompt in prompts:
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        latents = pipe(prompt=[prompt] * len(seeds), generator=generators, num_inference_steps=steps,
-                       guidance_scale=guidance, height=resolution, width=resolution, output_type="latent",
-                       return_dict=False)[0]
-        if latents.ndim == 3:  # FLUX: packed 2×2 (n, h/2·w/2, 4C)
-            latents = pipe._unpack_latents(latents, resolution, resolution, pipe.vae_scale_factor)
-        images.append(decode_latents(pipe.vae, latents))
+        pixels = pipe(prompt=[prompt] * len(seeds), generator=generators, num_inference_steps=steps,
+                      **guidance, height=resolution, width=resolution, output_type="pt",
+                      return_dict=False)[0]
+        images.append(pixels.float().cpu())
     return torch.cat(images)
 
 
@@ -146,7 +157,8 @@ def validate_images(likelihood: Any, unet: torch.nn.Module, step: int, folder: s
     folder.mkdir(parents=True, exist_ok=True)
     resolution = likelihood.settings.resolution
     with eval_mode(unet):  # LoRA dropout off: the same seeds give the same images
-        images = sample_images(sampling_pipeline(likelihood, unet), prompts, seeds, steps, guidance, resolution)
+        images = sample_images(sampling_pipeline(likelihood, unet), prompts, seeds, steps,
+                               guidance_arguments(likelihood.family, guidance), resolution)
     with atomic_path(folder / "grid.png") as tmp:
         image_grid(images, len(seeds)).save(tmp, format="PNG")
     layout = {"step": step, "rows": list(prompts), "columns": [int(s) for s in seeds], "steps": steps,
