@@ -30,6 +30,8 @@ class ModelConfig:
     dtype: str = "float32"  # weights dtype: float32, bfloat16, float16
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
+    # text LMs: answer tokens per LM-head chunk, so no (B, T, V) logits are built (0: full logits)
+    lm_head_chunk: int = 1024
 
 
 @dataclass
@@ -561,6 +563,7 @@ def _validate_ranges(cfg: Config) -> None:
          "finite and >= 0 (0 = no clipping)"),
         ("optim.betas", o.betas, len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "two values in [0, 1)"),
         ("lora.r", cfg.lora.r, cfg.lora.r >= 1, ">= 1"),
+        ("model.lm_head_chunk", cfg.model.lm_head_chunk, cfg.model.lm_head_chunk >= 0, ">= 0 (0 = full logits)"),
         ("loss.beta", cfg.loss.beta, math.isfinite(cfg.loss.beta), "finite and > 0"),
     ]
     for key, value, ok, valid in checks:

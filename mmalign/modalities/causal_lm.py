@@ -15,6 +15,8 @@ from torch import Tensor
 
 from mmalign.data.preference import batch_fields, flatten
 from mmalign.errors import DataError
+from mmalign.modalities.lm_head import (LogitTransform, captured_hidden, check_head, chunked_token_logps,
+                                        language_model, logit_transform)
 from mmalign.types import Draw, LogpOutput, PreferenceBatch
 
 
@@ -52,13 +54,14 @@ class CausalLMLikelihood:
         that leaves no room for a response is an error naming the example.
     chat_template: wrap the prompt with the tokenizer's chat template (a list-of-messages
         prompt always uses it).
+    lm_head_chunk: answer tokens per LM-head chunk (`model.lm_head_chunk`; 0: full logits).
     """
 
     deterministic = True  # no randomness: a precomputed reference is exact
     square_mass = False  # TokenSquareMass: also return token_log_sq_mass (WPO), set by the trainer
 
     def __init__(self, tokenizer: Any, max_length: int = 512, max_prompt_length: int = 0,
-                 chat_template: bool = False) -> None:
+                 chat_template: bool = False, lm_head_chunk: int = 0) -> None:
         if tokenizer.pad_token_id is None:
             if tokenizer.eos_token_id is None:
                 raise ValueError("the tokenizer has neither a pad nor an eos token")
@@ -67,6 +70,9 @@ class CausalLMLikelihood:
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length
         self.chat_template = chat_template
+        self.lm_head_chunk = lm_head_chunk
+        self.head_checked: dict[int, bool] = {}  # id(model) -> the chunked head gives its log-probs
+        self.transform = LogitTransform()
 
     # -- tokenisation -------------------------------------------------------
     def _prompt_ids(self, prompt: Any) -> list[int]:
@@ -134,16 +140,36 @@ class CausalLMLikelihood:
         return Draw()
 
     def logps(self, model: torch.nn.Module, batch: PreferenceBatch, draw: Draw | None = None) -> LogpOutput:
-        """Sum of response-token log-probs per item: logps (N,), tokens (N,), token_logps (N, T-1)."""
+        """Sum of response-token log-probs per item: logps (N,), tokens (N,), token_logps (N, T-1).
+
+        With `lm_head_chunk` > 0 (and a head `check_head` accepts) the answer tokens go through
+        the head in chunks (`lm_head.chunked_token_logps`): no (N, T, V) logits."""
         x = batch.inputs
-        logits = model(input_ids=x["input_ids"], attention_mask=x["attention_mask"],
-                       position_ids=x["position_ids"], use_cache=False).logits
+        inputs = {"input_ids": x["input_ids"], "attention_mask": x["attention_mask"], "position_ids": x["position_ids"]}
         labels = x["input_ids"][:, 1:]
         mask = x["loss_mask"][:, 1:].to(torch.float32)
-        token_logps = selective_log_softmax(logits[:, :-1], labels) * mask
-        square = log_square_mass(logits[:, :-1]) * mask if self.square_mass else None
+        if self.chunked(model, inputs):
+            with captured_hidden(model) as (capture, head):
+                model(**inputs, use_cache=False)
+            token_logps, square = chunked_token_logps(capture.hidden[:, :-1], head, labels, mask, self.lm_head_chunk,
+                                                      self.transform, self.square_mass)
+        else:
+            logits = model(**inputs, use_cache=False).logits
+            token_logps = selective_log_softmax(logits[:, :-1], labels) * mask
+            square = log_square_mass(logits[:, :-1]) * mask if self.square_mass else None
         return LogpOutput(logps=token_logps.sum(-1), tokens=mask.sum(-1),
                           token_logps=token_logps, token_mask=mask, token_log_sq_mass=square)
+
+    def chunked(self, model: torch.nn.Module, inputs: dict[str, Tensor]) -> bool:
+        """Whether `model`'s log-probs take the chunked head path: `lm_head_chunk` > 0 and, checked
+        once per model (`check_head`), its logits are head(h) under a known transform."""
+        if self.lm_head_chunk <= 0:
+            return False
+        key = id(language_model(model))
+        if key not in self.head_checked:
+            self.transform = logit_transform(language_model(model).config)
+            self.head_checked[key] = check_head(model, inputs, self.transform)
+        return self.head_checked[key]
 
 
 def build(cfg: Any) -> tuple[torch.nn.Module, CausalLMLikelihood, Any]:
@@ -156,5 +182,6 @@ def build(cfg: Any) -> tuple[torch.nn.Module, CausalLMLikelihood, Any]:
     dtype = getattr(torch, cfg.model.dtype)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
-    likelihood = CausalLMLikelihood(tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, cfg.data.chat_template)
+    likelihood = CausalLMLikelihood(tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, cfg.data.chat_template,
+                                    cfg.model.lm_head_chunk)
     return model, likelihood, tokenizer
