@@ -83,6 +83,7 @@ def test_word_tokenize_follows_nltk():
         ["A", "dog", ".", "Two", "cats", ",", "a", "dog", "'s", "bowl", "and", "dogs", "'", "toys", "!"]
     assert word_tokenize("A dog-shaped (man-made) cake... I can't") == \
         ["A", "dog-shaped", "(", "man-made", ")", "cake", "...", "I", "ca", "n't"]
+    assert word_tokenize("A 'dog' toy \u2013 a cat") == ["A", "'", "dog", "'", "toy", "\u2013", "a", "cat"]  # NLTK 3.10
     assert sentences("Mr. Smith has a dog. It sleeps! Does it?") == ["Mr. Smith has a dog.", "It sleeps!", "Does it?"]
 
 

@@ -8,7 +8,9 @@ re-implemented verbatim so `mmalign eval chair --protocol reference` needs neith
   COCO words: "bus" -> "bu", "ties" -> "ty", "canoes" -> "cano", "glass" -> "glas",
   "grass" -> "gras"; every word ending in "our" gets "my" ("four" -> "fmy": irregular "our").
 - `word_tokenize`: NLTK's `word_tokenize` = Punkt sentences, then `NLTKWordTokenizer`
-  (improved Treebank) on each. The word tokenizer's regexes are copied from NLTK. Punkt's
+  (improved Treebank) on each. The word tokenizer's regexes are copied from NLTK 3.10 (what the
+  script or its Python 3 port gets installed today; NLTK < 3.9 left a leading single quote on
+  the word: "'dog'" -> "'dog", "'", so the word is no mention there). Punkt's
   trained English model is not: sentences end at ".", "!" or "?" followed by white space,
   except after the abbreviations in `ABBREVIATIONS` (Punkt's model knows more, and learnt
   orthographic rules; captions rarely differ). Hyphenated words stay one token
@@ -101,13 +103,15 @@ ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "jr", "sr", "vs", "etc", "e.g", 
 _SENTENCE_END = re.compile(r"[.!?]+(?=\s)")
 _STARTING_QUOTES = [(re.compile("([«“‘„]|[`]+)", re.U), r" \1 "), (re.compile(r"^\""), r"``"),
                     (re.compile(r"(``)"), r" \1 "), (re.compile(r"([ \(\[{<])(\"|\'{2})"), r"\1 `` "),
-                    (re.compile(r"(?i)(\')(?!re|ve|ll|m|t|s|d|n)(\w)\b", re.U), r"\1 \2")]
+                    (re.compile(r"(?i)(?<!\w)(\')(?!(?:re|ve|ll|m|t|s|d|n)\b)(?=\w)", re.U), r"\1 ")]
 _ENDING_QUOTES = [(re.compile("([»”’])", re.U), r" \1 "), (re.compile(r"''"), " '' "), (re.compile(r'"'), " '' "),
+                  (re.compile(r"\s+"), " "),
                   (re.compile(r"([^' ])('[sS]|'[mM]|'[dD]|') "), r"\1 \2 "),
                   (re.compile(r"([^' ])('ll|'LL|'re|'RE|'ve|'VE|n't|N'T) "), r"\1 \2 ")]
 _PUNCTUATION = [(re.compile(r'([^\.])(\.)([\]\)}>"\'' "»”’ " r"]*)\s*$", re.U), r"\1 \2 \3 "),
                 (re.compile(r"([:,])([^\d])"), r" \1 \2"), (re.compile(r"([:,])$"), r" \1 "),
                 (re.compile(r"\.{2,}", re.U), r" \g<0> "), (re.compile(r"[;@#$%&]"), r" \g<0> "),
+                (re.compile(r"[\u2012-\u2015]", re.UNICODE), r" \g<0> "),
                 (re.compile(r'([^\.])(\.)([\]\)}>"\']*)\s*$'), r"\1 \2\3 "), (re.compile(r"[?!]"), r" \g<0> "),
                 (re.compile(r"([^'])' "), r"\1 ' "), (re.compile(r"[*]", re.U), r" \g<0> ")]
 _PARENS = (re.compile(r"[\]\[\(\)\{\}\<\>]"), r" \g<0> ")
