@@ -59,7 +59,10 @@ def test_metrics_equal_hand_computed_values(data):
     assert m["existence"] == {"Accuracy": 50.0, "Precision": 99.9, "Recall": 50.0, "F1": 66.6}
     # state: 5, 6 both right -> acc 2 / 2.001 = 99.950 -> 100.0; P = R = 1 / 1.001 -> 99.9;
     # F1 2 (.999)(.999) / (1.998 + .0001) = 99.895 -> 99.9 (the 0.001 starts show)
-    assert m["state"] == m["attribute"] == {"Accuracy": 100.0, "Precision": 99.9, "Recall": 99.9, "F1": 99.9}
+    assert m["state"] == {"Accuracy": 100.0, "Precision": 99.9, "Recall": 99.9, "F1": 99.9}
+    # attribute pools the state, number, action counters, each started at 0.001: acc 2 / 2.003 -> 99.9,
+    # P = R = 1 / 1.003 -> 99.7, F1 2 (.997)(.997) / (1.994 + .0001) = 99.695 -> 99.7
+    assert m["attribute"] == {"Accuracy": 99.9, "Precision": 99.7, "Recall": 99.7, "F1": 99.7}
     assert m["relation"]["Accuracy"] == 50.0
     assert m["AMBER"] == pytest.approx((100 - 33.3 + 85.7) / 2)
 
@@ -124,3 +127,71 @@ def test_eval_amber_on_a_tiny_llava_resumes_from_cached_answers(data, tmp_path, 
 def test_missing_data_folder_says_where_to_get_it(tmp_path, capsys):
     assert main(["eval", "amber", "--data", str(tmp_path), "--answers", "x.json"]) == 2
     assert "junyangwang0410/AMBER" in capsys.readouterr().err
+
+
+def _random_amber(tmp_path: Path, seed: int) -> tuple[Path, dict[int, str]]:
+    """A random AMBER-layout folder (40 generative entries over a 16-word vocabulary with shared
+    associations, 120 discriminative of every type) and random responses to all of it."""
+    import random
+
+    rng = random.Random(seed)
+    objects = ["dog", "cat", "grass", "ground", "sky", "tree", "car", "road", "person", "bird", "water", "boat"]
+    relation = {o: rng.sample([w for w in objects + ["floor", "street", "puppy", "man"] if w != o], rng.randint(0, 3))
+                for o in objects}
+    annotations = []
+    for i in range(1, 41):
+        truth = rng.sample(objects, rng.randint(1, 4))
+        annotations.append({"id": i, "type": "generative", "truth": truth,
+                            "hallu": rng.sample([o for o in objects if o not in truth], rng.randint(0, 3))})
+    types = ["discriminative-hallucination", "discriminative-attribute-state", "discriminative-attribute-number",
+             "discriminative-attribute-action", "discriminative-relation", "relation"]
+    for i in range(41, 161):
+        annotations.append({"id": i, "type": rng.choice(types), "truth": rng.choice(["yes", "no"])})
+    data = tmp_path / f"amber{seed}"
+    data.mkdir()
+    (data / "relation.json").write_text(json.dumps(relation))
+    (data / "annotations.json").write_text(json.dumps(annotations))
+    (data / "safe_words.txt").write_text("light\nsign\n")
+    vocab = sorted(set(relation) | {w for ws in relation.values() for w in ws}) + ["light", "sign", "the", "Dog"]
+    responses = {a["id"]: ("A " + " and ".join(rng.choice(vocab) + rng.choice(["", "", "s"])
+                                              for _ in range(rng.randint(0, 8))) + ".")
+                 if a["type"] == "generative" else rng.choice(["Yes", "No", "yes", "No.", "Maybe"])
+                 for a in annotations}
+    return data, responses
+
+
+@pytest.mark.parametrize("seed, similar", [(0, lambda a, b: a == b), (1, lambda a, b: a[:2] == b[:2])])
+def test_equals_the_official_script_on_random_cases(tmp_path, seed, similar):
+    """tests/amber_official.py is inference.py unchanged but for its imports; given the same nouns
+    and similarity, every number it prints equals mmalign's."""
+    import re
+    from types import SimpleNamespace
+
+    import amber_official
+    from mmalign.evaluation.amber import simple_nouns
+
+    data, responses = _random_amber(tmp_path, seed)
+    (data / "metrics.txt").write_text("".join(f"{p}{k}={'0' if k == 'score' else '0.001'}\n"
+                                              for p in ("chair_", "safe_cover_", "hallu_cover_", "non_hallu_",
+                                                        "qa_correct_", "qa_no_", "qa_ans_no_", "as_qa_correct_",
+                                                        "as_qa_no_", "as_qa_ans_no_", "an_qa_correct_", "an_qa_no_",
+                                                        "an_qa_ans_no_", "aa_qa_correct_", "aa_qa_no_",
+                                                        "aa_qa_ans_no_", "asso_qa_correct_", "asso_qa_no_",
+                                                        "asso_qa_ans_no_", "ha_qa_correct_", "ha_qa_no_",
+                                                        "ha_qa_ans_no_") for k in ("score", "num")))
+    (data / "responses.json").write_text(json.dumps([{"id": i, "response": r} for i, r in responses.items()]))
+    amber_official.extract_nouns = simple_nouns
+    amber_official.check_synonyms_word = lambda a, b, threshold: similar(a, b)
+    printed = amber_official.main(SimpleNamespace(
+        word_association=str(data / "relation.json"), safe_words=str(data / "safe_words.txt"),
+        inference_data=str(data / "responses.json"), annotation=str(data / "annotations.json"),
+        metrics=str(data / "metrics.txt"), similarity_score=0.8, evaluation_type="a"))
+    blocks = {b.split(":")[0]: {k: float(v) for k, v in re.findall(r"^(\w+):\s+([\d.]+)", b, re.M)}
+              for b in re.split(r"\n(?=[\w ]+:\n)", printed.strip())}
+    m = score(load_amber(data), responses, simple_nouns, similar, as_is=True)["metrics"]
+    assert blocks["Generative Task"] == {k: m[k] for k in ("CHAIR", "Cover", "Hal", "Cog")}
+    assert blocks["Descriminative Task"] == {k: m[k] for k in ("Accuracy", "Precision", "Recall", "F1")}
+    for official, ours in (("Exsitence", "existence"), ("Attribute", "attribute"), ("State", "state"),
+                           ("Number", "number"), ("Action", "action"), ("Relation", "relation")):
+        assert blocks[official] == m[ours], ours
+    assert 0 < m["CHAIR"] < 100 and 0 < m["Cover"] < 100   # the case exercises both branches

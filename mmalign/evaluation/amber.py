@@ -29,7 +29,8 @@ case, so "yes." -> "Yes", "No, there is" -> "No"; anything else is wrong and not
 "No" is the positive class: Precision = #(answered No ∧ truth no) / #answered No,
 Recall = #(answered No ∧ truth no) / #truth no, F1 = 2PR / (P + R + 1e-4) on P, R already
 rounded to 1 decimal (1e-3 for existence, as the script), Accuracy; overall and per existence,
-attribute (state, number, action), relation.
+attribute (state, number, action; its denominators start at 0.003: three pooled counters),
+relation.
 
 AMBER score = (100 − CHAIR + F1) / 2 with the overall discriminative F1 (the paper's definition).
 """
@@ -179,15 +180,17 @@ def normalise_answer(text: str) -> str:
     return {"yes": "Yes", "no": "No"}.get(word, text)
 
 
-def discriminative_metrics(rows: Sequence[tuple[str, str]], existence: bool = False) -> dict[str, float]:
-    """Accuracy, Precision, Recall, F1 (×100, 1 decimal; 'No' positive) of (truth, response) pairs."""
+def discriminative_metrics(rows: Sequence[tuple[str, str]], existence: bool = False,
+                           start: float = 0.001) -> dict[str, float]:
+    """Accuracy, Precision, Recall, F1 (×100, 1 decimal; 'No' positive) of (truth, response) pairs;
+    denominators start at `start` (the script's attribute numbers pool three 0.001 counters)."""
     correct = sum((t == "yes" and r == "Yes") or (t == "no" and r == "No") for t, r in rows)
     truth_no = sum(t == "no" for t, _ in rows)
     said_no = sum(r == "No" for _, r in rows)
     both_no = sum(t == "no" and r == "No" for t, r in rows)
-    p, r = _pct(both_no, 0.001 + said_no), _pct(both_no, 0.001 + truth_no)
+    p, r = _pct(both_no, start + said_no), _pct(both_no, start + truth_no)
     eps = 0.001 if existence else 0.0001
-    return {"Accuracy": _pct(correct, 0.001 + len(rows)), "Precision": p, "Recall": r,
+    return {"Accuracy": _pct(correct, start + len(rows)), "Precision": p, "Recall": r,
             "F1": round(2 * (p / 100) * (r / 100) / ((p / 100) + (r / 100) + eps) * 100, 1)}
 
 
@@ -220,7 +223,8 @@ def score(amber: dict[str, Any], responses: dict[int, str], nouns: Callable[[str
         for name, types in DIMENSIONS.items():
             part = [r for t in types for r in by_type.get(t, [])]
             if part:
-                metrics[name] = discriminative_metrics(part, existence=name == "existence")
+                metrics[name] = discriminative_metrics(part, existence=name == "existence",
+                                                       start=0.001 * (3 if name == "attribute" else 1))
     if cases and rows:
         metrics["AMBER"] = amber_score(metrics["CHAIR"], metrics["F1"])
     return {"metrics": metrics, "generative": cases,
