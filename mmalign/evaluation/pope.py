@@ -17,8 +17,9 @@ random absent object). Answers are read by one of two parsers (`parse_answer`):
     official  POPE's `evaluate.py` rule, character for character: keep the text before the
               first "." (when there is one), delete commas, split on single spaces; the answer
               is "no" when a piece is exactly "No", "no" or "not", else "yes". So "No." and
-              "No, there is not" are no, but "NO", "No!", "(No)", "**No**", "No\nThere is
-              none" and "There isn't" are read as yes (published POPE numbers use this rule);
+              "No, there is not" are no, but "NO", "No!", "(No)", "**No**", "No" followed
+              by a line break and more text, and "There isn't" are read as yes (published
+              POPE numbers use this rule);
     lenient   "no" when the first sentence (text before the first ".") holds the word no or
               not in any case, words being runs of letters ("NO", "No!", "(No)", "**No**" are
               no; "isn't" is not, as its letters are "isn" and "t").
