@@ -195,3 +195,15 @@ def test_equals_the_official_script_on_random_cases(tmp_path, seed, similar):
                            ("Number", "number"), ("Action", "action"), ("Relation", "relation")):
         assert blocks[official] == m[ours], ours
     assert 0 < m["CHAIR"] < 100 and 0 < m["Cover"] < 100   # the case exercises both branches
+
+
+def test_optional_nltk_and_spacy_steps_fail_with_one_clear_line(data, tmp_path, capsys):
+    """Neither NLTK's data nor spaCy's model can be downloaded here: asking for them is a DataError."""
+    answers = tmp_path / "a.json"
+    answers.write_text(json.dumps([{"id": 1, "response": "A dog."}]))
+    for option, word in (("--nouns", "nltk"), ("--similarity", "spacy")):
+        code = main(["eval", "amber", "--data", str(data), "--answers", str(answers), option, word])
+        err = capsys.readouterr().err
+        if code == 0:   # installed with its data on this machine: nothing to check
+            continue
+        assert code == 2 and f"{option} {word} needs" in err

@@ -97,18 +97,25 @@ def simple_nouns(text: str) -> list[str]:
 def nltk_nouns(text: str) -> list[str]:
     """The official extraction: nltk word_tokenize + pos_tag NN* + WordNet lemma (NLTK and its
     punkt, tagger and wordnet data must be installed locally)."""
-    import nltk
-    from nltk.stem import WordNetLemmatizer
+    try:
+        import nltk
+        from nltk.stem import WordNetLemmatizer
 
-    lemmatizer = WordNetLemmatizer()
-    return [lemmatizer.lemmatize(w) for w, pos in nltk.pos_tag(nltk.word_tokenize(text)) if pos.startswith("NN")]
+        lemmatizer = WordNetLemmatizer()
+        return [lemmatizer.lemmatize(w) for w, pos in nltk.pos_tag(nltk.word_tokenize(text)) if pos.startswith("NN")]
+    except (ImportError, LookupError) as e:
+        raise DataError(f"--nouns nltk needs NLTK with its punkt, tagger and wordnet data installed locally "
+                        f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else e})") from e
 
 
 def spacy_similarity(model: str = "en_core_web_lg", threshold: float = 0.8) -> Similar:
     """The official similarity: spaCy `nlp(a).similarity(nlp(b)) > threshold`, docs cached."""
-    import spacy
+    try:
+        import spacy
 
-    nlp, docs = spacy.load(model), {}
+        nlp, docs = spacy.load(model), {}
+    except (ImportError, OSError) as e:
+        raise DataError(f"--similarity spacy needs spaCy and its {model} model installed locally ({e})") from e
 
     def similar(a: str, b: str) -> bool:
         for w in (a, b):
