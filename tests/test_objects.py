@@ -9,7 +9,10 @@ import pytest
 from mmalign.data.preference import DataError
 from mmalign.evaluation.objects import ObjectVocabulary, load_vocabulary, objects, plural_of
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "chair" / "coco_synonyms.txt"
+_ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = next((p for p in (_ROOT.parent / "shared" / "data" / "chair" / "coco_synonyms.txt",   # main checkout
+                              _ROOT.parent.parent / "shared" / "data" / "chair" / "coco_synonyms.txt")  # worktree
+                  if p.is_file()), _ROOT.parent / "shared" / "data" / "chair" / "coco_synonyms.txt")
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +47,32 @@ def test_shipped_list_is_the_80_coco_categories(vocab):
     ("a dogged effort in a catalogue", []),                             # whole words only
 ])
 def test_extract_compounds_plurals_and_traps(vocab, text, expected):
+    assert cats(vocab, text) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    # "passenger" in front of a vehicle is a modifier (the reference: jet, train; here every vehicle)
+    ("A passenger jet on the runway.", ["airplane"]),
+    ("A passenger train and a passenger plane.", ["train", "airplane"]),
+    ("Passengers board the passenger bus.", ["person", "bus"]),
+    ("A passenger sits in the car.", ["person", "car"]),              # not in front of a vehicle word
+    # "baby"/"adult" in front of an animal name
+    ("Baby elephants and two adult giraffes.", ["elephant", "giraffe"]),
+    ("A baby animal and a baby cub.", []),                           # animal names that are no category
+    ("A baby holding a bottle.", ["person", "bottle"]),
+    # hyphenated modifiers create no mention; a whole hyphenated entry does
+    ("A dog-shaped cloud over a man-made lake.", []),
+    ("A black-and-white dog with a bus-like toy.", ["dog"]),
+    ("A hot-dog and a teddy-bear.", ["hot dog", "teddy bear"]),
+    # "double-decker bus" is one bus
+    ("A red double-decker bus.", ["bus"]),
+    ("Two double decker buses and a bus.", ["bus", "bus"]),
+    ("A double-decker in the street.", ["bus"]),
+    # deliberate corrections of the reference kept: plurals it misses, "motor bike"
+    ("Two buses, three ties and canoes.", ["bus", "tie", "boat"]),
+    ("A bus and a minibus.", ["bus", "bus"]),
+])
+def test_extract_reference_rules(vocab, text, expected):
     assert cats(vocab, text) == expected
 
 

@@ -36,17 +36,39 @@ def test_bad_question_rows_are_named(tmp_path):
         load_questions(path)
 
 
-@pytest.mark.parametrize("answer, parsed", [
-    ("Yes, there is a dog in the image.", "yes"),
-    ("No", "no"),
-    ("There is no dog in the image.", "no"),
-    ("I do not see one", "no"),
-    ("Yes. There is not a cat though.", "yes"),   # first sentence only, as the official script
-    ("Nothing suggests otherwise", "yes"),         # word-level: "nothing" is not "no"
-    ("", "yes"),
-])
-def test_parse_answer(answer, parsed):
-    assert parse_answer(answer) == parsed
+# (answer, official evaluate.py reading, lenient reading), written by hand from POPE's evaluate.py:
+# first sentence (before the first "."), commas deleted, split on " ", no iff a piece is No/no/not.
+PARSER_CASES = [
+    ("Yes, there is a dog in the image.", "yes", "yes"),
+    ("No", "no", "no"),
+    ("No.", "no", "no"),
+    ("No, there is no dog.", "no", "no"),           # "No," -> "No" once commas are deleted
+    ("There is no dog in the image.", "no", "no"),
+    ("I do not see one", "no", "no"),
+    ("Yes. There is not a cat though.", "yes", "yes"),   # first sentence only, in both
+    ("NO", "yes", "no"),                            # official: case-sensitive pieces
+    ("No!", "yes", "no"),
+    ("(No)", "yes", "no"),
+    ("**No**", "yes", "no"),
+    ("No\nThere is none", "yes", "no"),            # split on " " only: "No\nThere" is one piece
+    ("There isn't a dog", "yes", "yes"),             # neither reads n't
+    ("Not at all", "yes", "no"),                    # "Not" is not a piece the official rule knows
+    ("Nothing suggests otherwise", "yes", "yes"),   # whole pieces / words: "nothing" is not "no"
+    ("no; none", "yes", "no"),
+    ("", "yes", "yes"),
+]
+
+
+@pytest.mark.parametrize("answer, official, lenient", PARSER_CASES)
+def test_parse_answer_official_and_lenient(answer, official, lenient):
+    assert parse_answer(answer) == official            # official is the default
+    assert parse_answer(answer, "official") == official
+    assert parse_answer(answer, "lenient") == lenient
+
+
+def test_unknown_parser_is_a_clear_error():
+    with pytest.raises(DataError, match="parser 'strict' is not one of"):
+        parse_answer("No", "strict")
 
 
 def test_metrics_equal_hand_computed_values():
@@ -103,6 +125,34 @@ def test_eval_pope_on_official_files_with_precomputed_answers(tmp_path, capsys):
     assert (r["accuracy"], r["precision"], r["recall"], r["yes_ratio"]) == pytest.approx((0.5, 0.5, 1.0, 1.0))
     assert r["f1"] == pytest.approx(2 / 3)
     assert "coco_pope_random acc 0.500" in capsys.readouterr().out
+    record = json.loads(out.read_text())
+    assert record["benchmark"] == "pope" and record["model"] == [str(always_yes)]   # answers files
+    assert record["data"] == {"questions": [str(POPE / "coco_pope_random.json")]}
+    assert record["settings"]["parser"] == "official"
+    assert record["metrics"]["coco_pope_random"] == pytest.approx(
+        {"Accuracy": 50.0, "Precision": 50.0, "Recall": 100.0, "F1": 200 / 3, "Yes": 100.0})
+
+
+def test_eval_pope_parser_option_changes_how_answers_are_read(tmp_path):
+    """Four questions (yes, no, no, no) answered "Yes", "**No**", "No.", "(No)": the official
+    rule reads yes, yes, no, yes (TP 1, FP 2, TN 1); the lenient one yes, no, no, no (TP 1, TN 3)."""
+    questions = tmp_path / "q.jsonl"
+    labels = ["yes", "no", "no", "no"]
+    questions.write_text("".join(json.dumps({"question_id": i, "image": "a.jpg", "text": "Is there a dog in the image?",
+                                             "label": lab}) + "\n" for i, lab in enumerate(labels)))
+    answers = tmp_path / "a.jsonl"
+    answers.write_text("".join(json.dumps({"question_id": i, "answer": a}) + "\n"
+                               for i, a in enumerate(["Yes", "**No**", "No.", "(No)"])))
+    metrics = {}
+    for parser in ("official", "lenient"):
+        out = tmp_path / f"{parser}.json"
+        assert main(["eval", "pope", "--questions", str(questions), "--answers", str(answers), "--parser", parser,
+                     "--out", str(out)]) == 0
+        metrics[parser] = json.loads(out.read_text())["metrics"]["q"]
+    assert metrics["official"] == pytest.approx({"Accuracy": 50.0, "Precision": 100 / 3, "Recall": 100.0,
+                                                 "F1": 50.0, "Yes": 75.0})
+    assert metrics["lenient"] == pytest.approx({"Accuracy": 100.0, "Precision": 100.0, "Recall": 100.0,
+                                                "F1": 100.0, "Yes": 25.0})
 
 
 def test_eval_pope_built_from_annotations_on_a_tiny_llava(tmp_path):

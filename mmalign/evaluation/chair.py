@@ -9,6 +9,14 @@ is hallucinated when its category is not in that set:
     CHAIR_i = hallucinated mentions / all mentions
     CHAIR_s = captions with >= 1 hallucinated mention / all captions
     recall  = Σ_images |mentioned ∩ ground truth| / Σ_images |ground truth|   (distinct objects)
+
+Two extractions (`--protocol`), used for the generated captions and the reference captions alike:
+
+    corrected  (default) mmalign's `ObjectVocabulary.extract`: the reference's rules plus fixes of
+               its bugs (plurals "buses", "ties", "canoes"; "motor bike"; hyphenated compounds
+               "hot-dog"; three-word names) and extra synonyms (objects.py);
+    reference  the original script's extraction exactly, quirks included (chair_reference.py,
+               needs its synonym file, --synonyms). Quote this one beside published CHAIR numbers.
 """
 
 from __future__ import annotations
@@ -19,9 +27,12 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from mmalign.errors import DataError
-from mmalign.evaluation.objects import ObjectVocabulary, load_vocabulary
+from mmalign.evaluation.chair_reference import ReferenceExtractor
+from mmalign.evaluation.coco import Extractor
+from mmalign.evaluation.objects import load_vocabulary
 
 DEFAULT_PROMPT = "Describe the image."
+PROTOCOLS = ("corrected", "reference")
 
 
 def _ratio(a: int, b: int) -> float:
@@ -40,9 +51,10 @@ def _caption_rows(captions: Mapping[Any, str] | Iterable[dict[str, Any]]) -> lis
 
 
 def chair(captions: Mapping[Any, str] | Iterable[dict[str, Any]], ground_truth: Mapping[Any, Iterable[str]],
-          vocab: ObjectVocabulary | None = None) -> dict[str, Any]:
+          vocab: Extractor | None = None) -> dict[str, Any]:
     """CHAIR_s, CHAIR_i and recall of `captions` ({image_id: caption} or [{"image_id", "caption"}])
-    against `ground_truth` ({image_id: objects}, see `coco.ground_truth_objects`).
+    against `ground_truth` ({image_id: objects}, see `coco.ground_truth_objects`); mentions
+    extracted by `vocab` (default: the shipped COCO vocabulary, `--protocol corrected`).
 
     Returns {"CHAIR_s", "CHAIR_i", "recall", "counts": {...}, "captions": [per caption:
     image_id, caption, mentioned (categories in order, repeats kept), hallucinated
@@ -126,21 +138,34 @@ def _captions(args: argparse.Namespace, files: dict[Any, str]) -> tuple[dict[Any
     return {i: answers[str(i)] for i in ids}, missing
 
 
+def load_extractor(args: argparse.Namespace) -> Extractor:
+    """The mention extractor `--protocol` names."""
+    if args.protocol == "reference":
+        if args.vocabulary:
+            raise DataError("eval chair: --vocabulary is for --protocol corrected; the reference protocol "
+                            "reads the original synonym file (--synonyms)")
+        return ReferenceExtractor.load(args.synonyms)
+    if args.synonyms:
+        raise DataError("eval chair: --synonyms is for --protocol reference (use --vocabulary with corrected)")
+    return load_vocabulary(args.vocabulary)
+
+
 def run(args: argparse.Namespace) -> int:
     from mmalign.evaluation.coco import ground_truth_objects, load_captions, load_instances, write_results
+    from mmalign.evaluation.results import eval_record
 
-    vocab = load_vocabulary(args.vocabulary)
+    vocab = load_extractor(args)
     files, annotated = load_instances(args.annotations, vocab)
     references = load_captions(args.captions) if args.captions else None
     captions, missing = _captions(args, files)
     truth = ground_truth_objects(annotated, references, vocab, ids=captions)
     result = chair(captions, truth, vocab)
-    result["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                          if k not in ("func", "command", "method")}
     if args.out:
-        write_results(args.out, result)
+        metrics = {"CHAIR_s": 100 * result["CHAIR_s"], "CHAIR_i": 100 * result["CHAIR_i"],
+                   "Recall": 100 * result["recall"]}
+        write_results(args.out, eval_record("chair", metrics, args, result))
     c = result["counts"]
-    print(f"chair: {c['captions']} captions ({missing} annotated images not in --images, skipped; "
+    print(f"chair ({args.protocol}): {c['captions']} captions ({missing} annotated images not in --images, skipped; "
           f"ground truth {'instances + captions' if references else 'instances only'}): "
           f"CHAIR_s {result['CHAIR_s']:.3f} CHAIR_i {result['CHAIR_i']:.3f} recall {result['recall']:.3f} "
           f"({c['hallucinated_mentions']}/{c['mentions']} mentions hallucinated)"
@@ -169,6 +194,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--answers", help="precomputed captions jsonl {image_id | image, caption}: no model needed")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--limit", type=int, help="caption N images drawn with --seed (default: all)")
-    p.add_argument("--vocabulary", help="object word list, lines 'category, synonym, ...' (default: COCO)")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="corrected",
+                   help="mention extraction: corrected (mmalign's, default) or reference (the original CHAIR "
+                        "script's, quirks included: quote it beside published numbers; needs --synonyms)")
+    p.add_argument("--synonyms", help="--protocol reference: the original script's data/synonyms.txt")
+    p.add_argument("--vocabulary", help="--protocol corrected: object word list, lines 'category, synonym, ...' "
+                                        "(default: COCO)")
     add_model_arguments(p, max_new_tokens=512)
     p.set_defaults(func=run)

@@ -14,7 +14,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from mmalign.errors import DataError
+from mmalign.evaluation.chair_reference import ReferenceExtractor
 from mmalign.evaluation.objects import ObjectVocabulary
+
+Extractor = ObjectVocabulary | ReferenceExtractor
 
 
 def read_json(path: str | Path, what: str) -> Any:
@@ -47,7 +50,7 @@ def read_jsonl(path: str | Path, what: str, tolerate_torn_end: bool = False) -> 
     return rows
 
 
-def _category_names(data: dict[str, Any], path: Path, vocab: ObjectVocabulary | None) -> dict[Any, str]:
+def _category_names(data: dict[str, Any], path: Path, vocab: Extractor | None) -> dict[Any, str]:
     """category id -> vocabulary category (the COCO name itself when the vocabulary lacks it)."""
     names = {}
     for c in data.get("categories", []):
@@ -58,7 +61,7 @@ def _category_names(data: dict[str, Any], path: Path, vocab: ObjectVocabulary | 
     return names
 
 
-def load_instances(path: str | Path, vocab: ObjectVocabulary | None = None
+def load_instances(path: str | Path, vocab: Extractor | None = None
                    ) -> tuple[dict[Any, str], dict[Any, set[str]]]:
     """Read a COCO instances json -> (file_name of each image id, annotated categories of each
     image id). Every listed image gets an entry, possibly empty."""
@@ -98,7 +101,7 @@ def load_captions(path: str | Path) -> dict[Any, list[str]]:
 
 
 def ground_truth_objects(instances: dict[Any, set[str]], captions: dict[Any, list[str]] | None,
-                         vocab: ObjectVocabulary, ids: Iterable[Any] | None = None) -> dict[Any, set[str]]:
+                         vocab: Extractor, ids: Iterable[Any] | None = None) -> dict[Any, set[str]]:
     """CHAIR ground truth: annotated categories ∪ categories mentioned by reference captions,
     for every annotated image or only `ids` (COCO val2014 has 200k reference captions)."""
     keep = set(instances) if ids is None else set(ids) & set(instances)

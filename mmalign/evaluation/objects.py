@@ -8,14 +8,20 @@ own list (e.g. `circle, ring` / `square, box`).
 Extraction (`ObjectVocabulary.extract`) follows the CHAIR reference code (Rohrbach et al.
 2018) in what it counts, with a tokeniser of its own:
 
-- words are runs of letters/digits, matched case-insensitively, so "Hot-dog" = "hot dog";
+- words are runs of letters/digits, matched case-insensitively;
+- words joined by hyphens form one unit: it is a mention only when the whole of it is an entry
+  ("Hot-dog" = "hot dog", "double-decker" a bus), so hyphenated modifiers name nothing
+  ("dog-shaped", "man-made", "bus-like"), and a match never starts or ends inside such a unit;
 - plural forms of every entry are derived (`plural_forms`: dogs, buses, puppies, knives,
   people, mice, oxen ...), so the file lists singulars only;
 - the longest entry wins at each position, left to right: "hot dog" is a hot dog and not a
   dog, "teddy bear" not a bear, "motor bike" a motorcycle, "love seat" a couch;
 - "baby"/"adult" in front of another category's word is a modifier, not a person:
-  "baby bird" is a bird, "adult elephant" an elephant;
-- a few compounds name no object ("train track", "home plate") and are skipped;
+  "baby bird" is a bird, "adult elephant" an elephant; "passenger" in front of a vehicle's word
+  likewise ("passenger jet" is an airplane, "passenger train" a train);
+- a few compounds name no object ("train track", "home plate", "baby animal", "adult cub")
+  and are skipped;
+- a compound followed by its own head word counts once ("double decker bus": one bus, an entry);
 - "seat" is dropped from a caption that mentions a toilet ("the seat of the toilet").
 
 Every mention counts (a caption saying "dog" twice has two dog mentions), as in the
@@ -33,10 +39,12 @@ from typing import Iterable
 from mmalign.errors import DataError
 
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "data" / "vocab" / "coco_objects.txt"
-# "baby bird" is a bird: these person words act as modifiers in front of another category.
-MODIFIERS = ("baby", "adult")
+# "baby bird" is a bird, "passenger jet" a jet: these person words act as modifiers in front of
+# a word of another category (None: any other category) or of the listed categories.
+MODIFIERS: dict[str, tuple[str, ...] | None] = {"baby": None, "adult": None,
+                                                "passenger": ("airplane", "train", "bus", "boat", "car")}
 # Compounds that contain an object word but name no object.
-NOT_OBJECTS = ("train track", "home plate")
+NOT_OBJECTS = ("train track", "home plate", "baby animal", "adult animal", "baby cub", "adult cub")
 # (word, category): drop mentions of `word` when the caption also mentions `category`.
 CONTEXT_DROPS = (("seat", "toilet"),)
 
@@ -138,10 +146,10 @@ class ObjectVocabulary:
                 continue
             for form in plural_forms(key[-1]):
                 lookup.setdefault(key[:-1] + (form,), (category, entry, True))
-        for mod in MODIFIERS:
+        for mod, targets in MODIFIERS.items():
             owner = explicit.get((mod,))
             for key, value in list(explicit.items()) + [(k, v) for k, v in lookup.items() if v]:
-                if owner and value[0] != owner[0]:
+                if owner and value[0] != owner[0] and (targets is None or value[0] in targets):
                     lookup.setdefault((mod,) + key, value)
         for phrase in NOT_OBJECTS:
             key = tuple(phrase.split())
@@ -174,19 +182,23 @@ class ObjectVocabulary:
     def extract(self, text: str) -> list[Mention]:
         """Object mentions of `text`, in order, longest match first (see module docstring)."""
         toks = words(text)
+        # hyphen[k]: token k is joined to token k + 1 by one "-" (the two are one unit)
+        hyphen = [text[a[2]:b[1]] == "-" for a, b in zip(toks, toks[1:])] + [False]
         mentions: list[Mention] = []
         i = 0
         while i < len(toks):
             for n in range(min(self._longest, len(toks) - i), 0, -1):
                 key = tuple(w for w, _, _ in toks[i:i + n])
-                if key in self._lookup:
+                if not hyphen[i + n - 1] and key in self._lookup:
                     hit = self._lookup[key]
                     if hit is not None:
                         start, end = toks[i][1], toks[i + n - 1][2]
                         mentions.append(Mention(text[start:end], hit[0], start, end, hit[1], hit[2]))
                     i += n
                     break
-            else:
+            else:  # no match: skip the whole hyphenated unit
+                while hyphen[i]:
+                    i += 1
                 i += 1
         present = {m.category for m in mentions}
         drops = {w for w, cat in CONTEXT_DROPS if cat in present}

@@ -12,8 +12,19 @@ does: images with at least `per_image` objects; for each image `per_image` prese
     adversarial  as the object co-occurring most often with that yes-object, not yet used
 
 (absent from the image in every case; ties broken by name; when a ranked list runs out, a
-random absent object). Answers: "no" when the first sentence holds the word "no" or "not",
-else "yes" (the official evaluation). Metrics take "yes" as the positive class:
+random absent object). Answers are read by one of two parsers (`parse_answer`):
+
+    official  POPE's `evaluate.py` rule, character for character: keep the text before the
+              first "." (when there is one), delete commas, split on single spaces; the answer
+              is "no" when a piece is exactly "No", "no" or "not", else "yes". So "No." and
+              "No, there is not" are no, but "NO", "No!", "(No)", "**No**", "No" followed
+              by a line break and more text, and "There isn't" are read as yes (published
+              POPE numbers use this rule);
+    lenient   "no" when the first sentence (text before the first ".") holds the word no or
+              not in any case, words being runs of letters ("NO", "No!", "(No)", "**No**" are
+              no; "isn't" is not, as its letters are "isn" and "t").
+
+Metrics take "yes" as the positive class:
 
     accuracy = (TP + TN) / N   precision = TP / (TP + FP)   recall = TP / (TP + FN)
     F1 = 2 P R / (P + R)       yes_ratio = predicted yes / N
@@ -61,10 +72,22 @@ def question_object(text: str) -> str | None:
     return m.group(1).lower() if m else None
 
 
-def parse_answer(text: str) -> str:
-    """'no' when the answer's first sentence contains the word no or not, else 'yes'."""
-    first = text.split(".")[0]
-    return "no" if {"no", "not"} & set(re.findall(r"[a-z]+", first.lower())) else "yes"
+PARSERS = ("official", "lenient")
+
+
+def parse_answer(text: str, parser: str = "official") -> str:
+    """'yes' or 'no' for a free-form answer, by the `official` POPE rule (evaluate.py: first
+    sentence, commas deleted, split on " ", "no" iff a piece is "No" / "no" / "not") or the
+    `lenient` one (any-case word no/not in the first sentence); see the module docstring."""
+    if parser == "official":
+        if text.find(".") != -1:
+            text = text.split(".")[0]
+        pieces = text.replace(",", "").split(" ")
+        return "no" if "No" in pieces or "not" in pieces or "no" in pieces else "yes"
+    if parser == "lenient":
+        first = text.split(".")[0]
+        return "no" if {"no", "not"} & set(re.findall(r"[a-z]+", first.lower())) else "yes"
+    raise DataError(f"POPE answer parser {parser!r} is not one of {PARSERS}")
 
 
 def pope_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict[str, Any]:
@@ -136,12 +159,12 @@ def build_questions(objects_by_image: Mapping[str, Iterable[str]], setting: str,
 
 
 # -- mmalign eval pope ---------------------------------------------------------------------
-def score(questions: list[dict[str, Any]], answers: Mapping[str, str]) -> dict[str, Any]:
-    """Metrics of one question set given {str(question_id): answer text}."""
+def score(questions: list[dict[str, Any]], answers: Mapping[str, str], parser: str = "official") -> dict[str, Any]:
+    """Metrics of one question set given {str(question_id): answer text}, answers read by `parser`."""
     missing = [q["question_id"] for q in questions if str(q["question_id"]) not in answers]
     if missing:
         raise DataError(f"no answer for {len(missing)} questions (first: question_id {missing[0]!r})")
-    preds = [parse_answer(answers[str(q["question_id"])]) for q in questions]
+    preds = [parse_answer(answers[str(q["question_id"])], parser) for q in questions]
     result = pope_metrics(preds, [str(q["label"]) for q in questions])
     result["answers"] = [{"question_id": q["question_id"], "image": q["image"], "text": q["text"],
                           "label": q["label"], "answer": answers[str(q["question_id"])], "pred": p}
@@ -194,8 +217,15 @@ def _answers(args: argparse.Namespace, sets: dict[str, list[dict[str, Any]]]) ->
     return out
 
 
+def paper_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """A set's metrics under the names POPE's tables use, in percent (1 decimal is what they print)."""
+    return {"Accuracy": 100 * result["accuracy"], "Precision": 100 * result["precision"],
+            "Recall": 100 * result["recall"], "F1": 100 * result["f1"], "Yes": 100 * result["yes_ratio"]}
+
+
 def run(args: argparse.Namespace) -> int:
     from mmalign.evaluation.coco import write_results
+    from mmalign.evaluation.results import eval_record
 
     sets = _question_sets(args)
     if args.limit is not None:
@@ -206,10 +236,10 @@ def run(args: argparse.Namespace) -> int:
         for name, questions in sets.items():
             write_jsonl_atomic(Path(args.write_questions) / f"pope_{name}.jsonl", questions)
     answers = _answers(args, sets)
-    results = {name: score(questions, answers[name]) for name, questions in sets.items()}
-    settings = {k: v for k, v in vars(args).items() if k not in ("func", "command", "method")}
+    results = {name: score(questions, answers[name], args.parser) for name, questions in sets.items()}
     if args.out:
-        write_results(args.out, {"sets": results, "settings": settings})
+        write_results(args.out, eval_record("pope", {name: paper_metrics(r) for name, r in results.items()},
+                                            args, {"sets": results}))
     parts = [f"{name} acc {r['accuracy']:.3f} P {r['precision']:.3f} R {r['recall']:.3f} F1 {r['f1']:.3f} "
              f"yes {r['yes_ratio']:.3f} (n {r['counts']['n']})" for name, r in results.items()]
     print("pope: " + " | ".join(parts) + (f" -> {args.out}" if args.out else ""))
@@ -232,5 +262,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                 "one per question set: no model needed")
     p.add_argument("--suffix", default=DEFAULT_SUFFIX, help="appended to each question (default: LLaVA-1.5's)")
     p.add_argument("--limit", type=int, help="first N questions of each set")
+    p.add_argument("--parser", choices=PARSERS, default="official",
+                   help="how answers are read as yes/no: official = POPE's evaluate.py rule, exactly (quote this "
+                        "against papers); lenient = any-case word no/not (reads 'NO', '(No)', '**No**' as no)")
     add_model_arguments(p, max_new_tokens=16)
     p.set_defaults(func=run)
