@@ -53,6 +53,9 @@ class DataConfig:
     max_length: int = 512  # prompt + answer tokens; answers are truncated, prompts never
     max_prompt_length: int = 0  # 0: no limit; otherwise prompts longer than this are an error
     chat_template: bool = False  # wrap prompts with the tokenizer's chat template
+    # text LMs: run each batch as one packed row (positions restart per sequence, attention kept
+    # within each): no padding is computed; equal log-probs (checked once per model)
+    padding_free: bool = False
 
 
 @dataclass

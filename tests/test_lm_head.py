@@ -71,7 +71,7 @@ def test_chunked_equals_full_logits_and_gradients(make, chunk):
     full_sq = CausalLMLikelihood(Tok(), lm_head_chunk=0)
     full_sq.square_mass = True
     mine, g_mine = logps_and_grads(model, lik, b)
-    assert lik.head_checked == {id(model): True}
+    assert lik.checked == {id(model): (False, True)}
     torch.testing.assert_close(mine.token_logps, full.token_logps, atol=1e-5, rtol=0)
     torch.testing.assert_close(mine.logps, full.logps, atol=1e-5, rtol=0)
     assert mine.token_logps[:, :4].abs().sum() == 0 and (mine.token_logps[:, 5:8] < 0).all()
@@ -109,7 +109,7 @@ def test_an_unknown_logit_transform_falls_back_to_full_logits():
     lik = CausalLMLikelihood(Tok(), lm_head_chunk=4)
     with pytest.warns(UserWarning, match="full logits"):
         out = lik.logps(model, b)
-    assert lik.head_checked == {id(model): False}
+    assert lik.checked == {id(model): (False, False)}
     expected = CausalLMLikelihood(Tok(), lm_head_chunk=0).logps(model, b)
     torch.testing.assert_close(out.logps, expected.logps, atol=0, rtol=0)
 

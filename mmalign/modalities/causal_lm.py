@@ -17,6 +17,7 @@ from mmalign.data.preference import batch_fields, flatten
 from mmalign.errors import DataError
 from mmalign.modalities.lm_head import (LogitTransform, captured_hidden, check_head, chunked_token_logps,
                                         language_model, logit_transform)
+from mmalign.modalities.packing import Packed, check_packing, pack_rows
 from mmalign.types import Draw, LogpOutput, PreferenceBatch
 
 
@@ -55,13 +56,14 @@ class CausalLMLikelihood:
     chat_template: wrap the prompt with the tokenizer's chat template (a list-of-messages
         prompt always uses it).
     lm_head_chunk: answer tokens per LM-head chunk (`model.lm_head_chunk`; 0: full logits).
+    padding_free: run the batch as one packed row (`data.padding_free`).
     """
 
     deterministic = True  # no randomness: a precomputed reference is exact
     square_mass = False  # TokenSquareMass: also return token_log_sq_mass (WPO), set by the trainer
 
     def __init__(self, tokenizer: Any, max_length: int = 512, max_prompt_length: int = 0,
-                 chat_template: bool = False, lm_head_chunk: int = 0) -> None:
+                 chat_template: bool = False, lm_head_chunk: int = 0, padding_free: bool = False) -> None:
         if tokenizer.pad_token_id is None:
             if tokenizer.eos_token_id is None:
                 raise ValueError("the tokenizer has neither a pad nor an eos token")
@@ -71,7 +73,8 @@ class CausalLMLikelihood:
         self.max_prompt_length = max_prompt_length
         self.chat_template = chat_template
         self.lm_head_chunk = lm_head_chunk
-        self.head_checked: dict[int, bool] = {}  # id(model) -> the chunked head gives its log-probs
+        self.padding_free = padding_free
+        self.checked: dict[int, tuple[bool, bool]] = {}  # id(model) -> (packing, chunked head) verified
         self.transform = LogitTransform()
 
     # -- tokenisation -------------------------------------------------------
@@ -143,33 +146,41 @@ class CausalLMLikelihood:
         """Sum of response-token log-probs per item: logps (N,), tokens (N,), token_logps (N, T-1).
 
         With `lm_head_chunk` > 0 (and a head `check_head` accepts) the answer tokens go through
-        the head in chunks (`lm_head.chunked_token_logps`): no (N, T, V) logits."""
+        the head in chunks (`lm_head.chunked_token_logps`): no (N, T, V) logits. With
+        `padding_free` the N rows run as one packed row (`packing.pack_rows`): no padding."""
         x = batch.inputs
         inputs = {"input_ids": x["input_ids"], "attention_mask": x["attention_mask"], "position_ids": x["position_ids"]}
         labels = x["input_ids"][:, 1:]
         mask = x["loss_mask"][:, 1:].to(torch.float32)
-        if self.chunked(model, inputs):
+        packed, chunked = self.paths(model, inputs)
+        if packed is not None:
+            inputs = {"input_ids": packed.ids, "position_ids": packed.position_ids}  # no mask: block-diagonal
+        if chunked:
             with captured_hidden(model) as (capture, head):
                 model(**inputs, use_cache=False)
-            token_logps, square = chunked_token_logps(capture.hidden[:, :-1], head, labels, mask, self.lm_head_chunk,
+            hidden = capture.hidden if packed is None else packed.unpack(capture.hidden)
+            token_logps, square = chunked_token_logps(hidden[:, :-1], head, labels, mask, self.lm_head_chunk,
                                                       self.transform, self.square_mass)
         else:
             logits = model(**inputs, use_cache=False).logits
+            logits = logits if packed is None else packed.unpack(logits)
             token_logps = selective_log_softmax(logits[:, :-1], labels) * mask
             square = log_square_mass(logits[:, :-1]) * mask if self.square_mass else None
         return LogpOutput(logps=token_logps.sum(-1), tokens=mask.sum(-1),
                           token_logps=token_logps, token_mask=mask, token_log_sq_mass=square)
 
-    def chunked(self, model: torch.nn.Module, inputs: dict[str, Tensor]) -> bool:
-        """Whether `model`'s log-probs take the chunked head path: `lm_head_chunk` > 0 and, checked
-        once per model (`check_head`), its logits are head(h) under a known transform."""
-        if self.lm_head_chunk <= 0:
-            return False
+    def paths(self, model: torch.nn.Module, inputs: dict[str, Tensor]) -> tuple[Packed | None, bool]:
+        """(the packed row or None, chunked head or not) for `model`: `padding_free` and
+        `lm_head_chunk` > 0 as configured, each verified once per model (`check_packing`,
+        `check_head`; a model that fails a check uses the padded / full-logits path)."""
         key = id(language_model(model))
-        if key not in self.head_checked:
+        if key not in self.checked:
             self.transform = logit_transform(language_model(model).config)
-            self.head_checked[key] = check_head(model, inputs, self.transform)
-        return self.head_checked[key]
+            packing = self.padding_free and check_packing(model, inputs["input_ids"], inputs["attention_mask"])
+            head = self.lm_head_chunk > 0 and check_head(model, inputs, self.transform)
+            self.checked[key] = (packing, head)
+        packing, head = self.checked[key]
+        return (pack_rows(inputs["input_ids"], inputs["attention_mask"]) if packing else None), head
 
 
 def build(cfg: Any) -> tuple[torch.nn.Module, CausalLMLikelihood, Any]:
@@ -183,5 +194,5 @@ def build(cfg: Any) -> tuple[torch.nn.Module, CausalLMLikelihood, Any]:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
     likelihood = CausalLMLikelihood(tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, cfg.data.chat_template,
-                                    cfg.model.lm_head_chunk)
+                                    cfg.model.lm_head_chunk, cfg.data.padding_free)
     return model, likelihood, tokenizer

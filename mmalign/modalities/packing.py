@@ -1,0 +1,71 @@
+"""Padding-free forwards for causal LMs (`data.padding_free`, issue 20 item 2).
+
+A padded batch (N, T) with attention mask m becomes ONE packed row (1, S), S = Σ m:
+
+    packed_ids = ids[m],   packed_pos = (cumsum(m) − 1)[m]      (positions restart at 0 per sequence)
+
+row-major, so sequence by sequence, each in order (left or right padding alike). With no
+attention mask and restarting positions, transformers (5.x `masking_utils.
+find_packed_sequence_indices`) builds a block-diagonal causal mask: every token attends only to
+its own sequence, so each sequence's logits equal its padded ones while no padding is computed.
+Flash attention reads the same boundaries from the positions.
+
+The final hidden states go back to the padded layout (`unpack`) so the rest of the likelihood
+(labels, answer mask, the chunked head) is unchanged. `check_packing` verifies once per model that
+the packed forward gives the padded one's log-probs (a model whose attention ignores packed
+positions falls back to padded batches with a warning).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Packed:
+    """One packed row: ids (1, S), position_ids (1, S), and `where` (N, T) bool, the padded
+    positions the S tokens came from (row-major)."""
+
+    ids: Tensor
+    position_ids: Tensor
+    where: Tensor
+
+    def unpack(self, values: Tensor) -> Tensor:
+        """(1, S, ...) packed values -> (N, T, ...) padded, zeros at padding (differentiable)."""
+        n, t = self.where.shape
+        out = values.new_zeros((n, t, *values.shape[2:]))
+        return out.index_put((self.where,), values[0])
+
+
+def pack_rows(input_ids: Tensor, attention_mask: Tensor) -> Packed:
+    """(N, T) padded ids and 0/1 mask -> the `Packed` row of their real tokens."""
+    where = attention_mask.bool()
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return Packed(input_ids[where].unsqueeze(0), positions[where].unsqueeze(0), where)
+
+
+@torch.no_grad()
+def check_packing(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor) -> bool:
+    """Whether a packed forward gives the padded forward's log-probs on the first two rows
+    (their first 24 tokens); False, with a warning, when it does not."""
+    from mmalign.nn import eval_mode
+
+    ids, mask = input_ids[:2, :24], attention_mask[:2, :24]
+    if mask.sum() == 0:
+        return True
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    packed = pack_rows(ids, mask)
+    with eval_mode(model):  # dropout off: both forwards see the same network
+        padded = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        mine = packed.unpack(model(input_ids=packed.ids, position_ids=packed.position_ids, use_cache=False).logits)
+    where = mask.bool()
+    ok = bool(torch.allclose(padded.float().log_softmax(-1)[where], mine.float().log_softmax(-1)[where],
+                             atol=1e-4, rtol=0))
+    if not ok:
+        warnings.warn(f"data.padding_free: {type(model).__name__}'s attention does not keep packed sequences apart; "
+                      "using padded batches")
+    return ok

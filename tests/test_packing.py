@@ -1,0 +1,97 @@
+"""Padding-free batches (mmalign/modalities/packing.py, `data.padding_free`, issue 20 item 2): one
+packed row with restarting positions gives the padded batch's log-probs and gradients, left or
+right padded, with or without the chunked head; a model that mixes packed sequences falls back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_lm_head import Tok, logps_and_grads, tiny_gemma3, tiny_llama
+
+from mmalign.modalities.causal_lm import CausalLMLikelihood
+from mmalign.modalities.packing import pack_rows
+from mmalign.types import PreferenceBatch
+
+
+def tiny_qwen2(vocab=211):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return Qwen2ForCausalLM(cfg).float()
+
+
+def uneven_batch(left: bool, vocab=211):
+    """4 sequences of lengths 14, 5, 9, 2 padded to 14; answers start at token 3 (1 for the last)."""
+    lengths, prompts = [14, 5, 9, 2], [3, 3, 3, 1]
+    g = torch.Generator().manual_seed(2)
+    n, t = len(lengths), max(lengths)
+    ids = torch.zeros(n, t, dtype=torch.long)
+    attention, loss_mask = torch.zeros_like(ids), torch.zeros_like(ids)
+    for row, (length, prompt) in enumerate(zip(lengths, prompts)):
+        start = t - length if left else 0
+        ids[row, start:start + length] = torch.randint(2, vocab, (length,), generator=g)
+        attention[row, start:start + length] = 1
+        loss_mask[row, start + prompt:start + length] = 1
+    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+    inputs = {"input_ids": ids, "attention_mask": attention, "loss_mask": loss_mask, "position_ids": position_ids}
+    return PreferenceBatch(kind="unpaired", inputs=inputs, index=torch.arange(n))
+
+
+def test_pack_rows_by_hand():
+    ids = torch.tensor([[5, 6, 7], [0, 8, 9]])
+    mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    packed = pack_rows(ids, mask)
+    assert packed.ids.tolist() == [[5, 6, 7, 8, 9]] and packed.position_ids.tolist() == [[0, 1, 2, 0, 1]]
+    back = packed.unpack(torch.tensor([[[1.0], [2.0], [3.0], [4.0], [5.0]]]))
+    assert back.squeeze(-1).tolist() == [[1, 2, 3], [0, 4, 5]]
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_qwen2, tiny_gemma3], ids=["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize("left", [False, True], ids=["right", "left"])
+@pytest.mark.parametrize("chunk", [0, 5])
+def test_packed_equals_padded_logps_and_gradients(make, left, chunk):
+    model, b = make(), uneven_batch(left)
+    padded, g_padded = logps_and_grads(model, CausalLMLikelihood(Tok(), lm_head_chunk=0), b)
+    lik = CausalLMLikelihood(Tok(), lm_head_chunk=chunk, padding_free=True)
+    packed, g_packed = logps_and_grads(model, lik, b)
+    assert lik.checked == {id(model): (True, chunk > 0)}
+    torch.testing.assert_close(packed.token_logps, padded.token_logps, atol=1e-5, rtol=0)
+    assert packed.tokens.tolist() == [11, 2, 6, 1]
+    for k in g_padded:
+        torch.testing.assert_close(g_packed[k], g_padded[k], atol=1e-5, rtol=1e-4)
+
+
+def test_a_model_that_mixes_packed_sequences_falls_back_to_padding():
+    model, b = tiny_llama(), uneven_batch(False)
+    original = model.forward
+
+    def no_positions(*args, position_ids=None, **kwargs):  # ignores the restarts: sequences see each other
+        return original(*args, **kwargs)
+
+    model.forward = no_positions
+    lik = CausalLMLikelihood(Tok(), lm_head_chunk=0, padding_free=True)
+    with pytest.warns(UserWarning, match="padded batches"):
+        out = lik.logps(model, b)
+    assert lik.checked == {id(model): (False, False)}
+    torch.testing.assert_close(out.logps, CausalLMLikelihood(Tok()).logps(model, b).logps, atol=0, rtol=0)
+
+
+def test_a_padding_free_run_trains_to_the_padded_runs_weights(make_config, tmp_path):
+    """data.padding_free through the trainer (LoRA, chunked head on both sides): the same weights
+    after 3 steps as the padded run."""
+    from test_trainer import params, trainer_for
+
+    lora = {"enabled": True, "r": 4, "target_modules": ["q_proj", "v_proj"]}
+    weights = []
+    for padding_free in (False, True):
+        cfg = make_config(lora=lora, data={"padding_free": padding_free}, train={
+            "output_dir": str(tmp_path / f"pf{padding_free}"), "max_steps": 3})
+        trainer = trainer_for(cfg)
+        trainer.fit()
+        assert set(trainer.likelihood.checked.values()) == {(padding_free, True)}
+        weights.append(params(trainer))
+    assert weights[0].keys() == weights[1].keys() and weights[0]
+    for name in weights[0]:
+        torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-4, atol=1e-6, msg=name)
