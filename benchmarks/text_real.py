@@ -1,0 +1,218 @@
+"""Text DPO at a real vocabulary and a real length mix: mmalign vs TRL's DPOTrainer (issue 20).
+
+The model is Llama-3-shaped where it matters for memory: a 128,256-entry vocabulary with an
+untied output head (Llama 3 8B's), at small depth and width so it fits this CPU (hidden 256,
+2 layers, 4 heads). The tokenizer is word-level over 128,256 synthetic words, so token counts
+are exactly word counts and no tokenizer merges differ between the two sides.
+
+Length mix (per pair, drawn with numpy seed `seed`): prompt words ~ round(LogNormal(μ=log 96,
+σ=0.8)) clipped to [8, 512]; each answer independently ~ round(LogNormal(μ=log 128, σ=0.9))
+clipped to [4, 1023 − prompt]; words Zipf(1.1)-distributed over the vocabulary. So sequences
+are long-tailed up to 1,024 tokens (the EOS included) and chosen/rejected lengths differ, as in
+real preference data. Nothing is truncated on either side (mmalign `data.max_length` 1024, TRL
+`max_length` None): both score every token.
+
+Sides (each in a fresh interpreter, as `python -m benchmarks`): `mmalign` (its defaults: the
+chunked LM head), `mmalign_packed` (plus `data.padding_free`), `trl` (DPOTrainer with every
+default that differs from mmalign's matched: fp32, torch AdamW, constant lr, no gradient
+checkpointing, sequential order) and `trl_gc` (the same with TRL's default gradient
+checkpointing on: its memory option). Rates are pairs/s after the warm-up steps; memory is the
+peak RSS growth of the process over its baseline after imports.
+
+    python -m benchmarks.text_real                     # all sides, prints the table, writes JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from benchmarks import measure
+
+VOCAB = 128_256
+SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>"]
+
+
+@dataclass
+class Settings:
+    steps: int = 12
+    warmup: int = 2
+    batch_size: int = 4  # pairs per step (8 sequences per forward)
+    hidden_size: int = 256
+    num_layers: int = 2
+    num_pairs: int = 64
+    lr: float = 1e-5
+    beta: float = 0.1
+    max_grad_norm: float = 1.0
+    max_length: int = 1024
+    seed: int = 0
+    threads: int = 2
+
+
+def word_tokenizer() -> Any:
+    """Word-level tokenizer over SPECIALS + w4..w128255 (one id per word, no merges)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    vocab.update({f"w{i}": i for i in range(len(SPECIALS), VOCAB)})
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>",
+                                   eos_token="<eos>", padding_side="right", model_max_length=4096)
+
+
+def length_mix(s: Settings) -> list[dict[str, str]]:
+    """`num_pairs` pairs drawn as the module docstring says."""
+    import numpy as np
+
+    rng = np.random.default_rng(s.seed)
+
+    def words(n: int) -> str:
+        ids = np.minimum(rng.zipf(1.1, n) + len(SPECIALS) - 1, VOCAB - 1)
+        return " ".join(f"w{i}" for i in ids)
+
+    pairs = []
+    for _ in range(s.num_pairs):
+        p = int(np.clip(round(rng.lognormal(np.log(96), 0.8)), 8, 512))
+        c, r = (int(np.clip(round(rng.lognormal(np.log(128), 0.9)), 4, s.max_length - 1 - p)) for _ in range(2))
+        pairs.append({"prompt": words(p), "chosen": words(c), "rejected": words(r)})
+    return pairs
+
+
+def prepare(workdir: Path, s: Settings) -> dict[str, Any]:
+    """Save the model, tokenizer and pairs both sides read; returns the length statistics."""
+    import numpy as np
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = word_tokenizer()
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=s.hidden_size, intermediate_size=4 * s.hidden_size,
+                         num_hidden_layers=s.num_layers, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=s.max_length + 8, tie_word_embeddings=False,
+                         pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(s.seed)
+        LlamaForCausalLM(config).save_pretrained(workdir / "model")
+    tokenizer.save_pretrained(workdir / "model")
+    pairs = length_mix(s)
+    with open(workdir / "pairs.jsonl", "w") as f:
+        for record in pairs:
+            f.write(json.dumps(record) + "\n")
+    (workdir / "settings.json").write_text(json.dumps(asdict(s)))
+    lengths = np.array([len(p["prompt"].split()) + len(p[k].split()) + 1 for p in pairs for k in ("chosen", "rejected")])
+    return {"sequence_tokens_median": float(np.median(lengths)), "sequence_tokens_p90": float(np.percentile(lengths, 90)),
+            "sequence_tokens_max": int(lengths.max()), "sequence_tokens_min": int(lengths.min())}
+
+
+def load_settings(workdir: Path) -> Settings:
+    data = json.loads((workdir / "settings.json").read_text())
+    return Settings(**{f.name: data[f.name] for f in fields(Settings)})
+
+
+def run_mmalign(workdir: Path, s: Settings, padding_free: bool = False) -> dict[str, Any]:
+    from benchmarks.text_dpo import mmalign_steps
+
+    return mmalign_steps(workdir, s, data={"train": str(workdir / "pairs.jsonl"), "max_length": s.max_length,
+                                           "padding_free": padding_free})
+
+
+def run_trl(workdir: Path, s: Settings, checkpointing: bool = False) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from benchmarks.text_dpo import mmalign_order, read_pairs, train_trl
+
+    tic = time.perf_counter()
+    pairs = read_pairs(workdir)
+    ordered = Dataset.from_list([pairs[i] for i in mmalign_order(s)])
+    path = str(workdir / "model")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return train_trl(workdir, s, policy, reference, tokenizer, ordered, tic, gradient_checkpointing=checkpointing)
+
+
+SIDES = {
+    "mmalign": run_mmalign,
+    "mmalign_packed": lambda w, s: run_mmalign(w, s, padding_free=True),
+    "trl": run_trl,
+    "trl_gc": lambda w, s: run_trl(w, s, checkpointing=True),
+}
+
+
+def _imports() -> None:
+    import datasets  # noqa: F401
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: F401
+    from trl import DPOConfig, DPOTrainer  # noqa: F401
+
+    import mmalign.modalities.causal_lm  # noqa: F401
+    import mmalign.train.trainer  # noqa: F401
+
+
+def orchestrate(argv: list[str] | None = None) -> int:
+    """Prepare once, run every side in its own process, print the table, write the JSON."""
+    from benchmarks.__main__ import run_side
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.text_real", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=Settings.steps)
+    p.add_argument("--sides", nargs="+", choices=sorted(SIDES), default=list(SIDES))
+    p.add_argument("--loss-tol", type=float, default=1e-4)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "text_real.json")
+    a = p.parse_args(argv)
+    s = Settings(steps=a.steps)
+    runs, tol = {}, a.loss_tol
+    with tempfile.TemporaryDirectory(prefix="mmalign_bench_real_") as tmp:
+        stats = prepare(Path(tmp), s)
+        print(f"[bench] length mix: {stats}", flush=True)
+        for side in a.sides:
+            print(f"[bench] {side} ...", flush=True)
+            runs[side] = run_side(side, Path(tmp), s.threads, side, "benchmarks.text_real")
+            print(f"[bench]   {runs[side]['pairs_per_s']:.3f} pairs/s, peak RSS +{runs[side]['rss_growth_mib']:.0f} MiB",
+                  flush=True)
+    base = runs.get("trl")
+    lines = [f"text DPO at vocabulary {VOCAB:,}, Llama-shaped (hidden {s.hidden_size}, {s.num_layers} layers, untied "
+             f"head), batch {s.batch_size} pairs, {s.steps} steps ({s.warmup} warm-up), fp32, {s.threads} threads; "
+             f"sequence tokens median {stats['sequence_tokens_median']:.0f}, p90 {stats['sequence_tokens_p90']:.0f}, "
+             f"max {stats['sequence_tokens_max']}",
+             f"{'side':<16}{'pairs/s':>10}{'peak RSS +MiB':>15}{'vs TRL rate':>13}{'vs TRL mem':>12}{'max |Δloss| 10':>16}"]
+    ok = True
+    for side, run in runs.items():
+        rate, mem = run["pairs_per_s"], run["rss_growth_mib"]
+        diff = max(abs(x - y) for x, y in zip(run["losses"][:10], base["losses"][:10])) if base else float("nan")
+        ok = ok and (diff <= tol or base is None)
+        ratios = (f"{rate / base['pairs_per_s']:>13.2f}{mem / base['rss_growth_mib']:>12.2f}" if base else "")
+        lines.append(f"{side:<16}{rate:>10.3f}{mem:>15.0f}{ratios}{diff:>16.1e}")
+    table = "\n".join(lines)
+    print("\n" + table)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps({
+        "benchmark": "text_real", "date": datetime.date.today().isoformat(),
+        "command": "python -m benchmarks.text_real " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "settings": asdict(s),
+        "length_mix": stats, "table": table, "runs": runs}, indent=1))
+    print(f"\n[bench] wrote {a.out}")
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--side" in argv:
+        measure.run_side(__doc__, SIDES, load_settings, _imports, argv)
+    else:
+        sys.exit(orchestrate(argv))
+
+
+if __name__ == "__main__":
+    main()
