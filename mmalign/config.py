@@ -242,7 +242,8 @@ class GRPOConfig:
     sde_type: str = "sde"
     noise_level: float = 0.7  # a (Flow-GRPO 0.7, CPS 0.8), DanceGRPO's η (0.3), DDIM's η (UNet)
     guidance: float = 4.5  # classifier-free guidance in sampling AND in the training likelihood (1 = off)
-    timestep_fraction: float = 0.99  # window_size 0: train the first int(num_steps·fraction) steps
+    timestep_fraction: float = 0.99  # window_size 0: train int(num_steps·fraction) steps of each trajectory
+    timestep_selection: str = "first"  # first (Flow-GRPO: all but the last) or random (DanceGRPO), per prompt group
     window_size: int = 0  # Flow-GRPO-Fast: k SDE (and trained) steps in a random window, ODE elsewhere; 0 = off
     window_range: list[int] = field(default_factory=list)  # [lo, hi): where windows start/end ([] = [0, num_steps])
     # `mmalign score` specs NAME=PATH[,key=value...], a built-in (redness) or module:function
@@ -318,6 +319,7 @@ CHOICES = {
     "spo.method": ("spo", "d3po"),
     "spo.sampler": ("ddim", "ddpm"),
     "grpo.sde_type": ("sde", "cps", "dance"),
+    "grpo.timestep_selection": ("first", "random"),
     "online.strategy": ("best_worst", "margin", "ranked", "soft"),
     "online.scorer_device": ("auto", "cpu", "cuda"),
 }

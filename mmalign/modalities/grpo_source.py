@@ -4,8 +4,10 @@ records every trained step's transition with its log-prob at sampling, scores th
 and turns the rewards into group-normalised advantages (`mmalign.losses_grpo.group_advantages`).
 
 Trained steps of a trajectory (S = grpo.num_steps):
-- `window_size` k = 0: every step is SDE (noise level a), the first int(S·timestep_fraction) steps
-  with a density are trained (Flow-GRPO: 9 of 10; the last, near-clean step is left out);
+- `window_size` k = 0: every step is SDE (noise level a), int(S·timestep_fraction) steps with a
+  density are trained: the first ones (Flow-GRPO: 9 of 10; the last, near-clean step is left out)
+  or, `timestep_selection: random`, a seeded random subset per prompt group (DanceGRPO draws one
+  per sample);
 - k > 0 (Flow-GRPO-Fast): per prompt group a start ~ randint(lo, hi - k) (inclusive, `window_range`
   [lo, hi)), steps [start, start + k) are SDE and trained, every other step is the ODE (a = 0).
 
@@ -159,7 +161,10 @@ def trained_steps(num_steps: int, settings: Any, generator: torch.Generator) -> 
     """(SDE steps, trained steps) of one prompt group (module docstring)."""
     k = settings.window_size
     if k == 0:
-        return list(range(num_steps)), list(range(int(num_steps * settings.timestep_fraction)))
+        count = int(num_steps * settings.timestep_fraction)
+        if settings.timestep_selection == "random":
+            return list(range(num_steps)), sorted(torch.randperm(num_steps, generator=generator)[:count].tolist())
+        return list(range(num_steps)), list(range(count))
     lo, hi = settings.window_range or [0, num_steps]
     start = int(torch.randint(lo, hi - k + 1, (1,), generator=generator))
     window = list(range(start, start + k))
@@ -194,7 +199,7 @@ def sample_trajectories(lik: TrajectoryLikelihood, model: torch.nn.Module, promp
         if trained:
             logp = lik.step_logp(x_next, mean, std.clamp(min=1e-20)).cpu()
             for j in trained:
-                out[j].append({"step": i, "t": t, "t_next": t_next, "noise_level": float(a[j]), "x_t": x[j].cpu(),
+                out[j].append({"step": i, "t": t, "t_next": t_next, "noise_level": noise_level, "x_t": x[j].cpu(),
                                "completion": x_next[j].cpu(), "old_logp": float(logp[j])})
         x = x_next
     return out, x
