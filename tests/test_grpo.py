@@ -111,6 +111,7 @@ def test_kl_is_zero_when_policy_equals_reference():
     ({"noise_level": 0.0}, "grpo.noise_level"),
     ({"scorer": []}, "grpo.scorer"),
     ({"scorer_weights": [1.0, 2.0]}, "grpo.scorer_weights"),
+    ({"scorer": ["pickscore=/m/PickScore_v1:0.5"]}, "grpo.scorer_weights"),
     ({"window_size": 3, "window_range": [0, 2]}, "grpo.window_range"),
     ({"timestep_fraction": 0.05}, "grpo.timestep_fraction"),
 ])

@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from mmalign.modalities.step import LOG_SQRT_2PI, gaussian_logp
+from mmalign.modalities.step import gaussian_logp
 from mmalign.types import Draw, LogpOutput, PreferenceBatch
 
 SDE_TYPES = ("sde", "cps", "dance")
@@ -192,5 +192,5 @@ class FlowStepLikelihood:
         return step_logps(self, model, batch)
 
 
-__all__ = ["LOG_SQRT_2PI", "SDE_TYPES", "FlowStepLikelihood", "flow_sde_step", "flow_sigmas", "flow_step_logp",
+__all__ = ["SDE_TYPES", "FlowStepLikelihood", "flow_sde_step", "flow_sigmas", "flow_step_logp",
            "unpack_latents"]

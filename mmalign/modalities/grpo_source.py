@@ -345,6 +345,12 @@ def check_settings(cfg: Any) -> None:
         raise ConfigError(f"grpo.noise_level must be > 0 (0 is the ODE: no log-prob to train), got {s.noise_level}")
     if not s.scorer:
         raise ConfigError("grpo.scorer: name at least one scorer (a built-in, NAME=PATH spec or module:function)")
+    for spec in s.scorer:
+        if "=" in spec:
+            from mmalign.scoring import parse_spec
+
+            if parse_spec(spec).weight != 1.0:
+                raise ConfigError(f"grpo.scorer '{spec}': give scorer weights in grpo.scorer_weights, not as ':weight'")
     if s.scorer_weights and len(s.scorer_weights) != len(s.scorer):
         raise ConfigError(f"grpo.scorer_weights needs one weight per grpo.scorer entry, got {len(s.scorer_weights)} "
                           f"for {len(s.scorer)}")
