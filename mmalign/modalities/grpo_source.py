@@ -264,7 +264,7 @@ class GRPOSource:
     def describe(self) -> str:
         s = self.settings
         return (f"online GRPO rounds of {s.round_steps} steps ({s.prompts_per_round} prompts x {s.group_size} "
-                f"{s.sde_type} trajectories, scored by {', '.join(s.scorer)})")
+                f"trajectories at noise level {s.noise_level}, scored by {', '.join(s.scorer)})")
 
     def round_path(self, r: int) -> Path:
         return Path(self.cfg.train.output_dir) / "rounds" / f"grpo_{r:05d}.safetensors"
