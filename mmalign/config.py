@@ -252,6 +252,7 @@ class GRPOConfig:
     global_std: bool = True  # advantage std over the whole round (flow_grpo's shipped configs) vs per group
     per_reward_norm: bool = False  # GDPO-style: normalise each scorer's reward per group before weighting
     advantage_eps: float = 1e-4  # A = (R - mean) / (std + advantage_eps)
+    std_ddof: int = 0  # 0: population std (flow_grpo); 1: unbiased (DanceGRPO's torch .std(), eps 1e-8)
     save_rounds: bool = True  # keep each round in output_dir/rounds (resume reads it back)
 
 

@@ -5,7 +5,7 @@ Advantages (flow_grpo `PerPromptStatTracker`, type grpo), rewards R (P prompts, 
     A = (R - mean_group(R)) / (std + eps)
     std = population std (ddof 0) of ALL rewards of the round (global_std, the shipped configs)
           or of the prompt's group; eps = 1e-4.
-Several scorers: flow_grpo normalises the weighted sum R = Σ_k w_k R_k; `per_reward` (GDPO-style)
+Several scorers: flow_grpo normalises the weighted sum R = Σ_k w_k R_k (DanceGRPO: per group, ddof 1, eps 1e-8); `per_reward` (GDPO-style)
 normalises each reward in its group first, A = Σ_k w_k A_k, then normalises A over the round
 (mean 0, ddof-0 std, + eps).
 
@@ -25,23 +25,24 @@ from torch import Tensor
 from mmalign.types import LogpOutput, PreferenceBatch
 
 
-def _normalise(r: Tensor, global_std: bool, eps: float) -> Tensor:
-    """(R - group mean) / (std + eps) over the last dim; r (P, G) float64."""
-    std = r.std(unbiased=False) if global_std else r.std(dim=-1, keepdim=True, unbiased=False)
+def _normalise(r: Tensor, global_std: bool, eps: float, ddof: int = 0) -> Tensor:
+    """(R - group mean) / (std + eps) over the last dim; r (P, G) float64; std with `ddof`."""
+    std = r.std(correction=ddof) if global_std else r.std(dim=-1, keepdim=True, correction=ddof)
     return (r - r.mean(dim=-1, keepdim=True)) / (std + eps)
 
 
 def group_advantages(rewards: Tensor, weights: list[float] | None = None, global_std: bool = True,
-                     per_reward: bool = False, eps: float = 1e-4) -> Tensor:
+                     per_reward: bool = False, eps: float = 1e-4, ddof: int = 0) -> Tensor:
     """Advantages (P, G) float32 of rewards (K, P, G) of K scorers (module docstring).
-    weights: (K,) per scorer, None = all 1."""
+    weights: (K,) per scorer, None = all 1; ddof: 0 population std (flow_grpo), 1 torch's unbiased
+    `.std()` (DanceGRPO, with eps 1e-8)."""
     r = rewards.double()
     if r.ndim == 2:
         r = r[None]
     w = torch.tensor(weights if weights is not None else [1.0] * r.shape[0], dtype=torch.float64).view(-1, 1, 1)
     if not per_reward:
-        return _normalise((w * r).sum(0), global_std, eps).float()
-    combined = (w * torch.stack([_normalise(rk, global_std, eps) for rk in r])).sum(0)
+        return _normalise((w * r).sum(0), global_std, eps, ddof).float()
+    combined = (w * torch.stack([_normalise(rk, global_std, eps, ddof) for rk in r])).sum(0)
     return ((combined - combined.mean()) / (combined.std(unbiased=False) + eps)).float()
 
 

@@ -37,6 +37,9 @@ def test_group_advantages_hand_computed():
     glob = group_advantages(REWARDS, global_std=True)
     torch.testing.assert_close(glob, torch.tensor([[-0.528243, 0.0, 0.528243], [-0.528243, -0.528243, 1.056485]]),
                                rtol=0, atol=1e-5)
+    # DanceGRPO: torch's unbiased std per group + 1e-8: group 0 std 1 -> ±1; group 1 std sqrt(3) -> [-1,-1,2]/1.732051
+    torch.testing.assert_close(group_advantages(REWARDS, global_std=False, eps=1e-8, ddof=1),
+                               torch.tensor([[-1.0, 0.0, 1.0], [-0.577350, -0.577350, 1.154701]]), rtol=0, atol=1e-5)
     # a group of equal rewards gives 0 (the std floor 1e-4 keeps it finite)
     assert group_advantages(torch.tensor([[3.0, 3.0, 3.0]]), global_std=False).abs().max() == 0
 
@@ -114,6 +117,7 @@ def test_kl_is_zero_when_policy_equals_reference():
     ({"scorer": ["pickscore=/m/PickScore_v1:0.5"]}, "grpo.scorer_weights"),
     ({"window_size": 3, "window_range": [0, 2]}, "grpo.window_range"),
     ({"timestep_fraction": 0.05}, "grpo.timestep_fraction"),
+    ({"std_ddof": 2}, "grpo.std_ddof"),
 ])
 def test_bad_grpo_settings_name_the_key(grpo, message):
     cfg = from_dict(Config, {"modality": "sd3_grpo", "grpo": dict({"prompt_list": ["a"], "scorer": ["redness"]},

@@ -314,7 +314,7 @@ class GRPOSource:
                     rewards.append(self.score(texts, final))
         reward = torch.cat(rewards, dim=1).view(len(self.scorers), len(prompts), s.group_size)
         adv = group_advantages(reward, s.scorer_weights or None, s.global_std, s.per_reward_norm,
-                               s.advantage_eps).flatten()
+                               s.advantage_eps, s.std_ddof).flatten()
         combined = (reward * torch.tensor(s.scorer_weights or [1.0] * len(self.scorers)).view(-1, 1, 1)).sum(0)
         records = [{"prompt": prompts[rows[n][0]], **step, "advantage": float(adv[n]),
                     "reward": float(combined.flatten()[n]), "row": n}
@@ -363,6 +363,8 @@ def check_settings(cfg: Any) -> None:
                           f"grpo.window_size={s.window_size} steps")
     if s.advantage_eps < 0:
         raise ConfigError(f"grpo.advantage_eps must be >= 0, got {s.advantage_eps}")
+    if s.std_ddof not in (0, 1):
+        raise ConfigError(f"grpo.std_ddof must be 0 (population std) or 1 (unbiased), got {s.std_ddof}")
 
 
 def build_flow(cfg: Any, family_build: Any, trained: bool = True, unpack: Any = None) -> tuple[Any, Any, None]:
