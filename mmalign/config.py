@@ -90,7 +90,10 @@ class LossConfig:
     # that differ between chosen and rejected weigh γ (RLHF-V uses γ > 1); 0 = off.
     dense_gamma: float = 0.0
     # spo / d3po: the likelihood ratios r = exp(policy - reference) are clipped to [1-clip, 1+clip]; 0 = off.
+    # grpo: the importance ratio ρ = exp(logp_θ - logp_old) is clipped to [1-clip, 1+clip] (Flow-GRPO ε 1e-4).
     clip: float = 0.1
+    kl_beta: float = 0.0  # grpo β_KL: weight of KL_t = mean_dims((μ_θ - μ_ref)²)/(2 std_t²) (Flow-GRPO 0.004-0.04)
+    adv_clip_max: float = 5.0  # grpo: advantages clipped to ±adv_clip_max
     # VLM image terms (mmalign/train/image_terms.py), added with image_term_weight: mdpo (mDPO's
     # conditional term on a corrupted image + anchor -log σ(β hc - anchor_delta)), realign (the
     # chosen answer with its image ≻ with another example's image); none = off.
@@ -227,6 +230,38 @@ class StepConfig:
 
 
 @dataclass
+class GRPOConfig:
+    """Online GRPO rounds for the `*_grpo` families (sd3_grpo, flux_grpo, sd_grpo; METHODS.md C.1, C.2;
+    mmalign/modalities/grpo_source.py): every `round_steps` optimizer steps the current policy samples
+    `group_size` SDE trajectories per prompt; each trained step is one record with its advantage."""
+
+    prompts: str = ""  # prompt file: .txt (one per line) or .jsonl/.json records with "prompt"
+    prompt_list: list[str] = field(default_factory=list)  # or the prompts themselves (tiny runs)
+    prompts_per_round: int = 8
+    group_size: int = 4  # trajectories per prompt (Flow-GRPO 24, DanceGRPO 12)
+    round_steps: int = 2  # optimizer steps on one round's transitions (Flow-GRPO: 2 per epoch)
+    sample_batch_size: int = 8  # trajectories sampled together
+    num_steps: int = 10  # sampling steps S
+    # flow: sde (Flow-GRPO, std_t = a·sqrt(σ/(1-σ))), cps (coefficients-preserving), dance (DanceGRPO,
+    # constant η = a); UNet families sample DDIM with η = noise_level (sde only)
+    sde_type: str = "sde"
+    noise_level: float = 0.7  # a (Flow-GRPO 0.7, CPS 0.8), DanceGRPO's η (0.3), DDIM's η (UNet)
+    guidance: float = 4.5  # classifier-free guidance in sampling AND in the training likelihood (1 = off)
+    timestep_fraction: float = 0.99  # window_size 0: train int(num_steps·fraction) steps of each trajectory
+    timestep_selection: str = "first"  # first (Flow-GRPO: all but the last) or random (DanceGRPO), per prompt group
+    window_size: int = 0  # Flow-GRPO-Fast: k SDE (and trained) steps in a random window, ODE elsewhere; 0 = off
+    window_range: list[int] = field(default_factory=list)  # [lo, hi): where windows start/end ([] = [0, num_steps])
+    # `mmalign score` specs NAME=PATH[,key=value...], a built-in (redness) or module:function
+    scorer: list[str] = field(default_factory=list)
+    scorer_weights: list[float] = field(default_factory=list)  # one per scorer ([] = all 1)
+    global_std: bool = True  # advantage std over the whole round (flow_grpo's shipped configs) vs per group
+    per_reward_norm: bool = False  # GDPO-style: normalise each scorer's reward per group before weighting
+    advantage_eps: float = 1e-4  # A = (R - mean) / (std + advantage_eps)
+    std_ddof: int = 0  # 0: population std (flow_grpo); 1: unbiased (DanceGRPO's torch .std(), eps 1e-8)
+    save_rounds: bool = True  # keep each round in output_dir/rounds (resume reads it back)
+
+
+@dataclass
 class OnlineConfig:
     """Online rounds for any family whose descriptor samples (`online:`; mmalign/online/).
 
@@ -267,6 +302,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     spo: StepConfig = field(default_factory=StepConfig)
     online: OnlineConfig | None = None  # online rounds (None: data from files or the family's own source)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)  # the *_grpo families' rounds
     audio: AudioConfig = field(default_factory=AudioConfig)
     source: str = ""  # the YAML file it was loaded from (set by load_config)
 
@@ -288,6 +324,8 @@ CHOICES = {
     "diffusion.cache_dtype": ("float16", "float32"),
     "spo.method": ("spo", "d3po"),
     "spo.sampler": ("ddim", "ddpm"),
+    "grpo.sde_type": ("sde", "cps", "dance"),
+    "grpo.timestep_selection": ("first", "random"),
     "online.strategy": ("best_worst", "margin", "ranked", "soft"),
     "online.scorer_device": ("auto", "cpu", "cuda"),
 }

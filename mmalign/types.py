@@ -75,6 +75,8 @@ class LogpOutput:
     token_log_sq_mass: (N, T) log sum_v p_t(v)^2 at each scored position, detached (WPO's
         weights, `loss.use_weighting`), or None: filled by a `TokenSquareMass` likelihood
         whose `square_mass` is on.
+    transition: (μ (N, ...), s (N,)) of a step likelihood (GRPO): the Gaussian mean of x_{t-1}
+        and the scale its KL to the reference divides by, or None.
     """
 
     logps: Tensor
@@ -83,6 +85,7 @@ class LogpOutput:
     token_mask: Tensor | None = None
     diagnostics: dict[str, Tensor] = field(default_factory=dict)
     token_log_sq_mass: Tensor | None = None
+    transition: tuple[Tensor, Tensor] | None = None
 
     def pairs(self) -> PairLogps:
         """Split a paired output (chosen items first, then rejected) into a `PairLogps`."""
@@ -101,6 +104,7 @@ class LogpOutput:
             d(self.token_mask),
             {k: v.detach() for k, v in self.diagnostics.items()},
             d(self.token_log_sq_mass),
+            None if self.transition is None else (self.transition[0].detach(), self.transition[1].detach()),
         )
 
 
@@ -118,6 +122,8 @@ class PreferenceBatch:
     desirable: (N,) bool labels for unpaired batches.
     scores: (B, K) scores of ranked lists.
     ref_logps: (N,) precomputed reference log-likelihoods, or None.
+    advantages, old_logps: (N,) of a "step" batch (GRPO): each transition's advantage and its
+        log-prob when it was sampled, or None.
     """
 
     kind: str
@@ -128,6 +134,8 @@ class PreferenceBatch:
     desirable: Tensor | None = None
     scores: Tensor | None = None
     ref_logps: Tensor | None = None
+    advantages: Tensor | None = None
+    old_logps: Tensor | None = None
 
     @property
     def num_examples(self) -> int:
@@ -146,6 +154,8 @@ class PreferenceBatch:
             mv(self.desirable),
             mv(self.scores),
             mv(self.ref_logps),
+            mv(self.advantages),
+            mv(self.old_logps),
         )
 
 

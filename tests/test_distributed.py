@@ -78,6 +78,8 @@ def modality_config(tmp_path, modality: str) -> str:
         return _write(tmp_path, audio_config(tmp_path, modality))
     if modality == "sdxl_spo":
         return _write(tmp_path, spo_config(tmp_path))
+    if modality == "sd3_grpo":
+        return _write(tmp_path, grpo_config(tmp_path))
     from test_diffusion_families import family_config
 
     path = family_config(tmp_path, modality)  # dpo on 4 image pairs, LoRA, 12 steps of 4
@@ -116,6 +118,32 @@ def spo_config(tmp_path) -> dict:
     return cfg
 
 
+def grpo_config(tmp_path) -> dict:
+    """configs/tiny/flow_grpo.yaml on a tiny SD3 pipeline made shorter (2 prompts x 2 trajectories x
+    2 trained steps = 8 transitions a round) with a new round at EVERY step."""
+    from flow_fixtures import save_tiny_flow_pipeline
+
+    cfg = yaml.safe_load(open(ROOT / "configs" / "tiny" / "flow_grpo.yaml"))
+    cfg["model"]["path"] = str(save_tiny_flow_pipeline(tmp_path / "pipeline"))
+    cfg["grpo"].update({"prompts_per_round": 2, "group_size": 2, "num_steps": 3, "round_steps": 1})
+    cfg["optim"] = {"name": "sgd", "lr": 1.0}
+    cfg["train"] = dict(TRAIN, output_dir=str(tmp_path / "run"))
+    return cfg
+
+
+def assert_same_grpo_rounds(one: Path, two: Path) -> None:
+    """GRPO: as SPO (`assert_same_rounds`), every process samples the whole round; the saved
+    transitions, log-probs and advantages agree up to kernel rounding."""
+    names = sorted(p.name for p in (one / "rounds").glob("grpo_*.safetensors"))
+    assert names == ["grpo_00000.safetensors", "grpo_00001.safetensors"]
+    for name in names:
+        a, b = load_file(str(one / "rounds" / name)), load_file(str(two / "rounds" / name))
+        assert a.keys() == b.keys() and a["x_t"].shape[0] == 8
+        for key in a:
+            diff = float((b[key].double() - a[key].double()).abs().max())
+            assert diff <= 1e-3, f"{name} {key}: max |two - one| = {diff:.3g}"
+
+
 def assert_same_rounds(one: Path, two: Path) -> None:
     """SPO trains on pairs its policy samples online. Every process samples the WHOLE round (same
     seed, same weights) and takes its share of it, so both runs' rounds hold the same transitions
@@ -139,7 +167,7 @@ def assert_same_rounds(one: Path, two: Path) -> None:
 
 
 @needs_torchrun
-@pytest.mark.parametrize("modality", ["sdxl", "sd3", "llava", "tango", "audioldm2", "sdxl_spo"])
+@pytest.mark.parametrize("modality", ["sdxl", "sd3", "llava", "tango", "audioldm2", "sdxl_spo", "sd3_grpo"])
 def test_every_modality_trains_the_same_in_two_processes(tmp_path, modality):
     """Each modality's tiny config: 2 processes x batch 2 == 1 process x batch 4. For the
     diffusion families (images and audio) this holds because every draw (t or σ, ε, flip, dropped
@@ -165,6 +193,8 @@ def test_every_modality_trains_the_same_in_two_processes(tmp_path, modality):
     assert max(diffs.values()) <= 1e-3 * scale, (scale, sorted(diffs.items(), key=lambda kv: -kv[1])[:3])
     if modality == "sdxl_spo":
         assert_same_rounds(one, two)
+    if modality == "sd3_grpo":
+        assert_same_grpo_rounds(one, two)
     rows_a = [json.loads(x) for x in open(one / "metrics.jsonl")]
     rows_b = [json.loads(x) for x in open(two / "metrics.jsonl")]
     # Diffusion: policy and reference forwards of the same weights differ by ~1e-8 in mse when

@@ -33,6 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["train.progress=false", "train.tensorboard=false", "train.max_steps=1", "train.log_every=1",
          "optim.lr=1e-2", "optim.warmup_steps=0"]
 LORA = ("lora.enabled=true", "lora.r=4", "lora.alpha=8", "lora.target_modules=[to_q,to_k,to_v,to_out.0]")
+GRPO = ("data.train=", "grpo.num_steps=3", "grpo.prompts_per_round=1", "grpo.group_size=2", "grpo.round_steps=1",
+        "grpo.sample_batch_size=2", "train.batch_size=2")
 SPO = ("spo.num_steps=4", "spo.prompts_per_round=2", "spo.round_steps=1", "spo.sample_batch_size=2",
        "spo.candidates=2", "spo.threshold=0.0", "train.batch_size=2")
 
@@ -57,7 +59,7 @@ def assets(tmp_path_factory) -> dict[str, Any]:
                "zimage": (zimage.parents[1] / "pipeline", zimage), "flux2": (flux2.parents[1] / "pipeline", flux2),
                "qwen_image": (qwen_image.parents[1] / "pipeline", qwen_image)}
     named = {k: [f"model.path={model}", f"data.train={data}"] for k, (model, data) in folders.items()}
-    return dict(named, sd_pairs=sd_pairs)
+    return dict(named, sd_pairs=sd_pairs, sd3_pairs=sd3, flux_pairs=flux)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +82,9 @@ CASES: dict[str, list[Case]] = {
     "sd_spo": [Case("lora", "spo.yaml", "sd", ("modality=sd_spo", "data.train=", *SPO))],
     "sdxl_spo": [Case("lora", "spo.yaml", None, SPO)],
     "sd3": [Case("lora", "flow_dpo.yaml", "sd3", BATCH)],
+    "sd3_grpo": [Case("lora", "flow_grpo.yaml", "sd3", GRPO)],
+    "flux_grpo": [Case("lora", "flow_grpo.yaml", "flux", ("modality=flux_grpo", *GRPO))],
+    "sd_grpo": [Case("full", "sd_grpo.yaml", "sd", GRPO)],
     "flux": [Case("lora", "flow_dpo.yaml", "flux", ("modality=flux", *BATCH))],
     "audioldm2": [Case("full", "audio_dpo.yaml", "audioldm2", BATCH)],
     "tango": [Case("lora", "audio_dpo.yaml", "tango", ("modality=tango", *LORA, *BATCH))],
@@ -87,8 +92,10 @@ CASES: dict[str, list[Case]] = {
     "flux2": [Case("lora", "flux2_flow_dpo.yaml", "flux2", BATCH)],
     "qwen_image": [Case("lora", "qwen_image_flow_dpo.yaml", "qwen_image", BATCH)],
 }
-# SPO runs read no data file: their fixed batch is image pairs through the base family's likelihood
-PROBE_AS = {"sd_spo": "sd", "sdxl_spo": "sdxl"}
+# SPO / GRPO runs read no data file: their fixed batch is image pairs (an `assets` entry) through the
+# base family's likelihood
+PROBE_AS = {"sd_spo": ("sd", "sd_pairs"), "sdxl_spo": ("sdxl", "sd_pairs"), "sd_grpo": ("sd", "sd_pairs"),
+            "sd3_grpo": ("sd3", "sd3_pairs"), "flux_grpo": ("flux", "flux_pairs")}
 
 
 def case_ids() -> list[tuple[str, str]]:
@@ -104,8 +111,9 @@ def probe_for(run_dir: Path, modality: str, assets: dict[str, Any]):
 
     cfg = find_run(run_dir).cfg
     if modality in PROBE_AS:
-        data = dataclasses.replace(cfg.data, train=str(assets["sd_pairs"]), format="auto")
-        cfg = dataclasses.replace(cfg, modality=PROBE_AS[modality], data=data)
+        base_modality, pairs = PROBE_AS[modality]
+        data = dataclasses.replace(cfg.data, train=str(assets[pairs]), format="auto")
+        cfg = dataclasses.replace(cfg, modality=base_modality, data=data)
     _, likelihood, _ = build_modality(dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, enabled=False)))
     records, kind = load_split(cfg.data.train, format=cfg.data.format)
     batch = likelihood.collate([dict(records[i], _index=i) for i in range(2)], kind)

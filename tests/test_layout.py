@@ -31,7 +31,7 @@ def test_ranked_and_unpaired():
 
 
 def test_unknown_kind():
-    for call in (lambda: item_slots("step", [1]), lambda: record_outputs({}, "pairs"), lambda: output_fields({}, "")):
+    for call in (lambda: item_slots("steps", [1]), lambda: record_outputs({}, "pairs"), lambda: output_fields({}, "")):
         with pytest.raises(DataError, match="unknown batch kind"):
             call()
 
@@ -63,8 +63,13 @@ def test_flatten_and_batch_fields_follow_the_layout():
     assert [i["response"] for i in flatten(PAIRS, "pair")] == ["c0", "c1", "r0", "r1"]
     assert [i["response"] for i in flatten(RANKED, "ranked")] == ["a", "b", "c", "d", "e", "f"]
     assert [i["response"] for i in flatten(UNPAIRED, "unpaired")] == ["x", "y"]
-    with pytest.raises(DataError, match="unknown batch kind 'step'"):
-        flatten([], "step")
+    steps = [{"completion": "x1", "advantage": 0.5, "old_logp": -1.0}, {"completion": "y1", "advantage": -0.5,
+                                                                         "old_logp": -2.0}]
+    assert [i["response"] for i in flatten(steps, "step")] == ["x1", "y1"]  # GRPO transitions: one item each
+    step_batch = batch_fields(steps, "step", {})
+    assert step_batch.advantages.tolist() == [0.5, -0.5] and step_batch.old_logps.tolist() == [-1.0, -2.0]
+    with pytest.raises(DataError, match="unknown batch kind 'steps'"):
+        flatten([], "steps")
     refs = [dict(r, _ref_logps=[-1.0 - i, -10.0 - i]) for i, r in enumerate(PAIRS)]
     assert batch_fields(refs, "pair", {}).ref_logps.tolist() == [-1.0, -2.0, -10.0, -11.0]
     ranked = [dict(r, _ref_logps=[float(3 * i + k) for k in range(3)]) for i, r in enumerate(RANKED)]

@@ -39,7 +39,8 @@ def pair_batch(**fields) -> tuple[PreferenceBatch, LogpOutput, LogpOutput]:
 def test_each_loss_declares_its_fields_statistics_and_hyperparameters() -> None:
     assert get_loss("soft").fields == ("soft_labels",)
     assert get_loss("kto").fields == ("desirable",) and get_loss("ranked").fields == ("scores",)
-    assert {n for n, s in LOSSES.items() if s.fields} == {"soft", "kto", "ranked"}
+    assert get_loss("grpo").fields == ("advantages", "old_logps")
+    assert {n for n, s in LOSSES.items() if s.fields} == {"soft", "kto", "ranked", "grpo"}
     assert get_loss("bco_pair").statistics == {"delta": L.BCO_DELTA} and L.BCO_DELTA.running
     assert get_loss("kto").statistics == {"reference_point": L.KTO_Z}
     assert L.KTO_Z.mismatched and L.KTO_Z.metric == "kl" and not L.KTO_Z.running
@@ -51,6 +52,7 @@ def test_each_loss_declares_its_fields_statistics_and_hyperparameters() -> None:
     assert get_loss("soft").hyperparameters == ("beta",)  # soft_labels is a batch field
     assert get_loss("kto").hyperparameters == ("beta", "desirable_weight", "undesirable_weight")
     assert get_loss("sft").hyperparameters == ()
+    assert get_loss("grpo").hyperparameters == ("clip", "kl_beta", "adv_clip_max")
 
 
 def toy_loss(policy: PairLogps, reference: PairLogps, *, beta: float, soft_labels: Tensor,
@@ -161,7 +163,7 @@ def config(tmp_path):
      "loss.gamma=0.5 is a hyperparameter of simpo, not of loss 'dpo', which takes: beta"),
     (["loss.name=kto", "loss.label_smoothing=0.1"], "loss.label_smoothing=0.1 is a hyperparameter of aot, aot_unpaired, cdpo, exo_pair, robust, "
      "not of loss 'kto', which takes: beta, desirable_weight, undesirable_weight"),
-    (["loss.name=ipo", "loss.clip=0.2"], "loss.clip=0.2 is a hyperparameter of d3po, spo, not of loss 'ipo'"),
+    (["loss.name=ipo", "loss.clip=0.2"], "loss.clip=0.2 is a hyperparameter of d3po, grpo, spo, not of loss 'ipo'"),
     (["loss.name=dpo", "loss.undesirable_weight=2"], "loss.undesirable_weight=2.0 is a hyperparameter of kto"),
     (["loss.name=sft", "loss.gamma=1"], "not of loss 'sft', which takes no hyperparameters"),
 ])
@@ -195,5 +197,5 @@ def test_the_check_reads_the_registries(config, monkeypatch) -> None:
     names = mmalign.families.family_names()
     monkeypatch.setattr(mmalign.families, "family_names", lambda: [*names, "toy_modality"])  # a new family module
     assert config("loss.name=toy", "loss.gamma=0.5", "modality=toy_modality").loss.name == "toy"
-    with pytest.raises(ConfigError, match="loss.clip=0.2 is a hyperparameter of d3po, spo, not of loss 'toy'"):
+    with pytest.raises(ConfigError, match="loss.clip=0.2 is a hyperparameter of d3po, grpo, spo, not of loss 'toy'"):
         config("loss.name=toy", "loss.clip=0.2")

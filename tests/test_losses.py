@@ -396,6 +396,7 @@ def test_registry_contents() -> None:
         "dpo", "cdpo", "robust", "ipo", "hinge", "bco_pair", "nca_pair",
         "sppo_hard", "apo_zero", "simpo", "soft", "sft", "spo", "d3po", "kto", "ranked",
         "exo_pair", "apo_down", "discopop", "sigmoid_norm", "aot", "aot_unpaired",  # mmalign/losses_trl.py
+        "grpo",  # mmalign/losses_grpo.py
     }
     assert all(isinstance(s, LossSpec) for s in LOSSES.values())
     assert get_loss("kto").kind == "unpaired" and get_loss("ranked").kind == "ranked"

@@ -244,6 +244,8 @@ def batch_fields(records: list[dict[str, Any]], kind: str, inputs: dict[str, Any
         desirable=torch.tensor([bool(r["label"]) for r in records]) if kind == "unpaired" else None,
         scores=torch.tensor([list(map(float, r["scores"])) for r in records]) if kind == "ranked" else None,
         ref_logps=ref,
+        advantages=col("advantage", 0.0) if kind == "step" else None,
+        old_logps=col("old_logp", 0.0) if kind == "step" else None,
     )
 
 

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from mmalign.config import LossConfig
 from mmalign.losses import LossSpec, f_divergence_pairs, sft_loss
+from mmalign.losses_grpo import step_inputs, step_metrics
 from mmalign.losses_trl import ld_pairs, wpo_pair_weights
 from mmalign.train.dense import dense_pairs
 from mmalign.train.metrics import pair_metrics
@@ -111,6 +112,7 @@ DATA_KINDS = {
     "pair": DataKind(_pair_inputs, _pair_metrics),
     "unpaired": DataKind(_unpaired_inputs, _unpaired_metrics),
     "ranked": DataKind(_ranked_inputs, _ranked_metrics),
+    "step": DataKind(step_inputs, step_metrics),  # GRPO: whole LogpOutputs (log-probs and transition means)
 }
 
 

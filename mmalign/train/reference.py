@@ -20,8 +20,9 @@ def _score(likelihood: Likelihood, model: torch.nn.Module, batch: PreferenceBatc
         out = likelihood.logps(model, batch, draw)
     # Inference tensors cannot be saved for backward; clone into normal tensors.
     clone = lambda t: None if t is None else t.clone()  # noqa: E731
+    transition = None if out.transition is None else (out.transition[0].clone(), out.transition[1].clone())
     return LogpOutput(out.logps.clone(), clone(out.tokens), clone(out.token_logps), clone(out.token_mask),
-                      {k: v.clone() for k, v in out.diagnostics.items()})
+                      {k: v.clone() for k, v in out.diagnostics.items()}, transition=transition)
 
 
 class FrozenReference:
