@@ -106,6 +106,12 @@ def save_round(folder: Path, rows: list[dict[str, Any]], records: list[dict[str,
         tmp.write_text(json.dumps({**meta, "fingerprint": fingerprint}, indent=2))
 
 
+def round_meta(folder: Path) -> dict[str, Any]:
+    """The round's meta.json ({} when it has none)."""
+    meta = folder / "meta.json"
+    return json.loads(meta.read_text()) if meta.is_file() else {}
+
+
 def load_round(folder: Path, fingerprint: str) -> list[dict[str, Any]] | None:
     """The records of a saved round (with `_root`), or None when it is missing, incomplete or
     from another run (another fingerprint)."""
