@@ -78,7 +78,8 @@ class OnlineSource:
         """What the trainer's start-up line says instead of "N examples from FILE"."""
         s = self.settings
         return (f"online {s.strategy} rounds of {s.round_steps} steps ({s.prompts_per_round} prompts x "
-                f"{s.group_size} samples from the policy, scored by {', '.join(s.scorer)})")
+                f"{s.group_size} samples from the policy, scored by {', '.join(s.scorer)})"
+                + (f" + {s.offline_per_round} records of data.train a round" if s.offline_per_round else ""))
 
     def round_folder(self, r: int) -> Path:
         return Path(self.cfg.train.output_dir) / "rounds" / f"round_{r:05d}"
@@ -134,7 +135,8 @@ class OnlineSource:
 
     def sample(self, r: int, model: torch.nn.Module, accelerator: Any) -> list[dict[str, Any]]:
         """Round r's scored rows: the policy (eval mode, no grad) samples every row's output with
-        the row's seed; then every `online.scorer` scores them (combined into `score`)."""
+        the row's seed, each process its share (`sample_shards`), every process then holding all
+        outputs; then every `online.scorer` scores them (combined into `score`) on every process."""
         s, folder = self.settings, self.round_folder(r)
         rows = plan_rows(self.round_prompts(r), s.group_size, self.cfg.train.seed, r)
         job = SampleJob([row["prompt"] for row in rows], [row["seed"] for row in rows],
@@ -160,7 +162,8 @@ class OnlineSource:
         rows = [{**row, **out} for row, out in zip(rows, outputs, strict=True)]
         if self.eval_scorers is None:
             device = str(accelerator.device) if s.scorer_device == "auto" else s.scorer_device
-            self.eval_scorers = load_scorers(list(s.eval_scorer), sample_kind(self.family), device)
+            self.eval_scorers = load_scorers(list(s.eval_scorer), sample_kind(self.family), device,
+                                             "online.eval_scorer")
         score_round(rows, self.eval_scorers, False, folder)
         if s.save_rounds and accelerator.is_main_process:
             write_jsonl_atomic(folder / "samples.jsonl", rows, ensure_ascii=False)
