@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     with atomic_path(out) as tmp:
         Path(tmp).write_text(page, encoding="utf-8")
     print(f"[mmalign] report-run: {len(args.tables)} table files, {len(args.curves)} runs, {len(args.grid)} "
-          f"manifests, {len(args.captions)} caption sets; wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
+          f"manifests, {len(args.captions)} caption sets, {len(args.rounds)} online runs; wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
     return 0
 
 

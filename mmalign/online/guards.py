@@ -81,7 +81,7 @@ def round_kl(likelihood: Any, policy: torch.nn.Module, reference: Any, records: 
     ranked list), with log pi as the run's likelihood computes it (`likelihood.logps`: summed
     answer-token log-probs for text; for diffusion/flow the ELBO surrogate -0.5 * weighted
     denoising MSE on ONE seeded draw of t and noise, so the value is the surrogate log-ratio
-    of Diffusion-DPO, not an exact KL). The policy is scored in eval mode; each batch's draw is
+    of Diffusion-DPO, not an exact KL, and it can be slightly negative). The policy is scored in eval mode; each batch's draw is
     shared by policy and reference (`reference.logps(batch, draw)`)."""
     total, count = 0.0, 0
     with eval_mode(policy):
