@@ -226,6 +226,17 @@ class StepConfig:
     scorer: str = "redness"  # built-in name (redness) or module:function, function(cfg) -> scorer
     labels: str = ""  # d3po: human labels jsonl {"id": trajectory pair id, "preferred": 0 | 1}
     save_rounds: bool = True  # keep each round in output_dir/rounds (resume reads it back)
+    # mixing: N records of data.train (seeded per round, without replacement) appended to each
+    # round's online records (same record kind); 0 with data.train set is refused
+    offline_per_round: int = 0
+    # reward-hacking guards: held-out prompts sampled by the policy at each round start with FIXED
+    # seeds (eval_samples per prompt), scored by eval_scorer (`mmalign score` specs, apart from
+    # the training scorer); logged as online/eval_reward_mean
+    eval_scorer: list[str] = field(default_factory=list)
+    eval_prompts: str = ""  # prompt file (as `prompts`)
+    eval_prompt_list: list[str] = field(default_factory=list)  # or the prompts themselves
+    eval_samples: int = 2
+    reference_update: str = "none"  # none | every_round: copy the policy into the reference at each round start
     save_images: bool = False  # d3po: write each trajectory's final image to label by hand
 
 
@@ -287,6 +298,17 @@ class OnlineConfig:
     sampling: dict[str, Any] = field(default_factory=dict)
     sample_batch_size: int = 8  # samples generated together
     save_rounds: bool = True  # keep each round in output_dir/rounds (resume reads it back)
+    # mixing: N records of data.train (seeded per round, without replacement) appended to each
+    # round's online records (same record kind); 0 with data.train set is refused
+    offline_per_round: int = 0
+    # reward-hacking guards: held-out prompts sampled by the policy at each round start with FIXED
+    # seeds (eval_samples per prompt), scored by eval_scorer (`mmalign score` specs, apart from
+    # the training scorer); logged as online/eval_reward_mean
+    eval_scorer: list[str] = field(default_factory=list)
+    eval_prompts: str = ""  # prompt file (as `prompts`)
+    eval_prompt_list: list[str] = field(default_factory=list)  # or the prompts themselves
+    eval_samples: int = 2
+    reference_update: str = "none"  # none | every_round: copy the policy into the reference at each round start
 
 
 @dataclass
@@ -328,6 +350,7 @@ CHOICES = {
     "grpo.timestep_selection": ("first", "random"),
     "online.strategy": ("best_worst", "margin", "ranked", "soft"),
     "online.scorer_device": ("auto", "cpu", "cuda"),
+    "online.reference_update": ("none", "every_round"),
 }
 
 

@@ -240,10 +240,14 @@ class MicroBatchSampler(Protocol):
 @dataclass
 class Round:
     """What the trainer trains on from some step on: `records` (read by index only, never
-    mutated) and the `sampler` that picks each micro-batch's rows from them."""
+    mutated) and the `sampler` that picks each micro-batch's rows from them. Online rounds
+    (`online:`) also give `first_step` (the optimizer step the round begins at) and `metrics`
+    (the round's guard values, logged by the trainer at that step; `mmalign.online.guards`)."""
 
     records: Sequence[dict[str, Any]]
     sampler: MicroBatchSampler
+    first_step: int = -1
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 @runtime_checkable

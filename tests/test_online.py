@@ -35,7 +35,7 @@ def fake_text(ctx, model, job):
 
 
 class Accelerator:
-    device, is_main_process = torch.device("cpu"), True
+    device, is_main_process, num_processes, process_index = torch.device("cpu"), True, 1, 0
 
     @staticmethod
     def autocast():
@@ -118,12 +118,17 @@ def test_online_sampler_comes_from_the_family_descriptor():
     ("online.soft_temperature=0", "online.soft_temperature must be > 0"),
     ("online.sampling=3", "online.sampling: expected a mapping"),
     ("online.sample_size=3", "unknown config key 'online.sample_size'; did you mean 'sample_batch_size'"),
-    ("data.train=x.jsonl", "mixing offline and online data is not supported yet"),
+    ("data.train=x.jsonl", "data.train with online: set online.offline_per_round"),
+    ("online.offline_per_round=2", "online.offline_per_round=2 needs data.train"),
+    ("online.eval_scorer=[text_length=words]", "online.eval_scorer needs held-out prompts"),
+    ("online.eval_prompt_list=[a]", "need online.eval_scorer"),
+    ("online.reference_update=always", "online.reference_update: .always. is not one of"),
+    ("lora.enabled=true online.reference_update=every_round", "needs full fine-tuning"),
     ("reference.strategy=precomputed", "precomputed' cannot score records sampled during training"),
 ])
 def test_bad_online_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(LM, [override])
+        load_config(LM, override.split())
 
 
 def test_bad_online_prompts_and_sampling_name_the_key(tmp_path, capsys):

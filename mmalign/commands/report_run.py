@@ -1,8 +1,8 @@
 """`mmalign report-run --out report.html [--tables T.json ...] [--curves LABEL=RUN_DIR ...]
-[--grid LABEL=MANIFEST ...] [--captions LABEL=CHAIR.json ...]`: one self-contained HTML page of
+[--grid LABEL=MANIFEST ...] [--captions LABEL=CHAIR.json ...] [--rounds LABEL=RUN_DIR ...]`: one self-contained HTML page of
 finished runs: metric tables, loss / reward-margin curves, the same prompts and seeds sampled by
-several models side by side, and captions with hallucinated objects highlighted
-(mmalign/report/runs.py)."""
+several models side by side, captions with hallucinated objects highlighted, and an online
+run's rounds (guard metrics, samples with scores) (mmalign/report/runs.py, rounds.py)."""
 
 from __future__ import annotations
 
@@ -29,13 +29,13 @@ def run(args: argparse.Namespace) -> int:
 
     page = render_run_report(args.title, args.tables, _labelled(args.curves, "--curves"), args.curve_keys,
                              _labelled(args.grid, "--grid"), args.grid_column, _labelled(args.captions, "--captions"),
-                             args.max_prompts, args.max_samples, args.max_images)
+                             args.max_prompts, args.max_samples, args.max_images, _labelled(args.rounds, "--rounds"))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         Path(tmp).write_text(page, encoding="utf-8")
     print(f"[mmalign] report-run: {len(args.tables)} table files, {len(args.curves)} runs, {len(args.grid)} "
-          f"manifests, {len(args.captions)} caption sets; wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
+          f"manifests, {len(args.captions)} caption sets, {len(args.rounds)} online runs; wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
     return 0
 
 
@@ -54,6 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grid-column", help="score column printed under each image")
     p.add_argument("--captions", action="append", default=[], metavar="LABEL=CHAIR_JSON",
                    help="result file of mmalign eval chair --out; repeatable")
+    p.add_argument("--rounds", action="append", default=[], metavar="LABEL=RUN_DIR",
+                   help="an online run's output_dir: per round its guard metrics and samples with scores; repeatable")
     p.add_argument("--max-prompts", type=int, default=6, help="prompts in the grids (default 6)")
     p.add_argument("--max-samples", type=int, default=8, help="samples per prompt in the grids (default 8)")
     p.add_argument("--max-images", type=int, default=24, help="images in the caption table (default 24)")

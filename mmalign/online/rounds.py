@@ -40,16 +40,16 @@ def plan_rows(prompts: list[str], group_size: int, seed: int, round_index: int) 
             for slot, prompt in enumerate(prompts) for j in range(group_size)]
 
 
-def load_scorers(specs: list[str], kind: str, device: str) -> list[tuple[Any, Any]]:
-    """(ScorerSpec, scorer) per `online.scorer` spec; a scorer that cannot score `kind` samples
-    is a ConfigError naming it."""
+def load_scorers(specs: list[str], kind: str, device: str, key: str = "online.scorer") -> list[tuple[Any, Any]]:
+    """(ScorerSpec, scorer) per spec of `key` (online.scorer, online.eval_scorer); a scorer that
+    cannot score `kind` samples is a ConfigError naming it."""
     from mmalign.scoring import load_scorer, parse_spec, scorer_class
 
     loaded = []
     for spec in map(parse_spec, specs):
         kinds = scorer_class(spec.name).kinds
         if kind not in kinds:
-            raise ConfigError(f"online.scorer '{spec.name}' scores {'/'.join(kinds)} samples; this modality "
+            raise ConfigError(f"{key} '{spec.name}' scores {'/'.join(kinds)} samples; this modality "
                               f"samples {kind}")
         loaded.append((spec, load_scorer(spec, device=device)))
     return loaded
@@ -104,6 +104,12 @@ def save_round(folder: Path, rows: list[dict[str, Any]], records: list[dict[str,
                        ensure_ascii=False)
     with atomic_path(folder / "meta.json") as tmp:
         tmp.write_text(json.dumps({**meta, "fingerprint": fingerprint}, indent=2))
+
+
+def round_meta(folder: Path) -> dict[str, Any]:
+    """The round's meta.json ({} when it has none)."""
+    meta = folder / "meta.json"
+    return json.loads(meta.read_text()) if meta.is_file() else {}
 
 
 def load_round(folder: Path, fingerprint: str) -> list[dict[str, Any]] | None:

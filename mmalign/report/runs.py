@@ -12,6 +12,8 @@ Inputs, all optional:
     tables    JSON files holding {"title", "columns", "rows", "note"?} or {"tables": [...]}
     curves    {label: run output_dir (or its metrics.jsonl)}
     grids     {label: manifest (or its folder)}; the first is the reference order
+    rounds    {label: an online run's output_dir}: per round its guard values and samples
+              with scores (mmalign/report/rounds.py)
     captions  {label: `mmalign eval chair --out` json}; images where the first label's caption
               hallucinates come first
 """
@@ -197,8 +199,8 @@ def render_run_report(title: str, tables: Sequence[str | Path] = (), curves: Map
                       curve_keys: Sequence[str] = ("loss", "rewards/margins", "rewards/accuracies"),
                       grids: Mapping[str, str | Path] | None = None, grid_column: str | None = None,
                       captions: Mapping[str, str | Path] | None = None, max_prompts: int = 6,
-                      max_samples: int = 8, max_images: int = 24) -> str:
-    """The HTML page (a string) of the given tables, curves, grids and captions."""
+                      max_samples: int = 8, max_images: int = 24, rounds: Mapping[str, str | Path] | None = None) -> str:
+    """The HTML page (a string) of the given tables, curves, grids, captions and online rounds."""
     body = [f"<h1>{escape(title)}</h1>"]
     if tables:
         body.append("<h2>Results</h2>" + "".join(table_html(t) for p in tables for t in load_tables(p)))
@@ -209,6 +211,13 @@ def render_run_report(title: str, tables: Sequence[str | Path] = (), curves: Map
                     + grid_html(grids, grid_column, max_prompts, max_samples))
     if captions:
         body.append("<h2>Captions</h2>" + captions_html(captions, max_images))
+    if rounds:
+        from mmalign.report.rounds import rounds_html
+
+        body.append("<h2>Online rounds</h2>" + "".join(f"<h3>{escape(label)}</h3>"
+                                                       + rounds_html(path, max_prompts=max_prompts,
+                                                                     max_samples=max_samples)
+                                                       for label, path in rounds.items()))
     digest = base64.b64encode(hashlib.sha256(SCRIPT.encode()).digest()).decode()
     csp = f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'sha256-{digest}'"
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'

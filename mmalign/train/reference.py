@@ -43,6 +43,11 @@ class FrozenReference:
         for ref_p, p in zip(self.model.parameters(), policy.parameters(), strict=True):
             ref_p.lerp_(p.detach().to(ref_p.dtype), alpha)
 
+    @torch.no_grad()
+    def refresh(self, policy: torch.nn.Module) -> None:
+        """ref <- policy exactly (parameters and buffers; online.reference_update every_round)."""
+        self.model.load_state_dict(policy.state_dict())
+
 
 class LoraDisabledReference:
     """The policy's base weights with its LoRA adapters switched off: no second copy."""

@@ -22,6 +22,7 @@ from mmalign.config import Config, to_dict
 from mmalign.data.preference import StreamSampler, load_split, mismatched
 from mmalign.errors import ConfigError, NonFiniteLossError
 from mmalign.losses_combined import loss_spec_for
+from mmalign.online.guards import check_refresh, round_kl
 from mmalign.seeds import MICRO, RUN, STEP, mix_seed
 from mmalign.train import checkpoint as ckpt
 from mmalign.train.image_terms import build_image_terms
@@ -31,7 +32,7 @@ from mmalign.train.optim import build_optimizer, build_scheduler
 from mmalign.train.reference import FrozenReference, LoraDisabledReference, PrecomputedReference
 from mmalign.train.setup import (apply_lora, check_contracts, make_accelerator, precompute_reference,
                                  resolve_strategy)
-from mmalign.types import DataSource, Likelihood, LogpOutput, MicroBatchSampler, PreferenceBatch, Validates
+from mmalign.types import DataSource, Likelihood, LogpOutput, MicroBatchSampler, PreferenceBatch, Round, Validates
 
 
 __all__ = ["NonFiniteLossError", "PreferenceTrainer", "step_seed", "train"]
@@ -72,6 +73,7 @@ class PreferenceTrainer:
         self.eval_records = load_split(d.eval, self.kind, d.format)[0] if d.eval else []
         self.ref_values: dict[str, list[list[float]] | None] = {"train": None, "eval": None}
         self.strategy = resolve_strategy(cfg, self.loss_spec, likelihood)
+        check_refresh(cfg, self.strategy)
         self.image_terms = build_image_terms(cfg, likelihood, self.kind, self.strategy, self.records)
         frozen = (FrozenReference(model, likelihood, self.accelerator.autocast, self.accelerator.device)
                   if self.strategy == "frozen" else None)
@@ -91,6 +93,8 @@ class PreferenceTrainer:
         }[self.strategy]()
         self.loss_state = RunningMean()
         self.sampler: MicroBatchSampler | None = StreamSampler(len(self.records), t.seed) if source is None else None
+        self.round: Round | None = None  # the online round trained on, and its guard values to log
+        self.round_values: dict[str, float] = {}
         self.step = 0
         self.skipped_steps = 0  # non-finite steps skipped (train.skip_nonfinite_steps)
 
@@ -196,7 +200,27 @@ class PreferenceTrainer:
     def _take_round(self) -> None:
         """Train on the records (and with the sampler) the online source gives for this step."""
         current = self.source.records_for_step(self.step, self.unwrapped, self.accelerator)
+        if current is not self.round:
+            self.round = current
+            self._start_round(current)
         self.records, self.sampler = current.records, current.sampler
+
+    def _start_round(self, current: Round) -> None:
+        """At an online round's first step (not on a resume inside it): its guard values plus the KL
+        estimate to the reference on its online records (before any refresh: the reference the
+        policy trained against) go to the step's log; then `online.reference_update: every_round`
+        loads the policy into the frozen reference."""
+        if not current.metrics or current.first_step != self.step:
+            return
+        values = dict(current.metrics)
+        if self.reference is not None:
+            online = list(current.records[: int(values["online/kept_records"])])
+            values["online/kl"] = round_kl(self.likelihood, self.unwrapped, self.reference, online, self.kind,
+                                           self.accelerator.device, self.cfg.train.eval_batch_size,
+                                           step_seed(self.cfg.train.seed, self.step, 0, 0), self.accelerator.autocast)
+        if self.cfg.online is not None and self.cfg.online.reference_update == "every_round":
+            self.reference.refresh(self.unwrapped)
+        self.round_values = values
 
     def train_step(self) -> dict[str, float]:
         t, acc = self.cfg.train, self.accelerator
@@ -231,6 +255,8 @@ class PreferenceTrainer:
         ref_cfg = self.cfg.reference
         if ref_cfg.sync_every and self.step % ref_cfg.sync_every == 0:
             self.reference.sync(self.unwrapped, ref_cfg.sync_alpha)
+        values.update(self.round_values)  # an online round began at this step: its guard values
+        self.round_values = {}
         return values
 
     @torch.no_grad()
@@ -257,7 +283,7 @@ class PreferenceTrainer:
                      "loss_state": self.loss_state.state_dict(), "skipped_steps": self.skipped_steps}
             if acc.scaler is not None:
                 state["scaler"] = acc.scaler.state_dict()
-            synced = self.reference.model if self.cfg.reference.sync_every else None
+            synced = self.reference.model if self._reference_moves() else None
             ckpt.save_checkpoint(self.output_dir, self.step, self.unwrapped, state,
                                  {"config": to_dict(self.cfg), "num_processes": acc.num_processes}, synced,
                                  self.cfg.train.keep_last)
@@ -266,7 +292,7 @@ class PreferenceTrainer:
     def resume(self) -> None:
         """Continue from the newest intact checkpoint (a damaged newest one is named and the one
         before it used); refuse one whose run differs in a RESUME_KEYS value."""
-        synced = self.reference.model if self.cfg.reference.sync_every else None
+        synced = self.reference.model if self._reference_moves() else None
         found = ckpt.load_latest(self.output_dir, self.unwrapped, synced, self._check_resume_config)
         if found is None:
             if (self.output_dir / "final").exists():
@@ -284,6 +310,11 @@ class PreferenceTrainer:
             self.accelerator.scaler.load_state_dict(state["scaler"])
         if self.accelerator.is_main_process:
             print(f"[mmalign] resumed from {path} at step {self.step}")
+
+    def _reference_moves(self) -> bool:
+        """The reference changes during training (TR-DPO sync, online refresh): checkpoints keep it."""
+        online = self.cfg.online
+        return bool(self.cfg.reference.sync_every) or (online is not None and online.reference_update == "every_round")
 
     def _check_resume_config(self, path: Path, info: dict[str, Any]) -> None:
         """ConfigError naming the first RESUME_KEYS value that differs from the checkpoint's run."""
@@ -335,7 +366,7 @@ class PreferenceTrainer:
             values["examples_per_s"] = examples_per_step / (time.perf_counter() - tic)
             bar.update(1)
             bar.set_postfix_str(format_metrics(values))
-            if self.step % t.log_every == 0 or self.step == t.max_steps:
+            if self.step % t.log_every == 0 or self.step == t.max_steps or "online/round" in values:
                 logger.log(self.step, values)
                 last.update(values)
             if self.eval_records and ((t.eval_every and self.step % t.eval_every == 0) or self.step == t.max_steps):
