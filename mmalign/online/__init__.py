@@ -31,7 +31,7 @@ from mmalign.families import Family, get_family
 from mmalign.nn import eval_mode
 from mmalign.online.rounds import (load_round, load_scorers, plan_rows, save_round, score_round, select_records,
                                    with_root)
-from mmalign.online.samplers import SampleJob, SamplerContext, sample_kind, sampler_for
+from mmalign.online.samplers import SampleJob, SamplerContext, online_prompts, sample_kind, sampler_for
 from mmalign.seeds import ROW, mix_seed
 from mmalign.types import Round
 
@@ -45,7 +45,7 @@ class OnlineSource:
 
     def __init__(self, cfg: Any, likelihood: Any, processor: Any = None, family: Family | None = None) -> None:
         from mmalign.data.preference import StreamSampler
-        from mmalign.modalities.step_sampler import load_prompts, run_fingerprint
+        from mmalign.modalities.step_sampler import run_fingerprint
 
         self.cfg, self.settings = cfg, cfg.online
         self.family = family or get_family(cfg.modality)
@@ -53,7 +53,7 @@ class OnlineSource:
         self.context = SamplerContext(likelihood, processor, dict(self.settings.sampling),
                                       self.settings.sample_batch_size, cfg.data.chat_template)
         self.kind = "ranked" if self.settings.strategy == "ranked" else "pair"
-        self.prompts = load_prompts(self.settings, "online")
+        self.prompts, self.fields = online_prompts(self.family, self.settings)  # fields: a VLM prompt's images
         self.prompt_stream = StreamSampler(len(self.prompts), cfg.train.seed)
         self.scorers: list[tuple[Any, Any]] | None = None  # loaded on the first round (on its device)
         self.fingerprint = run_fingerprint(cfg)
@@ -70,8 +70,11 @@ class OnlineSource:
 
     def round_prompts(self, r: int) -> list[str]:
         """The prompts of round r: entries [r * P, (r + 1) * P) of the seeded prompt stream."""
+        return [self.prompts[i] for i in self.round_indices(r)]
+
+    def round_indices(self, r: int) -> list[int]:
         p = self.settings.prompts_per_round
-        return [self.prompts[i] for i in self.prompt_stream.indices(r * p, p)]
+        return list(self.prompt_stream.indices(r * p, p))
 
     def records_for_step(self, step: int, model: torch.nn.Module, accelerator: Any) -> Round:
         """The `Round` of optimizer step `step`: read back (resume) or sampled with `model` (the
@@ -111,9 +114,11 @@ class OnlineSource:
         """Round r's scored rows: the policy (eval mode, no grad) samples every row's output with
         the row's seed; then every `online.scorer` scores them (combined into `score`)."""
         s, folder = self.settings, self.round_folder(r)
-        rows = plan_rows(self.round_prompts(r), s.group_size, self.cfg.train.seed, r)
+        rows = plan_rows(self.round_prompts(r), s.group_size, self.cfg.train.seed, r,
+                         [self.fields[i] for i in self.round_indices(r)])
         job = SampleJob([row["prompt"] for row in rows], [row["seed"] for row in rows],
-                        [row["id"] for row in rows], folder)
+                        [row["id"] for row in rows], folder, [self.fields[i] for i in self.round_indices(r)
+                                                              for _ in range(s.group_size)])
         with eval_mode(model), torch.no_grad(), accelerator.autocast():
             outputs = self.sampler(self.context, model, job)
         rows = [{**row, **out} for row, out in zip(rows, outputs, strict=True)]
