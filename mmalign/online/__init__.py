@@ -51,7 +51,7 @@ class OnlineSource:
         self.family = family or get_family(cfg.modality)
         self.sampler = sampler_for(self.family)
         self.context = SamplerContext(likelihood, processor, dict(self.settings.sampling),
-                                      self.settings.sample_batch_size, cfg.data.chat_template)
+                                      self.settings.sample_batch_size, cfg.data.chat_template, cfg.model.path)
         self.kind = "ranked" if self.settings.strategy == "ranked" else "pair"
         self.prompts, self.fields = online_prompts(self.family, self.settings)  # fields: a VLM prompt's images
         self.prompt_stream = StreamSampler(len(self.prompts), cfg.train.seed)

@@ -52,13 +52,15 @@ class SampleJob:
 class SamplerContext:
     """What every sampler may read: the run's likelihood (frozen parts, prompt formatting), the
     family's processor (a tokenizer for text), the `online.sampling` settings, the batch size and
-    whether prompts use the chat template (`data.chat_template`)."""
+    whether prompts use the chat template (`data.chat_template`), the model folder (`model.path`:
+    the audio sampler's vocoder)."""
 
     likelihood: Any
     processor: Any
     sampling: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 8
     chat_template: bool = False
+    model_path: str = ""
 
 
 Sampler = Callable[[SamplerContext, torch.nn.Module, SampleJob], list[dict[str, Any]]]
