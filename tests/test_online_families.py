@@ -74,8 +74,8 @@ def audio_args(audio: dict, modality: str, out: Path) -> list[str]:
             f"train.output_dir={out}", *SMALL, "online.sampling={num_inference_steps: 2}"]
 
 
-def resample(cfg, job) -> list[np.ndarray]:
-    """The job's clips from the INITIAL weights (a fresh build), read back from their WAVs."""
+def audio_sampler(cfg):
+    """sample(job) -> the job's clips from the INITIAL weights (one fresh build), read back from their WAVs."""
     import soundfile
 
     from mmalign.modalities import build_modality
@@ -83,11 +83,15 @@ def resample(cfg, job) -> list[np.ndarray]:
     from mmalign.online.samplers import SamplerContext
 
     model, likelihood, processor = build_modality(cfg)
-    ctx = SamplerContext(likelihood, processor, dict(cfg.online.sampling), cfg.online.sample_batch_size,
-                         model_path=cfg.model.path)
-    with torch.no_grad():
-        rows = sample_audio(ctx, model.eval(), job)
-    return [soundfile.read(str(job.folder / r["path"]), dtype="float32")[0] for r in rows]
+
+    def sample(job, sampling=None, batch_size=None) -> list[np.ndarray]:
+        ctx = SamplerContext(likelihood, processor, dict(sampling or cfg.online.sampling),
+                             batch_size or cfg.online.sample_batch_size, model_path=cfg.model.path)
+        with torch.no_grad():
+            rows = sample_audio(ctx, model.eval(), job)
+        return [soundfile.read(str(job.folder / r["path"]), dtype="float32")[0] for r in rows]
+
+    return sample
 
 
 def test_tiny_audioldm2_online_run_writes_wavs_and_resamples_the_same_round(audio, tmp_path, capsys):
@@ -107,7 +111,7 @@ def test_tiny_audioldm2_online_run_writes_wavs_and_resamples_the_same_round(audi
     # round 0 = f(seed, initial weights): the rebuilt initial model samples the same clips
     job = SampleJob([s["prompt"] for s in samples], [s["seed"] for s in samples], [s["id"] for s in samples],
                     tmp_path / "again")
-    again = resample(load_config(AUDIO, args), job)
+    again = audio_sampler(load_config(AUDIO, args))(job)
     for (want, _), got in zip(saved, again, strict=True):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
@@ -115,13 +119,12 @@ def test_tiny_audioldm2_online_run_writes_wavs_and_resamples_the_same_round(audi
 def test_audio_sampler_guidance_and_batching_invariants_on_tango(audio, tmp_path):
     from mmalign.online.samplers import SampleJob
 
-    cfg = load_config(AUDIO, audio_args(audio, "tango", tmp_path / "unused"))
+    sample = audio_sampler(load_config(AUDIO, audio_args(audio, "tango", tmp_path / "unused")))
 
     def clips(prompts, seeds, guidance, batch_size=8):
-        cfg.online.sampling = {"num_inference_steps": 3, "guidance_scale": guidance}
-        cfg.online.sample_batch_size = batch_size
         folder = tmp_path / f"{guidance}-{batch_size}-{len(prompts)}"
-        return resample(cfg, SampleJob(prompts, seeds, [f"c{i}" for i in range(len(prompts))], folder))
+        return sample(SampleJob(prompts, seeds, [f"c{i}" for i in range(len(prompts))], folder),
+                      {"num_inference_steps": 3, "guidance_scale": guidance}, batch_size)
 
     batched = clips(["a dog barks", "a dog barks", "rain"], [5, 6, 7], 2.5)
     alone = clips(["a dog barks", "a dog barks", "rain"], [5, 6, 7], 2.5, batch_size=1)
