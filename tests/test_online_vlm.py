@@ -146,10 +146,8 @@ def test_bad_vlm_prompt_records_name_the_file_and_row(tmp_path, record, message)
 @pytest.fixture(scope="module")
 def llava_run(tmp_path_factory):
     """A tiny random LLaVA, a judge LLaVA whose vocabulary has yes/no, 16 toy-world scenes."""
-    from mmalign.toyvlm import build_tiny_llava
+    from mmalign.toyvlm import build_tiny_llava, save_tiny_llava
     from mmalign.toyworld.world import write_world
-
-    from mmalign.toyvlm import save_tiny_llava
 
     root = tmp_path_factory.mktemp("online_vlm")
     save_tiny_llava(root / "llava")
@@ -163,9 +161,9 @@ def llava_run(tmp_path_factory):
 def test_tiny_llava_online_run_scores_answers_against_annotations_and_judge(llava_run, tmp_path, capsys):
     out = tmp_path / "run"
     scorer = f'["annotations={VOCAB},recall=0.5", "claims={llava_run / "judge"},vocabulary={VOCAB}"]'
-    args = ["train", str(LLAVA), f"model.path={llava_run / 'llava'}", f"online.prompts={llava_run / 'scenes/train.jsonl'}",
-            f"train.output_dir={out}", "train.max_steps=2", "online.prompts_per_round=2", "online.group_size=4",
-            f"online.scorer={scorer}", "train.batch_size=2", *QUIET]
+    args = ["train", str(LLAVA), f"model.path={llava_run / 'llava'}",
+            f"online.prompts={llava_run / 'scenes/train.jsonl'}", f"train.output_dir={out}", "train.max_steps=2",
+            "online.prompts_per_round=2", "online.group_size=4", f"online.scorer={scorer}", "train.batch_size=2", *QUIET]
     assert main(args) == 0, capsys.readouterr().err
     assert "online round 0:" in capsys.readouterr().out
     folder = out / "rounds" / "round_00000"
@@ -187,7 +185,8 @@ def test_tiny_llava_online_run_scores_answers_against_annotations_and_judge(llav
     for r in records:  # least vs most hallucinated of one scene, with the scene's image
         chosen, rejected = (by_id[i] for i in r["ids"])
         assert r["images"] == chosen["images"] == rejected["images"]
-        assert (r["chosen"], r["rejected"]) == (chosen["text"], rejected["text"]) and chosen["score"] > rejected["score"]
+        assert (r["chosen"], r["rejected"]) == (chosen["text"], rejected["text"])
+        assert chosen["score"] > rejected["score"]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2 and all(math.isfinite(m["loss"]) for m in metrics)
 

@@ -114,11 +114,10 @@ class OnlineSource:
         """Round r's scored rows: the policy (eval mode, no grad) samples every row's output with
         the row's seed; then every `online.scorer` scores them (combined into `score`)."""
         s, folder = self.settings, self.round_folder(r)
-        rows = plan_rows(self.round_prompts(r), s.group_size, self.cfg.train.seed, r,
-                         [self.fields[i] for i in self.round_indices(r)])
+        fields = [self.fields[i] for i in self.round_indices(r)]  # the prompts' own fields (VLM images)
+        rows = plan_rows(self.round_prompts(r), s.group_size, self.cfg.train.seed, r, fields)
         job = SampleJob([row["prompt"] for row in rows], [row["seed"] for row in rows],
-                        [row["id"] for row in rows], folder, [self.fields[i] for i in self.round_indices(r)
-                                                              for _ in range(s.group_size)])
+                        [row["id"] for row in rows], folder, [f for f in fields for _ in range(s.group_size)])
         with eval_mode(model), torch.no_grad(), accelerator.autocast():
             outputs = self.sampler(self.context, model, job)
         rows = [{**row, **out} for row, out in zip(rows, outputs, strict=True)]

@@ -66,8 +66,8 @@ def guided_latents(likelihood: Any, model: torch.nn.Module, prompt: str, seeds: 
     from mmalign.modalities.audio import pad_conditioning
 
     device = next(model.parameters()).device
-    scheduler = diffusers.DDIMScheduler.from_config(likelihood.scheduler.config, prediction_type=likelihood.prediction_type,
-                                                    clip_sample=False)
+    scheduler = diffusers.DDIMScheduler.from_config(likelihood.scheduler.config, clip_sample=False,
+                                                    prediction_type=likelihood.prediction_type)
     scheduler.set_timesteps(steps, device=device)
     n = len(seeds)
     pair = pad_conditioning([likelihood.encode_text([""]), likelihood.encode_text([prompt])])  # (2, ...)
