@@ -98,10 +98,9 @@ def test_online_sampler_comes_from_the_family_descriptor():
     assert sampler_for(get_family("causal_lm")) is SAMPLERS["text"]
     assert sampler_for(get_family("sd")) is SAMPLERS["images"]
     assert sampler_for(get_family("flux")) is SAMPLERS["images"]
-    with pytest.raises(ConfigError, match="samples audio"):
-        sampler_for(get_family("audioldm2"))
-    with pytest.raises(ConfigError, match="VLMs"):
-        sampler_for(get_family("llava"))
+    assert sampler_for(get_family("llava")) is SAMPLERS["vlm"]  # kind "vlm": prompts with images
+    assert sampler_for(get_family("audioldm2")) is SAMPLERS["audio"]
+    assert sampler_for(get_family("tango")) is SAMPLERS["audio"]
     with pytest.raises(ConfigError, match="own online data"):
         sampler_for(get_family("sd_spo"))
 

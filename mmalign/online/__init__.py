@@ -41,7 +41,7 @@ from mmalign.online.guards import eval_rows, load_eval_prompts, mean_score, roun
 from mmalign.online.mixing import OfflineMix
 from mmalign.online.rounds import (load_round, load_scorers, plan_rows, round_meta, save_round, score_round,
                                    select_records, with_root)
-from mmalign.online.samplers import SampleJob, SamplerContext, sample_kind, sampler_for
+from mmalign.online.samplers import SampleJob, SamplerContext, online_prompts, sample_kind, sampler_for
 from mmalign.online.shards import sample_shards
 from mmalign.io import write_jsonl_atomic
 from mmalign.seeds import ROW, mix_seed
@@ -57,15 +57,15 @@ class OnlineSource:
 
     def __init__(self, cfg: Any, likelihood: Any, processor: Any = None, family: Family | None = None) -> None:
         from mmalign.data.preference import StreamSampler
-        from mmalign.modalities.step_sampler import load_prompts, run_fingerprint
+        from mmalign.modalities.step_sampler import run_fingerprint
 
         self.cfg, self.settings = cfg, cfg.online
         self.family = family or get_family(cfg.modality)
         self.sampler = sampler_for(self.family)
         self.context = SamplerContext(likelihood, processor, dict(self.settings.sampling),
-                                      self.settings.sample_batch_size, cfg.data.chat_template)
+                                      self.settings.sample_batch_size, cfg.data.chat_template, cfg.model.path)
         self.kind = "ranked" if self.settings.strategy == "ranked" else "pair"
-        self.prompts = load_prompts(self.settings, "online")
+        self.prompts, self.fields = online_prompts(self.family, self.settings)  # fields: a VLM prompt's images
         self.prompt_stream = StreamSampler(len(self.prompts), cfg.train.seed)
         self.scorers: list[tuple[Any, Any]] | None = None  # loaded on the first round (on its device)
         self.offline = OfflineMix(cfg, self.kind) if self.settings.offline_per_round else None
@@ -86,8 +86,11 @@ class OnlineSource:
 
     def round_prompts(self, r: int) -> list[str]:
         """The prompts of round r: entries [r * P, (r + 1) * P) of the seeded prompt stream."""
+        return [self.prompts[i] for i in self.round_indices(r)]
+
+    def round_indices(self, r: int) -> list[int]:
         p = self.settings.prompts_per_round
-        return [self.prompts[i] for i in self.prompt_stream.indices(r * p, p)]
+        return list(self.prompt_stream.indices(r * p, p))
 
     def records_for_step(self, step: int, model: torch.nn.Module, accelerator: Any) -> Round:
         """The `Round` of optimizer step `step`: read back (resume) or sampled with `model` (the
@@ -138,9 +141,10 @@ class OnlineSource:
         the row's seed, each process its share (`sample_shards`), every process then holding all
         outputs; then every `online.scorer` scores them (combined into `score`) on every process."""
         s, folder = self.settings, self.round_folder(r)
-        rows = plan_rows(self.round_prompts(r), s.group_size, self.cfg.train.seed, r)
+        fields = [self.fields[i] for i in self.round_indices(r)]  # the prompts' own fields (VLM images)
+        rows = plan_rows(self.round_prompts(r), s.group_size, self.cfg.train.seed, r, fields)
         job = SampleJob([row["prompt"] for row in rows], [row["seed"] for row in rows],
-                        [row["id"] for row in rows], folder)
+                        [row["id"] for row in rows], folder, [f for f in fields for _ in range(s.group_size)])
         with eval_mode(model), torch.no_grad(), accelerator.autocast():
             outputs = sample_shards(self.sampler, self.context, model, job, accelerator)
         rows = [{**row, **out} for row, out in zip(rows, outputs, strict=True)]

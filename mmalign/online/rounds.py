@@ -33,10 +33,13 @@ def sample_seed(seed: int, round_index: int, slot: int, sample: int) -> int:
     return mix_seed(seed, round_index, slot, sample, strides=(RUN, ROW, STEP, 1), offset=SEED_OFFSET)
 
 
-def plan_rows(prompts: list[str], group_size: int, seed: int, round_index: int) -> list[dict[str, Any]]:
-    """The round's P * group_size rows without outputs, prompt-major: id r<round>-p<slot>-s<j>."""
+def plan_rows(prompts: list[str], group_size: int, seed: int, round_index: int,
+              fields: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The round's P * group_size rows without outputs, prompt-major: id r<round>-p<slot>-s<j>;
+    fields[slot]: the prompt's own fields (a VLM prompt's images and objects) copied into its rows."""
+    fields = fields or [{} for _ in prompts]
     return [{"id": f"r{round_index:05d}-p{slot:03d}-s{j:02d}", "prompt_index": slot, "prompt": prompt,
-             "sample": j, "seed": sample_seed(seed, round_index, slot, j)}
+             "sample": j, "seed": sample_seed(seed, round_index, slot, j), **fields[slot]}
             for slot, prompt in enumerate(prompts) for j in range(group_size)]
 
 
@@ -83,7 +86,7 @@ def select_records(rows: list[dict[str, Any]], settings: Any) -> tuple[list[dict
     for item in selection.items:
         outputs = [r["text"] if r["kind"] == "text" else r["path"] for r in item.get("rows") or
                    [item["chosen"], item["rejected"]]]
-        record = item_record(item, selection, outputs)
+        record = item_record(item, selection, outputs, (item.get("rows") or [item["chosen"]])[0].get("images"))
         if settings.strategy == "soft":
             record["soft_label"] = soft_label(item["margin"], settings.soft_temperature)
         records.append(record)

@@ -1,5 +1,5 @@
 """The family's sampler of an online round, chosen by the family's descriptor (`Family.sample`:
-"text" or "images"), never by family name.
+"text", "images" or "audio", and `Family.kind`), never by family name.
 
 A sampler turns one round's N samples (prompt, seed, id) into N manifest outputs with the
 CURRENT policy (the caller puts it in eval mode under no grad):
@@ -13,7 +13,13 @@ CURRENT policy (the caller puts it in eval mode under no grad):
   `generate_images` (one CPU generator per sample) -> a PNG under the round folder,
   {"kind": "image", "path": "media/<id>.png"} (relative to the round folder).
 
-Audio and VLM prompts (prompts with images) are not sampled online yet: `sampler_for` says so.
+- vlm (`Family.sample == "text"`, `Family.kind == "vlm"`: LLaVA family): `online/vlm.py`, answers
+  about each prompt's image (prompts are records with an image, `load_vlm_prompts`) -> {"kind": "text", "text"};
+- audio (`Family.sample == "audio"`: AudioLDM2, Tango): `online/audio.py`, clips of the family's
+  sampling loop around the policy UNet -> a WAV under the round folder, {"kind": "audio", "path"}.
+
+`online_prompts` reads the round's prompts for the family: texts, plus per-prompt fields (a VLM's
+images and annotation objects) that every sample row of the prompt carries.
 """
 
 from __future__ import annotations
@@ -32,25 +38,29 @@ from mmalign.io import atomic_path
 @dataclass
 class SampleJob:
     """N samples of one round: prompts[i] sampled with seeds[i], named ids[i]; media go under
-    `folder` (the round folder)."""
+    `folder` (the round folder); fields[i]: the prompt's own fields (a VLM prompt's "images"),
+    empty for text prompts."""
 
     prompts: list[str]
     seeds: list[int]
     ids: list[str]
     folder: Path
+    fields: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
 class SamplerContext:
     """What every sampler may read: the run's likelihood (frozen parts, prompt formatting), the
     family's processor (a tokenizer for text), the `online.sampling` settings, the batch size and
-    whether prompts use the chat template (`data.chat_template`)."""
+    whether prompts use the chat template (`data.chat_template`), the model folder (`model.path`:
+    the audio sampler's vocoder)."""
 
     likelihood: Any
     processor: Any
     sampling: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 8
     chat_template: bool = False
+    model_path: str = ""
 
 
 Sampler = Callable[[SamplerContext, torch.nn.Module, SampleJob], list[dict[str, Any]]]
@@ -114,7 +124,27 @@ def sample_images(ctx: SamplerContext, model: torch.nn.Module, job: SampleJob) -
     return rows
 
 
-SAMPLERS: dict[str, Sampler] = {"text": sample_text, "images": sample_images}
+def sample_vlm(ctx: SamplerContext, model: torch.nn.Module, job: SampleJob) -> list[dict[str, Any]]:
+    """N answers of a VLM about each prompt's images (`mmalign.online.vlm.sample_vlm`)."""
+    from mmalign.online.vlm import sample_vlm as run
+
+    return run(ctx, model, job)
+
+
+def sample_audio(ctx: SamplerContext, model: torch.nn.Module, job: SampleJob) -> list[dict[str, Any]]:
+    """N clips of an audio family (`mmalign.online.audio.sample_audio`)."""
+    from mmalign.online.audio import sample_audio as run
+
+    return run(ctx, model, job)
+
+
+SAMPLERS: dict[str, Sampler] = {"text": sample_text, "images": sample_images, "vlm": sample_vlm,
+                                "audio": sample_audio}
+
+
+def sampler_name(family: Family) -> str:
+    """The SAMPLERS key of `family`: its `sample`, or "vlm" for a VLM family that samples text."""
+    return "vlm" if family.sample == "text" and family.kind == "vlm" else family.sample
 
 
 def sampler_for(family: Family) -> Sampler:
@@ -123,18 +153,32 @@ def sampler_for(family: Family) -> Sampler:
     name = family.name
     if family.source is not None:
         raise ConfigError(f"modality '{name}' samples its own online data (spo:); remove the online section")
-    if family.sample not in SAMPLERS:
+    key = sampler_name(family)
+    if key not in SAMPLERS:
         what = family.sample or "nothing"
         raise ConfigError(f"online: modality '{name}' samples {what}; online rounds sample "
-                          f"{' or '.join(SAMPLERS)} in this version")
-    if family.sample == "text" and family.kind != "text":
-        raise ConfigError(f"online: modality '{name}' is a {family.kind} family; online rounds with image "
-                          "prompts (VLMs) are not implemented yet")
+                          f"text, images or audio in this version")
+    if family.sample == "text" and family.kind not in ("text", "vlm"):
+        raise ConfigError(f"online: modality '{name}' is a {family.kind} family; online text rounds need a "
+                          "causal LM or a VLM")
     if family.sample == "images" and family.pipeline is None:
         raise ConfigError(f"online: modality '{name}' has no diffusers pipeline to sample images with")
-    return SAMPLERS[family.sample]
+    return SAMPLERS[key]
 
 
 def sample_kind(family: Family) -> str:
-    """The manifest kind of the family's samples ("text" or "image"), what scorers must accept."""
+    """The manifest kind of the family's samples ("text", "image" or "audio"), what scorers must accept."""
     return "image" if family.sample == "images" else family.sample
+
+
+def online_prompts(family: Family, settings: Any) -> tuple[list[str], list[dict[str, Any]]]:
+    """(prompts, per-prompt fields) of `online.prompts` / `online.prompt_list` for `family`: a VLM's
+    records with images and objects (`load_vlm_prompts`), else texts with no fields."""
+    if sampler_name(family) == "vlm":
+        from mmalign.online.vlm import load_vlm_prompts
+
+        return load_vlm_prompts(settings)
+    from mmalign.modalities.step_sampler import load_prompts
+
+    prompts = load_prompts(settings, "online")
+    return prompts, [{} for _ in prompts]

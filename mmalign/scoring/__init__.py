@@ -11,6 +11,9 @@
     step_aware  step_aware:StepAwareScorer PickScore conditioned on the timestep t (SPO; t = 0 here)
     toyworld_checker  mmalign.toyworld.checker:CheckerScorer  the toy world's exact checker, [0, 1]
                 (PATH: score | colour | shape; nothing is loaded)
+    annotations annotations:AnnotationScorer  -(hallucinated objects) + recall * R against the row's "objects"
+                (PATH: an object vocabulary file or coco; nothing is loaded)
+    claims      claims:ClaimJudgeScorer   -(mentioned objects a local VLM judge says are absent), RLAIF-V style
     text_length text_stats:TextLengthScorer  answer length in words | chars (PATH), or -|len - target|;
                 a programmatic test/demo scorer for text (nothing is loaded)
 
@@ -46,6 +49,8 @@ SCORERS: dict[str, str] = {
     "step_aware": "mmalign.scoring.step_aware:StepAwareScorer",
     "toyworld_checker": "mmalign.toyworld.checker:CheckerScorer",
     "text_length": "mmalign.scoring.text_stats:TextLengthScorer",
+    "annotations": "mmalign.scoring.annotations:AnnotationScorer",
+    "claims": "mmalign.scoring.claims:ClaimJudgeScorer",
 }
 
 

@@ -25,6 +25,9 @@ def score_rows(scorer: Any, rows: list[dict[str, Any]], root: Path) -> list[floa
     if getattr(scorer, "takes_images", False):  # the judge also sees a VLM prompt's images
         images = [[str(root / p) if not Path(p).is_absolute() else p for p in r.get("images", [])] for r in rows]
         values = scorer.score(conditions, outputs, images=images, kind=rows[0]["kind"])
+    elif getattr(scorer, "takes_objects", False):  # the annotation scorer reads the row's image objects
+        values = scorer.score(conditions, outputs, objects=[r.get("objects") for r in rows],
+                              ids=[r.get("id") for r in rows])
     else:
         values = scorer.score(conditions, outputs)
     return [None if not math.isfinite(v) else float(v) for v in values.tolist()]
