@@ -274,50 +274,65 @@ class LlavaLikelihood(CausalLMLikelihood):
 
 
 # -- LoRA on the language model only ---------------------------------------------------------
-def is_vision_module(name: str) -> bool:
-    """True for modules of the vision tower or the projector (any path component in VISION_PARTS)."""
-    return any(part in VISION_PARTS for part in name.split("."))
+def is_vision_module(name: str, parts: Sequence[str] = VISION_PARTS) -> bool:
+    """True for modules of the vision tower or the projector (any path component in `parts`, the
+    family's vision-side submodule names; default: those of the LLaVA-like families)."""
+    return any(part in parts for part in name.split("."))
 
 
-def language_model_targets(model: torch.nn.Module, target_modules: Sequence[str]) -> list[str]:
+def language_model_targets(model: torch.nn.Module, target_modules: Sequence[str],
+                           parts: Sequence[str] = VISION_PARTS) -> list[str]:
     """Full names of the linear layers that LoRA should wrap: every module whose last name
     component is one of the bare names in `target_modules` (e.g. q_proj, v_proj) and that is
-    NOT in the vision tower or the projector. Dotted entries (an explicit module path such as
-    "multi_modal_projector.linear_1") are kept as given. peft matches full names exactly."""
+    NOT in the vision tower or the projector (`parts`). Dotted entries (an explicit module path
+    such as "multi_modal_projector.linear_1") are kept as given. peft matches full names exactly."""
     bare = {t for t in target_modules if "." not in t}
     dotted = [t for t in target_modules if "." in t]
     names = [name for name, module in model.named_modules()
-             if name.split(".")[-1] in bare and not is_vision_module(name)
+             if name.split(".")[-1] in bare and not is_vision_module(name, parts)
              and isinstance(module, (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d))]
     if bare and not names:
         raise ConfigError(f"lora.target_modules {sorted(bare)}: no such layer in the language model")
     return names + dotted
 
 
-def restrict_lora_to_language_model(model: torch.nn.Module, lora: Any) -> None:
+def restrict_lora_to_language_model(model: torch.nn.Module, lora: Any, parts: Sequence[str] = VISION_PARTS) -> None:
     """Rewrite `lora.target_modules` in place to language-model-only full names (see
-    `language_model_targets`): short names like q_proj also exist in the CLIP tower."""
+    `language_model_targets`): short names like q_proj also exist in the vision tower."""
     before = list(lora.target_modules)
-    lora.target_modules = language_model_targets(model, before)
+    lora.target_modules = language_model_targets(model, before, parts)
     if lora.target_modules != before and os.environ.get("RANK", "0") == "0":  # once, not per process
         print(f"[mmalign] lora.target_modules {before} restricted to the language model: "
               f"{len(lora.target_modules)} modules (vision tower and projector excluded)")
 
 
-def build(cfg: Any) -> tuple[torch.nn.Module, LlavaLikelihood, Any]:
+def check_model_type(path: Any, model_types: Sequence[str], modality: str, remote: bool) -> None:
+    """ConfigError when the folder's `config.json` model_type is not one the family loads."""
+    from transformers import AutoConfig
+
+    found = AutoConfig.from_pretrained(path, trust_remote_code=remote).model_type
+    if model_types and found not in model_types:
+        raise ConfigError(f"model.path: {path} holds a '{found}' model; modality '{modality}' loads "
+                          f"{' / '.join(model_types)} (pick the modality of that family)")
+
+
+def build(cfg: Any, parts: Sequence[str] = VISION_PARTS,
+          model_types: Sequence[str] = ()) -> tuple[torch.nn.Module, LlavaLikelihood, Any]:
     """Load an image-text-to-text model and its processor from the local directory
-    `cfg.model.path`; with LoRA on, restrict `cfg.lora.target_modules` to the language model."""
+    `cfg.model.path` (its model_type one of `model_types` when given); with LoRA on, restrict
+    `cfg.lora.target_modules` to the language model (vision-side submodules: `parts`)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from mmalign.config import resolve_path
     from mmalign.modalities.diffusion import data_roots
 
     path, remote = resolve_path(cfg.model.path), cfg.model.trust_remote_code
+    check_model_type(path, model_types, cfg.modality, remote)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, cfg.model.dtype),
                                                         trust_remote_code=remote)
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=remote)
     if cfg.lora.enabled:
-        restrict_lora_to_language_model(model, cfg.lora)
+        restrict_lora_to_language_model(model, cfg.lora, parts)
     likelihood = LlavaLikelihood(processor, model.config, cfg.data.max_length, cfg.data.max_prompt_length,
                                  True if cfg.data.chat_template else None, data_roots(cfg))
     return model, likelihood, processor
