@@ -113,7 +113,11 @@ def build_gemma3(seed: int = 0) -> tuple[Any, Any]:
     images = tf.Gemma3ImageProcessor(size={"height": 32, "width": 32})
     processor = tf.Gemma3Processor(image_processor=images, tokenizer=tok, chat_template=GEMMA_TEMPLATE,
                                    image_seq_length=4)
-    return _seeded(tf.Gemma3ForConditionalGeneration, config, seed), processor
+    model = _seeded(tf.Gemma3ForConditionalGeneration, config, seed)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):  # its init is zeros: every image would look alike
+        torch.manual_seed(seed)
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.1)
+    return model, processor
 
 
 IDEFICS_SPECIALS = ["<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>", "<global-img>"]
