@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from vlm_family_fixtures import save_family
+from vlm_family_fixtures import prompt, save_family
 
 from mmalign.config import ConfigError, load_config
 from mmalign.errors import DataError
@@ -28,12 +28,6 @@ SMOL = pytest.mark.skipif(importlib.util.find_spec("num2words") is None,
                           reason="SmolVLMProcessor needs the num2words package")
 NAMES = ["qwen2_5_vl", "qwen3_vl", "gemma3", "idefics3", pytest.param("smolvlm", marks=SMOL), "llava_onevision"]
 
-# The prompt each family's template writes: (head, per-image placeholder, tail) around "describe the image ."
-QWEN = ("<|im_start|>user\n", "<|vision_start|><|image_pad|><|vision_end|>", "<|im_end|>\n<|im_start|>assistant\n")
-IDEFICS = ("<|im_start|>user:", "<image>", "<end_of_utterance>\n<|im_start|>Assistant:")
-TEMPLATES = {"qwen2_5_vl": QWEN, "qwen3_vl": QWEN, "idefics3": IDEFICS, "smolvlm": IDEFICS,
-             "gemma3": ("<bos><start_of_turn>user\n", "<start_of_image>", "<end_of_turn>\n<start_of_turn>model\n"),
-             "llava_onevision": ("<|im_start|>user\n", "<image>\n", "<|im_end|>\n<|im_start|>assistant\n")}
 # The expanded tokens of one 32x32 image (hand-derived from the tiny configs, see the fixtures).
 QWEN_IMAGE = ["<|vision_start|>"] + ["<|image_pad|>"] * 4 + ["<|vision_end|>"]  # 4x4 patches / 2x2 merge
 IDEFICS_IMAGE = ["<fake_token_around_image>", "<global-img>"] + ["<image>"] * 4 + ["<fake_token_around_image>"]
@@ -82,11 +76,6 @@ def records(path: Path) -> list[dict]:
 def built(name, folders, shapes, *overrides: str):
     model, lik, processor = get_family(name).build(config(name, folders[name], shapes["one"], *overrides))
     return model.eval(), lik, processor
-
-
-def prompt(name: str, n_images: int) -> str:
-    head, image, tail = TEMPLATES[name]
-    return head + image * n_images + "describe the image ." + tail
 
 
 def manual_logp(model, processor, text: str, images: list, answer: str) -> float:

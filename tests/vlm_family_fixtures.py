@@ -182,6 +182,20 @@ BUILDERS: dict[str, Callable[[], tuple[Any, Any]]] = {
 }
 
 
+# The prompt each family's template writes: (head, per-image placeholder, tail) around "describe the image ."
+QWEN = ("<|im_start|>user\n", "<|vision_start|><|image_pad|><|vision_end|>", "<|im_end|>\n<|im_start|>assistant\n")
+IDEFICS = ("<|im_start|>user:", "<image>", "<end_of_utterance>\n<|im_start|>Assistant:")
+TEMPLATES = {"qwen2_5_vl": QWEN, "qwen3_vl": QWEN, "idefics3": IDEFICS, "smolvlm": IDEFICS,
+             "gemma3": ("<bos><start_of_turn>user\n", "<start_of_image>", "<end_of_turn>\n<start_of_turn>model\n"),
+             "llava_onevision": ("<|im_start|>user\n", "<image>\n", "<|im_end|>\n<|im_start|>assistant\n")}
+
+
+def prompt(name: str, n_images: int) -> str:
+    """The prompt text `name`'s template writes for one user turn with `n_images` images."""
+    head, image, tail = TEMPLATES[name]
+    return head + image * n_images + "describe the image ." + tail
+
+
 def save_family(name: str, path: str | Path) -> Path:
     """Build the tiny model + processor of family `name` and `save_pretrained` both into `path`."""
     path = Path(path)
