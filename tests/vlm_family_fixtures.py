@@ -22,20 +22,21 @@ from mmalign.toyvlm import VLM_WORDS
 
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, bos_token_id=2, eos_token_id=3)
-WORDS = [*VLM_WORDS, "user", "assistant", "model", "User", "Assistant"]
+WORDS = [*VLM_WORDS, "user", "assistant", "model", "User", "Assistant", "video"]
 
 
-def _content(image: str) -> str:
-    """Jinja for one message's content: `image` for each image entry, the text entries as is."""
+def _content(image: str, video: str) -> str:
+    """Jinja for one message's content: `image` / `video` for each image / video entry, the
+    text entries as is."""
     return ("{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
-            "{% if c['type'] == 'image' %}" + image + "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
-            "{% endfor %}{% endif %}")
+            "{% if c['type'] == 'image' %}" + image + "{% elif c['type'] == 'video' %}" + video +
+            "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}")
 
 
-def _template(turn: str, end: str, image: str, generation: str, bos: str = "") -> str:
+def _template(turn: str, end: str, image: str, generation: str, bos: str = "", video: str = "") -> str:
     """A chat template: `bos`, then per message `turn` (with {role}) + content + `end`."""
     head = turn.replace("{role}", "{{ m['role'] }}")
-    return (bos + "{% for m in messages %}" + head + _content(image) + end + "{% endfor %}"
+    return (bos + "{% for m in messages %}" + head + _content(image, video) + end + "{% endfor %}"
             "{% if add_generation_prompt %}" + generation + "{% endif %}")
 
 
@@ -56,7 +57,7 @@ def _seeded(cls: Any, config: Any, seed: int) -> Any:
 
 QWEN_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 QWEN_TEMPLATE = _template("<|im_start|>{role}\n", "<|im_end|>\n", "<|vision_start|><|image_pad|><|vision_end|>",
-                          "<|im_start|>assistant\n")
+                          "<|im_start|>assistant\n", video="<|vision_start|><|video_pad|><|vision_end|>")
 
 
 def _qwen_ids(tok: Any) -> dict[str, int]:
@@ -148,7 +149,8 @@ def build_idefics3(smol: bool = False, seed: int = 0) -> tuple[Any, Any]:
 
 
 ONEVISION_SPECIALS = ["<|im_start|>", "<|im_end|>", "<image>", "<video>"]
-ONEVISION_TEMPLATE = _template("<|im_start|>{role}\n", "<|im_end|>\n", "<image>\n", "<|im_start|>assistant\n")
+ONEVISION_TEMPLATE = _template("<|im_start|>{role}\n", "<|im_end|>\n", "<image>\n", "<|im_start|>assistant\n",
+                               video="<video>\n")
 
 
 def build_onevision(seed: int = 0) -> tuple[Any, Any]:

@@ -41,7 +41,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from mmalign.data.media import load_image, record_images
+from mmalign.data.media import load_image, load_video, record_images, record_videos
 from mmalign.data.preference import batch_fields, flatten
 from mmalign.errors import ConfigError, DataError
 from mmalign.layout import batch_slots
@@ -86,6 +86,7 @@ class LlavaLikelihood(CausalLMLikelihood):
         self.image_token = getattr(processor, "image_token", None) or "<image>"
         token_id = getattr(config, "image_token_id", None)
         self.image_token_id = token_id if token_id is not None else tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token = getattr(processor, "video_token", None)  # None: the family takes no video
         self._keep_ok: dict[type, bool] = {}
 
     # -- prompt text --------------------------------------------------------------
@@ -100,37 +101,49 @@ class LlavaLikelihood(CausalLMLikelihood):
             raise DataError("data.chat_template is on but neither the processor nor the tokenizer has a chat template")
         return None
 
-    def _messages(self, prompt: Any, n_images: int, where: str) -> list[dict[str, Any]]:
-        """User messages with one image entry per image: placeholders already in the text are
-        kept; otherwise `n_images` image entries open the first user turn."""
+    def _messages(self, prompt: Any, counts: dict[str, int], where: str) -> list[dict[str, Any]]:
+        """User messages with one entry per image and per video (`counts`: {"image": n,
+        "video": m}): placeholders already in the text are kept; otherwise the videos' then the
+        images' entries open the first user turn."""
         messages = copy.deepcopy(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         for m in messages:  # typed content everywhere: chat templates iterate over it
             if isinstance(m["content"], str):
                 m["content"] = [{"type": "text", "text": m["content"]}]
-        present = sum(_text_of(m["content"]).count(self.image_token) for m in messages)
-        present += sum(c.get("type") == "image" for m in messages for c in m["content"])
-        if present == 0 and n_images:
-            user = next((m for m in messages if m["role"] == "user"), messages[0])
-            user["content"] = [{"type": "image"}] * n_images + user["content"]
-        elif present != n_images:
-            raise DataError(f"{where}: the prompt has {present} image placeholders for {n_images} images")
+        user = next((m for m in messages if m["role"] == "user"), messages[0])
+        for kind in ("image", "video"):
+            token, n = self._placeholder(kind), counts[kind]
+            present = sum(_text_of(m["content"]).count(token) for m in messages) if token else 0
+            present += sum(c.get("type") == kind for m in messages for c in m["content"])
+            if present == 0 and n:
+                user["content"] = [{"type": kind}] * n + user["content"]
+            elif present != n:
+                raise DataError(f"{where}: the prompt has {present} {kind} placeholders for {n} {kind}s")
         return messages
 
-    def prompt_text(self, record: dict[str, Any], n_images: int, where: str) -> str:
-        """The prompt as the model reads it, with exactly one `image_token` per image."""
-        messages = self._messages(record["prompt"], n_images, where)
+    def _placeholder(self, kind: str) -> str | None:
+        return self.image_token if kind == "image" else self.video_token
+
+    def prompt_text(self, record: dict[str, Any], n_images: int, where: str, n_videos: int = 0) -> str:
+        """The prompt as the model reads it, with exactly one `image_token` per image (and one
+        `video_token` per video)."""
+        if n_videos and not self.video_token:
+            raise DataError(f"{where}: the record has videos but this model's processor takes none")
+        counts = {"image": n_images, "video": n_videos}
+        messages = self._messages(record["prompt"], counts, where)
         owner = self._template_owner()
         if owner is self.processor:
             text = owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         else:  # plain text (or a text-only tokenizer template): placeholders become tokens
             for m in messages:
-                m["content"] = "".join(self.image_token + "\n" if c.get("type") == "image" else c.get("text", "")
-                                       for c in m["content"])
+                m["content"] = "".join(self._placeholder(c["type"]) + "\n" if c.get("type") in counts
+                                       else c.get("text", "") for c in m["content"])
             text = (owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) if owner
                     else "\n".join(m["content"] for m in messages))
-        if text.count(self.image_token) != n_images:
-            raise DataError(f"{where}: the prompt text holds {text.count(self.image_token)} '{self.image_token}' "
-                            f"placeholders for {n_images} images")
+        for kind, n in counts.items():
+            token = self._placeholder(kind)
+            if (n or token) and text.count(token) != n:
+                raise DataError(f"{where}: the prompt text holds {text.count(token)} '{token}' "
+                                f"placeholders for {n} {kind}s")
         return text
 
     # -- one record through the processor --------------------------------------------
@@ -148,10 +161,13 @@ class LlavaLikelihood(CausalLMLikelihood):
         where = f"example {record.get('_index', '?')}"
         images = [self._image(v, f"{where}, image {j}", record.get("_root"))
                   for j, v in enumerate(record_images(record))]
-        text = self.prompt_text(record, len(images), where)
+        videos = [load_video(v, f"{where}, video {j}", record.get("_root") or self.roots)
+                  for j, v in enumerate(record_videos(record))]
+        text = self.prompt_text(record, len(images), where, len(videos))
         bos = self.tokenizer.bos_token
         special = not (bos and text.startswith(bos))  # a template that writes BOS itself
-        out = self.processor(text=[text], images=images or None, return_tensors="pt", add_special_tokens=special)
+        media = {"images": images or None} | ({"videos": videos} if videos else {})
+        out = self.processor(text=[text], **media, return_tensors="pt", add_special_tokens=special)
         out = {k: v for k, v in out.items() if v is not None}
         n_prompt = out["input_ids"].shape[1]
         if self.max_prompt_length and n_prompt > self.max_prompt_length:
