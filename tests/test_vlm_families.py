@@ -8,14 +8,13 @@ never cut, LoRA on the language model only, one DPO step (loss log 2 at policy =
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from vlm_family_fixtures import prompt, save_family
+from vlm_family_fixtures import allow_smolvlm_without_num2words, prompt, save_family
 
 from mmalign.config import ConfigError, load_config
 from mmalign.errors import DataError
@@ -24,9 +23,7 @@ from mmalign.toyvlm import draw_shape, make_shape_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "tiny" / "llava_dpo.yaml"
-SMOL = pytest.mark.skipif(importlib.util.find_spec("num2words") is None,
-                          reason="SmolVLMProcessor needs the num2words package")
-NAMES = ["qwen2_5_vl", "qwen3_vl", "gemma3", "idefics3", pytest.param("smolvlm", marks=SMOL), "llava_onevision"]
+NAMES = ["qwen2_5_vl", "qwen3_vl", "gemma3", "idefics3", "smolvlm", "llava_onevision"]
 
 # The expanded tokens of one 32x32 image (hand-derived from the tiny configs, see the fixtures).
 QWEN_IMAGE = ["<|vision_start|>"] + ["<|image_pad|>"] * 4 + ["<|vision_end|>"]  # 4x4 patches / 2x2 merge
@@ -39,6 +36,9 @@ EXPANDED = {"qwen2_5_vl": QWEN_IMAGE, "qwen3_vl": QWEN_IMAGE, "idefics3": IDEFIC
 LANGUAGE_MODEL = {"qwen2_5_vl": "model.language_model.", "qwen3_vl": "model.language_model.",
                   "gemma3": "model.language_model.", "idefics3": "model.text_model.", "smolvlm": "model.text_model.",
                   "llava_onevision": "model.language_model."}
+
+
+allow_smolvlm_without_num2words()  # SmolVLM folders load through AutoProcessor in-process
 
 
 @pytest.fixture(scope="module")
