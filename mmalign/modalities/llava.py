@@ -8,7 +8,12 @@ processor in front.
 
 Records (TRL's VLM preference format)::
 
-    {"images": [img, ...] | "image": img, "prompt": str | [messages], "chosen", "rejected"}
+    {"images": [img, ...] | "image": img, "videos": [video, ...] | "video": video,
+     "prompt": str | [messages], "chosen", "rejected"}
+
+A video is a folder of frames, a list of frames or a file (`mmalign.data.media.load_video`); its
+frames go to the processor, which samples them per its settings; families whose processor has no
+video token refuse video records. Video placeholders follow the image rules below.
 
 An image is a path (relative to the data file's folder), bytes, {"bytes", "path"} or a PIL
 image. A prompt holding `<image>` placeholders keeps them (one per image, in order);
@@ -326,8 +331,10 @@ def check_model_type(path: Any, model_types: Sequence[str], modality: str, remot
     """ConfigError when the folder's `config.json` model_type is not one the family loads."""
     from transformers import AutoConfig
 
+    if not model_types:  # the generic `llava` family loads any image-text-to-text model
+        return
     found = AutoConfig.from_pretrained(path, trust_remote_code=remote).model_type
-    if model_types and found not in model_types:
+    if found not in model_types:
         raise ConfigError(f"model.path: {path} holds a '{found}' model; modality '{modality}' loads "
                           f"{' / '.join(model_types)} (pick the modality of that family)")
 
