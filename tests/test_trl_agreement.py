@@ -420,7 +420,7 @@ def test_loss_combinations_match_trl(env, trl_types, weights, kind):
 # EOS string while mmalign's (same prompt, chat_template off) get the EOS id appended. Same prompt
 # lengths in the batch, so TRL's left padding is flushed away and both batches are right-padded.
 
-VLM_FAMILIES = ["qwen2_5_vl", "qwen3_vl", "gemma3", "idefics3", "smolvlm", "llava_onevision"]
+VLM_FAMILIES = ["llava", "llava_next", "qwen2_5_vl", "qwen3_vl", "gemma3", "idefics3", "smolvlm", "llava_onevision"]
 
 
 @pytest.mark.parametrize("family", VLM_FAMILIES)

@@ -191,7 +191,17 @@ def build_onevision(seed: int = 0) -> tuple[Any, Any]:
     return _seeded(tf.LlavaOnevisionForConditionalGeneration, config, seed), processor
 
 
+def build_llava(next_style: bool = False) -> tuple[Any, Any]:
+    """The toy LLaVA-1.5 (or LLaVA-NeXT) of mmalign.toyvlm: CLIP tower, Llama, 16 tokens per image."""
+    from mmalign.toyvlm import build_tiny_llava, build_tiny_llava_processor, build_vlm_tokenizer
+
+    tok = build_vlm_tokenizer()
+    return build_tiny_llava(tok, next_style=next_style), build_tiny_llava_processor(tok, next_style=next_style)
+
+
 BUILDERS: dict[str, Callable[[], tuple[Any, Any]]] = {
+    "llava": build_llava,
+    "llava_next": lambda: build_llava(next_style=True),
     "qwen2_5_vl": lambda: build_qwen("2.5"),
     "qwen3_vl": lambda: build_qwen("3"),
     "gemma3": build_gemma3,
@@ -206,7 +216,8 @@ QWEN = ("<|im_start|>user\n", "<|vision_start|><|image_pad|><|vision_end|>", "<|
 IDEFICS = ("<|im_start|>user:", "<image>", "<end_of_utterance>\n<|im_start|>Assistant:")
 TEMPLATES = {"qwen2_5_vl": QWEN, "qwen3_vl": QWEN, "idefics3": IDEFICS, "smolvlm": IDEFICS,
              "gemma3": ("<bos><start_of_turn>user\n", "<start_of_image>", "<end_of_turn>\n<start_of_turn>model\n"),
-             "llava_onevision": ("<|im_start|>user\n", "<image>\n", "<|im_end|>\n<|im_start|>assistant\n")}
+             "llava_onevision": ("<|im_start|>user\n", "<image>\n", "<|im_end|>\n<|im_start|>assistant\n"),
+             "llava": ("USER : ", "<image> ", " ASSISTANT :"), "llava_next": ("USER : ", "<image> ", " ASSISTANT :")}
 
 
 def prompt(name: str, n_images: int) -> str:
