@@ -1,5 +1,5 @@
 """Video records (`videos`: frame folders, frame lists or files) for the families whose processor
-takes video (Qwen2.5-VL, LLaVA-OneVision), on the committed sample datasets/toy_video: answer-only
+takes video (Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision), on the committed sample datasets/toy_video: answer-only
 log-probs equal the manual formula, the video placeholder expands to the hand-derived token count,
 video tokens are never cut (a clear DataError names the example), one DPO step trains on video
 records through the CLI, and unreadable videos name the example."""
@@ -20,13 +20,16 @@ from mmalign.modalities.llava import LlavaLikelihood
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "datasets" / "toy_video" / "pairs.jsonl"
 TINY_CONFIG = ROOT / "configs" / "tiny" / "llava_dpo.yaml"
-# (video placeholder the family's template writes, expanded tokens of one 4-frame 32x32 video)
+# (video placeholder the family's template writes, one expanded block, blocks per 4-frame 32x32 video)
+QWEN_BLOCK = ["<|vision_start|>"] + ["<|video_pad|>"] * 4 + ["<|vision_end|>"]
 VIDEO = {
-    # 4 frames / temporal patch 2 = 2 grids x (4x4 patches / 2x2 merge) = 8 <|video_pad|>
-    "qwen2_5_vl": ("<|vision_start|><|video_pad|><|vision_end|>", ["<|vision_start|>"] + ["<|video_pad|>"] * 8
-                   + ["<|vision_end|>"]),
+    # 4 frames / temporal patch 2 = 2 grids x (4x4 patches / 2x2 merge) = 8 <|video_pad|> in one block
+    "qwen2_5_vl": ("<|vision_start|><|video_pad|><|vision_end|>", QWEN_BLOCK[:1] + QWEN_BLOCK[1:5] * 2
+                   + QWEN_BLOCK[-1:], 1),
+    # the same 8 tokens as one block per temporal grid, each after its "<t seconds>" timestamp text
+    "qwen3_vl": ("<|vision_start|><|video_pad|><|vision_end|>", QWEN_BLOCK, 2),
     # 4 frames x (4x4 patches pooled 2x2 -> 4) + one newline token = 17 <video>
-    "llava_onevision": ("<video>\n", ["<video>"] * 17),
+    "llava_onevision": ("<video>\n", ["<video>"] * 17, 1),
 }
 NAMES = list(VIDEO)
 
@@ -82,16 +85,16 @@ def test_video_logps_match_the_formula_and_placeholders_expand(family):
     assert out.tokens.tolist() == [4.0] * 4
     ids, mask = batch.inputs["input_ids"], batch.inputs["loss_mask"]
     tokens = processor.tokenizer.convert_ids_to_tokens(ids[0][mask[0] == 0])
-    expanded = VIDEO[name][1]
-    assert [tokens[i:i + len(expanded)] == expanded for i in range(len(tokens))].count(True) == 1
-    assert "<|image_pad|>" not in tokens and tokens.count(expanded[1]) == expanded.count(expanded[1])
+    _, expanded, blocks = VIDEO[name]
+    assert [tokens[i:i + len(expanded)] == expanded for i in range(len(tokens))].count(True) == blocks
+    assert "<|image_pad|>" not in tokens and tokens.count(expanded[1]) == blocks * expanded.count(expanded[1])
 
 
 def test_video_tokens_are_never_cut(family):
     name, model, processor = family
     rec = records()[3]
     n_prompt = int(LlavaLikelihood(processor, model.config).encode_prompt(rec)["input_ids"].shape[1])
-    n_video = VIDEO[name][1].count(VIDEO[name][1][1])
+    n_video = VIDEO[name][1].count(VIDEO[name][1][1]) * VIDEO[name][2]
     batch = LlavaLikelihood(processor, model.config, max_length=n_prompt + 1).collate([rec], "pair")
     assert batch.inputs["loss_mask"].sum(-1).tolist() == [1, 1]
     video_id = processor.tokenizer.convert_tokens_to_ids(VIDEO[name][1][1])
