@@ -172,6 +172,15 @@ def test_lora_targets_only_the_language_model(name, folders, shapes):
     assert wrapped == expected
 
 
+def test_the_vlm_families_are_registered():
+    from mmalign.families import family_names
+
+    assert set(NAMES) | {"llava"} <= set(family_names())
+    for name in NAMES:
+        family = get_family(name)
+        assert (family.kind, family.sample, family.export_formats) == ("vlm", "text", ("merged", "lora"))
+
+
 def test_a_folder_of_another_family_is_refused(folders, shapes):
     with pytest.raises(ConfigError, match="holds a 'gemma3' model; modality 'qwen2_5_vl' loads qwen2_5_vl"):
         get_family("qwen2_5_vl").build(config("qwen2_5_vl", folders["gemma3"], shapes["one"]))
