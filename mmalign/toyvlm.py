@@ -173,3 +173,29 @@ def make_shape_pairs(n: int, seed: int, out_dir: str | Path, images_per_example:
     path = out_dir / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+def make_video_pairs(n: int, seed: int, out_dir: str | Path, frames: int = 4) -> Path:
+    """Write `n` video preference records to `out_dir/pairs.jsonl`, each video a folder of
+    `frames` 32x32 PNGs (`videos/00003/0.png`, ...) of one coloured shape sliding right by
+    3 px a frame: {"videos": ["videos/00003"], "prompt": "describe the video .",
+    "chosen": "a red circle", "rejected": "a blue circle"} (rejected: another colour).
+    Deterministic in `seed`."""
+    from PIL import ImageChops
+
+    rng = random.Random(seed)
+    out_dir = Path(out_dir)
+    records = []
+    for i in range(n):
+        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+        image = draw_shape(colour, shape, rng=rng)
+        folder = out_dir / "videos" / f"{i:05d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for t in range(frames):
+            ImageChops.offset(image, 3 * t - 4, 0).save(folder / f"{t}.png")
+        wrong = rng.choice([c for c in COLOURS if c != colour])
+        records.append({"videos": [f"videos/{i:05d}"], "prompt": "describe the video .",
+                        "chosen": f"a {colour} {shape}", "rejected": f"a {wrong} {shape}"})
+    path = out_dir / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path

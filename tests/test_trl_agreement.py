@@ -410,3 +410,51 @@ def test_loss_combinations_match_trl(env, trl_types, weights, kind):
     extra = {"delta": 0.0} if "delta" in spec.statistics else {}
     ours = spec.fn(b.pol, b.ref, beta=BETA, f_divergence_type=kind, **extra)
     assert abs(float(ours.mean()) - float(expected)) < TOL * max(1.0, abs(float(expected)))
+
+
+# --------------------------------------------------------------------------- VLM families
+# TRL 1.16's vision collator (DataCollatorForVisionPreference) runs the processor once on the
+# left-padded prompts with their images and once on the completions, and scores the completion
+# tokens; with text (non-conversational) records the prompt text must already hold the family's
+# template and placeholders, and TRL appends no EOS, so the TRL records end their answers with the
+# EOS string while mmalign's (same prompt, chat_template off) get the EOS id appended. Same prompt
+# lengths in the batch, so TRL's left padding is flushed away and both batches are right-padded.
+
+VLM_FAMILIES = ["llava", "llava_next", "qwen2_5_vl", "qwen3_vl", "gemma3", "idefics3", "smolvlm", "llava_onevision"]
+
+
+@pytest.mark.parametrize("family", VLM_FAMILIES)
+def test_vlm_family_same_token_ids_and_logps_as_trl(family, tmp_path):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+    from vlm_family_fixtures import BUILDERS, prompt
+
+    from mmalign.modalities.llava import LlavaLikelihood
+    from mmalign.toyvlm import draw_shape
+
+    model, processor = BUILDERS[family]()
+    pairs = [(("red", "circle"), "a red circle", "a blue circle"),
+             (("green", "square"), "a green square", "a red square")]
+    images = [draw_shape(*shape) for shape, _, _ in pairs]
+    text = prompt(family, 1)
+    mm_records = [{"images": [im], "prompt": text, "chosen": c, "rejected": r, "_index": i}
+                  for i, (im, (_, c, r)) in enumerate(zip(images, pairs))]
+    trl_records = [{"images": [im], "prompt": text, "chosen": c + " <eos>", "rejected": r + " <eos>"}
+                   for im, (_, c, r) in zip(images, pairs)]
+    args = DPOConfig(output_dir=str(tmp_path), report_to="none", bf16=False, use_cpu=True, max_length=None,
+                     per_device_eval_batch_size=2, per_device_train_batch_size=2, beta=BETA)
+    trainer = DPOTrainer(model=model, ref_model=BUILDERS[family]()[0], args=args, processing_class=processor,
+                         train_dataset=Dataset.from_list(trl_records), eval_dataset=Dataset.from_list(trl_records))
+    model.eval()
+    trl_batch = trainer._prepare_inputs(next(iter(trainer.get_eval_dataloader())))
+    lik = LlavaLikelihood(processor, model.config, max_length=256, chat_template=False)
+    mm_batch = lik.collate(mm_records, "pair")
+    assert torch.equal(trl_batch["input_ids"], mm_batch.inputs["input_ids"])
+    assert torch.equal(trl_batch["attention_mask"], mm_batch.inputs["attention_mask"])
+    assert torch.equal(trl_batch["completion_mask"], mm_batch.inputs["loss_mask"])
+    with torch.no_grad():
+        trl_c, trl_r = trainer.compute_ref_log_probs(trainer.model, trl_batch)
+        mm = lik.logps(model, mm_batch).pairs()
+    assert_close(trl_c, mm.chosen)
+    assert_close(trl_r, mm.rejected)
+    assert (trl_c - trl_r).abs().max() > 1e-4  # chosen and rejected differ: not a degenerate comparison

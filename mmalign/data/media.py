@@ -68,3 +68,62 @@ def image_readable(value: Any) -> bool:
         return True
     except DataError:
         return False
+
+
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def record_videos(record: dict[str, Any]) -> list[Any]:
+    """The video values of a record: its `videos` field (a list), else its `video` field; []
+    when it has neither. A video is a folder of frames, a list of frame values, or a file."""
+    value = record.get("videos", record.get("video"))
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) and not _is_frame_list(value) else [value]
+
+
+def _is_frame_list(value: Any) -> bool:
+    """`video: [frame, frame, ...]` (one video as frames) rather than `videos: [video, ...]`."""
+    return bool(value) and all(isinstance(v, str) and Path(v).suffix.lower() in FRAME_SUFFIXES for v in value)
+
+
+def load_video(value: Any, where: str, root: str | Path | Sequence[str | Path] | None = None) -> list[Any]:
+    """One video as its frames, RGB `PIL.Image`s in time order: a folder of frame images
+    (sorted by file name), a list of frame values (each as `load_image` reads it), or a video
+    file decoded by transformers' `load_video` (torchcodec or PyAV, whichever is installed).
+    Frames are returned as stored; the processor samples and resizes them per its settings. A
+    missing folder, an empty one or an undecodable file is a `DataError` naming `where`."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise DataError(f"{where}: a video with no frames")
+        return [load_image(v, f"{where}, frame {i}", root) for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: expected a frame folder, a list of frames or a video file, "
+                        f"got {type(value).__name__}")
+    path = _resolve(Path(value), root)
+    if path.is_dir():
+        frames = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
+        if not frames:
+            raise DataError(f"{where}: no frame images ({', '.join(FRAME_SUFFIXES)}) in the folder {path}")
+        return [load_image(str(p), f"{where}, frame {p.name}") for p in frames]
+    if not path.is_file():
+        raise DataError(f"{where}: no such video file or frame folder: {path}")
+    return _decode_file(path, where)
+
+
+def _decode_file(path: Path, where: str) -> list[Any]:
+    """Every frame of a video file, by torchcodec when installed, else PyAV."""
+    import importlib.util
+
+    from PIL import Image
+    from transformers.video_utils import load_video as hf_load_video
+
+    backend = "torchcodec" if importlib.util.find_spec("torchcodec") else "pyav"
+    try:
+        frames, _ = hf_load_video(str(path), backend=backend)
+    except ImportError as e:
+        raise DataError(f"{where}: decoding the video file {path} needs torchcodec or PyAV ({e}); "
+                        "install one, or give a folder of frames") from e
+    except Exception as e:  # the backends raise their own error types for a corrupt file
+        raise DataError(f"{where}: undecodable video file {path} ({type(e).__name__}: {e})") from e
+    return [Image.fromarray(f).convert("RGB") for f in frames]

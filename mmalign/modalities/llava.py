@@ -8,7 +8,12 @@ processor in front.
 
 Records (TRL's VLM preference format)::
 
-    {"images": [img, ...] | "image": img, "prompt": str | [messages], "chosen", "rejected"}
+    {"images": [img, ...] | "image": img, "videos": [video, ...] | "video": video,
+     "prompt": str | [messages], "chosen", "rejected"}
+
+A video is a folder of frames, a list of frames or a file (`mmalign.data.media.load_video`); its
+frames go to the processor, which samples them per its settings; families whose processor has no
+video token refuse video records. Video placeholders follow the image rules below.
 
 An image is a path (relative to the data file's folder), bytes, {"bytes", "path"} or a PIL
 image. A prompt holding `<image>` placeholders keeps them (one per image, in order);
@@ -41,7 +46,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from mmalign.data.media import load_image, record_images
+from mmalign.data.media import load_image, load_video, record_images, record_videos
 from mmalign.data.preference import batch_fields, flatten
 from mmalign.errors import ConfigError, DataError
 from mmalign.layout import batch_slots
@@ -86,6 +91,7 @@ class LlavaLikelihood(CausalLMLikelihood):
         self.image_token = getattr(processor, "image_token", None) or "<image>"
         token_id = getattr(config, "image_token_id", None)
         self.image_token_id = token_id if token_id is not None else tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token = getattr(processor, "video_token", None)  # None: the family takes no video
         self._keep_ok: dict[type, bool] = {}
 
     # -- prompt text --------------------------------------------------------------
@@ -100,37 +106,49 @@ class LlavaLikelihood(CausalLMLikelihood):
             raise DataError("data.chat_template is on but neither the processor nor the tokenizer has a chat template")
         return None
 
-    def _messages(self, prompt: Any, n_images: int, where: str) -> list[dict[str, Any]]:
-        """User messages with one image entry per image: placeholders already in the text are
-        kept; otherwise `n_images` image entries open the first user turn."""
+    def _messages(self, prompt: Any, counts: dict[str, int], where: str) -> list[dict[str, Any]]:
+        """User messages with one entry per image and per video (`counts`: {"image": n,
+        "video": m}): placeholders already in the text are kept; otherwise the videos' then the
+        images' entries open the first user turn."""
         messages = copy.deepcopy(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         for m in messages:  # typed content everywhere: chat templates iterate over it
             if isinstance(m["content"], str):
                 m["content"] = [{"type": "text", "text": m["content"]}]
-        present = sum(_text_of(m["content"]).count(self.image_token) for m in messages)
-        present += sum(c.get("type") == "image" for m in messages for c in m["content"])
-        if present == 0 and n_images:
-            user = next((m for m in messages if m["role"] == "user"), messages[0])
-            user["content"] = [{"type": "image"}] * n_images + user["content"]
-        elif present != n_images:
-            raise DataError(f"{where}: the prompt has {present} image placeholders for {n_images} images")
+        user = next((m for m in messages if m["role"] == "user"), messages[0])
+        for kind in ("image", "video"):
+            token, n = self._placeholder(kind), counts[kind]
+            present = sum(_text_of(m["content"]).count(token) for m in messages) if token else 0
+            present += sum(c.get("type") == kind for m in messages for c in m["content"])
+            if present == 0 and n:
+                user["content"] = [{"type": kind}] * n + user["content"]
+            elif present != n:
+                raise DataError(f"{where}: the prompt has {present} {kind} placeholders for {n} {kind}s")
         return messages
 
-    def prompt_text(self, record: dict[str, Any], n_images: int, where: str) -> str:
-        """The prompt as the model reads it, with exactly one `image_token` per image."""
-        messages = self._messages(record["prompt"], n_images, where)
+    def _placeholder(self, kind: str) -> str | None:
+        return self.image_token if kind == "image" else self.video_token
+
+    def prompt_text(self, record: dict[str, Any], n_images: int, where: str, n_videos: int = 0) -> str:
+        """The prompt as the model reads it, with exactly one `image_token` per image (and one
+        `video_token` per video)."""
+        if n_videos and not self.video_token:
+            raise DataError(f"{where}: the record has videos but this model's processor takes none")
+        counts = {"image": n_images, "video": n_videos}
+        messages = self._messages(record["prompt"], counts, where)
         owner = self._template_owner()
         if owner is self.processor:
             text = owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         else:  # plain text (or a text-only tokenizer template): placeholders become tokens
             for m in messages:
-                m["content"] = "".join(self.image_token + "\n" if c.get("type") == "image" else c.get("text", "")
-                                       for c in m["content"])
+                m["content"] = "".join(self._placeholder(c["type"]) + "\n" if c.get("type") in counts
+                                       else c.get("text", "") for c in m["content"])
             text = (owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) if owner
                     else "\n".join(m["content"] for m in messages))
-        if text.count(self.image_token) != n_images:
-            raise DataError(f"{where}: the prompt text holds {text.count(self.image_token)} '{self.image_token}' "
-                            f"placeholders for {n_images} images")
+        for kind, n in counts.items():
+            token = self._placeholder(kind)
+            if (n or token) and text.count(token) != n:
+                raise DataError(f"{where}: the prompt text holds {text.count(token)} '{token}' "
+                                f"placeholders for {n} {kind}s")
         return text
 
     # -- one record through the processor --------------------------------------------
@@ -148,10 +166,13 @@ class LlavaLikelihood(CausalLMLikelihood):
         where = f"example {record.get('_index', '?')}"
         images = [self._image(v, f"{where}, image {j}", record.get("_root"))
                   for j, v in enumerate(record_images(record))]
-        text = self.prompt_text(record, len(images), where)
+        videos = [load_video(v, f"{where}, video {j}", record.get("_root") or self.roots)
+                  for j, v in enumerate(record_videos(record))]
+        text = self.prompt_text(record, len(images), where, len(videos))
         bos = self.tokenizer.bos_token
         special = not (bos and text.startswith(bos))  # a template that writes BOS itself
-        out = self.processor(text=[text], images=images or None, return_tensors="pt", add_special_tokens=special)
+        media = {"images": images or None} | ({"videos": videos} if videos else {})
+        out = self.processor(text=[text], **media, return_tensors="pt", add_special_tokens=special)
         out = {k: v for k, v in out.items() if v is not None}
         n_prompt = out["input_ids"].shape[1]
         if self.max_prompt_length and n_prompt > self.max_prompt_length:
@@ -274,50 +295,67 @@ class LlavaLikelihood(CausalLMLikelihood):
 
 
 # -- LoRA on the language model only ---------------------------------------------------------
-def is_vision_module(name: str) -> bool:
-    """True for modules of the vision tower or the projector (any path component in VISION_PARTS)."""
-    return any(part in VISION_PARTS for part in name.split("."))
+def is_vision_module(name: str, parts: Sequence[str] = VISION_PARTS) -> bool:
+    """True for modules of the vision tower or the projector (any path component in `parts`, the
+    family's vision-side submodule names; default: those of the LLaVA-like families)."""
+    return any(part in parts for part in name.split("."))
 
 
-def language_model_targets(model: torch.nn.Module, target_modules: Sequence[str]) -> list[str]:
+def language_model_targets(model: torch.nn.Module, target_modules: Sequence[str],
+                           parts: Sequence[str] = VISION_PARTS) -> list[str]:
     """Full names of the linear layers that LoRA should wrap: every module whose last name
     component is one of the bare names in `target_modules` (e.g. q_proj, v_proj) and that is
-    NOT in the vision tower or the projector. Dotted entries (an explicit module path such as
-    "multi_modal_projector.linear_1") are kept as given. peft matches full names exactly."""
+    NOT in the vision tower or the projector (`parts`). Dotted entries (an explicit module path
+    such as "multi_modal_projector.linear_1") are kept as given. peft matches full names exactly."""
     bare = {t for t in target_modules if "." not in t}
     dotted = [t for t in target_modules if "." in t]
     names = [name for name, module in model.named_modules()
-             if name.split(".")[-1] in bare and not is_vision_module(name)
+             if name.split(".")[-1] in bare and not is_vision_module(name, parts)
              and isinstance(module, (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d))]
     if bare and not names:
         raise ConfigError(f"lora.target_modules {sorted(bare)}: no such layer in the language model")
     return names + dotted
 
 
-def restrict_lora_to_language_model(model: torch.nn.Module, lora: Any) -> None:
+def restrict_lora_to_language_model(model: torch.nn.Module, lora: Any, parts: Sequence[str] = VISION_PARTS) -> None:
     """Rewrite `lora.target_modules` in place to language-model-only full names (see
-    `language_model_targets`): short names like q_proj also exist in the CLIP tower."""
+    `language_model_targets`): short names like q_proj also exist in the vision tower."""
     before = list(lora.target_modules)
-    lora.target_modules = language_model_targets(model, before)
+    lora.target_modules = language_model_targets(model, before, parts)
     if lora.target_modules != before and os.environ.get("RANK", "0") == "0":  # once, not per process
         print(f"[mmalign] lora.target_modules {before} restricted to the language model: "
               f"{len(lora.target_modules)} modules (vision tower and projector excluded)")
 
 
-def build(cfg: Any) -> tuple[torch.nn.Module, LlavaLikelihood, Any]:
+def check_model_type(path: Any, model_types: Sequence[str], modality: str, remote: bool) -> None:
+    """ConfigError when the folder's `config.json` model_type is not one the family loads."""
+    from transformers import AutoConfig
+
+    if not model_types:  # the generic `llava` family loads any image-text-to-text model
+        return
+    found = AutoConfig.from_pretrained(path, trust_remote_code=remote).model_type
+    if found not in model_types:
+        raise ConfigError(f"model.path: {path} holds a '{found}' model; modality '{modality}' loads "
+                          f"{' / '.join(model_types)} (pick the modality of that family)")
+
+
+def build(cfg: Any, parts: Sequence[str] = VISION_PARTS,
+          model_types: Sequence[str] = ()) -> tuple[torch.nn.Module, LlavaLikelihood, Any]:
     """Load an image-text-to-text model and its processor from the local directory
-    `cfg.model.path`; with LoRA on, restrict `cfg.lora.target_modules` to the language model."""
+    `cfg.model.path` (its model_type one of `model_types` when given); with LoRA on, restrict
+    `cfg.lora.target_modules` to the language model (vision-side submodules: `parts`)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from mmalign.config import resolve_path
     from mmalign.modalities.diffusion import data_roots
 
     path, remote = resolve_path(cfg.model.path), cfg.model.trust_remote_code
+    check_model_type(path, model_types, cfg.modality, remote)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, cfg.model.dtype),
                                                         trust_remote_code=remote)
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=remote)
     if cfg.lora.enabled:
-        restrict_lora_to_language_model(model, cfg.lora)
+        restrict_lora_to_language_model(model, cfg.lora, parts)
     likelihood = LlavaLikelihood(processor, model.config, cfg.data.max_length, cfg.data.max_prompt_length,
                                  True if cfg.data.chat_template else None, data_roots(cfg))
     return model, likelihood, processor
