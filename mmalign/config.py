@@ -76,6 +76,10 @@ class LossConfig:
     use_weighting: bool = False
     gamma: float = 0.0  # simpo target margin
     sft_weight: float = 0.0  # RPO: α · NLL(chosen) added to the preference loss
+    cpo_alpha: float = 1.0  # cpo / cpo_simpo: weight of the chosen NLL (TRL's cpo_alpha); orpo's λ is beta
+    dpop_lambda: float = 50.0  # dpop: λ of the penalty λ·max(0, -(log π(c) - log ref(c))) inside σ
+    mapo_timesteps: int = 1000  # mapo: T scaling the margin (the scheduler's num_train_timesteps)
+    cpl_lambda: float = 0.5  # cpl: conservative bias λ in (0, 1] on the rejected segment (1 = unbiased)
     desirable_weight: float = 1.0  # kto λD
     undesirable_weight: float = 1.0  # kto λU
     # kto z = max(0, E[policy - reference log-ratio]) estimated on mismatched (prompt, other
@@ -483,6 +487,10 @@ def _validate_names(cfg: Config) -> None:
         except ValueError as e:
             raise ConfigError(f"loss.name: {e}") from None
     _validate_loss_hyperparameters(cfg.loss, LOSSES)
+    from mmalign.losses_more import check_scope
+
+    if (why := check_scope(names, cfg.modality)) is not None:
+        raise ConfigError(f"loss.name: {why}")
     _validate_loss_options(cfg.loss, LOSSES)
 
 
@@ -519,6 +527,8 @@ def _validate_loss_options(loss: LossConfig, losses: dict[str, LossSpec]) -> Non
         if loss.use_weighting and (spec.kind != "pair" or spec.batch_level):
             why = "sorts its batch, which would misalign the pair weights" if spec.batch_level else f"takes '{spec.kind}' data"
             raise ConfigError(f"loss.use_weighting (WPO) weights chosen/rejected pairs; loss '{name}' {why}")
+    if not 0 < loss.cpl_lambda <= 1:
+        raise ConfigError(f"loss.cpl_lambda must be in (0, 1] (1 = no conservative bias), got {loss.cpl_lambda}")
     if loss.discopop_tau <= 0:
         raise ConfigError(f"loss.discopop_tau must be > 0, got {loss.discopop_tau}")
 
