@@ -60,7 +60,7 @@ class LossConfig:
     name: str | list[str] = "dpo"
     weights: list[float] | None = None  # one per entry of a list `name`; None = all 1
     beta: float = 0.1
-    label_smoothing: float = 0.0  # cdpo / robust / aot / aot_unpaired ε; exo_pair ε (> 0, EXO uses 1e-3)
+    label_smoothing: float = 0.0  # cdpo / robust / aot / aot_unpaired / cpo / cpo_simpo ε; exo_pair ε (> 0, EXO uses 1e-3)
     discopop_tau: float = 0.05  # discopop τ: temperature of the logistic/exponential mix
     # f-DPO (TRL's f_divergence_type): each log-ratio u becomes s(u) before delta = s(u_c) - s(u_r):
     # reverse_kl (u, plain DPO), forward_kl (1 - e^-u), js_divergence (log 2 + log σ(u)),
@@ -74,7 +74,7 @@ class LossConfig:
     # WPO (TRL's use_weighting; text/VLM, pairs): every pair's loss is multiplied by w(c)·w(r),
     # w(y) = exp(mean_t [log p_t(y_t) − log Σ_v p_t(v)²]) under the policy, detached.
     use_weighting: bool = False
-    gamma: float = 0.0  # simpo target margin
+    gamma: float = 0.0  # simpo / cpo_simpo target margin (TRL's CPO simpo_gamma default: 0.5)
     sft_weight: float = 0.0  # RPO: α · NLL(chosen) added to the preference loss
     cpo_alpha: float = 1.0  # cpo / cpo_simpo: weight of the chosen NLL (TRL's cpo_alpha); orpo's λ is beta
     dpop_lambda: float = 50.0  # dpop: λ of the penalty λ·max(0, -(log π(c) - log ref(c))) inside σ
