@@ -60,7 +60,7 @@ class LossConfig:
     name: str | list[str] = "dpo"
     weights: list[float] | None = None  # one per entry of a list `name`; None = all 1
     beta: float = 0.1
-    label_smoothing: float = 0.0  # cdpo / robust / aot / aot_unpaired / cpo / cpo_simpo ε; exo_pair ε (> 0, EXO uses 1e-3)
+    label_smoothing: float = 0.0  # cdpo / robust / aot / aot_unpaired / cpo / cpo_simpo ε; exo_pair ε (> 0: 1e-3)
     discopop_tau: float = 0.05  # discopop τ: temperature of the logistic/exponential mix
     # f-DPO (TRL's f_divergence_type): each log-ratio u becomes s(u) before delta = s(u_c) - s(u_r):
     # reverse_kl (u, plain DPO), forward_kl (1 - e^-u), js_divergence (log 2 + log σ(u)),

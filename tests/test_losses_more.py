@@ -153,7 +153,9 @@ def test_cpl_hand_computed_and_its_conservative_bias():
     lit(cpl_loss(p, beta=0.1, cpl_lambda=1.0), 0.126928)
     shifted = PairLogps(p.chosen + 7, p.rejected + 7)
     torch.testing.assert_close(cpl_loss(shifted, beta=0.1, cpl_lambda=1.0), cpl_loss(p, beta=0.1, cpl_lambda=1.0))
-    assert float(cpl_loss(shifted, beta=0.1, cpl_lambda=0.5)) != pytest.approx(float(cpl_loss(p, beta=0.1, cpl_lambda=0.5)))
+    # S + 7 = -3, -23: -log sigma(-0.3 + 0.5 * 2.3) = -log sigma(0.85) = 0.355865, not 0.474077 (lambda < 1)
+    biased = cpl_loss(shifted, beta=0.1, cpl_lambda=0.5)
+    lit(biased, 0.355865)
 
 
 # --------------------------------------------------------------------------- registry and config
