@@ -65,7 +65,7 @@ class LossConfig:
     name: str | list[str] = "dpo"
     weights: list[float] | None = None  # one per entry of a list `name`; None = all 1
     beta: float = 0.1
-    label_smoothing: float = 0.0  # cdpo / robust / aot / aot_unpaired ε; exo_pair ε (> 0, EXO uses 1e-3)
+    label_smoothing: float = 0.0  # cdpo / robust / aot / aot_unpaired / cpo / cpo_simpo ε; exo_pair ε (> 0: 1e-3)
     discopop_tau: float = 0.05  # discopop τ: temperature of the logistic/exponential mix
     # f-DPO (TRL's f_divergence_type): each log-ratio u becomes s(u) before delta = s(u_c) - s(u_r):
     # reverse_kl (u, plain DPO), forward_kl (1 - e^-u), js_divergence (log 2 + log σ(u)),
@@ -79,8 +79,12 @@ class LossConfig:
     # WPO (TRL's use_weighting; text/VLM, pairs): every pair's loss is multiplied by w(c)·w(r),
     # w(y) = exp(mean_t [log p_t(y_t) − log Σ_v p_t(v)²]) under the policy, detached.
     use_weighting: bool = False
-    gamma: float = 0.0  # simpo target margin
+    gamma: float = 0.0  # simpo / cpo_simpo target margin (TRL's CPO simpo_gamma default: 0.5)
     sft_weight: float = 0.0  # RPO: α · NLL(chosen) added to the preference loss
+    cpo_alpha: float = 1.0  # cpo / cpo_simpo: weight of the chosen NLL (TRL's cpo_alpha); orpo's λ is beta
+    dpop_lambda: float = 50.0  # dpop: λ of the penalty λ·max(0, -(log π(c) - log ref(c))) inside σ
+    mapo_timesteps: int = 1000  # mapo: T scaling the margin (the scheduler's num_train_timesteps)
+    cpl_lambda: float = 0.5  # cpl: conservative bias λ in (0, 1] on the rejected segment (1 = unbiased)
     desirable_weight: float = 1.0  # kto λD
     undesirable_weight: float = 1.0  # kto λU
     # kto z = max(0, E[policy - reference log-ratio]) estimated on mismatched (prompt, other
@@ -549,6 +553,10 @@ def _validate_names(cfg: Config) -> None:
         except ValueError as e:
             raise ConfigError(f"loss.name: {e}") from None
     _validate_loss_hyperparameters(cfg.loss, LOSSES)
+    from mmalign.losses_more import check_scope
+
+    if (why := check_scope(names, cfg.modality)) is not None:
+        raise ConfigError(f"loss.name: {why}")
     _validate_loss_options(cfg.loss, LOSSES)
 
 
@@ -585,6 +593,8 @@ def _validate_loss_options(loss: LossConfig, losses: dict[str, LossSpec]) -> Non
         if loss.use_weighting and (spec.kind != "pair" or spec.batch_level):
             why = "sorts its batch, which would misalign the pair weights" if spec.batch_level else f"takes '{spec.kind}' data"
             raise ConfigError(f"loss.use_weighting (WPO) weights chosen/rejected pairs; loss '{name}' {why}")
+    if not 0 < loss.cpl_lambda <= 1:
+        raise ConfigError(f"loss.cpl_lambda must be in (0, 1] (1 = no conservative bias), got {loss.cpl_lambda}")
     if loss.discopop_tau <= 0:
         raise ConfigError(f"loss.discopop_tau must be > 0, got {loss.discopop_tau}")
 

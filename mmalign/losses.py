@@ -37,6 +37,7 @@ from torch import Tensor
 
 from mmalign.losses_grpo import grpo_loss
 from mmalign.losses_image import IMAGE_TERMS, ImageTermSpec, anchor_loss, image_conditional_loss
+from mmalign.losses_more import more_specs
 from mmalign.losses_trl import (F_DIVERGENCES, aot_loss, aot_unpaired_loss, apo_down_loss, discopop_loss,
                                 exo_pair_loss, f_divergence_pairs, f_divergence_score, sigmoid_norm_loss)
 from mmalign.types import PairLogps, PreferenceBatch
@@ -487,6 +488,7 @@ LOSSES: dict[str, LossSpec] = {
     "aot": LossSpec(aot_loss, "pair", batch_level=True),
     "aot_unpaired": LossSpec(aot_unpaired_loss, "pair", batch_level=True),
 }
+LOSSES.update(more_specs(LossSpec))  # ORPO, CPO, CPO-SimPO, DPOP, MaPO, CPL (mmalign/losses_more.py)
 
 # The subset that takes (policy: PairLogps, reference: PairLogps).
 PAIR_LOSSES: dict[str, LossSpec] = {k: v for k, v in LOSSES.items() if v.kind == "pair"}

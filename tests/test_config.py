@@ -47,7 +47,7 @@ def test_data_files_are_a_path_or_a_list_of_paths(tmp_path):
     ("loss: {beta: 0}\n", [], "loss.beta must be > 0"),
     ("loss: {name: dpoo}\n", [], "loss.name: unknown loss 'dpoo'; did you mean 'dpo'?"),
     ("modality: llavaa\n", [], "modality: unknown modality 'llavaa'; did you mean 'llava'?"),
-    ("loss: {name: dpo, gamma: 0.5}\n", [], "loss.gamma=0.5 is a hyperparameter of simpo, not of loss 'dpo'"),
+    ("loss: {name: dpo, gamma: 0.5}\n", [], "loss.gamma=0.5 is a hyperparameter of cpo_simpo, simpo, not of loss 'dpo'"),
     ("reference: {strategy: lora_disabled}\n", [], "needs lora.enabled: true"),
     ("", ["train.max_steps"], "not of the form section.key=value"),
 ])

@@ -89,7 +89,7 @@ def test_config(tmp_path):
         "name: [dpo, dpo]": "lists a loss twice",
         "name: [dpo, kto]": "different data kinds",
         "name: []": "an empty list",
-        "name: [dpo, sft], gamma: 0.5": "loss.gamma=0.5 is a hyperparameter of simpo, not of loss 'dpo\\+sft'",
+        "name: [dpo, sft], gamma: 0.5": "loss.gamma=0.5 is a hyperparameter of cpo_simpo, simpo, not of loss 'dpo\\+sft'",
         "name: [dpo, bco_pair], f_divergence_type: js_divergence": "not to loss 'bco_pair'",
         "name: [dpo, aot], use_weighting: true": "loss 'aot' sorts its batch",
     }

@@ -160,8 +160,8 @@ def config(tmp_path):
     (["modality=llavaa"], "modality: unknown modality 'llavaa'; did you mean 'llava'?"),
     (["modality=sdx1"], "modality: unknown modality 'sdx1'; did you mean 'sdxl'?"),
     (["loss.name=dpo", "loss.gamma=0.5"],
-     "loss.gamma=0.5 is a hyperparameter of simpo, not of loss 'dpo', which takes: beta"),
-    (["loss.name=kto", "loss.label_smoothing=0.1"], "loss.label_smoothing=0.1 is a hyperparameter of aot, aot_unpaired, cdpo, exo_pair, robust, "
+     "loss.gamma=0.5 is a hyperparameter of cpo_simpo, simpo, not of loss 'dpo', which takes: beta"),
+    (["loss.name=kto", "loss.label_smoothing=0.1"], "loss.label_smoothing=0.1 is a hyperparameter of aot, aot_unpaired, cdpo, cpo, cpo_simpo, exo_pair, robust, "
      "not of loss 'kto', which takes: beta, desirable_weight, undesirable_weight"),
     (["loss.name=ipo", "loss.clip=0.2"], "loss.clip=0.2 is a hyperparameter of d3po, grpo, spo, not of loss 'ipo'"),
     (["loss.name=dpo", "loss.undesirable_weight=2"], "loss.undesirable_weight=2.0 is a hyperparameter of kto"),

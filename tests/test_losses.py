@@ -373,6 +373,13 @@ def test_every_loss_returns_per_example_values() -> None:
         "sigmoid_norm": {"beta": 0.1},
         "aot": {"beta": 0.1, "label_smoothing": 0.1},
         "aot_unpaired": {"beta": 0.1, "label_smoothing": 0.1},
+        # mmalign/losses_more.py (tests/test_losses_more.py pins their values)
+        "orpo": {"beta": 0.1},
+        "cpo": {"beta": 0.1, "label_smoothing": 0.0, "cpo_alpha": 1.0},
+        "cpo_simpo": {"beta": 2.0, "gamma": 0.5, "label_smoothing": 0.0, "cpo_alpha": 1.0},
+        "dpop": {"beta": 0.1, "dpop_lambda": 50.0},
+        "mapo": {"beta": 0.1, "mapo_timesteps": 1000},
+        "cpl": {"beta": 0.1, "cpl_lambda": 0.5},
     }
     assert set(hp) == set(PAIR_LOSSES)
     for name, kw in hp.items():
@@ -397,10 +404,12 @@ def test_registry_contents() -> None:
         "sppo_hard", "apo_zero", "simpo", "soft", "sft", "spo", "d3po", "kto", "ranked",
         "exo_pair", "apo_down", "discopop", "sigmoid_norm", "aot", "aot_unpaired",  # mmalign/losses_trl.py
         "grpo",  # mmalign/losses_grpo.py
+        "orpo", "cpo", "cpo_simpo", "dpop", "mapo", "cpl",  # mmalign/losses_more.py
     }
     assert all(isinstance(s, LossSpec) for s in LOSSES.values())
     assert get_loss("kto").kind == "unpaired" and get_loss("ranked").kind == "ranked"
-    assert [n for n, s in LOSSES.items() if not s.needs_reference] == ["simpo", "sft"]
+    assert [n for n, s in LOSSES.items() if not s.needs_reference] == ["simpo", "sft", "orpo", "cpo", "cpo_simpo",
+                                                                        "mapo", "cpl"]
     assert get_loss("dpo").fn is L.dpo_loss
 
 

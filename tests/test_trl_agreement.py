@@ -458,3 +458,84 @@ def test_vlm_family_same_token_ids_and_logps_as_trl(family, tmp_path):
     assert_close(trl_c, mm.chosen)
     assert_close(trl_r, mm.rejected)
     assert (trl_c - trl_r).abs().max() > 1e-4  # chosen and rejected differ: not a degenerate comparison
+
+
+# --------------------------------------------------------------------------- ORPO, CPO (trl.experimental)
+# TRL's ORPOTrainer / CPOTrainer put a BOS before the prompt; the records' prompts start with "<bos>" so both
+# tokenisations give the same ids (asserted through the per-sequence mean log-probs). ORPO's NLL differs by
+# design: TRL averages it over the chosen PROMPT and answer tokens of the batch, mmalign over the answer
+# tokens of each example, so the odds-ratio term (loss - nll) is compared. CPO's NLL is over answer tokens
+# in both: on the equal-length batch the whole loss agrees.
+
+
+@pytest.fixture(scope="module")
+def experimental(env, tmp_path_factory):
+    pytest.importorskip("trl.experimental.orpo")
+    from datasets import Dataset
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    out = SimpleNamespace()
+    for name, records in (("mixed", env.mixed.records), ("equal", env.equal.records)):
+        records = [dict(r, prompt="<bos> " + r["prompt"]) for r in records]
+        data = Dataset.from_list(records)
+        common = dict(report_to="none", use_cpu=True, bf16=False, per_device_eval_batch_size=4, beta=BETA)
+        orpo = ORPOTrainer(model=env.policy, args=ORPOConfig(str(tmp_path_factory.mktemp("orpo")), **common),
+                           processing_class=env.tok, train_dataset=data, eval_dataset=data)
+        cpo = CPOTrainer(model=env.policy, args=CPOConfig(str(tmp_path_factory.mktemp("cpo")), **common),
+                         processing_class=env.tok, train_dataset=data, eval_dataset=data)
+        env.policy.eval()
+        batch = orpo._prepare_inputs(next(iter(orpo.get_eval_dataloader())))
+        cpo_batch = cpo._prepare_inputs(next(iter(cpo.get_eval_dataloader())))
+        with torch.no_grad():
+            pol = env.likelihood.logps(env.policy, env.likelihood.collate(records, "pair")).pairs()
+        setattr(out, name, SimpleNamespace(orpo=orpo, cpo=cpo, batch=batch, cpo_batch=cpo_batch, pol=pol))
+    return out
+
+
+@pytest.mark.parametrize("which", ["mixed", "equal"])
+def test_orpo_odds_ratio_term_matches_trl(experimental, which):
+    from mmalign.losses_more import orpo_loss
+
+    e = getattr(experimental, which)
+    with torch.no_grad():
+        trl_c, trl_r, _, _, trl_nll = e.orpo.concatenated_forward(e.orpo.model, e.batch)
+        trl_total = e.orpo.get_batch_loss_metrics(e.orpo.model, e.batch)[0]
+    mean = e.pol.mean()
+    assert_close(mean.chosen, trl_c)  # same ids, same mean log-probs
+    assert_close(mean.rejected, trl_r)
+    ours = orpo_loss(e.pol, beta=BETA) - sft_loss(e.pol)
+    assert abs(float(ours.mean()) - float(trl_total - trl_nll)) < TOL
+    assert float(trl_nll) != pytest.approx(float(sft_loss(e.pol).mean()), abs=1e-3)  # the prompt tokens count there
+
+
+@pytest.mark.parametrize(("loss_type", "name", "hp"), [
+    ("sigmoid", "cpo", {"label_smoothing": 0.0, "cpo_alpha": 1.0}),
+    ("sigmoid", "cpo", {"label_smoothing": EPS, "cpo_alpha": 0.5}),
+    ("simpo", "cpo_simpo", {"label_smoothing": 0.0, "cpo_alpha": 1.0, "gamma": 0.5}),
+    ("simpo", "cpo_simpo", {"label_smoothing": 0.0, "cpo_alpha": 0.0, "gamma": 0.5}),
+], ids=["cpo", "cpo-eps", "cpo_simpo", "simpo_only"])
+def test_cpo_matches_trl_on_equal_chosen_lengths(experimental, loss_type, name, hp):
+    e, trainer = experimental.equal, experimental.equal.cpo
+    saved = (trainer.loss_type, trainer.label_smoothing, trainer.cpo_alpha, getattr(trainer, "simpo_gamma", 0.5))
+    trainer.loss_type, trainer.label_smoothing, trainer.cpo_alpha = loss_type, hp["label_smoothing"], hp["cpo_alpha"]
+    trainer.simpo_gamma = hp.get("gamma", 0.5)
+    try:
+        with torch.no_grad():
+            expected = trainer.get_batch_loss_metrics(trainer.model, e.cpo_batch)[0]
+    finally:
+        trainer.loss_type, trainer.label_smoothing, trainer.cpo_alpha, trainer.simpo_gamma = saved
+    ours = get_loss(name).fn(e.pol, None, beta=BETA, **hp)
+    assert abs(float(ours.mean()) - float(expected)) < TOL * max(1.0, abs(float(expected)))
+
+
+def test_cpo_mixed_lengths_trl_averages_the_nll_over_tokens(experimental):
+    """TRL's CPO NLL is sum(-pc) / sum(|c|) over the batch; mmalign's the mean of per-example means."""
+    e, trainer = experimental.mixed, experimental.mixed.cpo
+    with torch.no_grad():
+        expected = trainer.get_batch_loss_metrics(trainer.model, e.cpo_batch)[0]  # sigmoid, cpo_alpha 1
+    pair_term = get_loss("cpo").fn(e.pol, None, beta=BETA, label_smoothing=0.0, cpo_alpha=0.0).mean()
+    token_nll = -e.pol.chosen.sum() / e.pol.chosen_tokens.sum()
+    assert abs(float(pair_term + token_nll) - float(expected)) < TOL * max(1.0, abs(float(expected)))
+    ours = get_loss("cpo").fn(e.pol, None, beta=BETA, label_smoothing=0.0, cpo_alpha=1.0).mean()
+    assert abs(float(ours) - float(expected)) > 1e-3

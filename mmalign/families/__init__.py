@@ -70,6 +70,7 @@ class Family:
     validation: `train.validate_every` can sample images with it.
     sample: what `mmalign generate` produces with its folders: "images", "audio" or "text".
     source: online data (SPO rounds): source(cfg, likelihood) -> a `DataSource`, or None.
+    step: its likelihood is the SPO / D3PO sampler-transition density (mmalign/modalities/step.py).
     null_prompt_zeros_flag: the pipeline's `force_zeros_for_empty_prompt` switch exists (SDXL):
         exports and validation set it to what training used (`diffusion.null_prompt`).
     zeros_null_prompt: whether `diffusion.null_prompt: zeros` has a counterpart in the family's
@@ -92,6 +93,7 @@ class Family:
     validation: bool = False
     sample: str = ""
     source: Callable[[Any, Any], Any] | None = None
+    step: bool = False
     null_prompt_zeros_flag: bool = False
     zeros_null_prompt: bool = True
     true_cfg: bool = False

@@ -26,4 +26,4 @@ def source(cfg: Any, likelihood: Any) -> Any:
 
 
 FAMILY = replace(sd.FAMILY, name="sd_spo", summary="SPO / D3PO: sampled transitions, online rounds (SD1.5 / SD2)",
-                 build=build, source=source, cache=False)
+                 build=build, source=source, step=True, cache=False)

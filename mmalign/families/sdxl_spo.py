@@ -18,4 +18,4 @@ def build(cfg: Any, use_cache: bool = True, trained: bool = True) -> tuple[Any, 
 
 
 FAMILY = replace(sdxl.FAMILY, name="sdxl_spo", summary="SPO / D3PO on an SDXL UNet", build=build,
-                 source=sd_spo.source, cache=False)
+                 source=sd_spo.source, step=True, cache=False)
