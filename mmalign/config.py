@@ -97,6 +97,9 @@ class LossConfig:
     corruption_noise_step: int = 500  # DDPM step t of 1000 for noise
     corruption_mask_ratio: float = 0.3  # fraction of pixels (or patches) masked
     corruption_mask_patch: int = 1  # 1: single pixels; > 1: patch x patch squares
+    # nft (DiffusionNFT): β_KL of the β_KL·mean((v_θ - v_ref)²) term (config.train.beta, 1e-4); the
+    # NFT β itself is loss.beta (official config.beta, 1.0)
+    kl_beta: float = 0.0
 
 
 @dataclass
@@ -247,6 +250,20 @@ class OnlineConfig:
     sampling: dict[str, Any] = field(default_factory=dict)
     sample_batch_size: int = 8  # samples generated together
     save_rounds: bool = True  # keep each round in output_dir/rounds (resume reads it back)
+    # rewards (DiffusionNFT): A = (R - group mean) / (std + 1e-4) clipped to ±adv_clip_max, std of the
+    # whole round (global_std) or of the prompt's group
+    adv_clip_max: float = 5.0
+    global_std: bool = True
+
+
+@dataclass
+class NFTConfig:
+    """DiffusionNFT's training times and "old" policy (`loss.name: nft`; mmalign/train/nft.py,
+    old_policy.py; METHODS.md C.3)."""
+
+    decay_type: int = 1  # θ_old ← η θ_old + (1-η) θ per round: 0 η=0; 1 min(0.001 k, 0.5); 2 min(0.0075 (k-75)+, 0.999)
+    num_steps: int = 0  # the schedule NFT trains at (0: online.sampling.num_inference_steps, else 10)
+    timestep_fraction: float = 0.99  # each sample trains at int(num_steps · fraction) times of its permuted schedule
 
 
 @dataclass
@@ -262,6 +279,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     spo: StepConfig = field(default_factory=StepConfig)
     online: OnlineConfig | None = None  # online rounds (None: data from files or the family's own source)
+    nft: NFTConfig = field(default_factory=NFTConfig)  # DiffusionNFT (loss.name: nft)
     audio: AudioConfig = field(default_factory=AudioConfig)
     source: str = ""  # the YAML file it was loaded from (set by load_config)
 
@@ -283,7 +301,7 @@ CHOICES = {
     "diffusion.cache_dtype": ("float16", "float32"),
     "spo.method": ("spo", "d3po"),
     "spo.sampler": ("ddim", "ddpm"),
-    "online.strategy": ("best_worst", "margin", "ranked", "soft"),
+    "online.strategy": ("best_worst", "margin", "ranked", "soft", "rewards"),
     "online.scorer_device": ("auto", "cpu", "cuda"),
 }
 
@@ -443,6 +461,9 @@ def validate(cfg: Config) -> None:
         from mmalign.online.checks import validate_online
 
         validate_online(cfg)
+    from mmalign.train.nft import validate_nft
+
+    validate_nft(cfg)
 
 
 # LossConfig fields that a loss function takes but that the trainer also reads for every loss:

@@ -5,10 +5,11 @@ A batch of B records holds N items, one per scored output, in this order:
 - pair:     the B chosen items, then the B rejected items (N = 2B): items i and B+i are
             record i's chosen and rejected output;
 - ranked:   each record's K completions in order, list after list (N = B*K);
-- unpaired: one item per record (N = B).
+- unpaired: one item per record (N = B);
+- rewarded: one item per record (N = B): a sampled output with its reward (DiffusionNFT).
 
 A record's outputs are numbered by their *slot*: pair 0 = chosen, 1 = rejected; ranked
-k = completions[k]; unpaired 0 = completion. `item_slots` gives (record, slot) of every item.
+k = completions[k]; unpaired and rewarded 0 = completion. `item_slots` gives (record, slot) of every item.
 
 No torch at import: the helpers work on lists, and `chosen_rejected` / `repeat_pairs` also on
 tensors (anything with `len`, slicing and `repeat`).
@@ -21,7 +22,7 @@ from typing import Any, TypeVar
 
 from mmalign.errors import DataError
 
-KINDS = ("pair", "ranked", "unpaired")
+KINDS = ("pair", "ranked", "unpaired", "rewarded")
 T = TypeVar("T")
 
 
@@ -33,7 +34,7 @@ def check_kind(kind: str) -> None:
 
 def record_outputs(record: dict[str, Any], kind: str) -> list[Any]:
     """The outputs of a record by slot: pair [chosen, rejected], ranked its K completions,
-    unpaired [completion]."""
+    unpaired and rewarded [completion]."""
     check_kind(kind)
     if kind == "pair":
         return [record["chosen"], record["rejected"]]

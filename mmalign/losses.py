@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmalign.losses_nft import nft_loss
 from mmalign.losses_image import IMAGE_TERMS, ImageTermSpec, anchor_loss, image_conditional_loss
 from mmalign.losses_trl import (F_DIVERGENCES, aot_loss, aot_unpaired_loss, apo_down_loss, discopop_loss,
                                 exo_pair_loss, f_divergence_pairs, f_divergence_score, sigmoid_norm_loss)
@@ -401,7 +402,7 @@ class Statistic:
 BCO_DELTA = Statistic(_pair_logratios, _bco_batch_mean, running=True)
 KTO_Z = Statistic(_item_logratios, _kto_z, mismatched=True, metric="kl")
 
-KINDS = ("pair", "unpaired", "ranked")
+KINDS = ("pair", "unpaired", "ranked", "rewarded")
 BATCH_FIELDS = frozenset(f.name for f in dataclasses.fields(PreferenceBatch))
 
 
@@ -412,7 +413,8 @@ class LossSpec:
     fn(policy, reference, **batch fields, **statistics, **hyperparameters) -> (B,).
 
     kind: the data it takes: "pair" (policy, reference: PairLogps), "unpaired" ((N,) item
-    log-likelihoods) or "ranked" ((B, K) lists). needs_reference: False passes reference=None
+    log-likelihoods), "ranked" ((B, K) lists) or "rewarded" (nft: trained by mmalign/train/nft.py
+    on the model's predictions, not on log-likelihoods). needs_reference: False passes reference=None
     (simpo, sft). fields: `PreferenceBatch` attributes passed under their own name (soft's
     soft_labels, kto's desirable labels, ranked's scores). statistics: keyword -> `Statistic`
     (bco_pair's delta, kto's reference_point z). `hyperparameters`: the other keyword-only
@@ -474,6 +476,8 @@ LOSSES: dict[str, LossSpec] = {
     "d3po": LossSpec(d3po_loss, "pair"),
     "kto": LossSpec(kto_loss, "unpaired", fields=("desirable",), statistics={"reference_point": KTO_Z}),
     "ranked": LossSpec(ranked_loss, "ranked", fields=("scores",)),
+    # DiffusionNFT: rewarded samples of online `rewards` rounds; trained by mmalign/train/nft.py
+    "nft": LossSpec(nft_loss, "rewarded", fields=("optimality",)),
     # TRL 1.16's other types (mmalign/losses_trl.py)
     "exo_pair": LossSpec(exo_pair_loss, "pair", f_divergence=True),
     "apo_down": LossSpec(apo_down_loss, "pair"),

@@ -29,8 +29,8 @@ import torch
 from mmalign.errors import DataError
 from mmalign.families import Family, get_family
 from mmalign.nn import eval_mode
-from mmalign.online.rounds import (load_round, load_scorers, plan_rows, save_round, score_round, select_records,
-                                   with_root)
+from mmalign.online.rounds import (load_round, load_scorers, plan_rows, record_kind, save_round, score_round,
+                                   select_records, with_root)
 from mmalign.online.samplers import SampleJob, SamplerContext, sample_kind, sampler_for
 from mmalign.seeds import ROW, mix_seed
 from mmalign.types import Round
@@ -41,7 +41,7 @@ ROUND_SEED_OFFSET = 29  # the round's micro-batch stream (apart from SPO's round
 class OnlineSource:
     """The trainer's data source for `online:` runs (see the module docstring).
 
-    kind: "ranked" for online.strategy ranked, else "pair"."""
+    kind: "ranked" for online.strategy ranked, "rewarded" for rewards, else "pair"."""
 
     def __init__(self, cfg: Any, likelihood: Any, processor: Any = None, family: Family | None = None) -> None:
         from mmalign.data.preference import StreamSampler
@@ -52,7 +52,7 @@ class OnlineSource:
         self.sampler = sampler_for(self.family)
         self.context = SamplerContext(likelihood, processor, dict(self.settings.sampling),
                                       self.settings.sample_batch_size, cfg.data.chat_template)
-        self.kind = "ranked" if self.settings.strategy == "ranked" else "pair"
+        self.kind = record_kind(self.settings.strategy)
         self.prompts = load_prompts(self.settings, "online")
         self.prompt_stream = StreamSampler(len(self.prompts), cfg.train.seed)
         self.scorers: list[tuple[Any, Any]] | None = None  # loaded on the first round (on its device)
