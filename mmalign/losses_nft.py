@@ -44,7 +44,8 @@ def optimality_weights(advantages: Tensor, adv_clip_max: float) -> Tensor:
 
 
 def _x0_loss(x0_pred: Tensor, x0: Tensor) -> Tensor:
-    """(N,) mean_dims((x̂0 - x0)²) / sg(clip(mean_dims|x̂0 - x0|, 1e-5)); the weight in float64."""
+    """(N,) mean_dims((x̂0 - x0)²) / sg(clip(mean_dims|x̂0 - x0|, 1e-5)); the weight in float64, so the
+    loss is float64 (as the official)."""
     dims = tuple(range(1, x0.ndim))
     with torch.no_grad():
         weight = (x0_pred.double() - x0.double()).abs().mean(dim=dims, keepdim=True).clamp(min=WEIGHT_FLOOR)
