@@ -39,7 +39,8 @@ def pair_batch(**fields) -> tuple[PreferenceBatch, LogpOutput, LogpOutput]:
 def test_each_loss_declares_its_fields_statistics_and_hyperparameters() -> None:
     assert get_loss("soft").fields == ("soft_labels",)
     assert get_loss("kto").fields == ("desirable",) and get_loss("ranked").fields == ("scores",)
-    assert {n for n, s in LOSSES.items() if s.fields} == {"soft", "kto", "ranked"}
+    assert get_loss("nft").fields == ("optimality",) and get_loss("nft").kind == "rewarded"
+    assert {n for n, s in LOSSES.items() if s.fields} == {"soft", "kto", "ranked", "nft"}
     assert get_loss("bco_pair").statistics == {"delta": L.BCO_DELTA} and L.BCO_DELTA.running
     assert get_loss("kto").statistics == {"reference_point": L.KTO_Z}
     assert L.KTO_Z.mismatched and L.KTO_Z.metric == "kl" and not L.KTO_Z.running
@@ -51,6 +52,7 @@ def test_each_loss_declares_its_fields_statistics_and_hyperparameters() -> None:
     assert get_loss("soft").hyperparameters == ("beta",)  # soft_labels is a batch field
     assert get_loss("kto").hyperparameters == ("beta", "desirable_weight", "undesirable_weight")
     assert get_loss("sft").hyperparameters == ()
+    assert get_loss("nft").hyperparameters == ("beta", "adv_clip_max", "kl_beta")  # adv_clip_max: online's
 
 
 def toy_loss(policy: PairLogps, reference: PairLogps, *, beta: float, soft_labels: Tensor,
