@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import needs_torchrun, torchrun
 from safetensors.torch import load_file
 
 from mmalign.cli import main
@@ -225,3 +226,23 @@ def test_tiny_sd_unet_nft_runs_two_steps(tmp_path, capsys):
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2 and all(math.isfinite(m["loss"]) and m["loss"] > 0 for m in metrics)
     assert metrics[0]["nft/kl"] == 0.0 and metrics[1]["nft/kl"] > 0.0  # the frozen copy is θ_0
+
+
+@needs_torchrun
+def test_two_processes_equal_one(tmp_path, sd3_pipeline):
+    """1 process x batch 4 == 2 processes x batch 2, a round per step (round 1 is sampled by θ_old
+    after its first decay): every process samples the same round and each record's times and noises
+    come from (step, row), so only float rounding differs (a process-dependent draw would give
+    differences of the weights' own size)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["train.max_steps=2", "online.round_steps=1", "online.group_size=2", "train.save_every=1",
+              "online.sampling={num_inference_steps: 3, guidance_scale: 1.0}", f"model.path={sd3_pipeline}", *QUIET]
+    assert main(["train", str(FLOW), f"train.output_dir={one}", "train.batch_size=4", *common]) == 0
+    run = torchrun(["train", str(FLOW), f"train.output_dir={two}", "train.batch_size=2", *common])
+    assert run.returncode == 0, run.stderr[-3000:]
+    a = load_file(str(one / "checkpoints" / "step_00000002" / "model.safetensors"))
+    b = load_file(str(two / "checkpoints" / "step_00000002" / "model.safetensors"))
+    moved = [k for k in a if "lora_B" in k and a[k].abs().max() > 0]
+    assert moved and a.keys() == b.keys()
+    scale = max(float(a[k].abs().max()) for k in moved)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-3 * scale
