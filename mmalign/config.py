@@ -241,7 +241,7 @@ class OnlineConfig:
     scorer: list[str] = field(default_factory=list)
     znorm: bool = False  # z-normalise each scorer over the round before weighting
     scorer_device: str = "auto"  # auto (the run's device), cpu, cuda
-    strategy: str = "best_worst"  # best_worst | margin | ranked | soft (best_worst + soft_label)
+    strategy: str = "best_worst"  # best_worst | margin | ranked | soft (best_worst + soft_label) | rewards (nft)
     margin: float = 0.0  # a kept pair's (ranked: list's) score gap must be >= margin
     list_size: int = 0  # ranked: K outputs per list (0: group_size)
     soft_temperature: float = 1.0  # soft: soft_label = sigmoid((s_chosen - s_rejected) / soft_temperature)

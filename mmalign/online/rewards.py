@@ -8,7 +8,8 @@ Per round, with R the combined `score` of each sample and its group the samples 
     r = clip(A / adv_clip_max / 2 + 0.5, 0, 1)                        (the sample's optimality weight)
 
 Record: {"prompt", "completion" (text or media path), "reward", "advantage", "optimality" (r),
-"id", "prompt_index", "seed"}. Samples without a score are dropped (counted in the summary).
+"id", "prompt_index", "seed"}. Samples without a score are dropped (counted in the summary). Unlike
+Flow-GRPO, samples with A = 0 are kept (r = 0.5), as the official DiffusionNFT keeps them.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ class RewardSelection:
 def reward_records(rows: list[dict[str, Any]], settings: Any) -> tuple[list[dict[str, Any]], RewardSelection]:
     """(records, RewardSelection) of scored rows (module docstring); settings: the `online` section."""
     scored = [r for r in rows if r.get("score") is not None]
-    selection = RewardSelection(Counter(unscored=len(rows) - len(scored), prompts=len({r["prompt_index"] for r in rows}),
-                                        kept=len(scored), samples=len(rows)))
+    prompts = len({r["prompt_index"] for r in rows})
+    selection = RewardSelection(Counter(unscored=len(rows) - len(scored), prompts=prompts, kept=len(scored),
+                                        samples=len(rows)))
     if not scored:
         return [], selection
     rewards = torch.tensor([float(r["score"]) for r in scored], dtype=torch.float64)

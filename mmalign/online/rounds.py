@@ -8,6 +8,9 @@ Rows have the `mmalign generate` manifest shape ({"id", "prompt_index", "prompt"
 `prompt_index` is the prompt's slot in the round (0..P-1), so a prompt drawn twice in one round
 forms two groups.
 
+Strategy `rewards` (DiffusionNFT) keeps every sample as one "rewarded" record with its group
+advantage instead of pairs (`online/rewards.py`).
+
 Folder: media/ (image samples), samples.jsonl (scored rows), records.jsonl (training records,
 media paths relative to the folder), meta.json (fingerprint, counts; written last: a round
 without it is incomplete and is sampled again).

@@ -72,7 +72,8 @@ def train_times(cfg: Any) -> int:
     return int(schedule_steps(cfg) * cfg.nft.timestep_fraction)
 
 
-def record_times(index: Tensor, seed: int, num_steps: int, k: int, noise_shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+def record_times(index: Tensor, seed: int, num_steps: int, k: int,
+                 noise_shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
     """Per row of `index` (B,): the first k entries of a permutation of range(num_steps) (B, k) and k
     standard normals (B, k, *noise_shape), from the generator of (step seed, row)."""
     perms, noises = [], []
@@ -86,8 +87,9 @@ def record_times(index: Tensor, seed: int, num_steps: int, k: int, noise_shape: 
 class NFTObjective:
     """Losses of rewarded micro-batches and the old policy's hooks (module docstring).
 
-    likelihood: a `PredictsVelocity` (diffusion and flow likelihoods); model: the unwrapped policy (its trained parameters define
-    θ_old); reference: the trainer's reference (LoRA off / frozen), used when loss.kl_beta > 0."""
+    likelihood: a `PredictsVelocity` (diffusion and flow likelihoods); model: the unwrapped policy
+    (its trained parameters define θ_old); reference: the trainer's reference (LoRA off / frozen),
+    used when loss.kl_beta > 0."""
 
     def __init__(self, cfg: Any, likelihood: Any, model: torch.nn.Module, reference: Any, autocast: Any) -> None:
         if not isinstance(likelihood, PredictsVelocity):
@@ -128,7 +130,7 @@ class NFTObjective:
         if self.cfg.loss.kl_beta:
             refs = [self.reference.predict(lambda m, d=d: self.likelihood.flow_prediction(m, d))[2] for d in draws]
         c, total, metrics = self.cfg, 0.0, {}
-        for j, (step_draw, v_old, v_ref) in enumerate(zip(draws, old, refs)):
+        for step_draw, v_old, v_ref in zip(draws, old, refs, strict=True):
             x_t, t, v_theta, x0 = self.likelihood.flow_prediction(model, step_draw)
             loss = nft_loss(x_t, t, x0, v_theta, v_old, batch.optimality, v_ref, beta=c.loss.beta,
                             adv_clip_max=c.online.adv_clip_max, kl_beta=c.loss.kl_beta)
