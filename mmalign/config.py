@@ -96,7 +96,9 @@ class LossConfig:
     # spo / d3po: the likelihood ratios r = exp(policy - reference) are clipped to [1-clip, 1+clip]; 0 = off.
     # grpo: the importance ratio ρ = exp(logp_θ - logp_old) is clipped to [1-clip, 1+clip] (Flow-GRPO ε 1e-4).
     clip: float = 0.1
-    kl_beta: float = 0.0  # grpo β_KL: weight of KL_t = mean_dims((μ_θ - μ_ref)²)/(2 std_t²) (Flow-GRPO 0.004-0.04)
+    # β_KL: grpo's weight of KL_t = mean_dims((μ_θ - μ_ref)²)/(2 std_t²) (Flow-GRPO 0.004-0.04); nft's of
+    # mean((v_θ - v_ref)²) (DiffusionNFT config.train.beta 1e-4; the NFT β itself is loss.beta)
+    kl_beta: float = 0.0
     adv_clip_max: float = 5.0  # grpo: advantages clipped to ±adv_clip_max
     # VLM image terms (mmalign/train/image_terms.py), added with image_term_weight: mdpo (mDPO's
     # conditional term on a corrupted image + anchor -log σ(β hc - anchor_delta)), realign (the
@@ -293,7 +295,7 @@ class OnlineConfig:
     scorer: list[str] = field(default_factory=list)
     znorm: bool = False  # z-normalise each scorer over the round before weighting
     scorer_device: str = "auto"  # auto (the run's device), cpu, cuda
-    strategy: str = "best_worst"  # best_worst | margin | ranked | soft (best_worst + soft_label)
+    strategy: str = "best_worst"  # best_worst | margin | ranked | soft (best_worst + soft_label) | rewards (nft)
     margin: float = 0.0  # a kept pair's (ranked: list's) score gap must be >= margin
     list_size: int = 0  # ranked: K outputs per list (0: group_size)
     soft_temperature: float = 1.0  # soft: soft_label = sigmoid((s_chosen - s_rejected) / soft_temperature)
@@ -313,6 +315,20 @@ class OnlineConfig:
     eval_prompt_list: list[str] = field(default_factory=list)  # or the prompts themselves
     eval_samples: int = 2
     reference_update: str = "none"  # none | every_round: copy the policy into the reference at each round start
+    # rewards (DiffusionNFT): A = (R - group mean) / (std + 1e-4) clipped to ±adv_clip_max, std of the
+    # whole round (global_std) or of the prompt's group
+    adv_clip_max: float = 5.0
+    global_std: bool = True
+
+
+@dataclass
+class NFTConfig:
+    """DiffusionNFT's training times and "old" policy (`loss.name: nft`; mmalign/train/nft.py,
+    old_policy.py; METHODS.md C.3)."""
+
+    decay_type: int = 1  # θ_old ← η θ_old + (1-η) θ per round: 0 η=0; 1 min(0.001 k, 0.5); 2 min(0.0075 (k-75)+, 0.999)
+    num_steps: int = 0  # the schedule NFT trains at (0: online.sampling.num_inference_steps, else 10)
+    timestep_fraction: float = 0.99  # each sample trains at int(num_steps · fraction) times of its permuted schedule
 
 
 @dataclass
@@ -329,6 +345,7 @@ class Config:
     spo: StepConfig = field(default_factory=StepConfig)
     online: OnlineConfig | None = None  # online rounds (None: data from files or the family's own source)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)  # the *_grpo families' rounds
+    nft: NFTConfig = field(default_factory=NFTConfig)  # DiffusionNFT (loss.name: nft)
     audio: AudioConfig = field(default_factory=AudioConfig)
     source: str = ""  # the YAML file it was loaded from (set by load_config)
 
@@ -352,7 +369,7 @@ CHOICES = {
     "spo.sampler": ("ddim", "ddpm"),
     "grpo.sde_type": ("sde", "cps", "dance"),
     "grpo.timestep_selection": ("first", "random"),
-    "online.strategy": ("best_worst", "margin", "ranked", "soft"),
+    "online.strategy": ("best_worst", "margin", "ranked", "soft", "rewards"),
     "online.scorer_device": ("auto", "cpu", "cuda"),
     "online.reference_update": ("none", "every_round"),
 }
@@ -513,6 +530,9 @@ def validate(cfg: Config) -> None:
         from mmalign.online.checks import validate_online
 
         validate_online(cfg)
+    from mmalign.train.nft import validate_nft
+
+    validate_nft(cfg)
 
 
 # LossConfig fields that a loss function takes but that the trainer also reads for every loss:

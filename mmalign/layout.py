@@ -7,9 +7,10 @@ A batch of B records holds N items, one per scored output, in this order:
 - ranked:   each record's K completions in order, list after list (N = B*K);
 - unpaired: one item per record (N = B);
 - step:     one sampled transition per record (N = B), slot 0 = completion (x_{t-1}; GRPO).
+- rewarded: one item per record (N = B): a sampled output with its reward (DiffusionNFT).
 
 A record's outputs are numbered by their *slot*: pair 0 = chosen, 1 = rejected; ranked
-k = completions[k]; unpaired and step 0 = completion. `item_slots` gives (record, slot) of every item.
+k = completions[k]; unpaired, step and rewarded 0 = completion. `item_slots` gives (record, slot) of every item.
 
 No torch at import: the helpers work on lists, and `chosen_rejected` / `repeat_pairs` also on
 tensors (anything with `len`, slicing and `repeat`).
@@ -22,7 +23,7 @@ from typing import Any, TypeVar
 
 from mmalign.errors import DataError
 
-KINDS = ("pair", "ranked", "unpaired", "step")
+KINDS = ("pair", "ranked", "unpaired", "step", "rewarded")
 T = TypeVar("T")
 
 
@@ -34,7 +35,7 @@ def check_kind(kind: str) -> None:
 
 def record_outputs(record: dict[str, Any], kind: str) -> list[Any]:
     """The outputs of a record by slot: pair [chosen, rejected], ranked its K completions,
-    unpaired [completion]."""
+    unpaired and rewarded [completion]."""
     check_kind(kind)
     if kind == "pair":
         return [record["chosen"], record["rejected"]]

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmalign.losses_grpo import grpo_loss
+from mmalign.losses_nft import nft_loss
 from mmalign.losses_image import IMAGE_TERMS, ImageTermSpec, anchor_loss, image_conditional_loss
 from mmalign.losses_more import more_specs
 from mmalign.losses_trl import (F_DIVERGENCES, aot_loss, aot_unpaired_loss, apo_down_loss, discopop_loss,
@@ -404,7 +405,7 @@ class Statistic:
 BCO_DELTA = Statistic(_pair_logratios, _bco_batch_mean, running=True)
 KTO_Z = Statistic(_item_logratios, _kto_z, mismatched=True, metric="kl")
 
-KINDS = ("pair", "unpaired", "ranked", "step")
+KINDS = ("pair", "unpaired", "ranked", "step", "rewarded")
 BATCH_FIELDS = frozenset(f.name for f in dataclasses.fields(PreferenceBatch))
 
 
@@ -415,8 +416,9 @@ class LossSpec:
     fn(policy, reference, **batch fields, **statistics, **hyperparameters) -> (B,).
 
     kind: the data it takes: "pair" (policy, reference: PairLogps), "unpaired" ((N,) item
-    log-likelihoods), "ranked" ((B, K) lists) or "step" (whole
-    `LogpOutput`s of sampled transitions: grpo). needs_reference: False passes reference=None
+    log-likelihoods), "ranked" ((B, K) lists), "step" (whole `LogpOutput`s of sampled
+    transitions: grpo) or "rewarded" (nft: trained by mmalign/train/nft.py on the model's
+    predictions, not on log-likelihoods). needs_reference: False passes reference=None
     (simpo, sft). fields: `PreferenceBatch` attributes passed under their own name (soft's
     soft_labels, kto's desirable labels, ranked's scores). statistics: keyword -> `Statistic`
     (bco_pair's delta, kto's reference_point z). `hyperparameters`: the other keyword-only
@@ -480,6 +482,8 @@ LOSSES: dict[str, LossSpec] = {
     "ranked": LossSpec(ranked_loss, "ranked", fields=("scores",)),
     # policy gradients on sampled transitions (mmalign/losses_grpo.py)
     "grpo": LossSpec(grpo_loss, "step", fields=("advantages", "old_logps")),
+    # DiffusionNFT: rewarded samples of online `rewards` rounds; trained by mmalign/train/nft.py
+    "nft": LossSpec(nft_loss, "rewarded", fields=("optimality",)),
     # TRL 1.16's other types (mmalign/losses_trl.py)
     "exo_pair": LossSpec(exo_pair_loss, "pair", f_divergence=True),
     "apo_down": LossSpec(apo_down_loss, "pair"),

@@ -114,7 +114,7 @@ class PreferenceBatch:
 
     kind: "pair" (inputs hold 2B items, chosen then rejected), "unpaired"
         (N items with `desirable` labels, for KTO) or "ranked" (B*K items, list-major,
-        with `scores` (B, K)).
+        with `scores` (B, K)) or "rewarded" (B items, each a sample with its `optimality`).
     inputs: model inputs for all items, each tensor with N leading rows.
     index: (B,) dataset row of each example (pairs, lists or unpaired items).
     weights: (B,) per-example loss weights, or None.
@@ -124,6 +124,7 @@ class PreferenceBatch:
     ref_logps: (N,) precomputed reference log-likelihoods, or None.
     advantages, old_logps: (N,) of a "step" batch (GRPO): each transition's advantage and its
         log-prob when it was sampled, or None.
+    optimality: (B,) DiffusionNFT's r in [0, 1] of rewarded samples, or None.
     """
 
     kind: str
@@ -136,6 +137,7 @@ class PreferenceBatch:
     ref_logps: Tensor | None = None
     advantages: Tensor | None = None
     old_logps: Tensor | None = None
+    optimality: Tensor | None = None
 
     @property
     def num_examples(self) -> int:
@@ -156,6 +158,7 @@ class PreferenceBatch:
             mv(self.ref_logps),
             mv(self.advantages),
             mv(self.old_logps),
+            mv(self.optimality),
         )
 
 
@@ -257,7 +260,7 @@ class DataSource(Protocol):
     of (seed, round) and of the weights at their first step, so resume and multi-process runs
     stay exact. Offline runs (a preference file) have no source.
 
-    kind: the batch kind of its records ("pair", "unpaired", "ranked").
+    kind: the batch kind of its records ("pair", "unpaired", "ranked", "rewarded").
     """
 
     kind: str
@@ -270,4 +273,23 @@ class DataSource(Protocol):
         """The `Round` that optimizer step `step` trains on (the same object while a round lasts).
         model: the current policy, unwrapped; accelerator: the run's `accelerate.Accelerator`
         (device, autocast, process rank)."""
+        ...
+
+
+@runtime_checkable
+class PredictsVelocity(Protocol):
+    """Ability (diffusion and flow likelihoods): the model's prediction in the flow convention
+    x_t = (1-t)·x0 + t·ε, v = ε - x0, at the times of a sampling schedule: what DiffusionNFT
+    (`loss.name: nft`, mmalign/train/nft.py) trains on."""
+
+    def flow_schedule(self, num_steps: int) -> Tensor:
+        """(S,) the noise levels (σ, or UNet timesteps) of an S-step sampling schedule."""
+        ...
+
+    def at_times(self, draw: Draw, times: Tensor, noise: Tensor) -> Draw:
+        """The draw with per-item noise levels `times` (N,) (schedule entries) and noise (N, ...)."""
+        ...
+
+    def flow_prediction(self, model: torch.nn.Module, draw: Draw) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(x_t, t (N,), v̂, x0) of the draw in the flow convention, float32."""
         ...

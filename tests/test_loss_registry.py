@@ -40,7 +40,8 @@ def test_each_loss_declares_its_fields_statistics_and_hyperparameters() -> None:
     assert get_loss("soft").fields == ("soft_labels",)
     assert get_loss("kto").fields == ("desirable",) and get_loss("ranked").fields == ("scores",)
     assert get_loss("grpo").fields == ("advantages", "old_logps")
-    assert {n for n, s in LOSSES.items() if s.fields} == {"soft", "kto", "ranked", "grpo"}
+    assert get_loss("nft").fields == ("optimality",) and get_loss("nft").kind == "rewarded"
+    assert {n for n, s in LOSSES.items() if s.fields} == {"soft", "kto", "ranked", "grpo", "nft"}
     assert get_loss("bco_pair").statistics == {"delta": L.BCO_DELTA} and L.BCO_DELTA.running
     assert get_loss("kto").statistics == {"reference_point": L.KTO_Z}
     assert L.KTO_Z.mismatched and L.KTO_Z.metric == "kl" and not L.KTO_Z.running
@@ -53,6 +54,7 @@ def test_each_loss_declares_its_fields_statistics_and_hyperparameters() -> None:
     assert get_loss("kto").hyperparameters == ("beta", "desirable_weight", "undesirable_weight")
     assert get_loss("sft").hyperparameters == ()
     assert get_loss("grpo").hyperparameters == ("clip", "kl_beta", "adv_clip_max")
+    assert get_loss("nft").hyperparameters == ("beta", "adv_clip_max", "kl_beta")  # adv_clip_max: online's
 
 
 def toy_loss(policy: PairLogps, reference: PairLogps, *, beta: float, soft_labels: Tensor,

@@ -4,6 +4,8 @@ Formats (one record per example):
 - pair:     {"prompt", "chosen", "rejected"} (+ optional "weight", "soft_label")
 - unpaired: {"prompt", "completion", "label"}   (KTO; label true = desirable)
 - ranked:   {"prompt", "completions": [...], "scores": [...]}  (RankDPO lists)
+- rewarded: {"prompt", "completion", "optimality"} (+ "reward", "advantage")  (DiffusionNFT samples
+            of an online `rewards` round; optimality r in [0, 1])
 
 Files: `.jsonl`, `.json` (a list), `.parquet`, or a Hugging Face `datasets` folder
 written by `save_to_disk`. A prompt may be a string or a list of chat messages
@@ -35,6 +37,7 @@ REQUIRED = {
     "pair": ("prompt", "chosen", "rejected"),
     "unpaired": ("prompt", "completion", "label"),
     "ranked": ("prompt", "completions", "scores"),
+    "rewarded": ("prompt", "completion", "optimality"),
 }
 
 
@@ -108,7 +111,7 @@ def validate_records(records: list[dict[str, Any]], source: str, kind: str | Non
             raise DataError(f"{source}: row {i} has no column {', '.join(map(repr, missing))} (format '{kind}')")
         texts = [r["prompt"]] + (
             [r["chosen"], r["rejected"]] if kind == "pair"
-            else [r["completion"]] if kind == "unpaired" else list(r["completions"])
+            else [r["completion"]] if kind in ("unpaired", "rewarded") else list(r["completions"])
         )
         if not all(_value_ok(t) for t in texts):
             raise DataError(f"{source}: row {i} has an empty prompt or answer")
@@ -246,6 +249,7 @@ def batch_fields(records: list[dict[str, Any]], kind: str, inputs: dict[str, Any
         ref_logps=ref,
         advantages=col("advantage", 0.0) if kind == "step" else None,
         old_logps=col("old_logp", 0.0) if kind == "step" else None,
+        optimality=col("optimality", 0.5) if kind == "rewarded" else None,
     )
 
 

@@ -190,6 +190,35 @@ class ElboObjective:
         noisy = self.scheduler.add_noise(latents, noise, t)
         return noisy, prediction_target(self.scheduler, self.prediction_type, latents, noise, t)
 
+    def schedule(self, num_steps: int) -> Tensor:
+        """(S,) long timesteps of an S-step sampling schedule of this scheduler's config (its
+        `timestep_spacing`; e.g. DDPM "leading", T 1000, S 10 -> 900, 800, ..., 0)."""
+        scheduler = type(self.scheduler).from_config(self.scheduler.config)
+        scheduler.set_timesteps(num_steps)
+        return scheduler.timesteps.long()
+
+    def flow_view(self, noisy: Tensor, latents: Tensor, pred: Tensor,
+                  values: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The UNet's x_t = a·x0 + b·ε (a = √ᾱ_t, b = √(1-ᾱ_t)) and prediction in the flow convention
+        (DiffusionNFT): x̂0, ε̂ from the ε / v / x0 prediction, then s = a + b, t = b/s,
+        x_t^flow = x_t/s = (1-t)·x0 + t·ε and v̂ = ε̂ - x̂0, so that x_t^flow - t·v̂ = x̂0 exactly.
+        Returns (x_t^flow, t (N,), v̂, x0), float32."""
+        alphas = self.scheduler.alphas_cumprod.to(noisy.device)[values["timesteps"]].float()
+        a, b = alphas.sqrt(), (1 - alphas).sqrt()
+        noisy, pred = noisy.float(), pred.float()
+        shape = (-1, *[1] * (noisy.ndim - 1))
+        av, bv = a.view(shape), b.view(shape)
+        if self.prediction_type == "epsilon":
+            eps = pred
+            x0 = (noisy - bv * eps) / av
+        elif self.prediction_type == "v_prediction":
+            x0, eps = av * noisy - bv * pred, bv * noisy + av * pred
+        else:  # sample
+            x0 = pred
+            eps = (noisy - av * x0) / bv
+        s = a + b
+        return noisy / s.view(shape), b / s, eps - x0, latents.float()
+
 
 class Denoiser(Protocol):
     """A family's denoiser call (e.g. `families.sdxl.SDXLUNet`)."""
@@ -422,6 +451,28 @@ class DiffusionLikelihood:
         v = draw.values
         noisy, target = self.objective.noisy_and_target(v["latents"], v["noise"], v)
         return mse_logps(self.denoiser.predict(model, noisy, v), self.denoiser.layout(target))
+
+    def flow_schedule(self, num_steps: int) -> Tensor:
+        """(S,) noise levels of an S-step sampling schedule (the objective's `schedule`)."""
+        return self.objective.schedule(num_steps)
+
+    def at_times(self, draw: Draw, times: Tensor, noise: Tensor) -> Draw:
+        """The draw with per-item noise levels `times` (N,) and noise (N, C, h, w) in place of its own."""
+        device = draw.values["latents"].device
+        values = dict(draw.values, noise=noise.to(device))
+        values.update(self.objective.time_values(times, device))
+        return Draw(values)
+
+    def flow_prediction(self, model: torch.nn.Module, draw: Draw) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(x_t, t (N,), v̂, x0) of the draw in the flow convention x_t = (1-t)·x0 + t·ε, v̂ the
+        model's velocity ε - x0 (the objective's `flow_view`: flow families as they are, UNet
+        predictions converted), all in the denoiser's layout (FLUX: packed), float32. DiffusionNFT's
+        input (mmalign/train/nft.py)."""
+        v = draw.values
+        noisy, _ = self.objective.noisy_and_target(v["latents"], v["noise"], v)
+        pred = self.denoiser.predict(model, noisy, v)
+        layout = self.denoiser.layout
+        return self.objective.flow_view(layout(noisy), layout(v["latents"]), pred, v)
 
     def validate(self, model: torch.nn.Module, step: int, folder: str | Path) -> dict[str, float]:
         """The trainer's `train.validate_every` hook: a PNG grid of the configured prompts × seeds

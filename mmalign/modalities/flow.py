@@ -94,6 +94,16 @@ class FlowObjective:
         sigma = values["sigmas"].float().view(-1, *[1] * (latents.ndim - 1))
         return (1 - sigma) * latents + sigma * noise, noise - latents
 
+    def schedule(self, num_steps: int) -> Tensor:
+        """(S,) σ of an S-step sampling schedule, as FlowMatchEulerDiscreteScheduler.set_timesteps
+        (and FLUX's pipeline) give it: shift(linspace(1, 1/S, S)); e.g. S 2, shift 3 -> [1, 0.75]."""
+        return shift_sigmas(torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64), self.shift).float()
+
+    def flow_view(self, noisy: Tensor, latents: Tensor, pred: Tensor,
+                  values: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(x_t, t (N,), v̂, x0) in the flow convention (DiffusionNFT): the prediction IS v̂ and t = σ."""
+        return noisy.float(), values["sigmas"].float(), pred.float(), latents.float()
+
 
 def t5_hidden(encoder: Any, ids: Tensor) -> Tensor:
     """T5 last hidden state (n, L, D) float32, autocast off."""

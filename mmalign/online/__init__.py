@@ -39,8 +39,8 @@ from mmalign.families import Family, get_family
 from mmalign.nn import eval_mode
 from mmalign.online.guards import eval_rows, load_eval_prompts, mean_score, round_metrics
 from mmalign.online.mixing import OfflineMix
-from mmalign.online.rounds import (load_round, load_scorers, plan_rows, round_meta, save_round, score_round,
-                                   select_records, with_root)
+from mmalign.online.rounds import (load_round, load_scorers, plan_rows, record_kind, round_meta, save_round,
+                                   score_round, select_records, with_root)
 from mmalign.online.samplers import SampleJob, SamplerContext, online_prompts, sample_kind, sampler_for
 from mmalign.online.shards import sample_shards
 from mmalign.io import write_jsonl_atomic
@@ -53,7 +53,7 @@ ROUND_SEED_OFFSET = 29  # the round's micro-batch stream (apart from SPO's round
 class OnlineSource:
     """The trainer's data source for `online:` runs (see the module docstring).
 
-    kind: "ranked" for online.strategy ranked, else "pair"."""
+    kind: "ranked" for online.strategy ranked, "rewarded" for rewards, else "pair"."""
 
     def __init__(self, cfg: Any, likelihood: Any, processor: Any = None, family: Family | None = None) -> None:
         from mmalign.data.preference import StreamSampler
@@ -64,7 +64,7 @@ class OnlineSource:
         self.sampler = sampler_for(self.family)
         self.context = SamplerContext(likelihood, processor, dict(self.settings.sampling),
                                       self.settings.sample_batch_size, cfg.data.chat_template, cfg.model.path)
-        self.kind = "ranked" if self.settings.strategy == "ranked" else "pair"
+        self.kind = record_kind(self.settings.strategy)
         self.prompts, self.fields = online_prompts(self.family, self.settings)  # fields: a VLM prompt's images
         self.prompt_stream = StreamSampler(len(self.prompts), cfg.train.seed)
         self.scorers: list[tuple[Any, Any]] | None = None  # loaded on the first round (on its device)

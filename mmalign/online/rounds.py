@@ -8,6 +8,9 @@ Rows have the `mmalign generate` manifest shape ({"id", "prompt_index", "prompt"
 `prompt_index` is the prompt's slot in the round (0..P-1), so a prompt drawn twice in one round
 forms two groups.
 
+Strategy `rewards` (DiffusionNFT) keeps every sample as one "rewarded" record with its group
+advantage instead of pairs (`online/rewards.py`).
+
 Folder: media/ (image samples), samples.jsonl (scored rows), records.jsonl (training records,
 media paths relative to the folder), meta.json (fingerprint, counts; written last: a round
 without it is incomplete and is sampled again).
@@ -74,11 +77,22 @@ def soft_label(gap: float, temperature: float) -> float:
     return 1.0 / (1.0 + math.exp(-gap / temperature))
 
 
+def record_kind(strategy: str) -> str:
+    """The batch kind of a strategy's records: ranked lists, rewarded samples (rewards), else pairs."""
+    return {"ranked": "ranked", "rewards": "rewarded"}.get(strategy, "pair")
+
+
 def select_records(rows: list[dict[str, Any]], settings: Any) -> tuple[list[dict[str, Any]], Any]:
     """(records, Selection) of scored rows by `online.strategy`: best_worst / margin / ranked as
     `mmalign build-pairs scores`; soft = best_worst with `soft_label` from the score gap. Record
-    outputs are the texts, or media paths relative to the round folder."""
+    outputs are the texts, or media paths relative to the round folder. rewards (DiffusionNFT): one
+    "rewarded" record per sample with its group advantage (`online/rewards.py`)."""
     from mmalign.builders.scores import build_scored_pairs, item_record
+
+    if settings.strategy == "rewards":
+        from mmalign.online.rewards import reward_records
+
+        return reward_records(rows, settings)
 
     strategy = "best_worst" if settings.strategy == "soft" else settings.strategy
     selection = build_scored_pairs(rows, strategy, settings.margin, "score", settings.list_size or None)

@@ -4,9 +4,10 @@ scores under `torch.inference_mode`, with dropout off, on the SAME draw as the p
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from torch import Tensor
 
 from mmalign.nn import eval_mode
 from mmalign.types import Draw, Likelihood, LogpOutput, PreferenceBatch
@@ -25,6 +26,14 @@ def _score(likelihood: Likelihood, model: torch.nn.Module, batch: PreferenceBatc
                       {k: v.clone() for k, v in out.diagnostics.items()}, transition=transition)
 
 
+def _predict(fn: Callable[[torch.nn.Module], tuple[Tensor, ...]], model: torch.nn.Module,
+             autocast: Any) -> tuple[Tensor, ...]:
+    """fn(model) under inference mode, dropout off, autocast; the tensors cloned for autograd."""
+    with torch.inference_mode(), eval_mode(model), autocast():
+        out = fn(model)
+    return tuple(t.clone() for t in out)
+
+
 class FrozenReference:
     """A frozen copy of the initial policy (full fine-tuning). `sync` implements TR-DPO:
     ref <- (1 - alpha) ref + alpha policy."""
@@ -37,6 +46,10 @@ class FrozenReference:
 
     def logps(self, batch: PreferenceBatch, draw: Draw) -> LogpOutput:
         return _score(self.likelihood, self.model, batch, draw, self.autocast)
+
+    def predict(self, fn: Callable[[torch.nn.Module], tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
+        """fn(reference model) (DiffusionNFT's v_ref), as `logps` scores."""
+        return _predict(fn, self.model, self.autocast)
 
     @torch.no_grad()
     def sync(self, policy: torch.nn.Module, alpha: float) -> None:
@@ -58,6 +71,11 @@ class LoraDisabledReference:
     def logps(self, batch: PreferenceBatch, draw: Draw) -> LogpOutput:
         with self.model.disable_adapter():
             return _score(self.likelihood, self.model, batch, draw, self.autocast)
+
+    def predict(self, fn: Callable[[torch.nn.Module], tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
+        """fn(the adapters-off model) (DiffusionNFT's v_ref), as `logps` scores."""
+        with self.model.disable_adapter():
+            return _predict(fn, self.model, self.autocast)
 
 
 class PrecomputedReference:

@@ -26,6 +26,7 @@ from mmalign.online.guards import check_refresh, round_kl
 from mmalign.seeds import MICRO, RUN, STEP, mix_seed
 from mmalign.train import checkpoint as ckpt
 from mmalign.train.image_terms import build_image_terms
+from mmalign.train.nft import NFTObjective
 from mmalign.train.metrics import Meter, MetricsLogger, format_metrics
 from mmalign.train.objective import RunningMean, preference_losses
 from mmalign.train.optim import build_optimizer, build_scheduler
@@ -91,6 +92,9 @@ class PreferenceTrainer:
             "precomputed": PrecomputedReference,
             "none": lambda: None,
         }[self.strategy]()
+        # DiffusionNFT (loss nft): its own losses and the "old" policy that samples the rounds
+        self.nft = (NFTObjective(cfg, likelihood, self.unwrapped, self.reference, self.accelerator.autocast)
+                    if self.loss_spec.kind == "rewarded" else None)
         self.loss_state = RunningMean()
         self.sampler: MicroBatchSampler | None = StreamSampler(len(self.records), t.seed) if source is None else None
         self.round: Round | None = None  # the online round trained on, and its guard values to log
@@ -126,6 +130,8 @@ class PreferenceTrainer:
 
     def forward(self, records: list[dict[str, Any]], seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-example losses and metric values for some records (policy in its current mode)."""
+        if self.nft is not None:
+            return self.nft.losses(self.model, self.unwrapped, self._batch(records), seed)
         generator = torch.Generator().manual_seed(seed)
         batch = self._batch(records)
         policy_out, ref_out = self._score(batch, generator)
@@ -199,7 +205,8 @@ class PreferenceTrainer:
     # -- one optimizer step ------------------------------------------------------
     def _take_round(self) -> None:
         """Train on the records (and with the sampler) the online source gives for this step."""
-        current = self.source.records_for_step(self.step, self.unwrapped, self.accelerator)
+        with self.nft.sampling(self.unwrapped, self.step) if self.nft is not None else nullcontext():
+            current = self.source.records_for_step(self.step, self.unwrapped, self.accelerator)
         if current is not self.round:
             self.round = current
             self._start_round(current)
@@ -283,6 +290,8 @@ class PreferenceTrainer:
                      "loss_state": self.loss_state.state_dict(), "skipped_steps": self.skipped_steps}
             if acc.scaler is not None:
                 state["scaler"] = acc.scaler.state_dict()
+            if self.nft is not None:
+                state["nft_old"] = self.nft.state_dict()
             synced = self.reference.model if self._reference_moves() else None
             ckpt.save_checkpoint(self.output_dir, self.step, self.unwrapped, state,
                                  {"config": to_dict(self.cfg), "num_processes": acc.num_processes}, synced,
@@ -306,6 +315,8 @@ class PreferenceTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.loss_state.load_state_dict(state["loss_state"])
+        if self.nft is not None:
+            self.nft.load_state_dict(state["nft_old"])
         if "scaler" in state and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
         if self.accelerator.is_main_process:
