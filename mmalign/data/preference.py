@@ -16,7 +16,6 @@ from __future__ import annotations
 import bisect
 import importlib
 import itertools
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mmalign.data.jsonl import read_json, read_jsonl_rows
 from mmalign.errors import DataError  # defined in mmalign.errors; still importable from here
 from mmalign.layout import check_kind, item_slots, record_outputs
 from mmalign.seeds import RUN, mix_seed
@@ -48,20 +48,14 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
 
         return [dict(r) for r in datasets.load_from_disk(str(path))]
     if path.suffix == ".jsonl":
-        records = []
-        with open(path) as f:
-            for i, line in enumerate(f):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}: line {i + 1} is not valid JSON ({e})") from e
-        return records
+        return read_jsonl_rows(path)
     if path.suffix == ".json":
-        with open(path) as f:
-            data = json.load(f)
+        data = read_json(path)
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON list of records")
+        bad = next((i for i, r in enumerate(data) if not isinstance(r, dict)), None)
+        if bad is not None:
+            raise DataError(f"{path}: row {bad} is not a JSON object")
         return data
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -119,6 +113,8 @@ def validate_records(records: list[dict[str, Any]], source: str, kind: str | Non
         numbers = [r.get("weight", 1.0), r.get("soft_label", 0.5)] + list(r.get("scores", []))
         if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in numbers):
             raise DataError(f"{source}: row {i} has a weight, soft_label or score that is not a finite number")
+        if r.get("weight", 1.0) < 0:
+            raise DataError(f"{source}: row {i}: weight must be >= 0, got {r['weight']}")
         if "soft_label" in r and not 0.0 <= r["soft_label"] <= 1.0:
             raise DataError(f"{source}: row {i}: soft_label must be in [0, 1], got {r['soft_label']}")
     return kind
