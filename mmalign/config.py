@@ -51,6 +51,10 @@ class DataConfig:
     max_length: int = 512  # prompt + answer tokens; answers are truncated, prompts never
     max_prompt_length: int = 0  # 0: no limit; otherwise prompts longer than this are an error
     chat_template: bool = False  # wrap prompts with the tokenizer's chat template
+    # decode the images of jsonl/json/parquet data at load, skipping (and counting) unreadable rows:
+    # auto (files of <= 5,000 rows), all, none (mmalign/data/media_checks.py)
+    verify_media: str = "auto"
+    allow_outside_paths: bool = False  # media paths may be absolute, hold '..' or symlink out of the data folder
 
 
 @dataclass
@@ -415,6 +419,9 @@ def validate(cfg: Config) -> None:
     """Cross-field checks that a single field cannot express."""
     _validate_names(cfg)
     _validate_ranges(cfg)
+    from mmalign.data.media_checks import check_verify_choice
+
+    check_verify_choice(cfg.data.verify_media)
     t = cfg.train
     for name in ("max_steps", "batch_size", "grad_accum", "eval_batch_size"):
         if getattr(t, name) < 1:

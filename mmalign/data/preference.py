@@ -164,14 +164,28 @@ def _load_parts(paths: Sequence[str | Path], kind: str | None, format: str
 
 
 def load_split(path: str | Path | Sequence[str | Path], kind: str | None = None,
-               format: str = "auto") -> tuple[Sequence[dict[str, Any]], str]:
+               format: str = "auto", media: Any = None) -> tuple[Sequence[dict[str, Any]], str]:
     """`data.train` or `data.eval` as the trainer reads it: `load_preference_data`, each record
     also carrying `_root`, the folder its relative media paths name files in (its data file's
     folder; a `datasets` folder is its own), so train and eval files in two folders may both
-    say images/0.png."""
+    say images/0.png. media: a `mmalign.data.media_checks.MediaPolicy` (paths kept inside the
+    data folder, images verified up front), None = no checks."""
     paths = [path] if isinstance(path, (str, Path)) else list(path)
     parts, kind = _load_parts(paths, kind, format)
-    return Chained(parts, [str(data_folder(p)) for p in paths]), kind
+    roots = [data_folder(p) for p in paths]
+    if media is not None:
+        from mmalign.data.media_checks import guard_parts
+
+        parts = guard_parts(parts, paths, roots, kind, media)
+    return Chained(parts, [str(r) for r in roots]), kind
+
+
+def load_run_split(cfg: Any, split: str, kind: str | None = None) -> tuple[Sequence[dict[str, Any]], str]:
+    """`load_split` of `cfg.data.<split>` ("train" or "eval") under the run's media policy
+    (`data.verify_media`, `data.allow_outside_paths`): what the trainer and `mmalign cache` read."""
+    from mmalign.data.media_checks import media_policy
+
+    return load_split(getattr(cfg.data, split), kind, cfg.data.format, media_policy(cfg))
 
 
 def data_folder(path: str | Path) -> Path:
