@@ -77,11 +77,12 @@ READERS = {  # reader, file name, a good row
 
 
 @pytest.mark.parametrize("reader", sorted(READERS))
-@pytest.mark.parametrize("bad,message", [
-    (b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}', r"line 2 is not UTF-8 text \(byte 16 of the line is b'\\xe9'\)"),
-    (b'[1, 2]', r"line 2 is a list JSON value, not an object"),
-    (b'"just text"', r"line 2 is a string JSON value, not an object"),
-    (b'null', r"line 2 is null JSON value, not an object"),
+@pytest.mark.parametrize("bad,message", ids=["latin1", "list", "string", "null"], argvalues=[
+    (b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}',
+     r"line 2 is not UTF-8 text \(byte 16 of the line is b'\\xe9'\)"),
+    (b'[1, 2]', r"line 2 holds a JSON list, not a JSON object"),
+    (b'"just text"', r"line 2 holds a JSON string, not a JSON object"),
+    (b'null', r"line 2 holds JSON null, not a JSON object"),
 ])
 def test_every_jsonl_reader_names_file_and_line(tmp_path, reader, bad, message):
     read, name, good = READERS[reader]

@@ -14,8 +14,8 @@ from typing import Any, Iterator
 
 from mmalign.errors import DataError
 
-_JSON_TYPES = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean",
-               type(None): "null"}
+_JSON_TYPES = {list: "a JSON list", str: "a JSON string", int: "a JSON number", float: "a JSON number",
+               bool: "a JSON boolean", type(None): "JSON null"}
 
 
 def _decode(raw: bytes, path: Path, n: int) -> str:
@@ -46,8 +46,8 @@ def iter_jsonl(path: str | Path, tolerate_torn_end: bool = False) -> Iterator[tu
                 return
             raise DataError(f"{path}: line {n} is not valid JSON ({e})") from None
         if not isinstance(row, dict):
-            raise DataError(f"{path}: line {n} is {_JSON_TYPES.get(type(row), 'not')} JSON value, not an object "
-                            "({\"key\": value, ...})")
+            raise DataError(f"{path}: line {n} holds {_JSON_TYPES.get(type(row), 'a JSON value')}, not a JSON "
+                            "object ({\"key\": value, ...})")
         yield n, row
 
 
