@@ -224,3 +224,27 @@ def test_verify_media_is_checked_at_load(tmp_path):
     path.write_text("data: {verify_media: sometimes}\n")
     with pytest.raises(ConfigError, match=r"data.verify_media must be one of auto, all, none, got 'sometimes'"):
         load_config(path)
+
+
+@pytest.mark.parametrize("modality,outputs,images", [("causal_lm", False, False), ("llava", False, False),
+                                                    ("sdxl", True, True), ("audioldm2", True, False)])
+def test_the_run_policy_follows_the_family(make_config, modality, outputs, images):
+    import dataclasses
+
+    from mmalign.data.media_checks import media_policy
+
+    cfg = dataclasses.replace(load_config(make_config(data={"verify_media": "all"})), modality=modality)
+    assert media_policy(cfg) == MediaPolicy("all", False, outputs, images)
+
+
+def test_the_trainer_reads_data_under_the_policy(make_config, tmp_path):
+    """Through `load_run_split` (what the trainer and `mmalign cache` call): a text run refuses an
+    absolute `images` path unless data.allow_outside_paths."""
+    from mmalign.data.preference import load_run_split
+
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(dict(GOOD, images=[str(tmp_path.parent / "x.png")])) + "\n")
+    with pytest.raises(DataError, match=r"row 0, images\[0\]: media path .* leaves the data folder"):
+        load_run_split(load_config(make_config(data={"train": str(path)})), "train")
+    cfg = load_config(make_config(data={"train": str(path), "allow_outside_paths": True, "verify_media": "none"}))
+    assert len(load_run_split(cfg, "train")[0]) == 1
