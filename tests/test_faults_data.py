@@ -235,6 +235,8 @@ def test_the_run_policy_follows_the_family(make_config, modality, outputs, image
 
     cfg = dataclasses.replace(load_config(make_config(data={"verify_media": "all"})), modality=modality)
     assert media_policy(cfg) == MediaPolicy("all", False, outputs, images)
+    cfg.diffusion.cache_dir = "latents"  # a cached image run reads no images: nothing decoded at load
+    assert media_policy(cfg).verify == ("none" if images else "all")
 
 
 def test_the_trainer_reads_data_under_the_policy(make_config, tmp_path):

@@ -5,7 +5,8 @@ verify_media:
     auto   decode every image of a file of at most `AUTO_VERIFY_MAX_ROWS` rows (the same bound
            as the Pick-a-Pic reader); larger files are checked when a batch reads them
     all    decode every image of every file at load
-    none   never at load (an unreadable image stops the run at the batch that reads it)
+    none   never at load (an unreadable image stops the run at the batch that reads it); also
+           what a run with a latent cache (`diffusion.cache_dir`) does: it reads no images
 A row with an unreadable image found at load is skipped: each is printed with its file and row
 (the first `MAX_REPORTED`), and the count is printed per file. The same rows are skipped on
 every resume and in every process (the check is deterministic).
@@ -45,12 +46,14 @@ class MediaPolicy:
 
 def media_policy(cfg: Any) -> MediaPolicy:
     """The policy of a run config: `data.verify_media`, `data.allow_outside_paths`, and whether
-    its family's outputs are media (`Family.kind` image or audio)."""
+    its family's outputs are media (`Family.kind` image or audio). With a latent cache
+    (`diffusion.cache_dir`) nothing is decoded at load: training reads the cache, not the images,
+    and `mmalign cache` stops at an unreadable one naming its row."""
     from mmalign.families import get_family
 
     kind = get_family(cfg.modality).kind
-    return MediaPolicy(cfg.data.verify_media, cfg.data.allow_outside_paths, kind in ("image", "audio"),
-                       kind == "image")
+    verify = "none" if kind == "image" and cfg.diffusion.cache_dir else cfg.data.verify_media
+    return MediaPolicy(verify, cfg.data.allow_outside_paths, kind in ("image", "audio"), kind == "image")
 
 
 def _path_of(value: Any) -> str | None:
