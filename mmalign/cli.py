@@ -41,13 +41,37 @@ def close_process_group() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from mmalign.errors import ConfigError, DataError
+    from mmalign.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError) as e:  # user errors: one clear line, no traceback
-        print(f"mmalign: error: {e}", file=sys.stderr)
-        return 2
+    except (ConfigError, DataError, FileExistsError) as e:  # user errors: one clear line, no traceback
+        return _fail(str(e), 2)
+    except (NonFiniteLossError, CheckpointError) as e:  # the run stopped; its message names the step / file
+        return _fail(str(e), 1)
+    except OSError as e:
+        message = os_error_line(e)
+        if message is None:
+            raise
+        return _fail(message, 1)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"mmalign: error: {' '.join(message.split())}", file=sys.stderr)
+    return code
+
+
+def os_error_line(e: OSError) -> str | None:
+    """One line for the OS errors a user can fix: a full disk, a folder that cannot be written
+    (read-only, no permission); None for any other (a bug: keep its traceback)."""
+    import errno
+
+    where = e.filename if e.filename is not None else "a file"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"disk full while writing {where}: free some space, then rerun (a run resumes with train.resume=true)"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write {where}: {e.strerror} (choose a writable output folder)"
+    return None
 
 
 def entry() -> int:

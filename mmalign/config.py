@@ -56,6 +56,10 @@ class DataConfig:
     # text LMs: run each batch as one packed row (positions restart per sequence, attention kept
     # within each): no padding is computed; equal log-probs (checked once per model)
     padding_free: bool = False
+    # decode the images of jsonl/json/parquet data at load, skipping (and counting) unreadable rows:
+    # auto (files of <= 5,000 rows), all, none (mmalign/data/media_checks.py)
+    verify_media: str = "auto"
+    allow_outside_paths: bool = False  # media paths may be absolute, hold '..' or symlink out of the data folder
 
 
 @dataclass
@@ -502,6 +506,9 @@ def validate(cfg: Config) -> None:
     """Cross-field checks that a single field cannot express."""
     _validate_names(cfg)
     _validate_ranges(cfg)
+    from mmalign.data.media_checks import check_verify_choice
+
+    check_verify_choice(cfg.data.verify_media)
     t = cfg.train
     for name in ("max_steps", "batch_size", "grad_accum", "eval_batch_size"):
         if getattr(t, name) < 1:

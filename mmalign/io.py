@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -11,6 +12,30 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 _TMP_PID = re.compile(r"^\..+\.tmp-(\d+)$")
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_FULL_TEXT = ("No space left on device", "StorageFull", "os error 28", "Disk quota exceeded")
+LOW_SPACE = 1 << 20  # bytes: a write that failed with less free space than this ran out of disk
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """True for an OSError ENOSPC / EDQUOT, also as wrapped by libraries that re-raise it with
+    the message only (safetensors' SafetensorError, torch.save's RuntimeError)."""
+    if isinstance(error, OSError) and error.errno in _FULL_ERRNOS:
+        return True
+    return any(text in str(error) for text in _FULL_TEXT)
+
+
+def disk_full_error(error: BaseException, path: str | Path) -> OSError | None:
+    """An `OSError(ENOSPC, ..., path)` naming `path` when `error` (raised while writing `path`)
+    means the disk is full: by its errno or message, or because less than `LOW_SPACE` bytes are
+    free on `path`'s filesystem (torch.save says only "file write failed"); else None."""
+    full = is_disk_full(error)
+    if not full and not isinstance(error, KeyboardInterrupt):
+        try:
+            full = shutil.disk_usage(Path(path).parent).free < LOW_SPACE
+        except OSError:
+            full = False
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) if full else None
 
 
 def fsync_path(path: str | Path) -> None:
@@ -55,6 +80,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         fsync_path(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)
+    except Exception as e:
+        full = disk_full_error(e, path)
+        if full is None:
+            raise
+        raise full from e
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -264,7 +264,11 @@ def test_unreadable_image_is_a_data_error_naming_the_row(pipelines, pairs, tmp_p
         likelihood.collate([dict(r, _index=i) for i, r in enumerate(records)], "pair")
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert main(["train", str(write_config(tmp_path, pipelines["sdxl"], data, train={"batch_size": 4}))]) == 2
+    config = str(write_config(tmp_path, pipelines["sdxl"], data, train={"batch_size": 4}))
+    assert main(["train", config]) == 2  # absolute paths out of the data folder (issue 23)
+    assert "row 0, chosen: media path" in capsys.readouterr().err
+    # allowed and not verified at load: the batch that reads the image stops with its row
+    assert main(["train", config, "data.allow_outside_paths=true", "data.verify_media=none"]) == 2
     assert "row 1, rejected: unreadable image" in capsys.readouterr().err
 
 

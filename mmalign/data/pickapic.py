@@ -232,6 +232,8 @@ class PickAPicPairs:
         row = self._group_table(s, g).slice(r, 1).to_pylist()[0]
         w, l = ("1", "0") if self._swap[k] else ("0", "1")  # noqa: E741 (winner, loser)
         shard, at = self._where(k)
+        if not isinstance(row["caption"], str):
+            raise DataError(f"pick-a-pic {shard} row {at}: the caption is {row['caption']!r}, not text")
         record = {"prompt": row["caption"], "chosen": row[f"jpg_{w}"], "rejected": row[f"jpg_{l}"],
                   "ranking_id": row.get("ranking_id"),
                   "chosen_uid": row.get(f"image_{w}_uid"), "rejected_uid": row.get(f"image_{l}_uid"),

@@ -18,7 +18,6 @@ from __future__ import annotations
 import bisect
 import importlib
 import itertools
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mmalign.data.jsonl import read_json, read_jsonl_rows
 from mmalign.errors import DataError  # defined in mmalign.errors; still importable from here
 from mmalign.layout import check_kind, item_slots, record_outputs
 from mmalign.seeds import RUN, mix_seed
@@ -51,20 +51,14 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
 
         return [dict(r) for r in datasets.load_from_disk(str(path))]
     if path.suffix == ".jsonl":
-        records = []
-        with open(path) as f:
-            for i, line in enumerate(f):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}: line {i + 1} is not valid JSON ({e})") from e
-        return records
+        return read_jsonl_rows(path)
     if path.suffix == ".json":
-        with open(path) as f:
-            data = json.load(f)
+        data = read_json(path)
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON list of records")
+        bad = next((i for i, r in enumerate(data) if not isinstance(r, dict)), None)
+        if bad is not None:
+            raise DataError(f"{path}: row {bad} is not a JSON object")
         return data
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -122,6 +116,8 @@ def validate_records(records: list[dict[str, Any]], source: str, kind: str | Non
         numbers = [r.get("weight", 1.0), r.get("soft_label", 0.5)] + list(r.get("scores", []))
         if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in numbers):
             raise DataError(f"{source}: row {i} has a weight, soft_label or score that is not a finite number")
+        if r.get("weight", 1.0) < 0:
+            raise DataError(f"{source}: row {i}: weight must be >= 0, got {r['weight']}")
         if "soft_label" in r and not 0.0 <= r["soft_label"] <= 1.0:
             raise DataError(f"{source}: row {i}: soft_label must be in [0, 1], got {r['soft_label']}")
     return kind
@@ -171,14 +167,28 @@ def _load_parts(paths: Sequence[str | Path], kind: str | None, format: str
 
 
 def load_split(path: str | Path | Sequence[str | Path], kind: str | None = None,
-               format: str = "auto") -> tuple[Sequence[dict[str, Any]], str]:
+               format: str = "auto", media: Any = None) -> tuple[Sequence[dict[str, Any]], str]:
     """`data.train` or `data.eval` as the trainer reads it: `load_preference_data`, each record
     also carrying `_root`, the folder its relative media paths name files in (its data file's
     folder; a `datasets` folder is its own), so train and eval files in two folders may both
-    say images/0.png."""
+    say images/0.png. media: a `mmalign.data.media_checks.MediaPolicy` (paths kept inside the
+    data folder, images verified up front), None = no checks."""
     paths = [path] if isinstance(path, (str, Path)) else list(path)
     parts, kind = _load_parts(paths, kind, format)
-    return Chained(parts, [str(data_folder(p)) for p in paths]), kind
+    roots = [data_folder(p) for p in paths]
+    if media is not None:
+        from mmalign.data.media_checks import guard_parts
+
+        parts = guard_parts(parts, paths, roots, kind, media)
+    return Chained(parts, [str(r) for r in roots]), kind
+
+
+def load_run_split(cfg: Any, split: str, kind: str | None = None) -> tuple[Sequence[dict[str, Any]], str]:
+    """`load_split` of `cfg.data.<split>` ("train" or "eval") under the run's media policy
+    (`data.verify_media`, `data.allow_outside_paths`): what the trainer and `mmalign cache` read."""
+    from mmalign.data.media_checks import media_policy
+
+    return load_split(getattr(cfg.data, split), kind, cfg.data.format, media_policy(cfg))
 
 
 def data_folder(path: str | Path) -> Path:

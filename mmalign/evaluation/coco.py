@@ -13,6 +13,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
+from mmalign.data.jsonl import read_json as read_json_file, read_jsonl_rows
 from mmalign.errors import DataError
 from mmalign.evaluation.chair_reference import ReferenceExtractor
 from mmalign.evaluation.objects import ObjectVocabulary
@@ -24,10 +25,7 @@ def read_json(path: str | Path, what: str) -> Any:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{what} not found: {path}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from e
+    return read_json_file(path)
 
 
 def read_jsonl(path: str | Path, what: str, tolerate_torn_end: bool = False) -> list[dict[str, Any]]:
@@ -36,18 +34,7 @@ def read_jsonl(path: str | Path, what: str, tolerate_torn_end: bool = False) -> 
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{what} not found: {path}")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if tolerate_torn_end and n == len(lines):
-                break
-            raise DataError(f"{path}: line {n} is not valid JSON ({e})") from e
-    return rows
+    return read_jsonl_rows(path, tolerate_torn_end)
 
 
 def _category_names(data: dict[str, Any], path: Path, vocab: Extractor | None) -> dict[Any, str]:

@@ -31,6 +31,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Callable
 
+from mmalign.data.jsonl import iter_jsonl
 from mmalign.errors import DataError
 from mmalign.io import atomic_path, write_jsonl_atomic
 
@@ -80,20 +81,11 @@ def read_manifest(path: str | Path) -> list[dict[str, Any]]:
     path = manifest_path(path)
     if not path.exists():
         raise DataError(f"manifest not found: {path}")
-    lines = path.read_text().split("\n")
     rows, seen = [], set()
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            if i == len(lines) - 1:  # no newline after it: the writer died mid-line
-                break
-            raise DataError(f"{path}: line {i + 1} is not valid JSON ({e})") from e
-        _check(row, f"{path}: line {i + 1}")
+    for n, row in iter_jsonl(path, tolerate_torn_end=True):  # a torn last line: the writer died mid-line
+        _check(row, f"{path}: line {n}")
         if row["id"] in seen:
-            raise DataError(f"{path}: line {i + 1} repeats id {row['id']}")
+            raise DataError(f"{path}: line {n} repeats id {row['id']}")
         seen.add(row["id"])
         rows.append(row)
     return rows

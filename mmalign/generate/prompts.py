@@ -13,10 +13,11 @@ absolute paths, so manifest rows point at the condition images wherever the mani
 from __future__ import annotations
 
 import csv
-import json
+import io
 from pathlib import Path
 from typing import Any
 
+from mmalign.data.jsonl import iter_jsonl, read_text
 from mmalign.data.media import record_images
 from mmalign.errors import DataError
 
@@ -25,7 +26,7 @@ PROMPT_COLUMNS = ("prompt", "Prompt")
 
 
 def _from_txt(path: Path) -> list[dict[str, Any]]:
-    return [{"prompt": line.strip()} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [{"prompt": line.strip()} for line in read_text(path).splitlines() if line.strip()]
 
 
 def _images(values: list[Any], root: Path, where: str) -> list[str]:
@@ -42,15 +43,9 @@ def _images(values: list[Any], root: Path, where: str) -> list[str]:
 
 def _from_jsonl(path: Path) -> list[dict[str, Any]]:
     records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for n, row in iter_jsonl(path):
         where = f"{path}: line {n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where} is not valid JSON ({e})") from e
-        if not isinstance(row, dict) or "prompt" not in row:
+        if "prompt" not in row:
             raise DataError(f"{where}: no 'prompt' key")
         if not isinstance(row["prompt"], (str, list)) or not row["prompt"]:
             raise DataError(f"{where}: 'prompt' must be a non-empty string or a list of chat messages")
@@ -66,7 +61,7 @@ def _from_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def _from_table(path: Path) -> list[dict[str, Any]]:
     delimiter = "\t" if path.suffix == ".tsv" else ","
-    with open(path, newline="", encoding="utf-8") as f:
+    with io.StringIO(read_text(path), newline="") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         columns = reader.fieldnames or []
         column = next((c for c in PROMPT_COLUMNS if c in columns), None)

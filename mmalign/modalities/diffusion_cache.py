@@ -109,12 +109,11 @@ def shard_name(split: str, k: int) -> str:
 # -- the plan: settings and data shape, identical in every process ---------------------------
 def cache_splits(cfg: Any) -> dict[str, tuple[Sequence[dict[str, Any]], str]]:
     """{"train": (records, kind)[, "eval": ...]} read as the trainer reads them."""
-    from mmalign.data.preference import load_split
+    from mmalign.data.preference import load_run_split
 
-    d = cfg.data
-    splits = {"train": load_split(d.train, format=d.format)}
-    if d.eval:
-        splits["eval"] = load_split(d.eval, splits["train"][1], d.format)
+    splits = {"train": load_run_split(cfg, "train")}
+    if cfg.data.eval:
+        splits["eval"] = load_run_split(cfg, "eval", splits["train"][1])
     return splits
 
 

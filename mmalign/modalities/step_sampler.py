@@ -36,6 +36,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mmalign.config import to_dict
+from mmalign.data.jsonl import read_text
 from mmalign.data.preference import StreamSampler, read_records
 from mmalign.errors import ConfigError, DataError
 from mmalign.io import atomic_path
@@ -325,12 +326,12 @@ def load_prompts(settings: Any, section: str = "spo") -> list[str]:
     if not settings.prompts or not path.is_file():
         raise ConfigError(f"{section}.prompts: prompt file not found: '{settings.prompts}' (or give {section}.prompt_list)")
     if path.suffix == ".txt":
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        prompts = [line.strip() for line in read_text(path).splitlines() if line.strip()]
     else:
         rows = read_records(path)
-        bad = [i for i, r in enumerate(rows) if not str(r.get("prompt", "")).strip()]
+        bad = [i for i, r in enumerate(rows) if not isinstance(r.get("prompt"), str) or not r["prompt"].strip()]
         if bad:
-            raise DataError(f"{path}: row {bad[0]} has no 'prompt'")
+            raise DataError(f"{path}: row {bad[0]} has no 'prompt' text (got {rows[bad[0]].get('prompt')!r})")
         prompts = [str(r["prompt"]) for r in rows]
     if not prompts:
         raise DataError(f"{path}: no prompts")

@@ -23,6 +23,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from mmalign.data.jsonl import read_jsonl_rows
 from mmalign.errors import ConfigError, DataError
 from mmalign.io import atomic_path, write_jsonl_atomic
 from mmalign.seeds import ROW, RUN, STEP, mix_seed
@@ -135,8 +136,7 @@ def load_round(folder: Path, fingerprint: str) -> list[dict[str, Any]] | None:
     meta = folder / "meta.json"
     if not meta.is_file() or json.loads(meta.read_text()).get("fingerprint") != fingerprint:
         return None
-    lines = (folder / "records.jsonl").read_text().splitlines()
     try:
-        return with_root([json.loads(line) for line in lines if line.strip()], folder)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{folder / 'records.jsonl'}: not valid jsonl ({e}); delete the round folder") from None
+        return with_root(read_jsonl_rows(folder / "records.jsonl"), folder)
+    except DataError as e:
+        raise DataError(f"{e}; delete the round folder") from None

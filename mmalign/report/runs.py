@@ -72,7 +72,9 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     path = path / "metrics.jsonl" if path.is_dir() else path
     if not path.is_file():
         raise DataError(f"curves: {path} not found (a run's output_dir holds metrics.jsonl)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from mmalign.data.jsonl import read_jsonl_rows
+
+    return read_jsonl_rows(path, tolerate_torn_end=True)  # a torn last line: a run killed mid-write
 
 
 def line_chart_svg(series: Mapping[str, Sequence[tuple[float, float]]], title: str, width: int = 420,

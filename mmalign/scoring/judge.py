@@ -68,6 +68,42 @@ Which response is better? Answer with exactly one line, "Verdict: A", "Verdict: 
 and nothing else."""
 
 
+# Chat-turn markers of common templates (ChatML, Llama 2/3, Gemma, Phi, Zephyr, Mistral): escaped in
+# judged text even where the judge's tokenizer does not list them as special tokens, since a
+# template that writes them as plain text (Llama 2's [INST]) reads them as turns all the same.
+TURN_MARKERS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|start_header_id|>",
+                "<|end_header_id|>", "<|begin_of_text|>", "<start_of_turn>", "<end_of_turn>", "<|user|>",
+                "<|assistant|>", "<|system|>", "<|end|>", "<s>", "</s>", "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")
+_ENTITIES = {"<": "&lt;", ">": "&gt;", "[": "&#91;", "]": "&#93;"}
+
+
+def escape_marker(marker: str) -> str:
+    """`marker` as literal text that no tokenizer reads as the marker: its brackets as HTML
+    entities (`<|im_end|>` -> `&lt;|im_end|&gt;`); a marker without brackets gets a zero-width
+    space after its first character."""
+    escaped = "".join(_ENTITIES.get(c, c) for c in marker)
+    return escaped if escaped != marker else marker[:1] + "\u200b" + marker[1:]
+
+
+def judge_markers(processor: Any) -> tuple[str, ...]:
+    """The strings to neutralise in judged text: the tokenizer's special tokens (its added tokens
+    marked special included) and `TURN_MARKERS`, longest first."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    special = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    special |= {t.content for t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values()
+                if getattr(t, "special", False)}
+    return tuple(sorted({m for m in special | set(TURN_MARKERS) if m}, key=lambda m: (-len(m), m)))
+
+
+def neutralise(text: str, markers: Sequence[str]) -> str:
+    """`text` with every marker of `markers` replaced by `escape_marker(marker)` (one pass, longest
+    match first), so judged text cannot end its turn, open a new one, or stop generation."""
+    if not markers:
+        return text
+    pattern = re.compile("|".join(map(re.escape, markers)))
+    return pattern.sub(lambda m: escape_marker(m.group(0)), text)
+
+
 def parse_pairwise(answer: str) -> str | None:
     """'A', 'B' or 'tie' when the whole stripped answer is `[Verdict:] A|B|tie`; else None."""
     m = _PAIR_RE.fullmatch(answer.strip())
@@ -167,6 +203,7 @@ class JudgeScorer(Scorer):
         self.model, self.processor = model, processor
         self.is_vlm = getattr(processor, "image_processor", None) is not None
         self.image_token = getattr(processor, "image_token", None) if self.is_vlm else None
+        self.markers = tuple(m for m in judge_markers(processor) if m != self.image_token)
         if generate is None:
             from mmalign.generate.text import generate_answers as generate
         self.generate = generate
@@ -181,8 +218,10 @@ class JudgeScorer(Scorer):
 
     # -- prompts ----------------------------------------------------------------------
     def _clean(self, text: str) -> str:
-        """Judged text with the VLM's image placeholder defused (it would add an image slot)."""
-        return text.replace(self.image_token, "[image]") if self.image_token else text
+        """Judged text with the VLM's image placeholder defused (it would add an image slot) and
+        special tokens / chat-turn markers escaped (`neutralise`): they stay literal text."""
+        text = text.replace(self.image_token, "[image]") if self.image_token else text
+        return neutralise(text, self.markers)
 
     def _blocks(self, condition: str, responses: Sequence[Any], images: Sequence[Any], kind: str
                 ) -> tuple[list[str], list[Any], str]:

@@ -50,6 +50,29 @@ def _batches(groupwise: bool, rows: list[dict[str, Any]], column: str, batch_siz
     return [rs[i:i + batch_size] for rs in by_kind.values() for i in range(0, len(rs), batch_size)]
 
 
+def _check_provenance(spec: Any, rows: list[dict[str, Any]], column: str, path: Path) -> bool:
+    """Record the scorer's fingerprint for `column` (mmalign/scoring/provenance.py); a column made
+    by another scorer (or of unknown origin) is dropped from every row and the manifest saved
+    BEFORE the new fingerprint is recorded, so no kill can leave old values under the new one.
+    Returns True when the column was dropped (everything is rescored)."""
+    from mmalign.generate.manifest import write_manifest
+    from mmalign.scoring.provenance import read_provenance, scorer_fingerprint, stale_column, write_provenance
+
+    fingerprint = scorer_fingerprint(spec)
+    provenance = read_provenance(path)
+    why = stale_column(rows, column, provenance.get(column), fingerprint)
+    if why is not None:
+        print(f"[mmalign] score: recomputing {column} of {path}: {why}")
+        for row in rows:
+            row.pop(column, None)
+        write_manifest(rows, path)
+    if provenance.get(column, {}).get("fingerprint") != fingerprint:
+        options = "".join(f",{k}={v}" for k, v in sorted(spec.options.items()))
+        provenance[column] = {"fingerprint": fingerprint, "spec": f"{spec.name}={spec.path}{options}"}
+        write_provenance(path, provenance)
+    return why is not None
+
+
 def _run_scorer(spec: Any, rows: list[dict[str, Any]], path: Path, batch_size: int, device: str,
                 overwrite: bool) -> str:
     """Fill `score_<column>` for the rows that need it; returns this scorer's summary fragment."""
@@ -64,6 +87,7 @@ def _run_scorer(spec: Any, rows: list[dict[str, Any]], path: Path, batch_size: i
     bad = sorted({r["kind"] for r in rows} - set(cls.kinds))
     if bad:
         raise DataError(f"{path}: scorer {spec.name} scores {'/'.join(cls.kinds)} samples, the manifest has {bad}")
+    overwrite = _check_provenance(spec, rows, column, path) or overwrite
     batches = _batches(cls.is_groupwise(spec.options), rows, column, batch_size, overwrite)
     if not batches:
         return f"{spec.column}: 0 new ({len(rows)} kept)"

@@ -190,8 +190,9 @@ def vlm_steps(out: Path, s: DemoSettings) -> list[Step]:
                    pairs / "existence.jsonl")]
     train_files = [pairs / "inject.jsonl", pairs / "corrupt.jsonl", pairs / "existence.jsonl"]
     models = {"base": "pkg://toyworld/captioner"}
+    # the builders point at the scene images as ../scenes/images/...: outside the pairs' folder
     common = {"data.train": f"[{', '.join(map(str, train_files))}]", "train.max_steps": s.vlm_steps,
-              "train.batch_size": s.vlm_batch, "train.seed": s.seed}
+              "train.batch_size": s.vlm_batch, "train.seed": s.seed, "data.allow_outside_paths": "true"}
     for name, extra in VLM_RUNS.items():
         steps.append(_train(VLM_CONFIG, d / name, {**common, **extra, "train.output_dir": d / name}))
         steps.append(Step("mmalign", ["export", str(d / name), "--to", str(d / f"{name}_model"), "--format", "merged"],

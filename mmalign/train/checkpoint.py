@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from mmalign.errors import CheckpointError
-from mmalign.io import atomic_path, clean_stale_tmp, fsync_dir, fsync_path
+from mmalign.io import atomic_path, clean_stale_tmp, disk_full_error, fsync_dir, fsync_path
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -54,6 +54,29 @@ def _atomic_write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def _write_files(tmp: Path, model: torch.nn.Module, trainer_state: dict[str, Any], info: dict[str, Any],
+                 reference: torch.nn.Module | None) -> None:
+    """The files of a checkpoint into `tmp`, fsynced; a full disk is an `OSError(ENOSPC)` naming
+    the file being written (the previous checkpoint stays the latest)."""
+    target = tmp / "model.safetensors"
+    try:
+        save_file(trainable_state(model), str(target))
+        if reference is not None:
+            target = tmp / "reference.safetensors"
+            save_model(reference, str(target))  # handles tied (shared) weights
+        target = tmp / "trainer.pt"
+        torch.save(trainer_state, target)
+        target = tmp / "state.json"
+        target.write_text(json.dumps(info, indent=2, default=str))
+        fsync_path(tmp)  # every file's bytes on disk before the rename makes the folder visible
+    except Exception as e:
+        full = disk_full_error(e, target)
+        if full is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # free what the partial checkpoint took
+        raise full from e
+
+
 def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, trainer_state: dict[str, Any],
                     info: dict[str, Any], reference: torch.nn.Module | None = None, keep_last: int = 2) -> Path:
     """Write checkpoint `step` atomically and prune older ones (keeping `keep_last`)."""
@@ -63,12 +86,7 @@ def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, t
     tmp = root / f".step_{step:08d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / "model.safetensors"))
-    if reference is not None:
-        save_model(reference, str(tmp / "reference.safetensors"))  # handles tied (shared) weights
-    torch.save(trainer_state, tmp / "trainer.pt")
-    (tmp / "state.json").write_text(json.dumps(dict(info, step=step), indent=2, default=str))
-    fsync_path(tmp)  # every file's bytes on disk before the rename makes the folder visible
+    _write_files(tmp, model, trainer_state, dict(info, step=step), reference)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mmalign.config import Config, to_dict
-from mmalign.data.preference import StreamSampler, load_split, mismatched
+from mmalign.data.preference import StreamSampler, load_run_split, mismatched
 from mmalign.errors import ConfigError, NonFiniteLossError
 from mmalign.losses_combined import loss_spec_for
 from mmalign.online.guards import check_refresh, round_kl
@@ -70,8 +70,8 @@ class PreferenceTrainer:
         # source replaces them (and the sampler) with each round it returns (`train_step`).
         d = cfg.data
         self.records: Sequence[dict[str, Any]]
-        self.records, self.kind = ([], source.kind) if source is not None else load_split(d.train, format=d.format)
-        self.eval_records = load_split(d.eval, self.kind, d.format)[0] if d.eval else []
+        self.records, self.kind = ([], source.kind) if source is not None else load_run_split(cfg, "train")
+        self.eval_records = load_run_split(cfg, "eval", self.kind)[0] if d.eval else []
         self.ref_values: dict[str, list[list[float]] | None] = {"train": None, "eval": None}
         self.strategy = resolve_strategy(cfg, self.loss_spec, likelihood)
         check_refresh(cfg, self.strategy)
