@@ -13,7 +13,8 @@ real preference data. Nothing is truncated on either side (mmalign `data.max_len
 `max_length` None): both score every token.
 
 Sides (each in a fresh interpreter, as `python -m benchmarks`): `mmalign` (its defaults: the
-chunked LM head), `mmalign_packed` (plus `data.padding_free`), `trl` (DPOTrainer with every
+chunked LM head), `mmalign_packed` (plus `data.padding_free`), `mmalign_full_logits`
+(`model.lm_head_chunk: 0`, the path before issue 20), `trl` (DPOTrainer with every
 default that differs from mmalign's matched: fp32, torch AdamW, constant lr, no gradient
 checkpointing, sequential order) and `trl_gc` (the same with TRL's default gradient
 checkpointing on: its memory option). Rates are pairs/s after the warm-up steps; memory is the
@@ -119,11 +120,12 @@ def load_settings(workdir: Path) -> Settings:
     return Settings(**{f.name: data[f.name] for f in fields(Settings)})
 
 
-def run_mmalign(workdir: Path, s: Settings, padding_free: bool = False) -> dict[str, Any]:
+def run_mmalign(workdir: Path, s: Settings, padding_free: bool = False, chunk: int = 1024) -> dict[str, Any]:
     from benchmarks.text_dpo import mmalign_steps
 
     return mmalign_steps(workdir, s, data={"train": str(workdir / "pairs.jsonl"), "max_length": s.max_length,
-                                           "padding_free": padding_free})
+                                           "padding_free": padding_free},
+                         model={"path": str(workdir / "model"), "dtype": "float32", "lm_head_chunk": chunk})
 
 
 def run_trl(workdir: Path, s: Settings, checkpointing: bool = False) -> dict[str, Any]:
@@ -146,6 +148,7 @@ def run_trl(workdir: Path, s: Settings, checkpointing: bool = False) -> dict[str
 SIDES = {
     "mmalign": run_mmalign,
     "mmalign_packed": lambda w, s: run_mmalign(w, s, padding_free=True),
+    "mmalign_full_logits": lambda w, s: run_mmalign(w, s, chunk=0),
     "trl": run_trl,
     "trl_gc": lambda w, s: run_trl(w, s, checkpointing=True),
 }
