@@ -220,3 +220,24 @@ def test_dpo_step_and_export_load_with_from_pretrained(name, folders, shapes, tm
         adapter = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(folder),
                                             str(tmp_path / "adapter")).eval()
         torch.testing.assert_close(adapter(**x).logits, trained, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_chunked_lm_head_equals_full_logits_and_gradients(name, folders, shapes):
+    """model.lm_head_chunk (issue 20): the answer tokens through the head in chunks give the full
+    logits' log-probs and gradients (Gemma 3's soft-capping included), checked once per model."""
+    recs = records(shapes["one"])[:2]
+    results = []
+    for chunk in (0, 3):
+        model, lik, _ = built(name, folders, shapes, "lora.enabled=false", f"model.lm_head_chunk={chunk}")
+        model.zero_grad()
+        out = lik.logps(model, lik.collate(recs, "pair"))
+        out.logps.sum().backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        results.append((out.logps.detach(), grads, lik.checked))
+    (full, g_full, checked_full), (mine, g_mine, checked) = results
+    assert checked_full == {} and list(checked.values()) == [(False, True)]
+    torch.testing.assert_close(mine, full, rtol=0, atol=1e-5)
+    assert g_mine.keys() == g_full.keys() and g_full
+    for k in g_full:
+        torch.testing.assert_close(g_mine[k], g_full[k], rtol=1e-4, atol=1e-6, msg=k)

@@ -40,6 +40,7 @@ from __future__ import annotations
 import copy
 import inspect
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -51,6 +52,7 @@ from mmalign.data.preference import batch_fields, flatten
 from mmalign.errors import ConfigError, DataError
 from mmalign.layout import batch_slots
 from mmalign.modalities.causal_lm import CausalLMLikelihood, log_square_mass, selective_log_softmax
+from mmalign.modalities.lm_head import captured_hidden, chunked_token_logps, language_model, logit_transform
 from mmalign.tensors import right_pad_cat
 from mmalign.types import Draw, LogpOutput, PreferenceBatch
 
@@ -77,14 +79,16 @@ class LlavaLikelihood(CausalLMLikelihood):
     chat_template: None uses the processor's (or tokenizer's) template when there is one;
         True requires one; False uses the plain prompt.
     roots: folders that relative image paths are resolved against, first match wins.
+    lm_head_chunk: answer tokens per LM-head chunk (`model.lm_head_chunk`; 0: full logits).
     """
 
     deterministic = True  # no randomness: a precomputed reference is exact
 
     def __init__(self, processor: Any, config: Any = None, max_length: int = 2048, max_prompt_length: int = 0,
-                 chat_template: bool | None = None, roots: Sequence[str | Path] = ()) -> None:
+                 chat_template: bool | None = None, roots: Sequence[str | Path] = (), lm_head_chunk: int = 0) -> None:
         tokenizer = getattr(processor, "tokenizer", processor)
-        super().__init__(tokenizer, max_length, max_prompt_length, chat_template=bool(chat_template))
+        super().__init__(tokenizer, max_length, max_prompt_length, chat_template=bool(chat_template),
+                         lm_head_chunk=lm_head_chunk)
         self.processor, self.config = processor, config
         self.use_template = chat_template
         self.roots = [Path(r) for r in roots]
@@ -270,7 +274,9 @@ class LlavaLikelihood(CausalLMLikelihood):
     def logps(self, model: torch.nn.Module, batch: PreferenceBatch, draw: Draw | None = None) -> LogpOutput:
         """Sum of answer-token log-probs per item: logps (N,), tokens (N,), token_logps and
         token_mask (N, K): the last K = T - s - 1 positions, s + 1 the first answer position
-        of any row (logits are only computed from position s on)."""
+        of any row (logits are only computed from position s on). With `lm_head_chunk` > 0 the
+        answer tokens go through the head in chunks (`lm_head.chunked_token_logps`), once checked
+        on the model's first batch to give the full path's log-probs."""
         x = batch.inputs
         loss_mask = x["loss_mask"]
         width = loss_mask.shape[1]
@@ -278,20 +284,51 @@ class LlavaLikelihood(CausalLMLikelihood):
         kwargs = {k: v for k, v in x.items() if k != "loss_mask"}
         if self._accepts_logits_to_keep(model):
             kwargs["logits_to_keep"] = width - start
+        labels = x["input_ids"][:, start + 1:]
+        mask = loss_mask[:, start + 1:].to(torch.float32)
+        chunked = self.lm_head_chunk > 0 and self._chunk_checked(model, batch, kwargs, width - start, labels, mask)
+        token_logps, square = self._token_logps(model, batch, kwargs, width - start, labels, mask, chunked)
+        return LogpOutput(logps=token_logps.sum(-1), tokens=mask.sum(-1), token_logps=token_logps, token_mask=mask,
+                          token_log_sq_mass=square)
+
+    def _token_logps(self, model: torch.nn.Module, batch: PreferenceBatch, kwargs: dict[str, Any], keep: int,
+                     labels: Tensor, mask: Tensor, chunked: bool) -> tuple[Tensor, Tensor | None]:
+        """(token_logps, log square mass or None) of the last `keep` positions, chunked or full."""
         try:
-            logits = model(**kwargs, use_cache=False).logits
+            if chunked:
+                with captured_hidden(model) as (capture, head):
+                    model(**kwargs, use_cache=False)
+                hidden = capture.hidden[:, -keep:]
+                return chunked_token_logps(hidden[:, :-1], head, labels, mask, self.lm_head_chunk, self.transform,
+                                           self.square_mass)
+            logits = model(**kwargs, use_cache=False).logits[:, -keep:]
         except ValueError as e:
             if "do not match" not in str(e):
                 raise
             raise DataError(f"examples {batch.index.tolist()}: {e}; check the processor against the model "
                             "config (patch_size, num_additional_image_tokens, vision_feature_select_strategy)") from e
-        logits = logits[:, -(width - start):]
-        labels = x["input_ids"][:, start + 1:]
-        mask = loss_mask[:, start + 1:].to(torch.float32)
         token_logps = selective_log_softmax(logits[:, :-1], labels) * mask
-        square = log_square_mass(logits[:, :-1]) * mask if self.square_mass else None
-        return LogpOutput(logps=token_logps.sum(-1), tokens=mask.sum(-1), token_logps=token_logps, token_mask=mask,
-                          token_log_sq_mass=square)
+        return token_logps, (log_square_mass(logits[:, :-1]) * mask if self.square_mass else None)
+
+    def _chunk_checked(self, model: torch.nn.Module, batch: PreferenceBatch, kwargs: dict[str, Any], keep: int,
+                       labels: Tensor, mask: Tensor) -> bool:
+        """Whether the chunked head gives `model`'s full-logits log-probs, checked once per model on
+        its first batch (eval mode, no grad); a model whose logits go through a transform
+        `LogitTransform` does not know uses the full logits, with a warning."""
+        key = id(language_model(model))
+        if key not in self.checked:
+            from mmalign.nn import eval_mode
+
+            self.transform = logit_transform(language_model(model).config)
+            with torch.no_grad(), eval_mode(model):
+                full, _ = self._token_logps(model, batch, kwargs, keep, labels, mask, False)
+                mine, _ = self._token_logps(model, batch, kwargs, keep, labels, mask, True)
+            ok = bool(torch.allclose(full, mine, atol=1e-4 * max(1.0, float(mask.sum())), rtol=1e-4))
+            if not ok:
+                warnings.warn(f"model.lm_head_chunk: {type(language_model(model)).__name__} transforms its logits in "
+                              "a way mmalign does not know; log-probs use the full logits")
+            self.checked[key] = (False, ok)
+        return self.checked[key][1]
 
 
 # -- LoRA on the language model only ---------------------------------------------------------
@@ -357,5 +394,5 @@ def build(cfg: Any, parts: Sequence[str] = VISION_PARTS,
     if cfg.lora.enabled:
         restrict_lora_to_language_model(model, cfg.lora, parts)
     likelihood = LlavaLikelihood(processor, model.config, cfg.data.max_length, cfg.data.max_prompt_length,
-                                 True if cfg.data.chat_template else None, data_roots(cfg))
+                                 True if cfg.data.chat_template else None, data_roots(cfg), cfg.model.lm_head_chunk)
     return model, likelihood, processor
