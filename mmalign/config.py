@@ -651,11 +651,9 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 PACKAGE_PREFIX = "pkg://"
 
 
-def resolve_path(path: str) -> str:
-    """`pkg://NAME` points into the files shipped with mmalign (mmalign/data/NAME);
-    anything else is a local path, returned unchanged (no hub downloads)."""
-    if not path:
-        raise ConfigError("model.path is empty: give a local directory (no downloads here)")
-    if path.startswith(PACKAGE_PREFIX):
-        return str(Path(__file__).parent / "data" / path[len(PACKAGE_PREFIX):])
-    return path
+def resolve_path(path: str, what: str = "model.path") -> str:
+    """`pkg://NAME` (files shipped with mmalign), a local path, or a Hub id `org/name[@revision]`
+    resolved to its snapshot folder in the user's cache (mmalign/hub.py; HF_HUB_OFFLINE honoured)."""
+    from mmalign.hub import resolve_path as resolve
+
+    return resolve(path, what)
