@@ -25,6 +25,10 @@ from mmalign.config import Config, to_dict
 from mmalign.hub import is_hub_id
 
 CONFIG_FILE = "mmalign_config.yaml"
+NOTATION = ("Notation: log-likelihoods log p(y|x) of the chosen (c) and rejected (r) output under the policy "
+            "and the frozen reference; hc = log p_policy(c) - log p_ref(c), hr the same for r, d = hc - hr, "
+            "sigma the logistic function. For diffusion and flow models log p is the implicit (ELBO) "
+            "log-likelihood -0.5 * mse of the denoising target at a shared timestep and noise.")
 METRIC_ORDER = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
                 "logps/chosen", "logps/rejected")
 
@@ -85,10 +89,10 @@ def render_card(cfg: Config, metrics: dict[str, float], fmt: str, load: str, lib
     return "\n".join([
         _header(cfg, library),
         f"# {cfg.modality} aligned with {cfg.loss.name if isinstance(cfg.loss.name, str) else ' + '.join(cfg.loss.name)}",
-        "", f"Trained with [mmalign](https://github.com/) and exported as `{fmt}`.", "",
+        "", f"Trained with mmalign (preference alignment) and exported as `{fmt}`.", "",
         "## Base model", "", f"- base model: `{cfg.model.path}`", f"- family: `{cfg.modality}`",
         f"- LoRA: {'yes' if cfg.lora.enabled else 'no (full fine-tune)'}", "",
-        "## Method and loss", "", *loss_description(cfg), "",
+        "## Method and loss", "", *loss_description(cfg), "", NOTATION, "",
         "## Data", "", f"- train: `{data}`" if data else f"- train: {online}",
         *( [f"- held out: `{cfg.data.eval}`"] if cfg.data.eval else []), f"- format: `{cfg.data.format}`", "",
         "## Hyperparameters", "", "| key | value |", "|---|---|", hyper, "",
@@ -101,7 +105,7 @@ def render_card(cfg: Config, metrics: dict[str, float], fmt: str, load: str, lib
 
 def write_card(folder: Path, cfg: Config, output_dir: Path, fmt: str, load: str, library: str) -> None:
     """README.md and mmalign_config.yaml into the export `folder`."""
-    config = to_dict(dataclasses.replace(cfg))
+    config = to_dict(cfg)
     config.pop("source", None)
     (folder / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
     card = render_card(cfg, final_metrics(output_dir / "metrics.jsonl"), fmt, load, library)
@@ -119,4 +123,4 @@ def push_to_hub(folder: Path, repo: str, private: bool = False, message: str = "
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None)
     api.create_repo(repo, private=private, exist_ok=True)
     info = api.upload_folder(repo_id=repo, folder_path=str(folder), commit_message=message or "Upload with mmalign")
-    return str(getattr(info, "commit_url", info))
+    return info.commit_url

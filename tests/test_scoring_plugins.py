@@ -194,3 +194,12 @@ def test_http_scorer_gives_up_after_retries():
         with pytest.raises(RemoteScorerError, match="no answer after 3 tries \\(last: HTTP 500\\)"):
             scorer.score(["p"], ["t"])
         assert math.isfinite(scorer.score(["p"], ["abc"]).item())  # the plan is spent: it answers again
+
+
+def test_online_scorer_takes_a_plugin(user_file):
+    from mmalign.online.rounds import load_scorers
+
+    ((spec, scorer),) = load_scorers([f"python:{user_file}:LengthTimes=1,as=len"], "text", "cpu")
+    assert spec.column == "len" and scorer.score(["p"], ["abc"]).tolist() == [3.0]
+    with pytest.raises(ConfigError, match="scores text samples; this modality samples image"):
+        load_scorers([f"python:{user_file}:LengthTimes=1"], "image", "cpu")
