@@ -13,7 +13,6 @@ endpoint HF_ENDPOINT names (read at call time), with the token huggingface_hub f
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path

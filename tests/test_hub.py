@@ -88,3 +88,19 @@ def test_bad_name_is_one_line(hub_cache, capsys):
     assert "model.path 'nobody/nothing': no local folder" in err and "HF_HUB_OFFLINE=1" in err
     assert "Traceback" not in err and "internet connection" not in err
     assert resolve_path("./no/such/folder") == "./no/such/folder"  # a path-looking name is left to its loader
+
+
+def test_diffusers_repo_skips_root_single_file_checkpoints(monkeypatch):
+    """Online, a repo with model_index.json downloads its component folders, not the root's
+    single-file checkpoint (FLUX.1-dev ships both); other repos download whole."""
+    import huggingface_hub
+
+    from mmalign.hub import _allow_patterns
+
+    listings = {"bfl/flux": ["model_index.json", "flux1-dev.safetensors", "ae.safetensors", "README.md",
+                             "transformer/diffusion_pytorch_model.safetensors", "vae/config.json"],
+                "org/lm": ["config.json", "model.safetensors"]}
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo, revision=None: listings[repo])
+    assert _allow_patterns("bfl/flux", None) == ["model_index.json", "README.md",
+                                                 "transformer/diffusion_pytorch_model.safetensors", "vae/config.json"]
+    assert _allow_patterns("org/lm", "v1") is None
