@@ -161,6 +161,9 @@ class TrainConfig:
     skip_nonfinite_steps: int = 0
     cpu: bool = False  # force CPU even when an accelerator is present
     tensorboard: bool = True  # also log to TensorBoard when it is installed
+    # experiment trackers through accelerate (tensorboard, wandb, trackio, mlflow): scalars as train/<key>,
+    # eval/<key>, validation images as media; metrics.jsonl is written regardless (mmalign/train/trackers.py)
+    report_to: list[str] = field(default_factory=list)
     progress: bool = True
     # torch.compile backend for the trained model: "" = off, "inductor" (kernels fused; the first
     # steps are slow while it compiles), "aot_eager" (graph capture only: checks a model compiles).
@@ -513,6 +516,10 @@ def validate(cfg: Config) -> None:
     for name in ("max_steps", "batch_size", "grad_accum", "eval_batch_size"):
         if getattr(t, name) < 1:
             raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")
+    if t.report_to:
+        from mmalign.train.trackers import check_report_to
+
+        check_report_to(t.report_to)
     if cfg.loss.dense_gamma < 0:
         raise ConfigError(f"loss.dense_gamma must be >= 0 (0 = off), got {cfg.loss.dense_gamma}")
     if cfg.loss.dense_gamma and cfg.reference.strategy == "precomputed":
@@ -711,11 +718,9 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 PACKAGE_PREFIX = "pkg://"
 
 
-def resolve_path(path: str) -> str:
-    """`pkg://NAME` points into the files shipped with mmalign (mmalign/data/NAME);
-    anything else is a local path, returned unchanged (no hub downloads)."""
-    if not path:
-        raise ConfigError("model.path is empty: give a local directory (no downloads here)")
-    if path.startswith(PACKAGE_PREFIX):
-        return str(Path(__file__).parent / "data" / path[len(PACKAGE_PREFIX):])
-    return path
+def resolve_path(path: str, what: str = "model.path") -> str:
+    """`pkg://NAME` (files shipped with mmalign), a local path, or a Hub id `org/name[@revision]`
+    resolved to its snapshot folder in the user's cache (mmalign/hub.py; HF_HUB_OFFLINE honoured)."""
+    from mmalign.hub import resolve_path as resolve
+
+    return resolve(path, what)

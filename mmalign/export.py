@@ -332,11 +332,14 @@ def _commit(tmp: Path, out: Path) -> None:
 
 def export_run(target: str | Path, out: str | Path, fmt: str = "auto", source: str = "auto",
                dtype: str | None = None, overwrite: bool = False,
-               overrides: list[str] | None = None) -> dict[str, Any]:
-    """Export run `target` (run folder or YAML config) to the folder `out` atomically.
+               overrides: list[str] | None = None, card: bool = True, push_to_hub: str = "",
+               private: bool = False) -> dict[str, Any]:
+    """Export run `target` (run folder or YAML config) to the folder `out` atomically, with a
+    model card (README.md + mmalign_config.yaml, mmalign/model_card.py) unless `card` is False;
+    then upload it to the Hub model repo `push_to_hub` when given.
 
-    Returns a summary: format, source folder, step (checkpoints), files written, MB and the call
-    that loads the export."""
+    Returns a summary: format, source folder, step (checkpoints), files written, MB, the call
+    that loads the export and the pushed commit's URL ("" without a push)."""
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"export: --dtype '{dtype}' is not one of {', '.join(DTYPES)}")
     run, out = find_run(target, source, overrides), Path(out)
@@ -349,9 +352,19 @@ def export_run(target: str | Path, out: str | Path, fmt: str = "auto", source: s
         write_export(model, processor, run.cfg, family, fmt, tmp, torch_dtype)
         plain = model.get_base_model() if hasattr(model, "get_base_model") else model
         hint = load_hint(family, fmt, type(plain).__name__)
+        if card:
+            from mmalign.model_card import write_card
+
+            library = "diffusers" if _is_diffusers(model) else ("peft" if fmt == "lora" else "transformers")
+            write_card(tmp, run.cfg, run.output_dir, fmt, hint, library)
         sizes = [p.stat().st_size for p in tmp.rglob("*") if p.is_file()]
         _commit(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    pushed = ""
+    if push_to_hub:
+        from mmalign.model_card import push_to_hub as push
+
+        pushed = push(out, push_to_hub, private, f"mmalign export ({fmt}) of {run.output_dir.name}")
     return {"format": fmt, "modality": run.cfg.modality, "source": str(run.weights), "step": run.step,
-            "out": str(out), "files": len(sizes), "mb": sum(sizes) / 2**20, "load": hint}
+            "out": str(out), "files": len(sizes), "mb": sum(sizes) / 2**20, "load": hint, "pushed": pushed}

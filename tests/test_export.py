@@ -82,7 +82,7 @@ def export(run, out, *args):
 def test_lora_export_loads_with_load_lora_weights_and_equals_the_trained_unet(sdxl_lora_run, tmp_path):
     out = tmp_path / "lora"
     assert export(sdxl_lora_run["run"], out, "--format", "lora") == 0
-    assert [p.name for p in out.iterdir()] == ["pytorch_lora_weights.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "mmalign_config.yaml", "pytorch_lora_weights.safetensors"]
     keys = load_file(str(out / "pytorch_lora_weights.safetensors"))
     assert keys and all(k.startswith("unet.") and (".lora.down." in k or ".lora.up." in k) for k in keys)
     pipe = base_pipeline(sdxl_lora_run, tmp_path)

@@ -308,6 +308,9 @@ class LocalRewriter:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from mmalign.config import resolve_path
+
+        path = resolve_path(str(path), "rewriter model")  # a local folder, pkg://NAME or a Hub id
         if not Path(path).is_dir():
             raise DataError(f"rewriter model folder not found: {path}")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -57,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="N seeded samples per prompt into a manifest: mmalign generate --model DIR "
                                         "--prompts FILE --out DIR --num-samples N [--set key=value ...]")
     p.add_argument("--config", help="YAML file with the same options (flags override it; 'sampling:' mapping)")
-    p.add_argument("--model", help="local model folder: diffusers pipeline, causal LM or VLM (or pkg://NAME)")
+    p.add_argument("--model", help="model: local folder (diffusers pipeline, causal LM or VLM), pkg://NAME or Hub id org/name[@revision]")
     p.add_argument("--prompts", help="prompt file: .txt (one per line), .jsonl, .csv/.tsv with a prompt column")
     p.add_argument("--out", help="output folder (manifest.jsonl + media/); rerun to resume")
     p.add_argument("--num-samples", dest="num_samples", type=int, help="samples per prompt (default 1)")

@@ -25,7 +25,6 @@ mmalign.scoring) is wrapped by `TimestepAgnostic`.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import inspect
 import json
 from pathlib import Path
@@ -92,18 +91,16 @@ def load_step_scorer(spec: str, cfg: Any) -> StepScorer:
     `score` takes no timesteps is wrapped with `TimestepAgnostic`."""
     if spec in BUILTIN_SCORERS:
         scorer = BUILTIN_SCORERS[spec]()
-    elif "=" in spec:
+    elif "=" in spec or spec.startswith("python:"):  # python:REF: a user's Scorer (mmalign/scoring/plugin.py)
         from mmalign.scoring import load_scorer
 
         scorer = load_scorer(spec)
         if not getattr(scorer, "takes_timesteps", False):  # step_aware=FOLDER scores at the candidate's t
             return TimestepAgnostic(scorer, pil=True)
     elif ":" in spec:
-        module, _, name = spec.partition(":")
-        try:
-            scorer = getattr(importlib.import_module(module), name)(cfg)
-        except (ImportError, AttributeError) as e:
-            raise ConfigError(f"spo.scorer '{spec}' cannot be loaded: {e}") from e
+        from mmalign.scoring.plugin import import_object
+
+        scorer = import_object(spec, "spo.scorer")(cfg)
     else:
         raise ConfigError(f"spo.scorer '{spec}': use a built-in ({', '.join(BUILTIN_SCORERS)}) or module:function")
     params = [p for p in inspect.signature(scorer.score).parameters.values()

@@ -17,6 +17,10 @@
     text_length text_stats:TextLengthScorer  answer length in words | chars (PATH), or -|len - target|;
                 a programmatic test/demo scorer for text (nothing is loaded)
 
+    http        remote:HttpScorer         whatever the server at PATH (a URL) answers; options timeout, retries
+    python:REF  plugin                   a user's class or function (`python:pkg.mod:Name=ARG`,
+                                         `python:/path/file.py:fn`), mmalign/scoring/plugin.py
+
 A scorer spec (the `mmalign score --scorer` syntax) is `NAME=PATH[,key=value...][:weight]`:
 `pickscore=/models/PickScore_v1,processor=/models/CLIP-ViT-H-14:1.0`. Options are passed to
 the class as keyword arguments (values read as YAML scalars: 16 -> int, true -> bool); the
@@ -51,6 +55,7 @@ SCORERS: dict[str, str] = {
     "text_length": "mmalign.scoring.text_stats:TextLengthScorer",
     "annotations": "mmalign.scoring.annotations:AnnotationScorer",
     "claims": "mmalign.scoring.claims:ClaimJudgeScorer",
+    "http": "mmalign.scoring.remote:HttpScorer",
 }
 
 
@@ -78,22 +83,37 @@ def _option_value(text: str) -> Any:
     return value if isinstance(value, (bool, int, float)) else text  # paths, names, 'null' stay text
 
 
+def _split_weight(name: str, rest: str) -> tuple[str, float]:
+    """`rest` without a trailing `:weight`, and the weight (1.0 without one). A URL's port is no
+    weight: `http=http://host:8000` keeps its port, `http=http://host:8000/score:0.5` weighs 0.5."""
+    head, sep, tail = rest.rpartition(":")
+    if not sep:
+        return rest, 1.0
+    try:
+        weight = float(tail)
+    except ValueError:
+        return rest, 1.0
+    url = head.split(",")[0]
+    if "://" in url and "/" not in url.split("://", 1)[1]:
+        return rest, 1.0  # the tail is the URL's port
+    return head, weight
+
+
 def parse_spec(spec: str) -> ScorerSpec:
     """'hpsv21=/m/HPS_v2.1_compressed.pt,dtype=float16:0.5' -> ScorerSpec(name, path, options, weight).
-    The weight is a trailing `:number` (a path's own colons are kept)."""
-    if "=" not in spec:
+    The weight is a trailing `:number` (a path's own colons are kept). `python:REF[=ARG...]` names a
+    user's scorer (mmalign/scoring/plugin.py); its column defaults to REF's last name, lower-cased."""
+    from mmalign.scoring.plugin import PREFIX
+
+    plugin = spec.startswith(PREFIX)
+    if "=" not in spec and not plugin:
         raise ConfigError(f"scorer spec {spec!r}: expected NAME=PATH[,key=value...][:weight]")
-    name, rest = spec.split("=", 1)
-    name = name.strip().lower()
-    if name not in SCORERS:
-        raise ConfigError(f"scorer spec {spec!r}: unknown scorer {name!r}; known: {', '.join(SCORERS)}")
-    weight = 1.0
-    head, sep, tail = rest.rpartition(":")
-    if sep:
-        try:
-            weight, rest = float(tail), head
-        except ValueError:
-            pass
+    name, _, rest = spec.partition("=")
+    name = name.strip() if plugin else name.strip().lower()
+    if not plugin and name not in SCORERS:
+        raise ConfigError(f"scorer spec {spec!r}: unknown scorer {name!r}; known: {', '.join(SCORERS)}, "
+                          "python:module:Name, http=URL")
+    rest, weight = _split_weight(name, rest) if rest else (rest, 1.0)
     path, *pairs = rest.split(",")
     options: dict[str, Any] = {}
     for pair in pairs:
@@ -101,18 +121,23 @@ def parse_spec(spec: str) -> ScorerSpec:
         if not eq or not key.strip():
             raise ConfigError(f"scorer spec {spec!r}: option {pair!r} is not key=value")
         options[key.strip()] = _option_value(value.strip())
-    column = str(options.pop("as", name))
-    if not path:
+    column = str(options.pop("as", name.rpartition(":")[2].lower() if plugin else name))
+    if not path and not plugin:
         raise ConfigError(f"scorer spec {spec!r}: no PATH")
     if not math.isfinite(weight):
         raise ConfigError(f"scorer spec {spec!r}: weight {weight} is not finite")
-    return ScorerSpec(name, path, options, weight, column)
+    return ScorerSpec(name, path.strip(), options, weight, column)
 
 
 def scorer_class(name: str) -> type:
-    """The class registered under `name` (imported on demand: heavy libraries load only then)."""
+    """The class registered under `name` (imported on demand: heavy libraries load only then),
+    or the user's class behind `python:REF` (a function wrapped as a FunctionScorer)."""
+    from mmalign.scoring.plugin import PREFIX, plugin_class
+
+    if name.startswith(PREFIX):
+        return plugin_class(name)
     if name not in SCORERS:
-        raise ConfigError(f"unknown scorer {name!r}; known: {', '.join(SCORERS)}")
+        raise ConfigError(f"unknown scorer {name!r}; known: {', '.join(SCORERS)}, python:module:Name")
     module, cls = SCORERS[name].split(":")
     return getattr(importlib.import_module(module), cls)
 
@@ -120,7 +145,11 @@ def scorer_class(name: str) -> type:
 def load_scorer(spec: str | ScorerSpec, **defaults: Any) -> Any:
     """A scorer instance from a spec; `defaults` (device, batch_size, ...) apply unless the spec
     sets them. An option the class does not take is a ConfigError naming it."""
+    from mmalign.scoring.plugin import PREFIX, load_plugin
+
     spec = parse_spec(spec) if isinstance(spec, str) else spec
+    if spec.name.startswith(PREFIX):
+        return load_plugin(spec.name, spec.path, spec.options, defaults)
     cls = scorer_class(spec.name)
     params = inspect.signature(cls.__init__).parameters
     accepted = {k for k, p in params.items() if p.kind is p.KEYWORD_ONLY}

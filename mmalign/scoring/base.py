@@ -1,6 +1,6 @@
 """The Scorer contract and the small helpers every scorer shares (DESIGN.md, "Scorer").
 
-A scorer loads from local paths only (no network) and maps N (condition, output) pairs to N
+A scorer loads from a local path, pkg://NAME or a Hub id (mmalign/hub.py) and maps N (condition, output) pairs to N
 numbers: `score(conditions, outputs) -> Tensor (N,)`, float32 on the CPU, NaN where it could
 not score (e.g. a judge answer that did not parse). Higher is better for every scorer.
 """
@@ -31,13 +31,13 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 
 def require_path(path: str | Path, what: str) -> Path:
-    """`path` as a Path; a ConfigError naming `what` when it does not exist (no hub names:
-    scorers never download)."""
+    """`path` as a Path: a local file or folder, pkg://NAME, or a Hub id org/name[@revision]
+    (its snapshot folder, mmalign/hub.py); a ConfigError naming `what` when it does not exist."""
     from mmalign.config import resolve_path
 
-    p = Path(resolve_path(str(path))).expanduser()  # pkg://NAME: a folder shipped with mmalign
+    p = Path(resolve_path(str(path), what)).expanduser()
     if not p.exists():
-        raise ConfigError(f"{what}: {p} does not exist (scorers load local files or folders only, never a hub name)")
+        raise ConfigError(f"{what}: {p} does not exist (give a local file or folder, pkg://NAME or a Hub id)")
     return p
 
 

@@ -1,4 +1,5 @@
-"""Metrics with TRL's names, summed across processes, written to jsonl and TensorBoard."""
+"""Metrics with TRL's names, summed across processes, written to jsonl, TensorBoard and the
+trackers of `train.report_to` (mmalign/train/trackers.py)."""
 
 from __future__ import annotations
 
@@ -87,18 +88,25 @@ def trim_metrics(path: Path, resume_step: int) -> None:
 
 class MetricsLogger:
     """Appends one JSON line per log event to `metrics.jsonl` (main process only);
-    mirrors scalars to TensorBoard when it is installed and enabled."""
+    mirrors scalars to TensorBoard when it is installed and enabled, and to the trackers named in
+    `report_to` (with `run_config`, the run's config as a dict, stored as their hyperparameters)."""
 
-    def __init__(self, output_dir: str | Path, enabled: bool, resume_step: int = 0, tensorboard: bool = True) -> None:
+    def __init__(self, output_dir: str | Path, enabled: bool, resume_step: int = 0, tensorboard: bool = True,
+                 report_to: list[str] | None = None, run_config: dict[str, Any] | None = None) -> None:
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self.writer = None
+        self.trackers = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             trim_metrics(self.path, resume_step)
-        if tensorboard:
+        if report_to:
+            from mmalign.train.trackers import Trackers
+
+            self.trackers = Trackers(list(report_to), Path(output_dir), run_config or {})
+        if tensorboard and "tensorboard" not in (report_to or []):
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -114,10 +122,19 @@ class MetricsLogger:
         if self.writer is not None:
             for k, v in values.items():
                 self.writer.add_scalar(k, v, step)
+        if self.trackers is not None:
+            self.trackers.log(step, values)
+
+    def log_media(self, step: int, folder: Path) -> None:
+        """The images a validation wrote in `folder`, as one grid, to the trackers that take images."""
+        if self.enabled and self.trackers is not None:
+            self.trackers.log_folder_images(step, folder)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.trackers is not None:
+            self.trackers.finish()
 
 
 def format_metrics(values: dict[str, float], keys: tuple[str, ...] = ("loss", "rewards/accuracies", "rewards/margins")) -> str:

@@ -9,6 +9,7 @@ NCCL or gloo).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -363,7 +364,8 @@ class PreferenceTrainer:
         self._check_output_dir()
         if t.resume:
             self.resume()
-        self.logger = logger = MetricsLogger(self.output_dir, acc.is_main_process, self.step, t.tensorboard)
+        self.logger = logger = MetricsLogger(self.output_dir, acc.is_main_process, self.step, t.tensorboard,
+                                             t.report_to, dataclasses.asdict(self.cfg) if t.report_to else None)
         if acc.is_main_process:
             self._print_summary()
         last: dict[str, float] = {}
@@ -406,6 +408,7 @@ class PreferenceTrainer:
                 values = self.likelihood.validate(self.unwrapped, self.step, folder) or {}
             if values:
                 self.logger.log(self.step, values)
+            self.logger.log_media(self.step, folder)
         acc.wait_for_everyone()
 
     def _print_summary(self) -> None:
