@@ -29,8 +29,8 @@ def test_each_family_declares_load_sample_export_cache_and_validation(name):
 
     family = get_family(name)
     assert isinstance(family, Family) and family.name == name  # the module name is the config's modality
-    assert callable(family.build) and family.kind in {"text", "vlm", "image", "audio"}
-    assert family.sample in {"images", "audio", "text"}
+    assert callable(family.build) and family.kind in {"text", "vlm", "image", "video", "audio"}
+    assert family.sample in {"images", "videos", "audio", "text"}
     assert family.export_formats and set(family.export_formats) <= EXPORT_FORMATS
     if family.diffusion:
         assert family.trained == family.layout.denoiser  # the export writes the trained part there
