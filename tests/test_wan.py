@@ -289,8 +289,6 @@ def test_refusals(pipeline, tmp_path):
         build_for(pipeline, DATA, "wan", num_frames=4)
     with pytest.raises(ConfigError, match="null_prompt: zeros"):
         build_for(pipeline, DATA, "wan", num_frames=5, null_prompt="zeros")
-    with pytest.raises(ConfigError, match="caching is not implemented"):
-        build_for(pipeline, DATA, "wan", num_frames=5, cache_dir=str(tmp_path / "c"))
     with pytest.raises(ConfigError, match="not divisible"):
         build_for(pipeline, DATA, "wan", num_frames=5, resolution=12)
     two = tmp_path / "two"
@@ -300,6 +298,60 @@ def test_refusals(pipeline, tmp_path):
                                                       "transformer_2": ["diffusers", "WanTransformer3DModel"]}))
     with pytest.raises(ConfigError, match="two-expert Wan 2.2"):
         build_for(two, DATA, "wan", num_frames=5)
+
+
+# -- cached == uncached --------------------------------------------------------------------------------
+def cache_config(pipeline, train, cache_dir, **diffusion):
+    from mmalign.config import Config, from_dict
+
+    return from_dict(Config, {"modality": "wan", "model": {"path": str(pipeline)}, "data": {"train": str(train)},
+                              "diffusion": dict({"resolution": 16, "num_frames": 5, "caption_dropout": 0.5,
+                                                 "random_flip": True, "cache_dir": str(cache_dir),
+                                                 "cache_dtype": "float32", "cache_shard_size": 2}, **diffusion),
+                              "train": {"progress": False}})
+
+
+def test_cached_likelihood_equals_the_uncached_one(pipeline, tmp_path):
+    """`mmalign cache` writes each clip's normalised posterior (and its mirror's) and each caption's
+    UMT5 states; training from it loads no VAE or text encoder and makes the same draw and logps."""
+    import mmalign.modalities.cache_writer as cw
+    from diffusion_fixtures import perturbed, uncached
+
+    from mmalign.errors import CacheError
+    from mmalign.modalities import build_modality
+    from mmalign.modalities.diffusion import example_generators
+    from mmalign.types import Draw
+
+    train = copy_video_sample(tmp_path / "data")
+    cfg = cache_config(pipeline, train, tmp_path / "c")
+    model, plain = uncached(cfg)
+    cw.write_cache(cfg, plain)
+    model_c, cached, _ = build_modality(cfg)
+    assert cached.vae is None and cached.text_encoders == [] and type(cached.latents).__name__ == "CachedLatents"
+    assert cached.objective.shift == plain.objective.shift == 3.0
+    records = [dict(json.loads(line), _root=str(train.parent), _index=i)
+               for i, line in enumerate(train.read_text().splitlines())]
+    batch, batch_c = plain.collate(records, "pair"), cached.collate(records, "pair")
+    policy, dropped, flipped = perturbed(model), set(), set()
+    for seed in range(3):
+        v = plain.draw(batch, torch.Generator().manual_seed(seed)).values
+        w = cached.draw(batch_c, torch.Generator().manual_seed(seed)).values
+        assert v.keys() == w.keys()
+        for key in ("noise", "sigmas", "timesteps", "caption_dropped"):
+            assert torch.equal(v[key], w[key]), key
+        for key in v.keys() - {"noise", "sigmas", "timesteps", "caption_dropped"}:
+            torch.testing.assert_close(w[key], v[key], rtol=0, atol=1e-5, msg=key)
+        dropped.update(v["caption_dropped"].tolist())
+        generators = example_generators(batch.index, torch.Generator().manual_seed(seed))
+        flipped.update(plain.draw_choices("pair", 8, generators)[1].tolist())
+        ref, ref_c = plain.logps(model, batch, Draw(v)), cached.logps(model_c, batch_c, Draw(w))
+        torch.testing.assert_close(ref_c.logps, ref.logps, rtol=0, atol=1e-6)
+        pol, pol_c = plain.logps(policy, batch, Draw(v)), cached.logps(policy, batch_c, Draw(w))
+        torch.testing.assert_close(dpo_loss(pol_c.pairs(), ref_c.pairs(), beta=100.0),
+                                   dpo_loss(pol.pairs(), ref.pairs(), beta=100.0), rtol=0, atol=1e-4)
+    assert dropped == flipped == {True, False}  # both caption paths and both cached mirrors were read
+    with pytest.raises(CacheError, match="num_frames: cache 5, config 9"):
+        build_modality(cache_config(pipeline, train, tmp_path / "c", num_frames=9))
 
 
 # -- (e) the CLI: the tiny config trains 2 steps on the shipped video pairs ---------------------------

@@ -43,8 +43,9 @@ from torch import Tensor
 from mmalign.families import Family, PipelineLayout, TextEncoderSpec
 from mmalign.modalities.diffusion import (ImageLatents, UNetCall, _output_names, crop_offsets, data_roots,
                                           image_likelihood, resize_shortest, to_pixels)
+from mmalign.modalities.diffusion_cache import build_cached
 from mmalign.modalities.flow import FlowObjective, flow_shift
-from mmalign.modalities.loading import family_folder, load_parts
+from mmalign.modalities.loading import denoiser_config, family_folder, from_cache, load_parts
 from mmalign.modalities.text import MASK
 
 MAX_SEQUENCE_LENGTH = 512  # WanPipeline.__call__'s default
@@ -142,6 +143,24 @@ class VideoLatents(ImageLatents):
         mirrored_left = torch.where(flip, sizes[:, 1] - offsets[:, 1] - res, offsets[:, 1])
         return torch.stack(crops), torch.stack([offsets[:, 0], mirrored_left], dim=1)
 
+    # -- what `mmalign cache` stores (cache_writer.py) -----------------------------------------
+    def cache_settings(self, cfg: Any) -> dict[str, Any]:
+        """The frame count changes the cached latents."""
+        return video_cache_settings(cfg)
+
+    def cache_item(self, value: Any, where: str, fraction: Tensor | None,
+                   root: str | None = None) -> tuple[Tensor, list[int]]:
+        """One clip read, resized and cropped as the uncached draw does: pixels (3, F, res, res)
+        and [orig_h, orig_w, top, left, top, left_flipped] (`ImageLatents.cache_item`'s facts)."""
+        res = self.settings.resolution
+        frames = self.video(value, where, root)
+        original = [frames[0].height, frames[0].width]
+        frames = [resize_shortest(f, res) for f in frames]
+        h, w = frames[0].height, frames[0].width
+        top, left = crop_offsets(torch.tensor([[h, w]]), res, fraction)[0].tolist()
+        pixels = torch.stack([to_pixels(f) for f in frames], dim=1)[..., top : top + res, left : left + res]
+        return pixels, [*original, top, left, top, w - left - res]
+
     def latent_shape(self) -> tuple[int, ...]:
         """(z_dim, (F - 1) / scale_t + 1, res / scale_s, res / scale_s) (the pipeline's prepare_latents)."""
         c = self.vae.config
@@ -171,6 +190,11 @@ class VideoLatents(ImageLatents):
         mean, std = torch.cat(means), torch.cat(stds)
         mu, sigma = self.normalisation(mean.device)
         return (mean - mu) / sigma, std / sigma
+
+
+def video_cache_settings(cfg: Any) -> dict[str, Any]:
+    """Settings a video cache must match beyond the image ones: {"num_frames"}."""
+    return {"num_frames": cfg.diffusion.num_frames}
 
 
 def wan_shift(scheduler_config: Any, tokens: int) -> float:
@@ -230,17 +254,16 @@ def check_frames(cfg: Any) -> None:
 
 
 def build(cfg: Any, use_cache: bool = True, trained: bool = True) -> tuple[Any, Any, None]:
-    """(trainable WanTransformer3DModel, likelihood owning the Wan VAE and the UMT5 encoder, None)."""
-    from mmalign.errors import ConfigError
-    from mmalign.modalities.loading import denoiser_config
+    """(trainable WanTransformer3DModel, likelihood owning the Wan VAE and the UMT5 encoder, None); from
+    `diffusion.cache_dir` when set and use_cache (neither is loaded then)."""
 
     d = cfg.diffusion
     check_frames(cfg)
-    if use_cache and d.cache_dir:
-        raise ConfigError("diffusion.cache_dir: caching is not implemented for modality 'wan' yet; leave it empty")
     options = pipeline_options(cfg)
     denoiser = WanTransformer(bool(options.get("expand_timesteps", False)))
     objective = wan_objective(d.prediction_type, denoiser_config(cfg, FAMILY).patch_size)
+    if from_cache(cfg, use_cache):
+        return build_cached(cfg, FAMILY, denoiser, trained, objective, video_cache_settings(cfg))
     parts = load_parts(cfg, FAMILY, unet=trained)
     text = WanText(parts["text_encoders"], parts["tokenizers"])
     latents = VideoLatents(parts["vae"], d, data_roots(cfg))
@@ -253,4 +276,5 @@ FAMILY = Family(
     layout=PipelineLayout("transformer", "WanTransformer3DModel", "UniPCMultistepScheduler", "video pipeline",
                           vae_class="AutoencoderKLWan"),
     text_encoders=(TextEncoderSpec("text_encoder", "tokenizer", "transformers:UMT5EncoderModel"),),
-    pipeline="WanPipeline", export_formats=("merged", "unet", "lora"), sample="videos", zeros_null_prompt=False)
+    pipeline="WanPipeline", export_formats=("merged", "unet", "lora"), cache=True, sample="videos",
+    zeros_null_prompt=False)
