@@ -365,3 +365,37 @@ def test_tiny_config_trains_two_steps(pipeline, tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # LoRA B = 0: policy == reference
     assert all(math.isfinite(r["loss"]) for r in rows) and rows[-1]["mse/policy"] != rows[-1]["mse/ref"]
+
+
+# -- mmalign generate: mp4 videos with the manifest --------------------------------------------------
+def test_generate_writes_mp4_videos_with_the_manifest(pipeline, tmp_path):
+    """`mmalign generate` on a Wan folder samples videos through WanPipeline (one CPU generator per
+    sample seed) and writes them as mp4: each decodes to the pipeline's own frames for its prompt and
+    seed, sampled alone (H.264 rounding only), and the manifest records kind, fps and num_frames."""
+    from mmalign.generate.images import load_pipeline
+    from mmalign.generate.manifest import read_manifest
+    from mmalign.generate.video import generate_videos
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moving right\nstar\n")
+    out = tmp_path / "out"
+    args = ["generate", "--model", str(pipeline), "--prompts", str(prompts), "--out", str(out), "--num-samples", "2",
+            "--batch-size", "4", "--no-progress", "--set", "num_inference_steps=2", "--set", "height=16", "--set",
+            "width=16", "--set", "num_frames=5", "--set", "fps=8"]
+    assert main(args) == 0
+    rows = read_manifest(out)
+    assert [r["kind"] for r in rows] == ["video"] * 4 and all(r["path"].endswith(".mp4") for r in rows)
+    assert rows[0]["params"]["fps"] == 8 and rows[0]["params"]["num_frames"] == 5
+    pipe = load_pipeline(pipeline)
+    call = {k: v for k, v in rows[0]["params"].items() if k != "fps"}
+    raw = generate_videos(pipe, [r["prompt"] for r in rows], [r["seed"] for r in rows], call)
+    for row, video in zip(rows[::3], raw[::3]):  # first and last sample, each sampled alone: the same video
+        alone = generate_videos(pipe, [row["prompt"]], [row["seed"]], call)[0]
+        assert np.abs(video.astype(np.int16) - alone).max() <= 1, row["id"]
+    luma = np.array([0.299, 0.587, 0.114])  # H.264 keeps luma at full size (yuv420p halves the chroma)
+    decoded = [np.stack([np.asarray(f, dtype=np.float64) @ luma for f in load_video(str(out / r["path"]), r["id"])])
+               for r in rows]
+    errors = [float(np.abs(d - v @ luma).mean()) for d, v in zip(decoded, raw)]
+    assert decoded[0].shape == (5, 16, 16) and max(errors) < 4  # crf 18 rounding (measured ~2.6)
+    assert np.abs(decoded[0] - decoded[1]).mean() > 2 * max(errors)  # another seed: another video (~8.6)
+    assert main(args) == 0 and read_manifest(out) == rows  # a rerun reuses every sample

@@ -106,10 +106,12 @@ def load_video(value: Any, where: str, root: str | Path | Sequence[str | Path] |
     return [frames[i] for i in frame_indices(len(frames), num_frames)]
 
 
-def write_video(frames: np.ndarray, path: str | Path, fps: int = 16, codec: str = "libx264", crf: int = 18) -> Path:
+def write_video(frames: np.ndarray, path: str | Path, fps: int = 16, codec: str = "libx264", crf: int = 18,
+                container: str = "") -> Path:
     """Write uint8 frames (F, H, W, 3) as a video file (mp4 with H.264 yuv420p by default; webm
     with codec "libvpx-vp9"), atomically (a temporary name in the same folder, then renamed).
-    H.264 needs even sides: odd ones are a ValueError."""
+    container: FFmpeg's format name ("" = from the suffix: mp4, webm, matroska, mov). H.264 needs
+    even sides: odd ones are a ValueError."""
     import av
 
     from mmalign.io import atomic_path
@@ -122,7 +124,7 @@ def write_video(frames: np.ndarray, path: str | Path, fps: int = 16, codec: str 
         raise ValueError(f"write_video: H.264 needs even frame sides, got {w}x{h}")
     path = Path(path)
     with atomic_path(path) as tmp:
-        fmt = {".mp4": "mp4", ".webm": "webm", ".mkv": "matroska", ".mov": "mov"}.get(path.suffix.lower())
+        fmt = container or {".mp4": "mp4", ".webm": "webm", ".mkv": "matroska", ".mov": "mov"}.get(path.suffix.lower())
         with av.open(str(tmp), mode="w", format=fmt) as container:
             stream = container.add_stream(codec, rate=fps)
             stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
