@@ -44,7 +44,7 @@ def test_each_family_declares_load_sample_export_cache_and_validation(name):
     if family.pipeline is not None:
         assert hasattr(diffusers, family.pipeline)
     if family.validation:  # validation images sample through the family's pipeline
-        assert family.pipeline is not None and family.kind == "image"
+        assert family.pipeline is not None and family.kind in ("image", "video")
     if "lora" in family.export_formats and family.diffusion and family.pipeline is not None:
         assert hasattr(getattr(diffusers, family.pipeline), "save_lora_weights")
     if family.cache:

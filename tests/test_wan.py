@@ -360,9 +360,16 @@ def test_tiny_config_trains_two_steps(pipeline, tmp_path):
     run = tmp_path / "run"
     assert main(["train", str(ROOT / "configs" / "tiny" / "wan_dpo.yaml"), f"model.path={pipeline}",
                  f"data.train={data}", "train.max_steps=2", f"train.output_dir={run}", "train.progress=false",
-                 "train.tensorboard=false", "train.log_every=1"]) == 0
-    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+                 "train.tensorboard=false", "train.log_every=1", "train.validate_every=2",
+                 "diffusion.validation_steps=2", "diffusion.validation_prompts=[star]",
+                 "diffusion.validation_seeds=[0]"]) == 0
+    logged = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    rows = [r for r in logged if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2]
+    assert [r["validation/videos"] for r in logged if "validation/videos" in r] == [1.0]
+    grid = run / "validation" / "step_00000002"
+    assert {p.name for p in grid.iterdir()} == {"grid.mp4", "grid.png", "grid.json"}
+    assert len(load_video(str(grid / "grid.mp4"), "grid")) == 5
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # LoRA B = 0: policy == reference
     assert all(math.isfinite(r["loss"]) for r in rows) and rows[-1]["mse/policy"] != rows[-1]["mse/ref"]
 
@@ -399,3 +406,51 @@ def test_generate_writes_mp4_videos_with_the_manifest(pipeline, tmp_path):
     assert decoded[0].shape == (5, 16, 16) and max(errors) < 4  # crf 18 rounding (measured ~2.6)
     assert np.abs(decoded[0] - decoded[1]).mean() > 2 * max(errors)  # another seed: another video (~8.6)
     assert main(args) == 0 and read_manifest(out) == rows  # a rerun reuses every sample
+
+
+# -- validation: a video grid and a frame contact sheet ------------------------------------------------
+def test_validation_grid_is_the_pipelines_videos_tiled(built, tmp_path):
+    """grid.mp4 frame k tiles frame k of every prompt × seed video WanPipeline samples (guided by
+    guidance_scale with its default empty negative prompt, training's null prompt); grid.png shows
+    each video's frames left to right; guidance changes the videos."""
+    from PIL import Image
+
+    from mmalign.generate.video import to_uint8
+    from mmalign.modalities.validation import sampling_pipeline, validate_images
+
+    transformer, likelihood, _ = built
+    transformer = copy.deepcopy(transformer)
+    cross = transformer.blocks[0].attn2
+    with torch.no_grad():  # the random tiny model barely reads its 6 text tokens among 512: sharpen the
+        for weight in (cross.norm_q.weight, cross.norm_k.weight, cross.to_out[0].weight):  # cross-attention
+            weight.mul_(20)
+    out = validate_images(likelihood, transformer, 1, tmp_path, ["a red circle", "star"], [0, 1], 2, 3.0)
+    assert out["validation/videos"] == 4
+    layout = json.loads((tmp_path / "grid.json").read_text())
+    assert layout["sheet_frames"] == [0, 1, 2, 3, 4] and layout["num_frames"] == 5
+
+    def direct(prompt, **guidance):
+        pipe = sampling_pipeline(likelihood, transformer)
+        assert type(pipe.scheduler).__name__ == "UniPCMultistepScheduler" and pipe.scheduler.config.flow_shift == 3.0
+        with torch.no_grad():
+            frames = pipe(prompt=[prompt] * 2, generator=[torch.Generator().manual_seed(s) for s in (0, 1)],
+                          num_inference_steps=2, height=16, width=16, num_frames=5, output_type="np",
+                          **guidance).frames
+        return [to_uint8(v).astype(np.int16) for v in frames]
+
+    videos = [*direct("a red circle", guidance_scale=3.0), *direct("star", guidance_scale=3.0)]
+    sheet = np.asarray(Image.open(tmp_path / "grid.png"), dtype=np.int16)  # lossless PNG: exact
+    assert sheet.shape == (4 * 16, 5 * 16, 3)
+    for i, video in enumerate(videos):
+        for k in range(5):
+            assert np.abs(sheet[16 * i : 16 * (i + 1), 16 * k : 16 * (k + 1)] - video[k]).max() <= 1, (i, k)
+    luma = np.array([0.299, 0.587, 0.114])
+    grid = np.stack([np.asarray(f, dtype=np.float64) @ luma for f in load_video(str(tmp_path / "grid.mp4"), "grid")])
+    assert grid.shape == (5, 32, 32)
+    tiled = np.zeros((5, 32, 32))
+    for i, video in enumerate(videos):
+        r, c = divmod(i, 2)
+        tiled[:, 16 * r : 16 * (r + 1), 16 * c : 16 * (c + 1)] = video @ luma
+    assert np.abs(grid - tiled).mean() < 4  # H.264 rounding
+    unguided = direct("a red circle", guidance_scale=1.0)
+    assert np.abs(unguided[0] - videos[0]).mean() > 4  # guidance changed the videos

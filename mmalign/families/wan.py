@@ -276,5 +276,5 @@ FAMILY = Family(
     layout=PipelineLayout("transformer", "WanTransformer3DModel", "UniPCMultistepScheduler", "video pipeline",
                           vae_class="AutoencoderKLWan"),
     text_encoders=(TextEncoderSpec("text_encoder", "tokenizer", "transformers:UMT5EncoderModel"),),
-    pipeline="WanPipeline", export_formats=("merged", "unet", "lora"), cache=True, sample="videos",
-    zeros_null_prompt=False)
+    pipeline="WanPipeline", export_formats=("merged", "unet", "lora"), cache=True, validation=True,
+    sample="videos", zeros_null_prompt=False)
