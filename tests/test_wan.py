@@ -121,8 +121,8 @@ def test_unreadable_videos_are_one_line_naming_the_row(tmp_path):
     (tmp_path / "empty").mkdir()
     from PIL import Image
 
-    Image.new("RGB", (8, 8)).save(tmp_path / "frames" / "0.png")
-    Image.new("RGB", (8, 6)).save(tmp_path / "frames" / "1.png")
+    for t in range(5):
+        Image.new("RGB", (8, 8)).save(tmp_path / "frames" / f"{t}.png")
     (tmp_path / "frames" / "2.png").write_bytes(b"broken")
     cases = [("missing.mp4", "does not exist"), ("bad.mp4", "unreadable video"), ("empty", "no frames"),
              ("frames", "unreadable frame"), (b"\x00\x01garbage", "unreadable video"), (3, "expected a video path")]
@@ -130,8 +130,9 @@ def test_unreadable_videos_are_one_line_naming_the_row(tmp_path):
         with pytest.raises(DataError, match=f"^train.jsonl row 7, rejected: .*{message}") as info:
             load_video(value, "train.jsonl row 7, rejected", tmp_path, num_frames=5)
         assert "\n" not in str(info.value)
-    (tmp_path / "frames" / "2.png").unlink()
-    with pytest.raises(DataError, match="differ in size"):
+    assert len(load_video("frames", "row 1", tmp_path, num_frames=2)) == 2  # frames 0 and 4: 2.png is not read
+    Image.new("RGB", (8, 6)).save(tmp_path / "frames" / "4.png")
+    with pytest.raises(DataError, match="row 1: the frames differ in size \\(8x6, 8x8\\)"):
         load_video("frames", "row 1", tmp_path, num_frames=2)
     with pytest.raises(DataError, match="row 2, chosen: the video has 9 frames, fewer than diffusion.num_frames 13"):
         load_video("videos/0-chosen.mp4", "row 2, chosen", SAMPLE, num_frames=13)

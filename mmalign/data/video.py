@@ -39,38 +39,28 @@ def _natural_key(path: Path) -> list[Any]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
 
 
-def _folder_frames(folder: Path, where: str) -> list[Any]:
-    """The RGB PIL frames of a frame folder, in natural name order."""
-    from PIL import Image, UnidentifiedImageError
-
-    files = sorted((p for p in folder.iterdir() if p.suffix.lower() in FRAME_SUFFIXES), key=_natural_key)
-    frames = []
-    for file in files:
-        try:
-            with Image.open(file) as image:
-                frames.append(image.convert("RGB"))
-        except (OSError, UnidentifiedImageError) as e:
-            raise DataError(f"{where}: unreadable frame {file} ({e})") from e
-    return frames
+def _folder_frames(folder: Path) -> list[Path]:
+    """The frame image files of a frame folder, in natural name order (opened when picked)."""
+    return sorted((p for p in folder.iterdir() if p.suffix.lower() in FRAME_SUFFIXES), key=_natural_key)
 
 
 def _decoded_frames(source: Any, where: str) -> list[Any]:
-    """The RGB PIL frames of the first video stream of a file path or a file-like object."""
+    """The decoded frames (av.VideoFrame, in the stream's own pixel format, converted to RGB only
+    when picked) of the first video stream of a file path or a file-like object."""
     import av
 
     try:
         with av.open(source) as container:
             if not container.streams.video:
                 raise DataError(f"{where}: no video stream in {source if isinstance(source, str) else 'the bytes'}")
-            stream = container.streams.video[0]
-            return [frame.to_image() for frame in container.decode(stream)]
+            return list(container.decode(container.streams.video[0]))
     except (av.error.FFmpegError, OSError, ValueError) as e:
         raise DataError(f"{where}: unreadable video ({e})") from e
 
 
-def read_frames(value: Any, where: str, root: str | Path | Sequence[str | Path] | None = None) -> list[Any]:
-    """Every frame of a record's video field as RGB PIL images (module docstring for the forms);
-    relative paths resolved against `root` as images are (`media._resolve`)."""
+def _frame_sources(value: Any, where: str, root: str | Path | Sequence[str | Path] | None) -> list[Any]:
+    """Every frame of a record's video field, not yet converted: decoded av frames of a video
+    file or bytes, or the image files of a frame folder (module docstring for the forms)."""
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (bytes, bytearray)):
@@ -78,7 +68,7 @@ def read_frames(value: Any, where: str, root: str | Path | Sequence[str | Path] 
     elif isinstance(value, str) and value:
         path = _resolve(Path(value), root)
         if path.is_dir():
-            frames = _folder_frames(path, where)
+            frames = _folder_frames(path)
         elif path.is_file():
             frames = _decoded_frames(str(path), where)
         else:
@@ -90,20 +80,35 @@ def read_frames(value: Any, where: str, root: str | Path | Sequence[str | Path] 
     return frames
 
 
+def _rgb(frame: Any, where: str) -> Any:
+    """An RGB PIL image of a decoded av frame or of a frame image file."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not isinstance(frame, Path):
+        return frame.to_image()
+    try:
+        with Image.open(frame) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        raise DataError(f"{where}: unreadable frame {frame} ({e})") from e
+
+
 def load_video(value: Any, where: str, root: str | Path | Sequence[str | Path] | None = None,
                num_frames: int = 0) -> list[Any]:
     """`num_frames` RGB PIL frames of a record's video sampled evenly over the clip
-    (`frame_indices`; 0 = every frame); fewer decoded frames than num_frames is a `DataError`."""
-    frames = read_frames(value, where, root)
-    if not num_frames:
-        return frames
-    if len(frames) < num_frames:
+    (`frame_indices`; 0 = every frame); relative paths resolved against `root` as images are
+    (`media._resolve`). Fewer frames than num_frames, or picked frames of different sizes, are a
+    `DataError`. Only the picked frames are converted to RGB (frame folders: only they are read)."""
+    frames = _frame_sources(value, where, root)
+    if num_frames and len(frames) < num_frames:
         raise DataError(f"{where}: the video has {len(frames)} frames, fewer than diffusion.num_frames "
                         f"{num_frames}")
-    sizes = {f.size for f in frames}
+    picked = frames if not num_frames else [frames[i] for i in frame_indices(len(frames), num_frames)]
+    images = [_rgb(frame, where) for frame in picked]
+    sizes = {image.size for image in images}
     if len(sizes) > 1:
         raise DataError(f"{where}: the frames differ in size ({', '.join(f'{w}x{h}' for w, h in sorted(sizes))})")
-    return [frames[i] for i in frame_indices(len(frames), num_frames)]
+    return images
 
 
 def write_video(frames: np.ndarray, path: str | Path, fps: int = 16, codec: str = "libx264", crf: int = 18,
