@@ -13,6 +13,8 @@
                 (PATH: score | colour | shape; nothing is loaded)
     text_length text_stats:TextLengthScorer  answer length in words | chars (PATH), or -|len - target|;
                 a programmatic test/demo scorer for text (nothing is loaded)
+    video_frames video:FrameMeanScorer   mean of an image scorer (scorer=pickscore|clipscore|...) over
+                frames=8 frames spread evenly over each video; the image scorer's scale
 
 A scorer spec (the `mmalign score --scorer` syntax) is `NAME=PATH[,key=value...][:weight]`:
 `pickscore=/models/PickScore_v1,processor=/models/CLIP-ViT-H-14:1.0`. Options are passed to
@@ -46,6 +48,7 @@ SCORERS: dict[str, str] = {
     "step_aware": "mmalign.scoring.step_aware:StepAwareScorer",
     "toyworld_checker": "mmalign.toyworld.checker:CheckerScorer",
     "text_length": "mmalign.scoring.text_stats:TextLengthScorer",
+    "video_frames": "mmalign.scoring.video:FrameMeanScorer",
 }
 
 
