@@ -57,3 +57,24 @@ def test_bad_options_are_one_line(clip_dir):
         load_scorer(f"video_frames={clip_dir},scorer=judge")
     with pytest.raises(ConfigError, match="frames must be a positive integer"):
         load_scorer(f"video_frames={clip_dir},frames=0")
+
+
+def test_score_command_scores_a_video_manifest(clip_dir, video, tmp_path, capsys):
+    """`mmalign score` on the manifest `mmalign generate` writes for a video pipeline (kind video)."""
+    import shutil
+
+    from mmalign.cli import main
+    from mmalign.generate.manifest import read_manifest, write_manifest
+    from mmalign.scoring import load_scorer
+
+    (tmp_path / "media").mkdir()
+    shutil.copy(video, tmp_path / "media" / "0.mp4")
+    rows = [{"id": "0", "prompt_index": 0, "prompt": "a red square", "sample": 0, "seed": 1, "kind": "video",
+             "path": "media/0.mp4"}]
+    write_manifest(rows, tmp_path / "manifest.jsonl")
+    spec = f"video_frames={clip_dir},scorer=pickscore,frames=3"
+    assert main(["score", str(tmp_path), "--scorer", spec]) == 0
+    expected = load_scorer(spec).score(["a red square"], [video])
+    assert read_manifest(tmp_path)[0]["score_video_frames"] == pytest.approx(float(expected[0]), abs=1e-5)
+    assert main(["score", str(tmp_path), "--scorer", f"pickscore={clip_dir}", "--overwrite"]) == 2
+    assert "scores image samples, the manifest has ['video']" in capsys.readouterr().err
