@@ -184,6 +184,7 @@ class DiffusionConfig:
     vae_path: str = ""  # optional separate local VAE folder (e.g. the SDXL fp16-fix VAE); default <model.path>/vae
     vae_batch_size: int = 0  # images per VAE encode call; 0 = the whole batch at once
     variant: str = ""  # weights variant of the pipeline folder (e.g. fp16), "" = default files
+    num_frames: int = 81  # video families (wan): frames sampled evenly over each clip, 4k + 1 (WanPipeline default)
     # `mmalign cache` writes VAE latent distributions (+ flips) and deduplicated text embeddings here;
     # training then reads them and loads no VAE or text encoder. "" = encode every step.
     cache_dir: str = ""

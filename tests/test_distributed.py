@@ -80,6 +80,8 @@ def modality_config(tmp_path, modality: str) -> str:
         return _write(tmp_path, spo_config(tmp_path))
     if modality == "sd3_grpo":
         return _write(tmp_path, grpo_config(tmp_path))
+    if modality == "wan":
+        return _write(tmp_path, wan_config(tmp_path))
     from test_diffusion_families import family_config
 
     path = family_config(tmp_path, modality)  # dpo on 4 image pairs, LoRA, 12 steps of 4
@@ -106,6 +108,20 @@ def audio_config(tmp_path, modality: str) -> dict:
             "diffusion": {"caption_dropout": 0.5}, "lora": ATTENTION_LORA,
             "loss": {"name": "dpo", "beta": 2000.0}, "optim": {"name": "sgd", "lr": 1.0},
             "train": dict(TRAIN, output_dir=str(tmp_path / "run"))}
+
+
+def wan_config(tmp_path) -> dict:
+    """configs/tiny/wan_dpo.yaml (video Flow-DPO, LoRA on attention and FFN) on the shipped 4 video
+    pairs (3 mp4 files and a frame folder among them), flips and caption dropout in play."""
+    from wan_fixtures import copy_video_sample, save_tiny_wan_pipeline
+
+    cfg = yaml.safe_load(open(ROOT / "configs" / "tiny" / "wan_dpo.yaml"))
+    cfg["model"]["path"] = str(save_tiny_wan_pipeline(tmp_path / "pipeline"))
+    cfg["data"]["train"] = str(copy_video_sample(tmp_path / "pairs"))
+    cfg["diffusion"].update({"random_flip": True, "caption_dropout": 0.5})
+    cfg["optim"] = {"name": "sgd", "lr": 1.0}
+    cfg["train"] = dict(TRAIN, output_dir=str(tmp_path / "run"))
+    return cfg
 
 
 def spo_config(tmp_path) -> dict:
@@ -167,7 +183,8 @@ def assert_same_rounds(one: Path, two: Path) -> None:
 
 
 @needs_torchrun
-@pytest.mark.parametrize("modality", ["sdxl", "sd3", "llava", "tango", "audioldm2", "sdxl_spo", "sd3_grpo"])
+@pytest.mark.parametrize("modality", ["sdxl", "sd3", "llava", "tango", "audioldm2", "sdxl_spo", "sd3_grpo",
+                                      "wan"])
 def test_every_modality_trains_the_same_in_two_processes(tmp_path, modality):
     """Each modality's tiny config: 2 processes x batch 2 == 1 process x batch 4. For the
     diffusion families (images and audio) this holds because every draw (t or σ, ε, flip, dropped

@@ -29,8 +29,8 @@ def test_each_family_declares_load_sample_export_cache_and_validation(name):
 
     family = get_family(name)
     assert isinstance(family, Family) and family.name == name  # the module name is the config's modality
-    assert callable(family.build) and family.kind in {"text", "vlm", "image", "audio"}
-    assert family.sample in {"images", "audio", "text"}
+    assert callable(family.build) and family.kind in {"text", "vlm", "image", "video", "audio"}
+    assert family.sample in {"images", "videos", "audio", "text"}
     assert family.export_formats and set(family.export_formats) <= EXPORT_FORMATS
     if family.diffusion:
         assert family.trained == family.layout.denoiser  # the export writes the trained part there
@@ -44,7 +44,7 @@ def test_each_family_declares_load_sample_export_cache_and_validation(name):
     if family.pipeline is not None:
         assert hasattr(diffusers, family.pipeline)
     if family.validation:  # validation images sample through the family's pipeline
-        assert family.pipeline is not None and family.kind == "image"
+        assert family.pipeline is not None and family.kind in ("image", "video")
     if "lora" in family.export_formats and family.diffusion and family.pipeline is not None:
         assert hasattr(getattr(diffusers, family.pipeline), "save_lora_weights")
     if family.cache:

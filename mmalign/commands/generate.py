@@ -61,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", help="prompt file: .txt (one per line), .jsonl, .csv/.tsv with a prompt column")
     p.add_argument("--out", help="output folder (manifest.jsonl + media/); rerun to resume")
     p.add_argument("--num-samples", dest="num_samples", type=int, help="samples per prompt (default 1)")
-    p.add_argument("--kind", choices=("auto", "image", "text", "audio"), help="default: from the model folder")
+    p.add_argument("--kind", choices=("auto", "image", "video", "text", "audio"), help="default: from the model folder")
     p.add_argument("--seed", type=int, help="base seed (default 0); sample seeds derive from it")
     p.add_argument("--batch-size", dest="batch_size", type=int, help="samples per forward (default 8)")
     p.add_argument("--max-samples", dest="max_samples", type=int, help="stop after this many new samples")

@@ -58,7 +58,7 @@ class Family:
     build(cfg, use_cache=True, trained=True) -> (model, likelihood, processor): load the parts
         from `cfg.model.path`; use_cache=False ignores `diffusion.cache_dir`, trained=False skips
         the trainable part (`mmalign cache` needs only the frozen encoders).
-    kind: "text" | "vlm" | "image" | "audio".
+    kind: "text" | "vlm" | "image" | "video" | "audio".
     trained: the trained part's subfolder of a diffusers folder ("unet", "transformer"), "" for a
         transformers model trained whole.
     layout, text_encoders: how a diffusers folder of this family is laid out (loading, and
@@ -68,7 +68,7 @@ class Family:
     export_formats: the `mmalign export --format` values it supports.
     cache: `mmalign cache` can store its latents and conditioning.
     validation: `train.validate_every` can sample images with it.
-    sample: what `mmalign generate` produces with its folders: "images", "audio" or "text".
+    sample: what `mmalign generate` produces with its folders: "images", "videos", "audio" or "text".
     source: online data (SPO rounds): source(cfg, likelihood) -> a `DataSource`, or None.
     step: its likelihood is the SPO / D3PO sampler-transition density (mmalign/modalities/step.py).
     null_prompt_zeros_flag: the pipeline's `force_zeros_for_empty_prompt` switch exists (SDXL):

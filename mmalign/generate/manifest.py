@@ -10,8 +10,8 @@ A row holds:
     prompt        str, the text condition
     sample        int, 0..N-1 within the prompt
     seed          int, the sample's own seed (same seed + model + params -> same output)
-    kind          "image" | "audio" | "text"
-    path          media file relative to out_dir (image / audio); absent for text
+    kind          "image" | "video" | "audio" | "text"
+    path          media file relative to out_dir (image / video / audio); absent for text
     text          the generated text (text / VLM answers); absent for media
     images        condition images of a VLM prompt (list of paths), when any
     model         str, the model folder (or name) that generated it
@@ -37,7 +37,7 @@ from mmalign.io import atomic_path, write_jsonl_atomic
 
 MANIFEST = "manifest.jsonl"
 REQUIRED = ("id", "prompt_index", "prompt", "sample", "seed", "kind")
-KINDS = ("image", "audio", "text")
+KINDS = ("image", "video", "audio", "text")
 
 
 def sample_id(prompt_index: int, sample: int) -> str:

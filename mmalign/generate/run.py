@@ -35,7 +35,7 @@ from mmalign.generate.manifest import (MANIFEST, ManifestWriter, media_rows, mer
                                       sample_id, write_manifest)
 from mmalign.generate.prompts import prompt_text, read_prompts
 
-KINDS = ("auto", "image", "text", "audio")
+KINDS = ("auto", "image", "video", "text", "audio")
 DTYPES = ("float32", "bfloat16", "float16")
 # text sampling parameters and their defaults (`sampling` keys for causal LMs and VLMs)
 TEXT_SAMPLING: dict[str, Any] = {"max_new_tokens": 64, "do_sample": True, "temperature": 1.0, "top_p": 1.0,
@@ -86,11 +86,13 @@ def sample_seed(seed: int, prompt_index: int, sample: int) -> int:
 
 
 def detect_kind(path: Path) -> str:
-    """image (a diffusers pipeline folder), audio (an audio pipeline) or text (a causal LM / VLM)."""
+    """image (a diffusers pipeline folder), video (a video pipeline), audio (an audio pipeline) or
+    text (a causal LM / VLM)."""
     from mmalign.generate.images import is_audio_pipeline
+    from mmalign.generate.video import is_video_pipeline
 
     if (path / "model_index.json").is_file() or (path / "unet").is_dir() or (path / "transformer").is_dir():
-        return "audio" if is_audio_pipeline(path) else "image"
+        return "audio" if is_audio_pipeline(path) else "video" if is_video_pipeline(path) else "image"
     if (path / "config.json").is_file():
         return "text"
     raise ConfigError(f"model {path}: neither a diffusers pipeline folder nor a transformers model folder")
@@ -227,10 +229,12 @@ def generate(opts: GenerateOptions, on_row: Callable[[dict[str, Any]], None] | N
         raise ConfigError(f"model folder not found: {path}")
     kind = detect_kind(path) if opts.kind == "auto" else opts.kind
     items = plan(opts)
-    if kind in ("image", "audio") and any("images" in it for it in items.values()):
-        raise DataError(f"{opts.prompts}: prompts with images need a VLM; {path} is a text-to-image pipeline")
+    if kind in ("image", "video", "audio") and any("images" in it for it in items.values()):
+        raise DataError(f"{opts.prompts}: prompts with images need a VLM; {path} is a text-to-{kind} pipeline")
     if kind == "audio":
         from mmalign.generate.audio import audio_generator as make
+    elif kind == "video":
+        from mmalign.generate.video import video_generator as make
     else:
         make = image_generator if kind == "image" else text_generator
     run, params = make(opts, path, state.device)

@@ -296,7 +296,7 @@ class CachedLatents:
         flipped = flip[groups].to(inputs["latent_mean"].device)
         mean, std = inputs["latent_mean"], inputs["latent_std"]
         if bool(flipped.any()):
-            mask = flipped.view(-1, 1, 1, 1)
+            mask = flipped.view(-1, *[1] * (mean.ndim - 1))  # (N, C, h, w) images, (N, C, f, h, w) videos
             mean = torch.where(mask, inputs["latent_mean_flipped"], mean)
             std = torch.where(mask, inputs["latent_std_flipped"], std)
         crop_top_left = torch.where(flipped[:, None], inputs["crop_top_left_flipped"], inputs["crop_top_left"]).cpu()
@@ -362,14 +362,16 @@ def open_cache(cfg: Any, family: Family, channels: int | None,
 
 
 def build_cached(cfg: Any, family: Family, denoiser: Any, trained: bool = True,
-                 objective: Callable[[Any, tuple[int, int, int]], Any] | None = None) -> tuple[Any, DiffusionLikelihood, None]:
+                 objective: Callable[[Any, tuple[int, int, int]], Any] | None = None,
+                 latents_extra: dict[str, Any] | None = None) -> tuple[Any, DiffusionLikelihood, None]:
     """(denoiser, image likelihood reading `diffusion.cache_dir`, None): only the denoiser (when
     trained) and the scheduler are loaded; latents and text from the cache (`CachedLatents`,
     `CachedText`). objective(scheduler, latent_shape): the family's (flow families: the shift of
-    the cached latents' size); default the ELBO."""
+    the cached latents' size); default the ELBO. latents_extra: the live latent source's
+    `cache_settings` the cache must match (videos: num_frames)."""
     parts = load_parts(cfg, family, unet=trained, frozen=False)
     channels = denoiser.latent_channels(denoiser_config(cfg, family))
-    cache = open_cache(cfg, family, channels)
+    cache = open_cache(cfg, family, channels, latents_extra)
     d = cfg.diffusion
     shape = tuple(cache.index["latent"]["shape"])
     chosen = objective(parts["scheduler"], shape) if objective else ElboObjective(parts["scheduler"], d.prediction_type)

@@ -1,4 +1,5 @@
-"""Images to watch during diffusion training (`train.validate_every`).
+"""Images to watch during diffusion training (`train.validate_every`); video families (`Family.sample`
+"videos") get a video grid and a frame contact sheet instead (validation_video.py).
 
 `validate_images` puts the policy UNet (plain or peft-wrapped, adapters active) together with
 the likelihood's frozen parts (VAE, text encoder(s), tokenizer(s)) into the matching diffusers
@@ -40,6 +41,8 @@ def sampling_scheduler(likelihood: Any) -> Any:
     import diffusers
 
     family = likelihood.family
+    if likelihood.scheduler.config.get("use_flow_sigmas", False):  # Wan's flow UniPC: a fresh copy of it
+        return type(likelihood.scheduler).from_config(likelihood.scheduler.config)
     if is_flow(family):
         return diffusers.FlowMatchEulerDiscreteScheduler.from_config(likelihood.scheduler.config)
     config = {k: v for k, v in likelihood.scheduler.config.items() if k != "clip_sample"}  # DDPM-only key
@@ -149,6 +152,10 @@ def validate_images(likelihood: Any, unet: torch.nn.Module, step: int, folder: s
     if not likelihood.family.validation:
         warnings.warn(f"validation images are not implemented for modality '{likelihood.family.name}'; skipped")
         return {}
+    if likelihood.family.sample == "videos":  # a video grid (validation_video.py)
+        from mmalign.modalities.validation_video import validate_videos
+
+        return validate_videos(likelihood, unet, step, folder, prompts, seeds, steps, guidance)
     if not prompts or not seeds:
         raise ValueError("validation needs at least one prompt and one seed "
                          "(diffusion.validation_prompts, diffusion.validation_seeds)")

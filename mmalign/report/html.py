@@ -2,13 +2,14 @@
 
 What a person wants to look at before training on pairs: every prompt with its samples side
 by side, each with its seed and scores; the chosen / rejected picks when a pairs file is
-given; histograms of every score column (and of the pair margins). Images and audio are
-embedded as base64 data URIs and histograms are inline SVG, so the file opens anywhere,
+given; histograms of every score column (and of the pair margins). Images, audio and videos
+(a looping player and a strip of 8 frames spread over the clip) are embedded as base64 data URIs and histograms are inline SVG, so the file opens anywhere,
 offline, and can be mailed around. Prompts and generated text are untrusted: every piece of
 text goes through `html.escape`, and a Content-Security-Policy allows no network and only the
 page's own script (by hash) as a second fence. The script marks each <img> with whether it
-decoded (`data-decoded`) and the body with a count (`data-images="ok/total"`), which the test
-reads back from a headless browser.
+decoded (`data-decoded`) and the body with a count (`data-images="ok/total"`; videos: each
+<video> that decoded its first frame, `data-videos="ok/total"`), which the tests read back from
+a headless browser.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from mmalign.errors import DataError
 
 _MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "WEBP": "image/webp"}
 _AUDIO = {".wav": "audio/wav", ".flac": "audio/flac", ".mp3": "audio/mpeg", ".ogg": "audio/ogg"}
+_VIDEO = {".mp4": "video/mp4", ".webm": "video/webm", ".mov": "video/quicktime", ".mkv": "video/x-matroska"}
+STRIP_FRAMES = 8
 
 SCRIPT = """window.addEventListener("load", function () {
   var imgs = document.images, ok = 0;
@@ -36,6 +39,19 @@ SCRIPT = """window.addEventListener("load", function () {
     if (good) ok++;
   }
   document.body.setAttribute("data-images", ok + "/" + imgs.length);
+});
+document.addEventListener("DOMContentLoaded", function () {
+  var vids = document.getElementsByTagName("video"), played = 0;
+  document.body.setAttribute("data-videos", "0/" + vids.length);
+  for (var i = 0; i < vids.length; i++) {
+    vids[i].addEventListener("loadeddata", function (e) {
+      e.target.setAttribute("data-decoded", "1");
+      played++;
+      document.body.setAttribute("data-videos", played + "/" + vids.length);
+    });
+    vids[i].addEventListener("error", function (e) { e.target.setAttribute("data-decoded", "0"); });
+    vids[i].load();
+  }
 });"""
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
@@ -47,6 +63,7 @@ figure{margin:0;padding:4px;border:3px solid transparent;border-radius:4px;font-
 figure.chosen{border-color:#1a9641} figure.rejected{border-color:#d7191c}
 figure.chosen.rejected{border-color:#fdae61}
 figure img{display:block;image-rendering:pixelated}
+figure video{display:block;image-rendering:pixelated;max-width:100%} figure img.frames{max-width:100%;height:auto}
 figcaption{margin-top:3px;line-height:1.35}
 .badge{display:inline-block;padding:0 4px;border-radius:3px;color:#fff;font-weight:600;margin-right:3px}
 .b-chosen{background:#1a9641} .b-rejected{background:#d7191c} .b-rank{background:#2b83ba}
@@ -140,6 +157,34 @@ def spectrogram_html(path: Path) -> str:
             f'width="256" alt="spectrogram">')
 
 
+def frame_strip_html(path: Path, thumb: int) -> str:
+    """An <img> (PNG data URI) of up to 8 frames spread evenly over the video, left to right, each
+    scaled to a quarter of `thumb` wide (at least 32 px): the video's contact sheet."""
+    from PIL import Image
+
+    from mmalign.data.video import frame_indices, load_video
+
+    frames = load_video(str(path), str(path))
+    frames = [frames[i] for i in frame_indices(len(frames), min(STRIP_FRAMES, len(frames)))]
+    w = max(thumb // 4, 32)
+    h = max(1, round(frames[0].height * w / frames[0].width))
+    strip = Image.new("RGB", (w * len(frames), h))
+    for k, frame in enumerate(frames):
+        strip.paste(frame.resize((w, h), Image.NEAREST), (k * w, 0))
+    buf = io.BytesIO()
+    strip.save(buf, format="PNG")
+    return (f'<img class="frames" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}" '
+            f'width="{strip.width}" alt="frames">')
+
+
+def video_html(path: Path, thumb: int) -> str:
+    """A looping, muted <video> of the file (data URI) and its frame strip (`frame_strip_html`)."""
+    mime = _VIDEO.get(path.suffix.lower(), "video/mp4")
+    data = base64.b64encode(path.read_bytes()).decode()
+    return (f'<video controls muted loop autoplay playsinline width="{max(thumb, 128)}" '
+            f'src="data:{mime};base64,{data}"></video><br>' + frame_strip_html(path, thumb))
+
+
 def _media_html(row: dict[str, Any], root: Path, thumb: int, missing: list[str]) -> str:
     if row["kind"] == "text":
         return f'<pre class="text">{escape(str(row["text"]))}</pre>'
@@ -149,6 +194,8 @@ def _media_html(row: dict[str, Any], root: Path, thumb: int, missing: list[str])
             mime = _AUDIO.get(path.suffix.lower(), "audio/wav")
             return (f'<audio controls src="data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"></audio>'
                     + spectrogram_html(path))
+        if row["kind"] == "video":
+            return video_html(path, thumb)
         uri, width = image_data_uri(path, thumb)
     except Exception as e:  # noqa: BLE001 - a broken sample is shown as broken, not fatal
         missing.append(row["id"])

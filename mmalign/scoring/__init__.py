@@ -16,6 +16,8 @@
     claims      claims:ClaimJudgeScorer   -(mentioned objects a local VLM judge says are absent), RLAIF-V style
     text_length text_stats:TextLengthScorer  answer length in words | chars (PATH), or -|len - target|;
                 a programmatic test/demo scorer for text (nothing is loaded)
+    video_frames video:FrameMeanScorer   mean of an image scorer (scorer=pickscore|clipscore|...) over
+                frames=8 frames spread evenly over each video; the image scorer's scale
 
     http        remote:HttpScorer         whatever the server at PATH (a URL) answers; options timeout, retries
     python:REF  plugin                   a user's class or function (`python:pkg.mod:Name=ARG`,
@@ -56,6 +58,7 @@ SCORERS: dict[str, str] = {
     "annotations": "mmalign.scoring.annotations:AnnotationScorer",
     "claims": "mmalign.scoring.claims:ClaimJudgeScorer",
     "http": "mmalign.scoring.remote:HttpScorer",
+    "video_frames": "mmalign.scoring.video:FrameMeanScorer",
 }
 
 

@@ -1,0 +1,280 @@
+"""Wan 2.1 / 2.2 text-to-video (`modality: wan`): Flow-DPO (`FlowObjective`, mmalign/modalities/flow.py)
+over video latents on a `WanTransformer3DModel`, as diffusers' WanPipeline (pipelines/wan/
+pipeline_wan.py, diffusers 0.42.1) encodes and calls it:
+
+- conditioning (`_get_t5_prompt_embeds` / `encode_prompt`): each prompt through the pipeline's
+  `prompt_clean` (ftfy when installed, HTML unescape, whitespace collapse), tokenized padded to
+  max_sequence_length 512 (the pipeline's `__call__` default) with truncation, the UMT5 encoder's
+  last_hidden_state under the attention mask; each row's real tokens kept and ZEROS past them up to
+  512: c (n, 512, 4096 for umt5-xxl) float32;
+- latents: `AutoencoderKLWan`, a causal 3-D VAE: clips (N, 3, F, H, W) in [-1, 1], F = 4k + 1,
+  give (N, z, (F - 1)/4 + 1, H/8, W/8) (Wan 2.1; `scale_factor_temporal` / `scale_factor_spatial`
+  of the VAE config); per-channel latents_mean / latents_std instead of a scaling factor: the latent
+  x0 = (z - mean) / std (the pipeline decodes latents · std + mean; WanImageToVideoPipeline encodes
+  its condition frames this way). `VideoLatents` returns the posterior already normalised, as
+  `QwenLatents` does;
+- the call (the denoising loop): transformer(hidden_states = x_t (N, C, f, h, w), timestep = t,
+  encoder_hidden_states = c, return_dict=False)[0] with t the scheduler's timestep σ·1000
+  (UniPCMultistepScheduler with use_flow_sigmas: timesteps = sigmas · num_train_timesteps);
+  Wan 2.2 TI2V-5B (`expand_timesteps` in model_index.json) gets t once per latent token,
+  (N, f·h/2·w/2);
+- sign: the output goes to `scheduler.step` as a flow prediction: the velocity ε - x0, the target;
+- shift: the scheduler config's `flow_shift` (Wan 2.1 T2V 480p: 3.0; 720p and Wan 2.2: 5.0), the
+  shift `FlowObjective` applies to the logit-normal σ (s·u / (1 + (s - 1)·u), as UniPC's flow sigmas);
+  a FlowMatchEulerDiscreteScheduler config gives its own `shift` (`flow_shift`).
+
+Videos: a record's chosen / rejected is a video file or a folder of frames (mmalign/data/video.py),
+`diffusion.num_frames` frames sampled evenly over the clip, each frame resized (shortest side
+`diffusion.resolution`) and square-cropped, one crop and one flip per pair as for images.
+Dropped captions become encode("") (the pipeline's default negative prompt ""); `null_prompt:
+zeros` is refused. Wan 2.2 A14B (two experts switched at `boundary_ratio`) is refused: one
+trained transformer cannot stand for both.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from mmalign.families import Family, PipelineLayout, TextEncoderSpec
+from mmalign.modalities.diffusion import (ImageLatents, UNetCall, _output_names, crop_offsets, data_roots,
+                                          image_likelihood, resize_shortest, to_pixels)
+from mmalign.modalities.diffusion_cache import build_cached
+from mmalign.modalities.flow import FlowObjective, flow_shift
+from mmalign.modalities.loading import denoiser_config, family_folder, from_cache, load_parts
+from mmalign.modalities.text import MASK
+
+MAX_SEQUENCE_LENGTH = 512  # WanPipeline.__call__'s default
+
+
+class WanText:
+    """UMT5 last hidden state of the cleaned prompt, zero past its tokens, 512 long (module docstring)."""
+
+    def __init__(self, text_encoders: list[Any], tokenizers: list[Any],
+                 max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> None:
+        self.text_encoders, self.tokenizers = list(text_encoders), list(tokenizers)
+        self.max_sequence_length = max_sequence_length
+
+    def tokenize(self, prompts: list[str]) -> dict[str, Tensor]:
+        """{"input_ids": (n, 512), "input_ids_mask": (n, 512)}: `prompt_clean`ed prompts padded and
+        truncated to max_sequence_length with the tokenizer's special tokens (UMT5's </s>)."""
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+        out = self.tokenizers[0]([prompt_clean(p) for p in prompts], padding="max_length",
+                                 max_length=self.max_sequence_length, truncation=True, add_special_tokens=True,
+                                 return_attention_mask=True, return_tensors="pt")
+        return {"input_ids": out.input_ids, MASK: out.attention_mask}
+
+    @torch.no_grad()
+    def encode(self, ids: dict[str, Tensor]) -> dict[str, Tensor]:
+        """{"encoder_hidden_states": (n, 512, D) float32}: row i is the encoder's output on its real
+        tokens, zeros after (the pipeline's `u[:v]` then zero padding)."""
+        encoder = self.text_encoders[0]
+        tokens, mask = ids["input_ids"].to(encoder.device), ids[MASK].to(encoder.device)
+        keep = mask.bool().any(dim=0)  # columns that are padding in every row change no real token
+        with torch.autocast(tokens.device.type, enabled=False):
+            hidden = encoder(tokens[:, keep], mask[:, keep]).last_hidden_state
+        out = hidden.new_zeros(hidden.shape[0], self.max_sequence_length, hidden.shape[-1], dtype=torch.float32)
+        for i, length in enumerate(mask.gt(0).sum(dim=1).tolist()):
+            out[i, :length] = hidden[i, :length].float()
+        return {"encoder_hidden_states": out}
+
+
+class WanTransformer(UNetCall):
+    """The Wan transformer call of the pipeline's denoising loop (module docstring).
+    expand_timesteps: Wan 2.2 TI2V's per-token timestep (model_index.json)."""
+
+    def __init__(self, expand_timesteps: bool = False) -> None:
+        self.expand_timesteps = expand_timesteps
+
+    def predict(self, model: torch.nn.Module, noisy: Tensor, values: dict[str, Tensor]) -> Tensor:
+        """v_θ (N, C, f, h, w) float32 of x_t (N, C, f, h, w)."""
+        dtype = next(model.parameters()).dtype
+        t = values["timesteps"]  # σ·1000, the scheduler's timestep
+        if self.expand_timesteps:
+            n, _, f, h, w = noisy.shape
+            t = t[:, None].expand(n, f * (h // 2) * (w // 2))
+        return model(hidden_states=noisy.to(dtype), timestep=t, encoder_hidden_states=values[
+            "encoder_hidden_states"].to(dtype), return_dict=False)[0].float()
+
+
+class VideoLatents(ImageLatents):
+    """Clips -> normalised `AutoencoderKLWan` latents, live: collate reads `num_frames` frames per
+    clip and resizes them, the draw crops and flips every frame of a clip alike and encodes."""
+
+    def video(self, value: Any, where: str, root: str | None = None) -> list[Any]:
+        from mmalign.data.video import load_video
+
+        return load_video(value, where, root or self.roots, self.settings.num_frames)
+
+    def collate(self, records: list[dict[str, Any]], kind: str) -> dict[str, Tensor]:
+        """pixel_values (N, 3, F, Hp, Wp) in [-1, 1] (each clip's frames resized, shortest side =
+        resolution, zero-padded to the batch's largest); sizes (N, 2) resized (h, w);
+        original_sizes (N, 2) as decoded."""
+        from mmalign.data.preference import flatten
+
+        res = self.settings.resolution
+        clips, sizes, originals = [], [], []
+        for item, where in zip(flatten(records, kind), _output_names(kind, records)):
+            frames = self.video(item["response"], where, item.get("_root"))
+            originals.append((frames[0].height, frames[0].width))
+            frames = [resize_shortest(f, res) for f in frames]
+            sizes.append((frames[0].height, frames[0].width))
+            clips.append(torch.stack([to_pixels(f) for f in frames], dim=1))
+        hp, wp = max(h for h, _ in sizes), max(w for _, w in sizes)
+        pixels = torch.zeros(len(clips), 3, clips[0].shape[1], hp, wp)
+        for row, clip in enumerate(clips):
+            pixels[row, :, :, : clip.shape[2], : clip.shape[3]] = clip
+        return {"pixel_values": pixels, "sizes": torch.tensor(sizes), "original_sizes": torch.tensor(originals)}
+
+    def augment(self, inputs: dict[str, Any], flip: Tensor, crop_fraction: Tensor) -> tuple[Tensor, Tensor]:
+        """Crop (and flip) every frame of clip i alike: (N, 3, F, res, res), crop top-left (N, 2)."""
+        res = self.settings.resolution
+        sizes = inputs["sizes"].cpu()
+        offsets = crop_offsets(sizes, res, crop_fraction if self.settings.crop == "random" else None)
+        crops = []
+        for i, (top, left) in enumerate(offsets.tolist()):
+            crop = inputs["pixel_values"][i, ..., top : top + res, left : left + res]
+            crops.append(crop.flip(-1) if flip[i] else crop)
+        mirrored_left = torch.where(flip, sizes[:, 1] - offsets[:, 1] - res, offsets[:, 1])
+        return torch.stack(crops), torch.stack([offsets[:, 0], mirrored_left], dim=1)
+
+    # -- what `mmalign cache` stores (cache_writer.py) -----------------------------------------
+    def cache_settings(self, cfg: Any) -> dict[str, Any]:
+        """The frame count changes the cached latents."""
+        return video_cache_settings(cfg)
+
+    def cache_item(self, value: Any, where: str, fraction: Tensor | None,
+                   root: str | None = None) -> tuple[Tensor, list[int]]:
+        """One clip read, resized and cropped as the uncached draw does: pixels (3, F, res, res)
+        and [orig_h, orig_w, top, left, top, left_flipped] (`ImageLatents.cache_item`'s facts)."""
+        res = self.settings.resolution
+        frames = self.video(value, where, root)
+        original = [frames[0].height, frames[0].width]
+        frames = [resize_shortest(f, res) for f in frames]
+        h, w = frames[0].height, frames[0].width
+        top, left = crop_offsets(torch.tensor([[h, w]]), res, fraction)[0].tolist()
+        pixels = torch.stack([to_pixels(f) for f in frames], dim=1)[..., top : top + res, left : left + res]
+        return pixels, [*original, top, left, top, w - left - res]
+
+    def latent_shape(self) -> tuple[int, ...]:
+        """(z_dim, (F - 1) / scale_t + 1, res / scale_s, res / scale_s) (the pipeline's prepare_latents)."""
+        c = self.vae.config
+        side = self.settings.resolution // int(c.scale_factor_spatial)
+        return (int(c.z_dim), (self.settings.num_frames - 1) // int(c.scale_factor_temporal) + 1, side, side)
+
+    def latent_scaling(self) -> tuple[float | None, float]:
+        """The normalisation is already in `latent_dist`."""
+        return None, 1.0
+
+    def normalisation(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        c = self.vae.config
+        return (torch.tensor(c.latents_mean, device=device).view(1, -1, 1, 1, 1),
+                torch.tensor(c.latents_std, device=device).view(1, -1, 1, 1, 1))
+
+    @torch.no_grad()
+    def latent_dist(self, pixels: Tensor, batch_size: int = 0) -> tuple[Tensor, Tensor]:
+        """The normalised posterior of x0 = (z - μ) / σ: ((mean - μ) / σ, std / σ), (N, z, f, h, w)
+        float32; the VAE in its dtype, autocast off, clips in chunks of `diffusion.vae_batch_size`."""
+        step = batch_size or self.settings.vae_batch_size or pixels.shape[0]
+        means, stds = [], []
+        with torch.autocast(pixels.device.type, enabled=False):
+            for start in range(0, pixels.shape[0], step):
+                dist = self.vae.encode(pixels[start : start + step].to(self.vae.device, self.vae.dtype)).latent_dist
+                means.append(dist.mean.float())
+                stds.append(dist.std.float())
+        mean, std = torch.cat(means), torch.cat(stds)
+        mu, sigma = self.normalisation(mean.device)
+        return (mean - mu) / sigma, std / sigma
+
+
+def video_cache_settings(cfg: Any) -> dict[str, Any]:
+    """Settings a video cache must match beyond the image ones: {"num_frames"}."""
+    return {"num_frames": cfg.diffusion.num_frames}
+
+
+def wan_shift(scheduler_config: Any, tokens: int) -> float:
+    """The scheduler's shift: `flow_shift` of a UniPC config with flow sigmas (Wan's published
+    scheduler), else a FlowMatchEulerDiscreteScheduler's (`flow.flow_shift`)."""
+    from mmalign.errors import ConfigError
+
+    c = scheduler_config
+    if c.get("use_flow_sigmas", False):
+        if c.get("use_dynamic_shifting", False):
+            raise ConfigError("the scheduler config of model.path uses dynamic shifting with flow sigmas, which "
+                              "no Wan pipeline uses; mmalign reads its static flow_shift")
+        return float(c.get("flow_shift", 1.0))
+    if "flow_shift" in c:
+        raise ConfigError("the scheduler config of model.path has flow_shift without use_flow_sigmas: not a "
+                          "flow-matching schedule")
+    return flow_shift(c, tokens)
+
+
+def wan_objective(prediction_type: str, patch: Sequence[int]) -> Callable[[Any, tuple[int, ...]], FlowObjective]:
+    """objective(scheduler, latent_shape (C, f, h, w)) with the scheduler's shift (`wan_shift`); sides
+    the transformer's (1, 2, 2) patch does not divide are a ConfigError."""
+    def make(scheduler: Any, shape: tuple[int, ...]) -> FlowObjective:
+        from mmalign.errors import ConfigError
+
+        _, f, h, w = shape
+        pt, ph, pw = patch
+        if f % pt or h % ph or w % pw:
+            raise ConfigError(f"diffusion.resolution / num_frames: latents {f}x{h}x{w} are not divisible into "
+                              f"{pt}x{ph}x{pw} patches; choose a resolution that is a multiple of the VAE factor "
+                              "times the patch size")
+        return FlowObjective(scheduler, wan_shift(scheduler.config, f * (h // ph) * (w // pw)), prediction_type)
+
+    return make
+
+
+def pipeline_options(cfg: Any) -> dict[str, Any]:
+    """model_index.json's WanPipeline settings of model.path ({} without one): a two-expert folder
+    (Wan 2.2 A14B: boundary_ratio / transformer_2) is a ConfigError."""
+    from mmalign.errors import ConfigError
+
+    index = Path(family_folder(cfg, FAMILY)) / "model_index.json"
+    options = json.loads(index.read_text()) if index.is_file() else {}
+    if options.get("boundary_ratio") is not None or (options.get("transformer_2") or [None])[0] is not None:
+        raise ConfigError(f"model.path {index.parent} is a two-expert Wan 2.2 pipeline (boundary_ratio, "
+                          "transformer_2): not supported yet; train a single-transformer Wan folder")
+    return options
+
+
+def check_frames(cfg: Any) -> None:
+    """`diffusion.num_frames` must be 4k + 1 (the causal VAE's first frame plus groups of 4)."""
+    from mmalign.errors import ConfigError
+
+    n = cfg.diffusion.num_frames
+    if n < 1 or (n - 1) % 4:
+        raise ConfigError(f"diffusion.num_frames {n}: Wan's VAE takes 4k + 1 frames (e.g. 5, 17, 33, 81)")
+
+
+def build(cfg: Any, use_cache: bool = True, trained: bool = True) -> tuple[Any, Any, None]:
+    """(trainable WanTransformer3DModel, likelihood owning the Wan VAE and the UMT5 encoder, None); from
+    `diffusion.cache_dir` when set and use_cache (neither is loaded then)."""
+
+    d = cfg.diffusion
+    check_frames(cfg)
+    options = pipeline_options(cfg)
+    denoiser = WanTransformer(bool(options.get("expand_timesteps", False)))
+    objective = wan_objective(d.prediction_type, denoiser_config(cfg, FAMILY).patch_size)
+    if from_cache(cfg, use_cache):
+        return build_cached(cfg, FAMILY, denoiser, trained, objective, video_cache_settings(cfg))
+    parts = load_parts(cfg, FAMILY, unet=trained)
+    text = WanText(parts["text_encoders"], parts["tokenizers"])
+    latents = VideoLatents(parts["vae"], d, data_roots(cfg))
+    return parts["unet"], image_likelihood(cfg, FAMILY, parts, text, denoiser, objective, latents), None
+
+
+FAMILY = Family(
+    name="wan", summary="Wan 2.1/2.2 text-to-video DiT: UMT5 prompt, causal 3-D VAE, Flow-DPO over video latents",
+    kind="video", build=build, trained="transformer",
+    layout=PipelineLayout("transformer", "WanTransformer3DModel", "UniPCMultistepScheduler", "video pipeline",
+                          vae_class="AutoencoderKLWan"),
+    text_encoders=(TextEncoderSpec("text_encoder", "tokenizer", "transformers:UMT5EncoderModel"),),
+    pipeline="WanPipeline", export_formats=("merged", "unet", "lora"), cache=True, validation=True,
+    sample="videos", zeros_null_prompt=False)
