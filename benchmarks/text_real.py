@@ -57,15 +57,16 @@ class Settings:
     max_length: int = 1024
     seed: int = 0
     threads: int = 2
+    vocab: int = VOCAB
 
 
-def word_tokenizer() -> Any:
-    """Word-level tokenizer over SPECIALS + w4..w128255 (one id per word, no merges)."""
+def word_tokenizer(vocab_size: int = VOCAB) -> Any:
+    """Word-level tokenizer over SPECIALS + w4..w{vocab_size-1} (one id per word, no merges)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIALS)}
-    vocab.update({f"w{i}": i for i in range(len(SPECIALS), VOCAB)})
+    vocab.update({f"w{i}": i for i in range(len(SPECIALS), vocab_size)})
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>",
@@ -79,7 +80,7 @@ def length_mix(s: Settings) -> list[dict[str, str]]:
     rng = np.random.default_rng(s.seed)
 
     def words(n: int) -> str:
-        ids = np.minimum(rng.zipf(1.1, n) + len(SPECIALS) - 1, VOCAB - 1)
+        ids = np.minimum(rng.zipf(1.1, n) + len(SPECIALS) - 1, s.vocab - 1)
         return " ".join(f"w{i}" for i in ids)
 
     pairs = []
@@ -96,8 +97,8 @@ def prepare(workdir: Path, s: Settings) -> dict[str, Any]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = word_tokenizer()
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=s.hidden_size, intermediate_size=4 * s.hidden_size,
+    tokenizer = word_tokenizer(s.vocab)
+    config = LlamaConfig(vocab_size=s.vocab, hidden_size=s.hidden_size, intermediate_size=4 * s.hidden_size,
                          num_hidden_layers=s.num_layers, num_attention_heads=4, num_key_value_heads=4,
                          max_position_embeddings=s.max_length + 8, tie_word_embeddings=False,
                          pad_token_id=0, bos_token_id=2, eos_token_id=3)
@@ -170,11 +171,12 @@ def orchestrate(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.text_real", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=Settings.steps)
+    p.add_argument("--vocab", type=int, default=VOCAB, help="vocabulary size (default Llama 3's %(default)s)")
     p.add_argument("--sides", nargs="+", choices=sorted(SIDES), default=list(SIDES))
     p.add_argument("--loss-tol", type=float, default=1e-4)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "text_real.json")
     a = p.parse_args(argv)
-    s = Settings(steps=a.steps)
+    s = Settings(steps=a.steps, vocab=a.vocab)
     runs, tol = {}, a.loss_tol
     with tempfile.TemporaryDirectory(prefix="mmalign_bench_real_") as tmp:
         stats = prepare(Path(tmp), s)
@@ -185,7 +187,7 @@ def orchestrate(argv: list[str] | None = None) -> int:
             print(f"[bench]   {runs[side]['pairs_per_s']:.3f} pairs/s, peak RSS +{runs[side]['rss_growth_mib']:.0f} MiB",
                   flush=True)
     base = runs.get("trl")
-    lines = [f"text DPO at vocabulary {VOCAB:,}, Llama-shaped (hidden {s.hidden_size}, {s.num_layers} layers, untied "
+    lines = [f"text DPO at vocabulary {s.vocab:,}, Llama-shaped (hidden {s.hidden_size}, {s.num_layers} layers, untied "
              f"head), batch {s.batch_size} pairs, {s.steps} steps ({s.warmup} warm-up), fp32, {s.threads} threads; "
              f"sequence tokens median {stats['sequence_tokens_median']:.0f}, p90 {stats['sequence_tokens_p90']:.0f}, "
              f"max {stats['sequence_tokens_max']}",
