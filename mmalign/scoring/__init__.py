@@ -14,6 +14,8 @@
     annotations annotations:AnnotationScorer  -(hallucinated objects) + recall * R against the row's "objects"
                 (PATH: an object vocabulary file or coco; nothing is loaded)
     claims      claims:ClaimJudgeScorer   -(mentioned objects a local VLM judge says are absent), RLAIF-V style
+    geneval     geneval:GenEvalScorer     1 when the image passes GenEval's checks for its prompt, else 0
+                (PATH: GenEval metadata jsonl; detector=toyworld | owlv2,detector_path=DIR,clip=DIR)
     text_length text_stats:TextLengthScorer  answer length in words | chars (PATH), or -|len - target|;
                 a programmatic test/demo scorer for text (nothing is loaded)
 
@@ -51,6 +53,7 @@ SCORERS: dict[str, str] = {
     "text_length": "mmalign.scoring.text_stats:TextLengthScorer",
     "annotations": "mmalign.scoring.annotations:AnnotationScorer",
     "claims": "mmalign.scoring.claims:ClaimJudgeScorer",
+    "geneval": "mmalign.scoring.geneval:GenEvalScorer",
 }
 
 
