@@ -192,3 +192,84 @@ def test_geneval_bad_inputs_are_one_line_errors(tmp_path, capsys):
     (tmp_path / "00000" / "metadata.jsonl").write_text('{"tag": "x"}')
     assert main(["eval", "geneval", "--images", str(tmp_path), "--detector", "toyworld"]) == 2
     assert "'include' list" in capsys.readouterr().err
+
+
+# -- the transformers detector and colour step (tiny random models built from their configs) -----
+def tiny_owlv2(path: Path) -> Path:
+    """A random OWLv2 (32×32 input, patch 8) with a character-level CLIP tokenizer, saved to `path`
+    (the start token must not be id 0: OWL masks queries whose first id is 0)."""
+    import string
+
+    import torch
+    from transformers import CLIPTokenizer, Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
+
+    vocab = {"<|endoftext|>": 0, "<|startoftext|>": 1}
+    for c in string.ascii_lowercase + string.digits + ".,!?'-":
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=32)
+    config = Owlv2Config(text_config=dict(vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                          num_attention_heads=2, max_position_embeddings=32, bos_token_id=1,
+                                          eos_token_id=0, pad_token_id=0),
+                         vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, image_size=32, patch_size=8), projection_dim=16)
+    torch.manual_seed(0)
+    Owlv2ForObjectDetection(config).eval().save_pretrained(path)
+    Owlv2Processor(image_processor=Owlv2ImageProcessor(size={"height": 32, "width": 32}),
+                   tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+def test_owlv2_detector_boxes_are_pixels_of_the_padded_square(tmp_path):
+    import torch
+    from PIL import Image
+
+    from mmalign.evaluation.geneval_detectors import OpenVocabDetector
+
+    detector = OpenVocabDetector(str(tiny_owlv2(tmp_path / "owl")), min_score=0.0)
+    image = Image.new("RGB", (40, 32), (128, 128, 128))           # padded to 40×40 by OWLv2
+    found = detector.detect(image, ["circle", "square"])
+    inputs = detector.processor(text=[["a photo of a circle", "a photo of a square"]], images=image, return_tensors="pt")
+    with torch.no_grad():
+        out = detector.model(**inputs)
+    scores, labels = torch.sigmoid(out.logits[0].double()).max(-1)   # (16,) best query of each box
+    cx, cy, w, h = out.pred_boxes[0].double().unbind(-1)
+    corners = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1) * 40
+    for k, name in enumerate(["circle", "square"]):
+        expected = sorted((tuple(round(v, 3) for v in corners[i].tolist()), round(scores[i].item(), 4))
+                          for i in range(16) if labels[i] == k)
+        got = sorted((tuple(round(v, 3) for v in d.box), round(d.score, 4)) for d in found.get(name, []))
+        assert got == expected
+    assert sum(len(v) for v in found.values()) == 16
+
+
+def test_clip_colour_step_and_eval_geneval_with_owlv2(tmp_path):
+    import torch
+    from PIL import Image
+
+    from mmalign.evaluation.geneval import COLORS
+    from mmalign.evaluation.geneval_detectors import COLOUR_TEMPLATES, ClipColourClassifier
+    from mmalign.scoring.base import features
+    from mmalign.toyworld.models import build_scorer
+
+    model, processor = build_scorer(seed=0)
+    model.save_pretrained(tmp_path / "clip")
+    processor.save_pretrained(tmp_path / "clip")
+    clf = ClipColourClassifier(str(tmp_path / "clip"))
+    weights = clf._classifier("circle").double()
+    tok = processor(text=[t.format(c="red", obj="circle") for t in COLOUR_TEMPLATES], return_tensors="pt", padding=True,
+                    truncation=True)
+    with torch.no_grad():
+        emb = torch.nn.functional.normalize(features(model.get_text_features(**tok)).double(), dim=-1).mean(0)
+    assert torch.allclose(weights[COLORS.index("red")], emb / emb.norm(), atol=1e-5)
+    image = Image.new("RGB", (32, 32), (200, 30, 30))
+    got = clf(image, [box(0, 0, 16, 16), box(8, 8, 30, 30)], "circle")
+    assert len(got) == 2 and set(got) <= set(COLORS)
+
+    images = write_layout(tmp_path / "images")
+    out = tmp_path / "g.json"
+    assert main(["eval", "geneval", "--images", str(images), "--detector", "owlv2", "--detector-path",
+                 str(tiny_owlv2(tmp_path / "owl")), "--clip", str(tmp_path / "clip"), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["counts"]["images"] == 10 and 0.0 <= result["metrics"]["Overall"] <= 1.0
+    assert main(["eval", "geneval", "--images", str(images), "--detector", "owlv2", "--out", str(tmp_path / "h.json"),
+                 "--detector-path", str(tmp_path / "nowhere")]) == 2

@@ -5,8 +5,9 @@
   re-drawn as every shape with the region's centre and half-width, and named after the shape
   whose drawing equals the region (score = IoU of the best drawing: 1.0 for a clean render).
   Colours are read off the pixels. No weights, so the whole GenEval path is testable.
-- `OpenVocabDetector`: a transformers zero-shot object detector (OWLv2 / OWL-ViT / Grounding
-  DINO) from a local folder, queried with "a photo of a {class}"; colours from
+- `OpenVocabDetector`: a transformers OWLv2 / OWL-ViT zero-shot object detector from a local
+  folder, queried with "a photo of a {class}" (Grounding DINO's span-based outputs are not
+  wired yet); colours from
   `ClipColourClassifier` (GenEval's zero-shot colour step: CLIP, 10 colours, its 3 templates, on
   the box crop; GenEval also pastes the instance mask on grey, which box detectors lack).
 """
@@ -90,6 +91,13 @@ class ToyWorldDetector:
         return [d.colour or "" for d in detections]
 
 
+def crop_box(box: Sequence[float], size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Integer crop of a float box inside a (W, H) image, at least one pixel each way."""
+    w, h = size
+    x0, y0 = min(max(int(np.floor(box[0])), 0), w - 1), min(max(int(np.floor(box[1])), 0), h - 1)
+    return x0, y0, max(min(int(np.ceil(box[2])), w), x0 + 1), max(min(int(np.ceil(box[3])), h), y0 + 1)
+
+
 class ClipColourClassifier:
     """GenEval's colour step with a transformers CLIP folder: class embedding of colour c =
     normalised mean of the normalised text embeddings of the 3 templates; a crop's colour =
@@ -105,13 +113,15 @@ class ClipColourClassifier:
     def _classifier(self, classname: str) -> Any:
         import torch
 
+        from mmalign.scoring.base import features
+
         if classname not in self.weights:
             rows = []
             for c in COLORS:
                 texts = [t.format(c=c, obj=classname) for t in COLOUR_TEMPLATES]
-                tok = self.processor(text=texts, return_tensors="pt", padding=True).to(self.device)
+                tok = self.processor(text=texts, return_tensors="pt", padding=True, truncation=True).to(self.device)
                 with torch.no_grad():
-                    emb = torch.nn.functional.normalize(self.model.get_text_features(**tok), dim=-1).mean(0)
+                    emb = torch.nn.functional.normalize(features(self.model.get_text_features(**tok)), dim=-1).mean(0)
                 rows.append(torch.nn.functional.normalize(emb, dim=-1))
             self.weights[classname] = torch.stack(rows)  # (10, D)
         return self.weights[classname]
@@ -119,17 +129,20 @@ class ClipColourClassifier:
     def __call__(self, image: Any, detections: Sequence[Detection], classname: str) -> list[str]:
         import torch
 
+        from mmalign.scoring.base import features
+
         if not detections:
             return []
-        crops = [image.convert("RGB").crop(tuple(int(round(v)) for v in d.box)) for d in detections]
+        image = image.convert("RGB")
+        crops = [image.crop(crop_box(d.box, image.size)) for d in detections]
         pixels = self.processor(images=crops, return_tensors="pt").to(self.device)
         with torch.no_grad():
-            feats = torch.nn.functional.normalize(self.model.get_image_features(**pixels), dim=-1)
+            feats = torch.nn.functional.normalize(features(self.model.get_image_features(**pixels)), dim=-1)
         return [COLORS[i] for i in (feats @ self._classifier(classname).T).argmax(-1).tolist()]
 
 
 class OpenVocabDetector:
-    """A transformers zero-shot detector (OWLv2, OWL-ViT, Grounding DINO) from a local folder.
+    """A transformers OWLv2 / OWL-ViT zero-shot detector from a local folder.
     `detect` asks for every class at once and keeps all boxes with score > `min_score` (GenEval's
     thresholds are applied afterwards); `colours` needs `clip` (a local CLIP folder)."""
 
@@ -139,9 +152,15 @@ class OpenVocabDetector:
         if model is None:
             from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
-            if path is None:
-                raise ConfigError("geneval detector: give a local detector folder (--detector-path)")
-            model, processor = AutoModelForZeroShotObjectDetection.from_pretrained(path), AutoProcessor.from_pretrained(path)
+            from mmalign.scoring.base import require_path
+
+            folder = require_path(path, "geneval detector folder (--detector-path)") if path else None
+            if folder is None:
+                raise ConfigError("geneval detector: give a local OWLv2 / OWL-ViT folder (--detector-path)")
+            model = AutoModelForZeroShotObjectDetection.from_pretrained(folder)
+            processor = AutoProcessor.from_pretrained(folder)
+            if not type(model).__name__.startswith(("Owlv2", "OwlViT")):
+                raise ConfigError(f"geneval detector {folder}: {type(model).__name__} is not OWLv2 / OWL-ViT")
         self.model, self.processor = model.to(device).eval(), processor
         self.device, self.min_score = device, float(min_score)
         self.colour_classifier = colour_classifier or (ClipColourClassifier(clip, device) if clip else None)
@@ -156,8 +175,8 @@ class OpenVocabDetector:
             outputs = self.model(**inputs)
         side = max(image.size)  # OWLv2 pads to a square: boxes are relative to the padded image
         size = (side, side) if type(self.model).__name__.startswith("Owlv2") else image.size[::-1]
-        result = self.processor.post_process_object_detection(outputs, threshold=self.min_score,
-                                                              target_sizes=torch.tensor([size]))[0]
+        result = self.processor.image_processor.post_process_object_detection(
+            outputs, threshold=self.min_score, target_sizes=torch.tensor([size]))[0]
         out: dict[str, list[Detection]] = {}
         for box, score, label in zip(result["boxes"].tolist(), result["scores"].tolist(), result["labels"].tolist()):
             out.setdefault(classes[int(label)], []).append(Detection(tuple(box), float(score)))
@@ -170,9 +189,9 @@ class OpenVocabDetector:
 
 
 def load_detector(name: str, path: str | None = None, clip: str | None = None, device: str = "cpu") -> Any:
-    """'toyworld' (exact, nothing loaded) or 'owlv2' / 'grounding-dino' / 'transformers' (a local folder)."""
+    """'toyworld' (exact, nothing loaded) or 'owlv2' (a local OWLv2 / OWL-ViT folder)."""
     if name == "toyworld":
         return ToyWorldDetector()
-    if name in ("owlv2", "grounding-dino", "transformers"):
+    if name == "owlv2":
         return OpenVocabDetector(path, clip=clip, device=device)
-    raise ConfigError(f"geneval detector {name!r}: expected toyworld, owlv2, grounding-dino or transformers")
+    raise ConfigError(f"geneval detector {name!r}: expected toyworld or owlv2")
