@@ -273,3 +273,25 @@ def test_clip_colour_step_and_eval_geneval_with_owlv2(tmp_path):
     assert result["counts"]["images"] == 10 and 0.0 <= result["metrics"]["Overall"] <= 1.0
     assert main(["eval", "geneval", "--images", str(images), "--detector", "owlv2", "--out", str(tmp_path / "h.json"),
                  "--detector-path", str(tmp_path / "nowhere")]) == 2
+
+
+def test_geneval_scorer_on_a_generate_manifest_with_toy_metadata(tmp_path):
+    from mmalign.evaluation.geneval_detectors import toyworld_metadata
+    from mmalign.toyworld.world import Obj, Scene, render
+
+    assert toyworld_metadata(["a red circle"]) == [
+        {"tag": "colors", "prompt": "a red circle", "include": [{"class": "circle", "count": 1, "color": "red"}]}]
+    meta = tmp_path / "meta.jsonl"
+    meta.write_text("".join(json.dumps(m) + "\n" for m in toyworld_metadata(["a red circle", "a blue square"])))
+    (tmp_path / "media").mkdir()
+    drawn = [("a red circle", "red", "circle", 1.0), ("a red circle", "green", "circle", 0.0),
+             ("a blue square", "blue", "square", 1.0), ("a blue square", "blue", "triangle", 0.0)]
+    rows = []
+    for i, (prompt, colour, shape, _) in enumerate(drawn):
+        render(Scene(16, (Obj(colour, shape, 8, 8, 5),))).save(tmp_path / "media" / f"{i}.png")
+        rows.append({"id": f"{i}", "prompt_index": i // 2, "prompt": prompt, "sample": i % 2, "seed": i,
+                     "kind": "image", "path": f"media/{i}.png"})
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["score", str(tmp_path), "--scorer", f"geneval={meta},detector=toyworld", "--device", "cpu"]) == 0
+    scored = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+    assert [r["score_geneval"] for r in scored] == [v for *_, v in drawn]

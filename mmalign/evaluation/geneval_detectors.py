@@ -188,6 +188,18 @@ class OpenVocabDetector:
         return self.colour_classifier(image, detections, classname)
 
 
+def toyworld_metadata(prompts: Sequence[str]) -> list[dict]:
+    """GenEval "colors" metadata of the toy world's image prompts "a <colour> <shape>": one object
+    of that shape, of that colour (score a `mmalign generate` manifest with the geneval scorer)."""
+    from mmalign.toyworld.checker import parse_caption
+
+    out = []
+    for prompt in prompts:
+        colour, shape = parse_caption(prompt)
+        out.append({"tag": "colors", "prompt": prompt, "include": [{"class": shape, "count": 1, "color": colour}]})
+    return out
+
+
 def load_detector(name: str, path: str | None = None, clip: str | None = None, device: str = "cpu") -> Any:
     """'toyworld' (exact, nothing loaded) or 'owlv2' (a local OWLv2 / OWL-ViT folder)."""
     if name == "toyworld":

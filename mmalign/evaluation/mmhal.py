@@ -143,8 +143,9 @@ def judge_reviews(records: list[dict[str, Any]], answers: list[str], judge: str,
     from mmalign.scoring.judge import judge_markers, load_judge_model, neutralise
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, processor, is_vlm = (load or load_judge_model)(judge, torch.device(device), resolve_dtype(
-        None if dtype == "auto" else dtype))
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else None
+    model, processor, is_vlm = (load or load_judge_model)(judge, torch.device(device), resolve_dtype(dtype))
     markers = judge_markers(processor)
     chat = getattr(processor, "chat_template", None) is not None and not is_vlm
     items = []
