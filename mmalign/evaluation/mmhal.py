@@ -20,7 +20,9 @@ strings "rating: 0" ... "rating: 6" must occur in it, else the review is UNPARSE
 
     Average score       = Σ s_i / N
     Hallucination rate  = #(s_i < 3) / N
-    per-type score      = mean of s_i over the questions of that type
+    per-type score      = mean of s_i over the questions of that type (by each record's
+                          question_type; the official script takes type i % 8, the same
+                          on the official file, whose order must not change)
     Informativeness     = mean(s_i − 3 if s_i >= 3 else s_i) / 3 × 100
 
 The original judge is GPT-4 (gpt-4-0314; RLAIF-V uses gpt-4-1106-preview) at temperature 0;

@@ -14,6 +14,9 @@ word whose category is not in the ground truth is hallucinated. As
     Object Recall          = Σ |distinct correct categories| / Σ |ground-truth categories|
     Average Length         = mean number of space-separated words of a response
 
+Answers are generated greedily (the official run uses beam search, 3 beams), one batch at a time,
+cached beside --out (*.answers.jsonl) so a killed run resumes without regenerating.
+
 DIFFERENCE FROM THE OFFICIAL SCORE: the official object extraction asks gpt-3.5-turbo-0613 for
 the objects of (question, answer), then lemmatises them with spaCy. Here the objects come
 from mmalign's rule-based CHAIR extractor (`--protocol corrected`, objects.py, or the
@@ -81,8 +84,8 @@ def objhal(responses: Sequence[tuple[Any, str]], ground_truth: Mapping[Any, set[
 def read_prompts(path: str | Path, files: Mapping[Any, str]) -> list[dict[str, Any]]:
     """Prompt rows -> [{"key", "image_id", "question", "image"}]. A row holds "image_id" (a COCO
     id of --annotations), "question" (or "prompt"), optionally "image" (a file name under
-    --images; default the annotation's file name) and "question_id" (the cache key; default the
-    line number)."""
+    --images; default the annotation's file name; RLAIF-V's base64 "image" field is ignored) and
+    "question_id" (the cache key; default the line number)."""
     from mmalign.evaluation.coco import read_jsonl
 
     out = []
