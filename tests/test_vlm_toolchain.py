@@ -1,0 +1,253 @@
+"""The VLM tool chain with every VLM family's tiny model (tests/vlm_family_fixtures.py): each family's
+model + processor folder, built once per module, goes through `mmalign generate` (answers),
+`build-pairs corrupt | onpolicy` (answers generated with the model), `build-pairs inject |
+existence` (no model; their records then train one DPO step with that family: loss = log 2 at
+policy == reference), `mmalign eval chair | pope --model`, the judge scorer with the family as
+the judge (images attached), and one step of an online DPO round, on 3 toy-world scenes with
+COCO-style annotations (mmalign.toyworld.world.write_world).
+
+Real values: batched greedy answers (left padding, prompts of different lengths and image
+counts) equal one-at-a-time answers; the corrupt builder's rejected answers equal the model's
+answers on the same seeded corrupted images; on-policy pairs are ordered by the annotation
+counts; CHAIR / POPE counts account for every image / question; the judge's answers equal the
+model's own answers to the judge prompts it built.
+
+Every family runs generate, one builder and the evaluations; the rest (`heavy`) runs for every
+family too unless MMALIGN_FAST_TOOLCHAIN=1, which keeps it for `FULL` only."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+from vlm_family_fixtures import allow_smolvlm_without_num2words, save_family
+
+from mmalign.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = str(ROOT / "mmalign/data/vocab/toyworld_objects.txt")
+NAMES = ["llava", "qwen2_5_vl", "qwen3_vl", "gemma3", "idefics3", "smolvlm", "llava_onevision"]
+FULL = "qwen2_5_vl"  # the family that always runs everything
+QUIET = ["train.progress=false", "train.tensorboard=false", "train.log_every=1"]
+
+allow_smolvlm_without_num2words()  # SmolVLM folders load through AutoProcessor in-process
+
+
+def heavy(name: str) -> None:
+    """Skip the heavy parts for all families but FULL when MMALIGN_FAST_TOOLCHAIN=1."""
+    if os.environ.get("MMALIGN_FAST_TOOLCHAIN") == "1" and name != FULL:
+        pytest.skip("MMALIGN_FAST_TOOLCHAIN=1: heavy tool-chain parts run for " + FULL + " only")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    """3 toy-world scenes (32x32) with COCO instances / captions, and a pair source file."""
+    from mmalign.toyworld.world import write_world
+
+    root = tmp_path_factory.mktemp("toolchain_world")
+    paths = write_world(root, 3, seed=0, split="train", kind="scenes")
+    rows = [json.loads(line) for line in paths["jsonl"].read_text().splitlines()]
+    source = [{"images": [r["image"]], "prompt": r["prompt"], "chosen": r["caption"],
+               "objects": sorted({o["shape"] for o in r["objects"]})} for r in rows]
+    paths["source"] = root / "source.jsonl"
+    paths["source"].write_text("".join(json.dumps(r) + "\n" for r in source))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    """Each family's tiny model + processor folder, saved once per module on first use. Its
+    generation config suppresses EOS as the FIRST new token (`begin_suppress_tokens`, read by
+    `generate`): a random tiny model's greedy answer would otherwise often be empty, and the
+    builders drop empty answers."""
+    from transformers import GenerationConfig
+
+    class Folders(dict):
+        def __missing__(self, name: str) -> Path:
+            folder = save_family(name, tmp_path_factory.mktemp(name))
+            config = GenerationConfig.from_pretrained(folder)
+            config.begin_suppress_tokens = [config.eos_token_id]
+            config.save_pretrained(folder)
+            self[name] = folder
+            return folder
+
+    return Folders()
+
+
+def read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def load(folder: Path):
+    from mmalign.generate.text import load_text_model
+
+    return load_text_model(folder, device="cpu")
+
+
+def images_of(world: dict[str, Path]) -> list[str]:
+    return [str(world["jsonl"].parent / r["image"]) for r in read(world["jsonl"])]
+
+
+# -- mmalign generate ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_generate_answers_batched_equal_single_and_the_cli(name, folders, world, tmp_path):
+    from mmalign.generate.text import generate_answers
+
+    model, processor = load(folders[name])
+    a, b, c = images_of(world)
+    records = [{"prompt": "describe the image .", "images": [a]},
+               {"prompt": "what is in the first image and the second image .", "images": [b, c]},
+               {"prompt": "describe .", "images": [c]}]
+    for sample in (False, True):  # left padding: each row's answer is the one it gets alone
+        batched = generate_answers(model, processor, records, max_new_tokens=4, batch_size=3, do_sample=sample)
+        single = generate_answers(model, processor, records, max_new_tokens=4, batch_size=1, do_sample=sample)
+        assert batched == single
+    assert any(batched)  # the tiny random model says something (not only special tokens)
+    out = tmp_path / "gen"
+    assert main(["generate", "--model", str(folders[name]), "--prompts", str(world["jsonl"]), "--out", str(out),
+                 "--num-samples", "1", "--no-progress", "--set", "max_new_tokens=3", "--set", "do_sample=false"]) == 0
+    rows = read(out / "manifest.jsonl")
+    assert [r["kind"] for r in rows] == ["text"] * 3 and [r["images"] for r in rows] == [[x] for x in images_of(world)]
+    greedy = generate_answers(model, processor, [{"prompt": r["prompt"], "images": r["images"]} for r in rows],
+                              max_new_tokens=3)
+    assert [r["text"] for r in rows] == greedy
+
+
+# -- build-pairs ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_build_pairs_corrupt(name, folders, world, tmp_path, capsys):
+    from mmalign.builders.corrupt import corrupted_records
+    from mmalign.generate.text import generate_answers
+
+    out = tmp_path / "corrupt"
+    assert main(["build-pairs", "corrupt", str(world["source"]), "--model", str(folders[name]), "--out", str(out),
+                 "--chosen", "ground_truth", "--corruption", "mask", "--mask-ratio", "0.5", "--mask-patch", "4",
+                 "--seed", "3", "--max-new-tokens", "3"]) == 0
+    rows, source = read(out / "pairs.jsonl"), read(world["source"])
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith(
+        f"[mmalign] build-pairs corrupt: {len(rows)} pairs kept of 3 prompts")
+    model, processor = load(folders[name])
+    corrupted = corrupted_records(source, "mask", {"ratio": 0.5, "patch": 4}, 3, [world["source"].parent])
+    expected = generate_answers(model, processor, corrupted, max_new_tokens=3)
+    for r in rows:
+        i = r["source_index"]
+        assert r["rejected"] == expected[i] and r["chosen"] == source[i]["chosen"]
+    for i in set(range(3)) - {r["source_index"] for r in rows}:
+        assert expected[i].strip() in ("", source[i]["chosen"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_build_pairs_onpolicy(name, folders, world, tmp_path, capsys):
+    heavy(name)
+    from mmalign.evaluation.objects import ObjectVocabulary
+
+    out = tmp_path / "onpolicy"
+    argv = ["build-pairs", "onpolicy", str(world["source"]), "--model", str(folders[name]), "--out", str(out),
+            "--num-samples", "3", "--max-new-tokens", "4", "--vocabulary", VOCAB]
+    assert main(argv) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    rows = read(out / "pairs.jsonl")
+    assert f"{len(rows)} pairs kept of 3 prompts" in line
+    vocab, source = ObjectVocabulary.load(VOCAB), read(world["source"])
+    for r in rows:  # chosen: fewer hallucinated objects (then more recall) than rejected, recounted here
+        present = set(source[r["source_index"]]["objects"])
+        counts = [(len(vocab.objects(t) - present), -len(vocab.objects(t) & present)) for t in (r["chosen"],
+                                                                                                   r["rejected"])]
+        assert counts[0] < counts[1] and [c[0] for c in counts] == r["hallucinations"]
+    assert main(argv) == 0 and read(out / "pairs.jsonl") == rows  # seeded: a rerun writes the same pairs
+
+
+def train_one_step(name: str, folder: Path, data: Path, out: Path) -> list[dict]:
+    config = ROOT / "configs/tiny/llava_dpo.yaml"
+    assert main(["train", str(config), f"modality={name}", f"model.path={folder}", f"data.train={data}", "data.eval=",
+                 f"train.output_dir={out}", "train.max_steps=1", "train.batch_size=2", "loss.sft_weight=0",
+                 "optim.warmup_steps=0", "data.max_length=160", *QUIET]) == 0
+    return [r for r in read(out / "metrics.jsonl") if "loss" in r]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_build_pairs_inject_and_existence_records_train_with_the_family(name, folders, world, tmp_path, capsys):
+    heavy(name)
+    root = world["jsonl"].parent  # beside images/: the trainer keeps media inside the data folder
+    inject, existence = root / f"{name}_inject.jsonl", root / f"{name}_existence.jsonl"
+    assert main(["build-pairs", "inject", "--captions", str(world["captions"]), "--images", str(world["images"]),
+                 "--annotations", str(world["instances"]), "--vocabulary", VOCAB, "--prompt", "describe the image .",
+                 "--out", str(inject), "--seed", "0"]) == 0
+    assert main(["build-pairs", "existence", "--annotations", str(world["instances"]), "--images",
+                 str(world["images"]), "--out", str(existence), "--num-images", "3", "--seed", "0"]) == 0
+    capsys.readouterr()
+    both = root / f"{name}_both.jsonl"  # one record of each builder: one batch of 2
+    rows = [read(inject)[0], read(existence)[0]]
+    assert rows[0]["chosen"] != rows[0]["rejected"] and {rows[1]["chosen"], rows[1]["rejected"]} == {"Yes", "No"}
+    both.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    metrics = train_one_step(name, folders[name], both, tmp_path / "run")
+    assert len(metrics) == 1 and metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+# -- eval chair | pope --------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_eval_chair_and_pope_with_the_family(name, folders, world, tmp_path):
+    chair, pope = tmp_path / "chair.json", tmp_path / "pope.json"
+    assert main(["eval", "chair", "--model", str(folders[name]), "--images", str(world["images"]),
+                 "--annotations", str(world["instances"]), "--captions", str(world["captions"]),
+                 "--vocabulary", VOCAB, "--prompt", "describe the image .", "--max-new-tokens", "4",
+                 "--batch-size", "2", "--device", "cpu", "--out", str(chair)]) == 0
+    result = json.loads(chair.read_text())
+    answers = read(chair.with_suffix(".answers.jsonl"))
+    assert result["counts"]["captions"] == 3 == len(answers) and 0.0 <= result["CHAIR_i"] <= 1.0
+    assert main(["eval", "pope", "--model", str(folders[name]), "--images", str(world["images"]),
+                 "--annotations", str(world["instances"]), "--setting", "random", "--num-images", "3",
+                 "--per-image", "1", "--max-new-tokens", "2", "--device", "cpu", "--out", str(pope)]) == 0
+    counts = json.loads(pope.read_text())["sets"]["random"]["counts"]
+    assert counts["n"] == 6 and counts["tp"] + counts["fn"] == 3 and counts["fp"] + counts["tn"] == 3
+
+
+# -- judge -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_judge_scorer_with_the_family_as_judge(name, folders, world):
+    heavy(name)
+    from mmalign.generate.text import generate_answers
+    from mmalign.scoring.judge import JudgeScorer, parse_pointwise
+
+    model, processor = load(folders[name])
+    a, b, c = images_of(world)
+    judge = JudgeScorer(mode="pointwise", max_new_tokens=3, batch_size=2, model=model, processor=processor)
+    scores = judge.score(["a red circle", "a blue square"], [a, b], images=[[c], []], kind="image")
+    records = [judge.pointwise_record("a red circle", a, [c], "image"),
+               judge.pointwise_record("a blue square", b, [], "image")]
+    assert [len(r["images"]) for r in records] == [2, 1]  # the request's image + the judged image
+    answers = generate_answers(model, processor, records, max_new_tokens=3, batch_size=1)
+    expected = [parse_pointwise(x) for x in answers]
+    assert [None if math.isnan(s) else s for s in scores.tolist()] == expected
+    assert judge.stats()["answers"] == 2
+    pairwise = JudgeScorer(mode="pairwise", max_new_tokens=3, model=model, processor=processor)
+    outcomes = pairwise.compare(["a red circle"], [a], [b], kind="image")
+    assert outcomes[0] in ("first", "second", "tie", "unparsed") and pairwise.stats()["answers"] == 2
+
+
+# -- online rounds ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_online_round_with_the_family(name, folders, world, tmp_path, capsys):
+    heavy(name)
+    out = tmp_path / "run"
+    args = ["train", str(ROOT / "configs/tiny/llava_online_dpo.yaml"), f"modality={name}",
+            f"model.path={folders[name]}", f"online.prompts={world['jsonl']}", f"train.output_dir={out}",
+            "train.max_steps=1", "online.round_steps=1", "online.prompts_per_round=2", "online.group_size=3",
+            "online.sampling={max_new_tokens: 4, temperature: 1.0}", "train.batch_size=2", "data.max_length=160",
+            f'online.scorer=["annotations={VOCAB},recall=0.5", "text_length=chars:0.001"]', *QUIET]
+    assert main(args) == 0, capsys.readouterr().err
+    folder = out / "rounds" / "round_00000"
+    samples = read(folder / "samples.jsonl")
+    assert len(samples) == 6 and all(s["kind"] == "text" and len(s["images"]) == 1 for s in samples)
+    for s in samples:  # annotations (-hallucinated + 0.5 recall) with a character-count tie-breaker
+        assert s["score_text_length"] == len(s["text"].strip())
+        assert s["score"] == pytest.approx(s["score_annotations"] + 0.001 * s["score_text_length"])
+    by_id = {s["id"]: s for s in samples}
+    for r in read(folder / "records.jsonl"):
+        chosen, rejected = (by_id[i] for i in r["ids"])
+        assert chosen["score"] > rejected["score"] and r["images"] == chosen["images"]
+    metrics = [r for r in read(out / "metrics.jsonl") if "loss" in r]
+    assert len(metrics) <= 1 and all(math.isfinite(m["loss"]) for m in metrics)
