@@ -23,6 +23,8 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+import vlm_family_fixtures
 from vlm_family_fixtures import allow_smolvlm_without_num2words, save_family
 
 from mmalign.cli import main
@@ -31,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VOCAB = str(ROOT / "mmalign/data/vocab/toyworld_objects.txt")
 NAMES = ["llava", "qwen2_5_vl", "qwen3_vl", "gemma3", "idefics3", "smolvlm", "llava_onevision"]
 FULL = "qwen2_5_vl"  # the family that always runs everything
+JUDGE_WORDS = ["yes", "Yes", "no", "No", "Is", "there", "in", "?", "Please", "answer", "or"]
 QUIET = ["train.progress=false", "train.tensorboard=false", "train.log_every=1"]
 
 allow_smolvlm_without_num2words()  # SmolVLM folders load through AutoProcessor in-process
@@ -57,19 +60,32 @@ def world(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
+def judge_llava():
+    """The toy LLaVA-1.5 of mmalign.toyvlm with the judge's words in its vocabulary."""
+    from mmalign.toyvlm import VLM_WORDS, build_tiny_llava, build_tiny_llava_processor, build_vlm_tokenizer
+
+    tok = build_vlm_tokenizer(VLM_WORDS + JUDGE_WORDS)
+    return build_tiny_llava(tok), build_tiny_llava_processor(tok)
+
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, Path]:
     """Each family's tiny model + processor folder, saved once per module on first use. Its
-    generation config suppresses EOS as the FIRST new token (`begin_suppress_tokens`, read by
-    `generate`): a random tiny model's greedy answer would otherwise often be empty, and the
-    builders drop empty answers."""
-    from transformers import GenerationConfig
+    generation config suppresses EOS and the special tokens as the FIRST new token
+    (`begin_suppress_tokens`, read by `generate`): a random tiny model's greedy answer would
+    otherwise often be empty (special tokens are skipped), and the builders drop empty answers."""
+    from transformers import AutoProcessor, GenerationConfig
 
     class Folders(dict):
         def __missing__(self, name: str) -> Path:
-            folder = save_family(name, tmp_path_factory.mktemp(name))
+            with pytest.MonkeyPatch.context() as patch:  # yes / no words: the claim judge asks yes-no questions
+                patch.setattr(vlm_family_fixtures, "WORDS", vlm_family_fixtures.WORDS + JUDGE_WORDS)
+                patch.setitem(vlm_family_fixtures.BUILDERS, "llava", judge_llava)
+                folder = save_family(name, tmp_path_factory.mktemp(name))
+            tok = AutoProcessor.from_pretrained(folder).tokenizer
+            special = {i for i, t in tok.added_tokens_decoder.items() if t.special} | set(tok.all_special_ids)
             config = GenerationConfig.from_pretrained(folder)
-            config.begin_suppress_tokens = [config.eos_token_id]
+            config.begin_suppress_tokens = sorted(special)
             config.save_pretrained(folder)
             self[name] = folder
             return folder
@@ -228,6 +244,31 @@ def test_judge_scorer_with_the_family_as_judge(name, folders, world):
     assert outcomes[0] in ("first", "second", "tie", "unparsed") and pairwise.stats()["answers"] == 2
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_claim_judge_probabilities_equal_an_unpadded_forward(name, folders, world):
+    """The claim judge's first-token P(yes), P(no) from a left-padded batch (1 and 2 images,
+    questions of different lengths) equal an unpadded forward of each question alone."""
+    heavy(name)
+    from mmalign.generate.text import _likelihood
+    from mmalign.scoring.claims import QUESTION, ClaimJudgeScorer
+
+    model, processor = load(folders[name])
+    a, b, c = images_of(world)
+    judge = ClaimJudgeScorer(vocabulary=VOCAB, model=model, processor=processor, batch_size=2)
+    records = [{"prompt": QUESTION.format(object="circle"), "images": [a]},
+               {"prompt": QUESTION.format(object="dark triangle"), "images": [b, c]}]
+    got = judge.probabilities(records)
+    likelihood, vocab = _likelihood(model, processor, None, ()), processor.tokenizer.get_vocab()
+    for row, record in zip(got, records):
+        with torch.no_grad():
+            logits = model(**likelihood.encode_prompt(record)).logits[0, -1].double()
+        p = torch.softmax(logits, -1)
+        want = [p[vocab["yes"]] + p[vocab["Yes"]], p[vocab["no"]] + p[vocab["No"]]]
+        assert row.tolist() == pytest.approx([float(w) for w in want], rel=1e-4, abs=1e-7)
+    scores = judge.score(["describe"] * 2, ["a circle and a square", "nothing"], images=[[a], [b]])
+    assert scores[1] == 0.0 and scores[0] in (0.0, -1.0, -2.0) and judge.stats()["claims"] == 2
+
+
 # -- online rounds ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", NAMES)
 def test_online_round_with_the_family(name, folders, world, tmp_path, capsys):
@@ -237,14 +278,16 @@ def test_online_round_with_the_family(name, folders, world, tmp_path, capsys):
             f"model.path={folders[name]}", f"online.prompts={world['jsonl']}", f"train.output_dir={out}",
             "train.max_steps=1", "online.round_steps=1", "online.prompts_per_round=2", "online.group_size=3",
             "online.sampling={max_new_tokens: 4, temperature: 1.0}", "train.batch_size=2", "data.max_length=160",
-            f'online.scorer=["annotations={VOCAB},recall=0.5", "text_length=chars:0.001"]', *QUIET]
+            f'online.scorer=["annotations={VOCAB},recall=0.5", "text_length=chars:0.001", '
+            f'"claims={folders[name]},vocabulary={VOCAB}"]', *QUIET]
     assert main(args) == 0, capsys.readouterr().err
     folder = out / "rounds" / "round_00000"
     samples = read(folder / "samples.jsonl")
     assert len(samples) == 6 and all(s["kind"] == "text" and len(s["images"]) == 1 for s in samples)
-    for s in samples:  # annotations (-hallucinated + 0.5 recall) with a character-count tie-breaker
+    for s in samples:  # annotations (-hallucinated + 0.5 recall), a character-count tie-breaker, the claim judge
         assert s["score_text_length"] == len(s["text"].strip())
-        assert s["score"] == pytest.approx(s["score_annotations"] + 0.001 * s["score_text_length"])
+        assert s["score_claims"] == int(s["score_claims"]) and s["score_claims"] <= 0
+        assert s["score"] == pytest.approx(s["score_annotations"] + 0.001 * s["score_text_length"] + s["score_claims"])
     by_id = {s["id"]: s for s in samples}
     for r in read(folder / "records.jsonl"):
         chosen, rejected = (by_id[i] for i in r["ids"])
