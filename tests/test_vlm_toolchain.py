@@ -32,7 +32,8 @@ from mmalign.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = str(ROOT / "mmalign/data/vocab/toyworld_objects.txt")
-NAMES = ["llava", "qwen2_5_vl", "qwen3_vl", "gemma3", "idefics3", "smolvlm", "llava_onevision"]
+NAMES = ["llava", "llava_next", "qwen2_5_vl", "qwen3_vl", "gemma3", "idefics3", "smolvlm", "llava_onevision"]
+MODALITY = {"llava_next": "llava"}  # the fixture name -> the family (modality) that loads it
 JUDGE_WORDS = ["yes", "Yes", "no", "No", "Is", "there", "in", "?", "Please", "answer", "or"]
 QUIET = ["train.progress=false", "train.tensorboard=false", "train.log_every=1"]
 
@@ -54,12 +55,12 @@ def world(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-def judge_llava():
-    """The toy LLaVA-1.5 of mmalign.toyvlm with the judge's words in its vocabulary."""
+def judge_llava(next_style: bool = False):
+    """The toy LLaVA-1.5 (or NeXT) of mmalign.toyvlm with the judge's words in its vocabulary."""
     from mmalign.toyvlm import VLM_WORDS, build_tiny_llava, build_tiny_llava_processor, build_vlm_tokenizer
 
     tok = build_vlm_tokenizer(VLM_WORDS + JUDGE_WORDS)
-    return build_tiny_llava(tok), build_tiny_llava_processor(tok)
+    return build_tiny_llava(tok, next_style=next_style), build_tiny_llava_processor(tok, next_style=next_style)
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +76,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
             with pytest.MonkeyPatch.context() as patch:  # yes / no words: the claim judge asks yes-no questions
                 patch.setattr(vlm_family_fixtures, "WORDS", vlm_family_fixtures.WORDS + JUDGE_WORDS)
                 patch.setitem(vlm_family_fixtures.BUILDERS, "llava", judge_llava)
+                patch.setitem(vlm_family_fixtures.BUILDERS, "llava_next", lambda: judge_llava(next_style=True))
                 folder = save_family(name, tmp_path_factory.mktemp(name))
             tok = AutoProcessor.from_pretrained(folder).tokenizer
             special = {i for i, t in tok.added_tokens_decoder.items() if t.special} | set(tok.all_special_ids)
@@ -186,9 +188,10 @@ def test_build_pairs_onpolicy(name, folders, world, tmp_path, capsys):
 
 def train_one_step(name: str, folder: Path, data: Path, out: Path) -> list[dict]:
     config = ROOT / "configs/tiny/llava_dpo.yaml"
-    assert main(["train", str(config), f"modality={name}", f"model.path={folder}", f"data.train={data}", "data.eval=",
-                 f"train.output_dir={out}", "train.max_steps=1", "train.batch_size=2", "loss.sft_weight=0",
-                 "optim.warmup_steps=0", "data.max_length=160", *QUIET]) == 0
+    assert main(["train", str(config), f"modality={MODALITY.get(name, name)}", f"model.path={folder}",
+                 f"data.train={data}", "data.eval=", f"train.output_dir={out}", "train.max_steps=1",
+                 "train.batch_size=2", "loss.sft_weight=0", "optim.warmup_steps=0", "data.max_length=160",
+                 *QUIET]) == 0
     return [r for r in read(out / "metrics.jsonl") if "loss" in r]
 
 
@@ -213,19 +216,38 @@ def test_build_pairs_inject_and_existence_records_train_with_the_family(name, fo
 # -- eval chair | pope --------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", NAMES)
 def test_eval_chair_and_pope_with_the_family(name, folders, world, tmp_path):
+    from mmalign.evaluation.objects import ObjectVocabulary
+    from mmalign.generate.text import generate_answers
+
     chair, pope = tmp_path / "chair.json", tmp_path / "pope.json"
     assert main(["eval", "chair", "--model", str(folders[name]), "--images", str(world["images"]),
                  "--annotations", str(world["instances"]), "--captions", str(world["captions"]),
                  "--vocabulary", VOCAB, "--prompt", "describe the image .", "--max-new-tokens", "4",
                  "--batch-size", "2", "--device", "cpu", "--out", str(chair)]) == 0
     result = json.loads(chair.read_text())
-    answers = read(chair.with_suffix(".answers.jsonl"))
-    assert result["counts"]["captions"] == 3 == len(answers) and 0.0 <= result["CHAIR_i"] <= 1.0
+    # the captions are the family's greedy answers; CHAIR recounted from them and the scenes' objects
+    model, processor = load(folders[name])
+    truth = {Path(r["image"]).name: {o["shape"] for o in r["objects"]} for r in read(world["jsonl"])}
+    names = sorted(truth)  # image ids 1, 2, 3 in file order
+    answers = generate_answers(model, processor, [{"prompt": "describe the image .", "images": [
+        str(world["images"] / n)]} for n in names], max_new_tokens=4)
+    assert [c["caption"] for c in sorted(result["captions"], key=lambda c: c["image_id"])] == answers
+    vocab = ObjectVocabulary.load(VOCAB)
+    mentioned = [vocab.objects(a) for a in answers]
+    wrong = sum(len(m - truth[n]) for m, n in zip(mentioned, names))
+    assert result["CHAIR_i"] == pytest.approx(wrong / max(sum(map(len, mentioned)), 1))
+    assert result["CHAIR_s"] == pytest.approx(sum(bool(m - truth[n]) for m, n in zip(mentioned, names)) / 3)
     assert main(["eval", "pope", "--model", str(folders[name]), "--images", str(world["images"]),
                  "--annotations", str(world["instances"]), "--setting", "random", "--num-images", "3",
                  "--per-image", "1", "--max-new-tokens", "2", "--device", "cpu", "--out", str(pope)]) == 0
-    counts = json.loads(pope.read_text())["sets"]["random"]["counts"]
-    assert counts["n"] == 6 and counts["tp"] + counts["fn"] == 3 and counts["fp"] + counts["tn"] == 3
+    result = json.loads(pope.read_text())["sets"]["random"]
+    for a in result["answers"]:  # labels from the scenes; one present and one absent object per image
+        shape = a["text"].removeprefix("Is there a ").removesuffix(" in the image?")
+        assert a["label"] == ("yes" if shape in truth[a["image"]] else "no")
+    pairs = [(a["pred"], a["label"]) for a in result["answers"]]
+    assert result["counts"] == {"tp": pairs.count(("yes", "yes")), "fp": pairs.count(("yes", "no")),
+                                "tn": pairs.count(("no", "no")), "fn": pairs.count(("no", "yes")), "n": 6}
+    assert sorted(label for _, label in pairs) == ["no"] * 3 + ["yes"] * 3
 
 
 # -- judge -----------------------------------------------------------------------------------------
@@ -278,7 +300,7 @@ def test_claim_judge_probabilities_equal_an_unpadded_forward(name, folders, worl
 @pytest.mark.parametrize("name", NAMES)
 def test_online_round_with_the_family(name, folders, world, tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["train", str(ROOT / "configs/tiny/llava_online_dpo.yaml"), f"modality={name}",
+    args = ["train", str(ROOT / "configs/tiny/llava_online_dpo.yaml"), f"modality={MODALITY.get(name, name)}",
             f"model.path={folders[name]}", f"online.prompts={world['jsonl']}", f"train.output_dir={out}",
             "train.max_steps=1", "online.round_steps=1", "online.prompts_per_round=2", "online.group_size=3",
             "online.sampling={max_new_tokens: 4, temperature: 1.0}", "train.batch_size=2", "data.max_length=160",
