@@ -15,7 +15,7 @@ counts account for every image / question; the pointwise judge's scores are the 
 of the model's own answers to the judge prompts; the claim judge's left-padded first-token
 P(yes), P(no) equal an unpadded forward; the online samples' scores are the weighted sums.
 
-Every family runs every part (about 75 s for the whole file on one core, OMP_NUM_THREADS=1)."""
+Every family runs every part (about 65 s for the whole file on one core, one torch thread)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,16 @@ JUDGE_WORDS = ["yes", "Yes", "no", "No", "Is", "there", "in", "?", "Please", "an
 QUIET = ["train.progress=false", "train.tensorboard=false", "train.log_every=1"]
 
 allow_smolvlm_without_num2words()  # SmolVLM folders load through AutoProcessor in-process
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread for this module (restored after): the tiny models gain nothing from
+    threads, and on a loaded machine thread contention made the file ~6x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +268,7 @@ def test_judge_scorer_with_the_family_as_judge(name, folders, world):
 
     model, processor = load(folders[name])
     a, b, c = images_of(world)
-    judge = JudgeScorer(mode="pointwise", max_new_tokens=3, batch_size=2, model=model, processor=processor)
+    judge = JudgeScorer(str(folders[name]), mode="pointwise", max_new_tokens=3, batch_size=2, device="cpu")
     scores = judge.score(["a red circle", "a blue square"], [a, b], images=[[c], []], kind="image")
     records = [judge.pointwise_record("a red circle", a, [c], "image"),
                judge.pointwise_record("a blue square", b, [], "image")]
