@@ -9,7 +9,10 @@ Length mix (per pair, drawn with numpy seed `seed`): prompt words ~ round(LogNor
 σ=0.8)) clipped to [8, 512]; each answer independently ~ round(LogNormal(μ=log 128, σ=0.9))
 clipped to [4, 1023 − prompt]; words Zipf(1.1)-distributed over the vocabulary. So sequences
 are long-tailed up to 1,024 tokens (the EOS included) and chosen/rejected lengths differ, as in
-real preference data. Nothing is truncated on either side (mmalign `data.max_length` 1024, TRL
+real preference data. Completions start with a space: TRL 1.16 tokenises prompt + completion as
+one string for text data (a boundary without a space merges two words), mmalign tokenises them
+apart; with the space both give the same ids (checked: identical ids and per-sequence log-probs on
+the first batch). Nothing is truncated on either side (mmalign `data.max_length` 1024, TRL
 `max_length` None): both score every token.
 
 Sides (each in a fresh interpreter, as `python -m benchmarks`): `mmalign` (its defaults: the
@@ -87,7 +90,10 @@ def length_mix(s: Settings) -> list[dict[str, str]]:
     for _ in range(s.num_pairs):
         p = int(np.clip(round(rng.lognormal(np.log(96), 0.8)), 8, 512))
         c, r = (int(np.clip(round(rng.lognormal(np.log(128), 0.9)), 4, s.max_length - 1 - p)) for _ in range(2))
-        pairs.append({"prompt": words(p), "chosen": words(c), "rejected": words(r)})
+        # completions start with a space: TRL 1.16 tokenises prompt + completion as ONE string for
+        # text data, so without it the prompt's last word and the answer's first would merge into one
+        # (unknown) word there, while mmalign tokenises them apart (the 4e-2 first-loss gap seen before)
+        pairs.append({"prompt": words(p), "chosen": " " + words(c), "rejected": " " + words(r)})
     return pairs
 
 
