@@ -108,7 +108,10 @@ def test_denoiser_two_sharded_processes_equal_one(tmp_path, modality):
     a, b = weights(one, 2), weights(two, 2)
     start = ({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in a.items()} if modality == "sdxl"
              else _denoiser_start(cfg["model"]["path"], a))
-    assert_same(a, b, start, 1e-3)
+    # β = 5000 (Diffusion-DPO) amplifies float rounding (gradients reduced in another order and
+    # kernels on half batches): measured 1.5e-3 of the move for sdxl; a wrong shard, reference or
+    # draw gives differences of the move's own size.
+    assert_same(a, b, start, 1e-2)
 
 
 def _denoiser_start(pipeline: str, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -135,3 +138,23 @@ def test_wrap_policy_per_family(tiny_lm_dir, tmp_path):
     flow = SD3Transformer2DModel.from_pretrained(tmp_path / "sd3", subfolder="transformer")
     assert sharding.shard_units(flow) == list(flow.transformer_blocks)
     assert sharding.unit_class_names(flow) == ["JointTransformerBlock"]
+
+
+def test_accelerate_fsdp_config_is_fsdp2(monkeypatch):
+    """configs/accelerate/fsdp.yaml, read by accelerate's own launcher, gives an FSDP2 plugin
+    (the environment `accelerate launch` hands the processes), which the trainer answers by
+    sharding with mmalign's policy."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "fsdp.yaml"
+    args = launch_command_parser().parse_args(["--config_file", str(config), "-m", "mmalign.cli", "train", "x"])
+    args = _validate_launch_command(args)[0]
+    env = prepare_multi_gpu_env(args)
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+    assert plugin.state_dict_type.name == "FULL_STATE_DICT"

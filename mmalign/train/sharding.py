@@ -33,7 +33,7 @@ from mmalign.config import Config
 from mmalign.errors import ConfigError
 
 __all__ = ["check_sharding", "full_optimizer_state", "full_trainable_state", "gather_in_place", "grad_norm", "is_sharded",
-           "load_full_optimizer_state", "load_full_state", "local", "shard_model", "shard_units"]
+           "load_full_optimizer_state", "load_full_state", "local", "shard_model", "shard_units", "wants_sharding"]
 
 
 def check_sharding(cfg: Config) -> None:
@@ -46,6 +46,15 @@ def check_sharding(cfg: Config) -> None:
                           "every_round) is not implemented yet with sharding")
     if cfg.train.compile:
         raise ConfigError("train.fsdp: train.compile is not supported with sharding yet (set train.compile: '')")
+
+
+def wants_sharding(cfg: Config, accelerator: Any) -> bool:
+    """Shard with this module's policy: `train.fsdp: true`, or launched with an accelerate FSDP
+    config (configs/accelerate/fsdp.yaml), when a process group exists (torchrun / accelerate)."""
+    from accelerate.utils import DistributedType
+
+    asked = cfg.train.fsdp or accelerator.distributed_type == DistributedType.FSDP
+    return asked and dist.is_initialized()
 
 
 def _core(model: nn.Module) -> nn.Module:

@@ -77,7 +77,7 @@ class PreferenceTrainer:
         self.strategy = resolve_strategy(cfg, self.loss_spec, likelihood)
         check_refresh(cfg, self.strategy)
         sharding.check_sharding(cfg)
-        shard = t.fsdp and torch.distributed.is_initialized()
+        shard = sharding.wants_sharding(cfg, self.accelerator)
         self.image_terms = build_image_terms(cfg, likelihood, self.kind, self.strategy, self.records)
         frozen = (FrozenReference(model, likelihood, self.accelerator.autocast, self.accelerator.device)
                   if self.strategy == "frozen" else None)
