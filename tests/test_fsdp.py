@@ -158,3 +158,19 @@ def test_accelerate_fsdp_config_is_fsdp2(monkeypatch):
     plugin = FullyShardedDataParallelPlugin()
     assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
     assert plugin.state_dict_type.name == "FULL_STATE_DICT"
+
+
+@pytest.mark.parametrize(("extra", "key"), [({"reference": {"sync_every": 2}}, "reference.sync_every"),
+                                            ({"train": {"fsdp": True, "compile": "inductor"}}, "train.compile"),
+                                            ({"loss": {"name": "nft"}}, "loss nft")])
+def test_sharding_refuses_what_it_does_not_support(extra, key):
+    from mmalign.config import Config, from_dict
+    from mmalign.errors import ConfigError
+
+    raw = {"model": {"path": "m"}, "data": {"train": "d"}, "train": {"fsdp": True}}
+    for section, values in extra.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    with pytest.raises(ConfigError, match=key):
+        sharding.check_sharding(from_dict(Config, raw))
+    raw["train"]["fsdp"] = False
+    sharding.check_sharding(from_dict(Config, raw))  # unsharded runs: no objection

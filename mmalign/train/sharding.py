@@ -44,6 +44,8 @@ def check_sharding(cfg: Config) -> None:
     if cfg.reference.sync_every or (online is not None and online.reference_update == "every_round"):
         raise ConfigError("train.fsdp: a reference that moves (reference.sync_every, online.reference_update "
                           "every_round) is not implemented yet with sharding")
+    if "nft" in ([cfg.loss.name] if isinstance(cfg.loss.name, str) else cfg.loss.name):
+        raise ConfigError("train.fsdp: loss nft (its old-policy copy) is not implemented yet with sharding")
     if cfg.train.compile:
         raise ConfigError("train.fsdp: train.compile is not supported with sharding yet (set train.compile: '')")
 
