@@ -3,6 +3,9 @@
     python -m benchmarks.gpu                      # needs CUDA; otherwise prints one line and exits 0
     python -m benchmarks.gpu --rows sdxl_lora     # one row; --steps / --sdxl-batch / --llava-batch ...
     python -m benchmarks.gpu --tiny               # the same code with tiny shapes on CPU (what tests run)
+    python -m benchmarks.gpu --quick              # issue 20's rows in one command: text_128k, sd15_lora,
+                                                  # sdxl_lora, flux_cache, 5 steps per side (2 warm-up)
+    python -m benchmarks.gpu --quick --tiny       # its CPU dry run (tests/test_bench_gpu.py)
 
 Rows (each side: pairs/s after warm-up, peak memory, phase breakdown, FLOPs of one step):
 
@@ -27,6 +30,12 @@ Rows (each side: pairs/s after warm-up, peak memory, phase breakdown, FLOPs of o
   `LlavaProcessor` (CLIP image processor at 336 px, LLaVA-1.5 chat template) over a word-level
   tokenizer (mmalign.toyvlm: a real 32k SentencePiece vocabulary cannot be built offline; the
   model's embedding still has 32064 rows, the ids used are a subset). mmalign side only.
+- `text_128k`: text DPO at vocabulary 128,256 (Llama-3.2-1B-shaped, untied head), mmalign's
+  chunked LM head and `data.padding_free` vs TRL's DPOTrainer (+ its gradient checkpointing):
+  `benchmarks/gpu_text.py`.
+- `sd15_lora`: Diffusion-DPO on SD1.5 at real architecture, mmalign (cache) vs the recipe's loop;
+  `flux_cache`: Flow-DPO on a FLUX-shaped transformer with a T5-XXL-width encoder, cached vs
+  uncached: `benchmarks/gpu_pipelines.py`.
 
 FLOPs: `torch.utils.flop_counter.FlopCounterMode` over one whole train step as executed (policy
 forward + backward + reference forward, and for the recipe also the VAE, the text encoders and
