@@ -93,20 +93,20 @@ def unit_class_names(model: nn.Module) -> list[str]:
     return sorted({type(m).__name__ for m in shard_units(model)})
 
 
-def shard_model(model: nn.Module) -> nn.Module:
-    """`fully_shard` every unit of `shard_units`, then the root, over all processes (in place)."""
+def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """`fully_shard` every unit of `shard_units`, then the root, over all processes (in place);
+    each process's shards (and the buffers) land on `device` (the full model never does)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    device = "cuda" if torch.cuda.is_available() and next(model.parameters()).is_cuda else "cpu"
-    mesh = init_device_mesh(device, (dist.get_world_size(),))
-    units = shard_units(model)
+    mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
+    units, names = shard_units(model), unit_class_names(model)  # before fully_shard renames the classes
     for unit in units:
         fully_shard(unit, mesh=mesh)
     fully_shard(model, mesh=mesh)
     if dist.get_rank() == 0:
         print(f"[mmalign] train.fsdp: {type(_core(model)).__name__} sharded over {dist.get_world_size()} processes "
-              f"in {len(units)} units ({', '.join(unit_class_names(model))}) + the root")
+              f"in {len(units)} units ({', '.join(names)}) + the root")
     return model
 
 

@@ -85,9 +85,9 @@ class PreferenceTrainer:
         if self.strategy == "precomputed":
             self.ref_values = precompute_reference(self, model)
         if shard:  # FSDP2 in place of accelerate's DDP wrapper: the policy and frozen copy sharded alike
-            model = sharding.shard_model(model.to(self.accelerator.device))
+            model = sharding.shard_model(model, self.accelerator.device)
             if frozen is not None:
-                sharding.shard_model(frozen.model)
+                sharding.shard_model(frozen.model, self.accelerator.device)
         optimizer = build_optimizer(model.parameters(), cfg.optim)
         if t.compile:  # in place: the module (and its state_dict keys) stay as they are
             model.compile(backend=t.compile)
