@@ -429,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging
 
+    from benchmarks import gpu_sdxl
+
     logging.disable_progress_bar()
     diffusers_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", message="Seems like `optimizer.step\\(\\)` has been overridden")  # the clock's wrapper
