@@ -3,6 +3,9 @@
     python -m benchmarks.gpu                      # needs CUDA; otherwise prints one line and exits 0
     python -m benchmarks.gpu --rows sdxl_lora     # one row; --steps / --sdxl-batch / --llava-batch ...
     python -m benchmarks.gpu --tiny               # the same code with tiny shapes on CPU (what tests run)
+    python -m benchmarks.gpu --quick              # issue 20's rows in one command: text_128k, sd15_lora,
+                                                  # sdxl_lora, flux_cache, 5 steps per side (2 warm-up)
+    python -m benchmarks.gpu --quick --tiny       # its CPU dry run (tests/test_bench_gpu.py)
 
 Rows (each side: pairs/s after warm-up, peak memory, phase breakdown, FLOPs of one step):
 
@@ -27,6 +30,12 @@ Rows (each side: pairs/s after warm-up, peak memory, phase breakdown, FLOPs of o
   `LlavaProcessor` (CLIP image processor at 336 px, LLaVA-1.5 chat template) over a word-level
   tokenizer (mmalign.toyvlm: a real 32k SentencePiece vocabulary cannot be built offline; the
   model's embedding still has 32064 rows, the ids used are a subset). mmalign side only.
+- `text_128k`: text DPO at vocabulary 128,256 (Llama-3.2-1B-shaped, untied head), mmalign's
+  chunked LM head and `data.padding_free` vs TRL's DPOTrainer (+ its gradient checkpointing):
+  `benchmarks/gpu_text.py`.
+- `sd15_lora`: Diffusion-DPO on SD1.5 at real architecture, mmalign (cache) vs the recipe's loop;
+  `flux_cache`: Flow-DPO on a FLUX-shaped transformer with a T5-XXL-width encoder, cached vs
+  uncached: `benchmarks/gpu_pipelines.py`.
 
 FLOPs: `torch.utils.flop_counter.FlopCounterMode` over one whole train step as executed (policy
 forward + backward + reference forward, and for the recipe also the VAE, the text encoders and
@@ -50,7 +59,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from benchmarks import measure
+from benchmarks import gpu_text, measure
 
 ROOT = Path(__file__).resolve().parent.parent
 # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (diffusers UNet2DConditionModel).
@@ -94,7 +103,10 @@ PEAK_BF16_TFLOPS = ((("H100", "PCIe"), 756.0), (("H100", "HBM3"), 989.0), (("H10
 PHASES = ("collate", "draw", "vae", "text_encoders", "policy_forward", "reference_forward", "backward", "optimizer")
 LORA_UNET = ["to_q", "to_k", "to_v", "to_out.0"]
 LORA_LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ROWS = ("sdxl_lora", "sdxl_full", "llava")
+ROWS = ("sdxl_lora", "sdxl_full", "llava", "text_128k", "sd15_lora", "flux_cache")
+# --quick: issue 20's full-size rows in one command (planned to fit 10 minutes on one H100; not yet run on one)
+QUICK_ROWS = "text_128k,sd15_lora,sdxl_lora,flux_cache"
+QUICK_STEPS, QUICK_WARMUP = 5, 2
 
 
 @dataclasses.dataclass
@@ -115,6 +127,10 @@ class Settings:
     # the same math; bfloat16 = the official script's cast to weight_dtype (less memory, other numbers).
     recipe_ref_dtype: str = "float32"
     seed: int = 0
+    flux_blocks: int = 2  # flux_cache: double blocks (single: twice that) of FLUX.1's 19 + 38
+    t5_layers: int = 24  # flux_cache: T5-XXL's 24 layers at its width
+    flow_beta: float = 2000.0  # flux_cache: configs/flux/flow_dpo_lora.yaml's β
+    text_sides: str = "mmalign,mmalign_packed,trl,trl_gc"  # text_128k
 
     def shrink(self) -> "Settings":
         return dataclasses.replace(self, steps=3, warmup=1, resolution=64, lora_rank=4, prompt_words=8,
@@ -339,6 +355,9 @@ def table(report: dict[str, Any]) -> str:
              f"{'% peak':>8}{'model TFLOP/s':>15}"]
     for row in report["rows"]:
         lines.append(f"{row['name']}: {row['what']}")
+        if row["name"] == "text_128k":
+            lines += gpu_text.table_lines(row)
+            continue
         for name, r in row["sides"].items():
             if "error" in r:
                 lines.append(f"  {name:26}{'on' if r['gradient_checkpointing'] else 'off':>5}  {r['error'][:70]}")
@@ -349,7 +368,8 @@ def table(report: dict[str, Any]) -> str:
                          f"{r['step_ms_mean']:>9.1f}{r['peak_mib']:>10.0f}{r['tflops']:>9.3g}{frac:>8}{model:>15}")
             lines.append("    ms/step: " + ", ".join(f"{k} {v:.1f}" for k, v in r["ms_per_step"].items() if abs(v) >= 0.05))
         if "speedup" in row and not report["tiny"]:
-            lines.append(f"  mmalign/recipe: pairs/s x{row['speedup']:.2f}, peak memory x{row['memory_ratio']:.2f}; "
+            ratio = "cached/uncached" if row["name"] == "flux_cache" else "mmalign/recipe"
+            lines.append(f"  {ratio}: pairs/s x{row['speedup']:.2f}, peak memory x{row['memory_ratio']:.2f}; "
                          f"first 3 losses differ by <= {row['max_loss_diff_first3']:.1e}")
             lines.append(f"  differs: {row['differs']}")
     return "\n".join(lines)
@@ -358,6 +378,8 @@ def table(report: dict[str, Any]) -> str:
 def parse(argv: list[str] | None) -> tuple[Settings, Path | None]:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="tiny shapes on CPU (the code path tests run)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"rows {QUICK_ROWS}, {QUICK_STEPS} steps per side ({QUICK_WARMUP} warm-up): one command")
     for f in dataclasses.fields(Settings):
         if f.name != "tiny":
             p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None)
@@ -365,15 +387,31 @@ def parse(argv: list[str] | None) -> tuple[Settings, Path | None]:
                    help="JSON (default benchmarks/results/gpu.json; --tiny: benchmarks/results/gpu_tiny.json)")
     a = p.parse_args(argv)
     s = Settings(tiny=a.tiny)
+    s = dataclasses.replace(s, rows=QUICK_ROWS, steps=QUICK_STEPS, warmup=QUICK_WARMUP) if a.quick else s
     s = s.shrink() if a.tiny else s
     s = dataclasses.replace(s, **{f.name: getattr(a, f.name) for f in dataclasses.fields(Settings)
                                   if f.name != "tiny" and getattr(a, f.name) is not None})
-    unknown = set(s.rows.split(",")) - set(ROWS)
+    unknown = set(s.rows.split(",")) - set(ROWS) | set(s.text_sides.split(",")) - set(gpu_text.SIDES_ORDER)
     if (unknown or s.checkpointing not in ("off", "on", "auto") or s.recipe_ref_dtype not in ("float32", "bfloat16")
             or not 1 <= s.warmup < s.steps):
-        p.error(f"--rows from {ROWS} (got {sorted(unknown)}), --checkpointing off|on|auto, "
+        p.error(f"--rows from {ROWS}, --text-sides from {gpu_text.SIDES_ORDER} (got {sorted(unknown)}), "
+                "--checkpointing off|on|auto, "
                 "--recipe-ref-dtype float32|bfloat16, 1 <= --warmup < --steps")
     return s, a.out
+
+
+def run_row(name: str, work: Path, s: Settings, dev: Device) -> dict[str, Any]:
+    from benchmarks import gpu_pipelines, gpu_sdxl
+
+    if name == "llava":
+        return llava_row(work, s, dev)
+    if name == "text_128k":
+        return gpu_text.text_row(work, s.tiny, s.steps, tuple(s.text_sides.split(",")))
+    if name == "sd15_lora":
+        return gpu_pipelines.sd15_row(work, s, dev)
+    if name == "flux_cache":
+        return gpu_pipelines.flux_row(work, s, dev)
+    return gpu_sdxl.sdxl_row(work, s, dev, name == "sdxl_lora")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -404,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
             gpu_sdxl.write_sdxl_pairs(work, s)
         for name in s.rows.split(","):
             print(f"[gpu] {name} ...", flush=True)
-            rows.append(llava_row(work, s, dev) if name == "llava" else gpu_sdxl.sdxl_row(work, s, dev, name == "sdxl_lora"))
+            rows.append(run_row(name, work, s, dev))
     import diffusers
     import transformers
 

@@ -151,19 +151,20 @@ def run_trl(workdir: Path, s: Settings) -> dict[str, Any]:
 
 
 def train_trl(workdir: Path, s: Settings, policy: Any, reference: Any, processing_class: Any, dataset: Any,
-              tic: float, gradient_checkpointing: bool = False) -> dict[str, Any]:
+              tic: float, gradient_checkpointing: bool = False, **overrides: Any) -> dict[str, Any]:
     """Run TRL's DPOTrainer with every default that differs from mmalign's set to match it
-    (fp32, torch AdamW, constant lr, no checkpointing, sequential order); shared by the rows."""
+    (fp32, torch AdamW, constant lr, no checkpointing, sequential order); shared by the rows.
+    `overrides`: other DPOConfig values (the GPU rows: use_cpu=False, bf16=True)."""
     from trl import DPOConfig, DPOTrainer
 
-    args = DPOConfig(
+    args = DPOConfig(**dict(dict(
         output_dir=str(workdir / "trl_run"), report_to="none", use_cpu=True, bf16=False, fp16=False,
         per_device_train_batch_size=s.batch_size, max_steps=s.steps, max_length=None, beta=s.beta,
         loss_type=["sigmoid"], learning_rate=s.lr, lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, optim="adamw_torch",
         max_grad_norm=s.max_grad_norm, gradient_checkpointing=gradient_checkpointing, train_sampling_strategy="sequential",
         logging_steps=1, save_strategy="no", disable_tqdm=True, seed=s.seed, dataloader_num_workers=0,
-    )
+    ), **overrides))
     record: dict[str, Any] = {"step_ends": [], "losses": []}
     trainer = DPOTrainer(model=policy, ref_model=reference, args=args, processing_class=processing_class,
                          train_dataset=dataset, callbacks=[_trl_recorder(record)])

@@ -165,6 +165,9 @@ class TrainConfig:
     # torch.compile backend for the trained model: "" = off, "inductor" (kernels fused; the first
     # steps are slow while it compiles), "aot_eager" (graph capture only: checks a model compiles).
     compile: str = ""
+    # FSDP2 (`fully_shard`) over the processes, one unit per block (mmalign/train/sharding.py);
+    # without a process group (1 process, no torchrun) the model stays whole
+    fsdp: bool = False
 
 
 @dataclass

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from benchmarks import gpu, gpu_sdxl
+from benchmarks import gpu, gpu_pipelines, gpu_sdxl, gpu_text
 
 
 def test_count_flops_of_a_linear_step_is_6nio():
@@ -95,3 +95,52 @@ def test_tiny_run_writes_the_report(tmp_path):
     assert rec["step_flops"] > mm["step_flops"]
     assert rec["model_tflops"] == pytest.approx(sdxl["model_flops"] / rec["step_ms_mean"] / 1e9)
     assert llava["sides"]["mmalign"]["image_tokens"] == 16 and llava["sides"]["mmalign"]["reference"] == "lora_disabled"
+
+
+def test_quick_is_one_command_of_the_issue_rows():
+    """`--quick`: text at vocabulary 128,256, SD1.5 and SDXL Diffusion-DPO, Flow-DPO cache, few steps."""
+    s, _ = gpu.parse(["--quick"])
+    assert s.rows.split(",") == ["text_128k", "sd15_lora", "sdxl_lora", "flux_cache"]
+    assert (s.steps, s.warmup, s.resolution, s.tiny) == (gpu.QUICK_STEPS, gpu.QUICK_WARMUP, 1024, False)
+    tiny, _ = gpu.parse(["--quick", "--tiny"])
+    assert tiny.rows == s.rows and tiny.steps == 3 and tiny.tiny
+    # the full-size parts are the published architectures
+    p = gpu_pipelines
+    assert p.SD15_UNET["block_out_channels"] == (320, 640, 1280, 1280) and p.SD15_UNET["cross_attention_dim"] == 768
+    assert p.FLUX["num_attention_heads"] * p.FLUX["attention_head_dim"] == 3072 and p.FLUX["joint_attention_dim"] == 4096
+    assert p.T5_XXL["d_model"] == p.FLUX["joint_attention_dim"] and p.T5_XXL["d_ff"] == 10240
+    assert gpu_text.FULL["hidden_size"] == 2048 and gpu_text.text_real.VOCAB == 128_256
+
+
+def test_tiny_quick_pipeline_rows(tmp_path):
+    """--quick --tiny's SD1.5 and FLUX rows on CPU: the same math on both sides of each row."""
+    out = tmp_path / "gpu.json"
+    assert gpu.main(["--quick", "--tiny", "--rows", "sd15_lora,flux_cache", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    sd15, flux = report["rows"]
+    assert (sd15["name"], flux["name"]) == ("sd15_lora", "flux_cache") and "flux_cache" in report["table"]
+    # SD1.5: step 0 has policy == reference (adapters off / a frozen copy), so both losses are log 2
+    for side in sd15["sides"].values():
+        assert side["losses"][0] == pytest.approx(math.log(2), abs=1e-6)
+    mm, rec = sd15["sides"]["mmalign"], sd15["sides"]["recipe"]
+    assert mm["loaded_vae"] is False and rec["ms_per_step"]["vae"] > 0 and mm["cache_mib"] > 0
+    # FLUX: the cached side loads no text encoder and spends nothing in one; its losses equal the
+    # uncached side's (float32 cache: the same latents and text states, the same draws)
+    cached, uncached = flux["sides"]["cached"], flux["sides"]["uncached"]
+    assert cached["loaded_text_encoders"] is False and uncached["loaded_text_encoders"] is True
+    assert cached["ms_per_step"]["text_encoders"] == 0 and uncached["ms_per_step"]["text_encoders"] > 0
+    assert cached["losses"][0] == pytest.approx(math.log(2), abs=1e-6)
+    assert flux["max_loss_diff_first3"] <= 1e-4, flux["first_losses"]
+    assert max(abs(a - b) for a, b in zip(cached["losses"], uncached["losses"])) <= 1e-4
+
+
+def test_tiny_quick_text_row(tmp_path):
+    """The text row on CPU (vocabulary 128,256, 2 layers): mmalign's chunked head, its packed
+    batches and TRL score the same tokens: equal first losses."""
+    row = gpu_text.text_row(tmp_path, True, 2, ("mmalign", "mmalign_packed", "trl"))
+    assert row["name"] == "text_128k" and set(row["sides"]) == {"mmalign", "mmalign_packed", "trl"}
+    assert row["length_mix"]["parameters"] > 2 * 128_256 * 64  # the untied head and the embedding
+    assert row["sides"]["mmalign"]["losses"][0] == pytest.approx(math.log(2), abs=1e-6)
+    for name in ("mmalign", "mmalign_packed"):
+        assert row["max_loss_diff_first3"][name] <= 1e-4, (name, row["sides"][name]["losses"], row["sides"]["trl"]["losses"])
+    assert len(gpu_text.table_lines(row)) == 5

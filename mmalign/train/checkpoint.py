@@ -39,7 +39,12 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def load_trainable_state(model: torch.nn.Module, path: Path, state: dict[str, torch.Tensor] | None = None) -> None:
     """Load the trainable state saved in `path` (or already read from it: `state`) into `model`."""
+    from mmalign.train.sharding import is_sharded, load_full_state
+
     state = load_file(str(path)) if state is None else state
+    if is_sharded(model):  # each process keeps its shard of the full tensors
+        load_full_state(model, state)
+        return
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise RuntimeError(f"{path}: unexpected keys {result.unexpected_keys[:5]}")
@@ -55,12 +60,12 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def _write_files(tmp: Path, model: torch.nn.Module, trainer_state: dict[str, Any], info: dict[str, Any],
-                 reference: torch.nn.Module | None) -> None:
+                 reference: torch.nn.Module | None, weights: dict[str, torch.Tensor] | None = None) -> None:
     """The files of a checkpoint into `tmp`, fsynced; a full disk is an `OSError(ENOSPC)` naming
     the file being written (the previous checkpoint stays the latest)."""
     target = tmp / "model.safetensors"
     try:
-        save_file(trainable_state(model), str(target))
+        save_file(trainable_state(model) if weights is None else weights, str(target))
         if reference is not None:
             target = tmp / "reference.safetensors"
             save_model(reference, str(target))  # handles tied (shared) weights
@@ -78,15 +83,17 @@ def _write_files(tmp: Path, model: torch.nn.Module, trainer_state: dict[str, Any
 
 
 def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, trainer_state: dict[str, Any],
-                    info: dict[str, Any], reference: torch.nn.Module | None = None, keep_last: int = 2) -> Path:
-    """Write checkpoint `step` atomically and prune older ones (keeping `keep_last`)."""
+                    info: dict[str, Any], reference: torch.nn.Module | None = None, keep_last: int = 2,
+                    weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write checkpoint `step` atomically and prune older ones (keeping `keep_last`); `weights`:
+    the trainable state already gathered (a sharded model), else read from `model`."""
     root = Path(output_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     tmp = root / f".step_{step:08d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    _write_files(tmp, model, trainer_state, dict(info, step=step), reference)
+    _write_files(tmp, model, trainer_state, dict(info, step=step), reference, weights)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

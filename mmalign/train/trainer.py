@@ -26,6 +26,7 @@ from mmalign.losses_combined import loss_spec_for
 from mmalign.online.guards import check_refresh, round_kl
 from mmalign.seeds import MICRO, RUN, STEP, mix_seed
 from mmalign.train import checkpoint as ckpt
+from mmalign.train import sharding
 from mmalign.train.image_terms import build_image_terms
 from mmalign.train.nft import NFTObjective
 from mmalign.train.metrics import Meter, MetricsLogger, format_metrics
@@ -76,16 +77,22 @@ class PreferenceTrainer:
         self.ref_values: dict[str, list[list[float]] | None] = {"train": None, "eval": None}
         self.strategy = resolve_strategy(cfg, self.loss_spec, likelihood)
         check_refresh(cfg, self.strategy)
+        sharding.check_sharding(cfg)
+        shard = sharding.wants_sharding(cfg, self.accelerator)
         self.image_terms = build_image_terms(cfg, likelihood, self.kind, self.strategy, self.records)
         frozen = (FrozenReference(model, likelihood, self.accelerator.autocast, self.accelerator.device)
                   if self.strategy == "frozen" else None)
         model = apply_lora(model, cfg)
         if self.strategy == "precomputed":
             self.ref_values = precompute_reference(self, model)
+        if shard:  # FSDP2 in place of accelerate's DDP wrapper: the policy and frozen copy sharded alike
+            model = sharding.shard_model(model, self.accelerator.device)
+            if frozen is not None:
+                sharding.shard_model(frozen.model, self.accelerator.device)
         optimizer = build_optimizer(model.parameters(), cfg.optim)
         if t.compile:  # in place: the module (and its state_dict keys) stay as they are
             model.compile(backend=t.compile)
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.model, self.optimizer = (model, optimizer) if shard else self.accelerator.prepare(model, optimizer)
         self.model.train()  # from_pretrained returns eval mode: dropout (LoRA's too) would stay off
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.max_steps)
         self.reference = frozen or {
@@ -173,7 +180,7 @@ class PreferenceTrainer:
             norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
             values["grad_norm"] = float(norm)
         else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+            norm = sharding.grad_norm(self.model.parameters())
         if allowed:
             values["skipped_steps"] = self.skipped_steps
         if acc.scaler is not None or not self._any_process(not torch.isfinite(torch.as_tensor(norm))):
@@ -195,7 +202,7 @@ class PreferenceTrainer:
     def _check_finite_params(self) -> None:
         """After the optimizer step: every trained weight is finite, else stop naming the step
         (before any checkpoint could keep the weights)."""
-        trained = [p.detach().isfinite().all() for p in self.model.parameters() if p.requires_grad]
+        trained = [sharding.local(p.detach()).isfinite().all() for p in self.model.parameters() if p.requires_grad]
         bad = bool(trained) and not bool(torch.stack(trained).all())  # one device sync, not one per tensor
         if self._any_process(bad):
             last = ckpt.latest_checkpoint(self.output_dir)
@@ -286,8 +293,11 @@ class PreferenceTrainer:
     def save(self) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
+        sharded = sharding.is_sharded(self.model)  # every process gathers the full state, the main one writes it
+        weights = sharding.full_trainable_state(self.model) if sharded else None
+        optim = sharding.full_optimizer_state(self.model, self.optimizer) if sharded else None
         if acc.is_main_process:
-            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            state = {"optimizer": optim or self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                      "loss_state": self.loss_state.state_dict(), "skipped_steps": self.skipped_steps}
             if acc.scaler is not None:
                 state["scaler"] = acc.scaler.state_dict()
@@ -296,7 +306,7 @@ class PreferenceTrainer:
             synced = self.reference.model if self._reference_moves() else None
             ckpt.save_checkpoint(self.output_dir, self.step, self.unwrapped, state,
                                  {"config": to_dict(self.cfg), "num_processes": acc.num_processes}, synced,
-                                 self.cfg.train.keep_last)
+                                 self.cfg.train.keep_last, weights)
         acc.wait_for_everyone()
 
     def resume(self) -> None:
@@ -313,7 +323,10 @@ class PreferenceTrainer:
             return
         path, self.step, state = found
         self.skipped_steps = state.get("skipped_steps", 0)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if sharding.is_sharded(self.model):
+            sharding.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.loss_state.load_state_dict(state["loss_state"])
         if self.nft is not None:
@@ -425,6 +438,8 @@ class PreferenceTrainer:
         """Save the final model (the adapter alone with LoRA) with `save_pretrained`."""
         acc = self.accelerator
         acc.wait_for_everyone()
+        if sharding.is_sharded(self.model):  # the run is over: full weights for save_pretrained
+            sharding.gather_in_place(self.model)
         if acc.is_main_process:
             ckpt.save_pretrained_atomic(self.unwrapped, self.processor, path)
         acc.wait_for_everyone()
