@@ -33,7 +33,7 @@ def test_quick_demo_runs_every_step_and_writes_the_tables(quick_demo):
                   "mmalign build-pairs existence", "mmalign eval chair", "mmalign eval pope", "mmalign report-run"):
         assert any(c.startswith(f"$ {stage}") for c in commands), stage
     trains = [c for c in commands if c.startswith("$ mmalign train")]
-    assert len(trains) == 5  # image: DPO, SFT control; VLM: plain DPO, DPO+SFT, SFT control
+    assert len(trains) == 6  # image: DPO, SFT control, online DPO; VLM: plain DPO, DPO+SFT, SFT control
     assert sum("loss.name=sft" in c for c in trains) == 2 and sum("loss.sft_weight=0.0" in c for c in trains) == 1
     pairs = out / "vlm" / "pairs"
     files = f"data.train=[{pairs / 'inject.jsonl'}, {pairs / 'corrupt.jsonl'}, {pairs / 'existence.jsonl'}]"
@@ -53,7 +53,8 @@ def test_quick_demo_runs_every_step_and_writes_the_tables(quick_demo):
     train_seeds = {json.loads(line)["seed"] for line in samples.read_text().splitlines()}
     assert train_seeds and not train_seeds & {r["seed"] for r in rows}  # held-out seeds: never in a pair
     tables = json.loads((out / "results.json").read_text())["tables"]
-    assert [r[1] for r in tables[0]["rows"][:3]] == ["base", "Diffusion-DPO", "SFT on chosen images (control)"]
+    assert [r[1] for r in tables[0]["rows"][:4]] == ["base", "Diffusion-DPO", "SFT on chosen images (control)",
+                                                     "online DPO (learned-scorer reward)"]
     assert [r[0] for r in tables[1]["rows"]] == ["base (web-caption bias)", "plain DPO", "DPO + SFT (RPO)",
                                                  "SFT on chosen only (control)"]
     page = (out / "report.html").read_text()
@@ -108,3 +109,55 @@ def test_text_world_demo_is_still_reachable(tmp_path, capsys):
     assert main(["demo", "--world", "text", "--out", str(tmp_path), "train.max_steps=3", "train.eval_every=0"]) == 0
     assert "hallucination rate (greedy, exact checker)" in capsys.readouterr().out
     assert (tmp_path / "run" / "final").is_dir() and (tmp_path / "run_sft" / "final").is_dir()
+
+
+def test_quick_demo_online_row_samples_the_offline_budget_and_compares_on_the_same_seeds(quick_demo):
+    out, printed = quick_demo
+    d = out / "image"
+    online = [c for c in printed.splitlines() if c.startswith("$ mmalign train configs/tiny/toyworld_sd_online")]
+    assert len(online) == 1 and "online.prompts_per_round=5" in online[0] and "online.group_size=2" in online[0]
+    # equal sample budget: every image the online rounds sampled vs the offline samples (10 prompts x 1 x 2)
+    rounds = sorted((d / "online" / "rounds").glob("round_*"))
+    sampled = [json.loads(line) for r in rounds for line in (r / "samples.jsonl").read_text().splitlines()]
+    offline = (d / "samples" / "manifest.jsonl").read_text().splitlines()
+    assert len(rounds) == 2 and len(sampled) == len(offline) == 20
+    assert {r["prompt"] for r in sampled} <= set((d / "prompts_eval_seeds.txt").read_text().splitlines())
+    held_out = {json.loads(line)["seed"] for line in (d / "eval" / "online_seeds" / "manifest.jsonl").read_text()
+                .splitlines()}
+    assert not held_out & {r["seed"] for r in sampled}  # evaluated on seeds it never trained on
+    # the comparison is paired: the offline model's held-out samples as --base, the online model's as --aligned
+    vs = json.loads((d / "eval" / "online_vs_dpo_seeds.json").read_text())
+    assert vs["base"].endswith("dpo_seeds") and vs["aligned"].endswith("online_seeds")
+    c = vs["scorers"]["score_toyworld_checker"]
+    assert c["n"] == 20 and c["ci"][0] <= c["win_rate"] <= c["ci"][1]
+    tables = json.loads((out / "results.json").read_text())["tables"]
+    assert tables[2]["title"].startswith("Online vs offline Diffusion-DPO at the same sample budget")
+    assert [r[0] for r in tables[2]["rows"]] == ["held-out seeds, training prompts", "held-out prompts"]
+    assert "offline samples 20 images" in tables[2]["note"] and "online samples 20 images" in tables[2]["note"]
+    assert "Online vs offline Diffusion-DPO at the same sample budget" in printed
+    assert "target online image win rate >= 0.65, CI low > 0.5:" in printed
+
+
+def test_online_sample_budget_must_equal_the_offline_one():
+    from dataclasses import replace
+
+    from mmalign.toyworld.demo import QUICK, DemoSettings
+    from mmalign.toyworld.demo_online import sample_budgets
+
+    assert sample_budgets(DemoSettings()) == (640, 640)  # 10 x 16 x 4 = ceil(200 / 25) x 20 x 4
+    assert sample_budgets(QUICK) == (20, 20)  # 10 x 1 x 2 = ceil(2 / 1) x 5 x 2
+    with pytest.raises(ValueError, match="3 rounds x 20 prompts x 4 = 240 images, offline 640"):
+        sample_budgets(replace(DemoSettings(), image_steps=60))
+
+
+def test_online_costs_split_round_sampling_from_training(tmp_path):
+    from mmalign.toyworld.demo_online import online_costs
+
+    # batch 16: round starts took 16/2 = 8 s and 16/4 = 4 s, plain steps 16/8 = 2 s, 16/16 = 1 s, 16/8 = 2 s
+    rows = [{"step": 1, "examples_per_s": 2.0, "online/round": 0.0}, {"step": 5, "examples_per_s": 8.0},
+            {"step": 10, "examples_per_s": 16.0}, {"step": 11, "examples_per_s": 4.0, "online/round": 1.0},
+            {"step": 15, "examples_per_s": 8.0}, {"step": 20, "loss": 0.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # median plain step 2 s; rounds (8 + 4) / 2 - 2 = 4 s
+    assert online_costs(tmp_path, 16) == {"rounds": 2, "round_sampling_s": 4.0, "train_step_s": 2.0}
+    assert online_costs(tmp_path / "missing", 16) is None

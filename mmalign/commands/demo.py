@@ -1,7 +1,8 @@
 """`mmalign demo [--out DIR] [--quick]`: alignment end to end on the shipped toy-world models.
 
 Image side: generate -> score (learned scorer) -> build-pairs -> Diffusion-DPO (+ an SFT
-control) -> win rate over the base under the exact checker on held-out seeds and prompts.
+control) -> win rate over the base under the exact checker on held-out seeds and prompts;
+online DPO (rounds sampled by the current model, same sample budget) against offline DPO.
 VLM side: injection + corrupted-image pairs -> plain DPO, DPO + SFT, SFT only -> CHAIR and
 POPE on held-out images. Then an HTML report. Each step is printed as the `mmalign ...`
 command it runs (mmalign/toyworld/demo.py). `--world text` runs the older, smaller demo on

@@ -11,7 +11,10 @@ control, fine-tuning on the chosen images only (`loss.name=sft`) -> both models 
 sample held-out seeds (base seed `HELDOUT_SEED_START`) of the training prompts and of the
 held-out prompts (colour-shape combinations never trained on) at the guidance the pairs were
 sampled with -> `mmalign eval images`: win rate over the base under the EXACT checker (not the
-scorer the pairs came from), with a prompt-bootstrap 95 % interval.
+scorer the pairs came from), with a prompt-bootstrap 95 % interval. The online row
+(`demo_online.py`, issue 15): online DPO whose rounds sample the same number of images from the
+current model, with the same learned scorer as reward, evaluated the same way, and compared
+with the offline Diffusion-DPO model on the same held-out seeds.
 
 VLM side (METHODS.md §9): the shipped captioner learned from web-like captions that name an
 absent co-occurring shape, so it hallucinates it -> hallucination-injection pairs (ground
@@ -35,6 +38,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from mmalign.toyworld.demo_online import (ONLINE_BUILDERS, ONLINE_IMAGE_CONFIG, ONLINE_LABEL, online_image_table,
+                                          online_targets)
 from mmalign.toyworld.world import HELDOUT_SEED_START, PROMPT
 
 IMAGE_CONFIG = "configs/tiny/toyworld_sd_dpo.yaml"
@@ -64,11 +69,16 @@ class DemoSettings:
     vlm_batch: int = 32
     pope_images: int = 500
     n_boot: int = 1000
+    # online rows (demo_online.py): rounds x prompts x group size = the offline sample budget
+    # (8 x 20 x 4 = 10 prompts x 16 groups x 4 = 640 images); loss, beta, lr, batch, steps as offline
+    online_prompts_per_round: int = 20
+    online_group_size: int = 4
+    online_round_steps: int = 25
 
 
 QUICK = DemoSettings(inference_steps=2, groups=1, group_size=2, eval_samples=2, image_steps=2, image_batch=2,
                      train_scenes=12, existence_images=6, test_scenes=8, vlm_steps=2, vlm_batch=4, pope_images=8,
-                     n_boot=50)
+                     n_boot=50, online_prompts_per_round=5, online_group_size=2, online_round_steps=1)
 
 
 @dataclass
@@ -227,7 +237,8 @@ def image_table(out: Path) -> dict[str, Any]:
     rows = []
     for split, label in (("seeds", "held-out seeds, training prompts"), ("heldout", "held-out prompts")):
         base_mean = None
-        for model, name in (("dpo", "Diffusion-DPO"), ("sft", "SFT on chosen images (control)")):
+        for model, name in (("dpo", "Diffusion-DPO"), ("sft", "SFT on chosen images (control)"),
+                            ("online", ONLINE_LABEL)):
             r = _load(d / f"{model}_{split}.json")
             if r is None:
                 continue
@@ -295,25 +306,28 @@ def report_step(out: Path, s: DemoSettings) -> Step:
     img, vlm = out / "image", out / "vlm"
     argv = ["report-run", "--out", str(out / "report.html"), "--title", "mmalign demo: the toy world",
             "--tables", str(out / "results.json")]
-    parts = [("--curves", f"image: {n}", img / n / "metrics.jsonl") for n in ("dpo", "sft")]
+    parts = [("--curves", f"image: {n}", img / n / "metrics.jsonl") for n in ("dpo", "sft", "online")]
     parts += [("--curves", f"captioner: {n}", vlm / n / "metrics.jsonl") for n in VLM_RUNS]
-    parts += [("--grid", n, img / "eval" / f"{n}_seeds" / "manifest.jsonl") for n in ("base", "dpo", "sft")]
+    parts += [("--grid", n, img / "eval" / f"{n}_seeds" / "manifest.jsonl")
+              for n in ("base", "dpo", "sft", "online")]
+    parts += [("--rounds", "image: online", img / "online" / "rounds")]
     parts += [("--captions", n, vlm / "eval" / f"{n}_chair.json") for n in ("base", *VLM_RUNS)]
     for flag, label, path in parts:
         if path.exists():  # `--only image` / `--only vlm`: the other side's panels are left out
-            argv += [flag, f"{label}={path.parent if flag == '--curves' else path}"]
+            argv += [flag, f"{label}={path.parent if flag in ('--curves', '--rounds') else path}"]
     return Step("mmalign", [*argv, "--grid-column", "score_toyworld_checker"])
 
 
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, settings: DemoSettings | None = None,
-             sides: Sequence[str] = ("image", "vlm")) -> dict[str, Any]:
-    """Run every step (skipping finished ones), write `out/results.json` and `out/report.html`,
-    print the tables; returns {"tables", "seconds", "settings"}."""
+             sides: Sequence[str] = ("image", "vlm"), online: bool = True) -> dict[str, Any]:
+    """Run every step (skipping finished ones), with the side's online rows (`demo_online.py`)
+    unless `online` is False, write `out/results.json` and `out/report.html`, print the tables;
+    returns {"tables", "targets", "seconds", "settings", "total_seconds"}."""
     import torch
 
     from mmalign.errors import ConfigError
 
-    missing = [c for c in (IMAGE_CONFIG, VLM_CONFIG) if not Path(c).is_file()]
+    missing = [c for c in (IMAGE_CONFIG, VLM_CONFIG, ONLINE_IMAGE_CONFIG) if not Path(c).is_file()]
     if missing:
         raise ConfigError(f"{', '.join(missing)} not found: run `mmalign demo` from the repository root")
     out = Path(out)
@@ -329,8 +343,16 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, settings: DemoS
         for step in builders[side](out, s):
             _run(step)
         times[side] = round(time.monotonic() - t0, 1)
+        if online and side in ONLINE_BUILDERS:
+            t0 = time.monotonic()
+            for step in ONLINE_BUILDERS[side](out, s):
+                _run(step)
+            times[f"{side} online"] = round(time.monotonic() - t0, 1)
     tables = [image_table(out), vlm_table(out)]
-    results = {"tables": tables, "targets": targets(out), "seconds": times, "settings": asdict(s)}
+    if online:  # as the tables above: from the result files there are (`--only vlm` keeps it)
+        tables.append(online_image_table(out, s))
+    results = {"tables": tables, "targets": {**targets(out), **online_targets(out)}, "seconds": times,
+               "settings": asdict(s)}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     _run(report_step(out, s))
     print()
