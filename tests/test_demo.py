@@ -20,7 +20,7 @@ def quick_demo(tmp_path_factory):
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        assert main(["demo", "--out", str(out), "--quick"]) == 0
+        assert main(["demo", "--out", str(out), "--quick", "--online"]) == 0
     return out, buf.getvalue()
 
 

@@ -1,8 +1,10 @@
-"""`mmalign demo [--out DIR] [--quick]`: alignment end to end on the shipped toy-world models.
+"""`mmalign demo [--out DIR] [--quick] [--online]`: alignment end to end on the shipped toy-world models.
 
 Image side: generate -> score (learned scorer) -> build-pairs -> Diffusion-DPO (+ an SFT
 control) -> win rate over the base under the exact checker on held-out seeds and prompts;
-online DPO (rounds sampled by the current model, same sample budget) against offline DPO.
+with `--online`, also online DPO (rounds sampled by the current model, the same sample budget)
+against offline DPO (off by default until its time on 2 idle cores is measured within the
+demo's 15 minutes).
 VLM side: injection + corrupted-image pairs -> plain DPO, DPO + SFT, SFT only -> CHAIR and
 POPE on held-out images. Then an HTML report. Each step is printed as the `mmalign ...`
 command it runs (mmalign/toyworld/demo.py). `--world text` runs the older, smaller demo on
@@ -26,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
                           "with other settings instead")
     from mmalign.toyworld.demo import run_demo
 
-    run_demo(args.out, quick=args.quick, sides=args.only or ("image", "vlm"))
+    run_demo(args.out, quick=args.quick, sides=args.only or ("image", "vlm"), online=args.online)
     return 0
 
 
@@ -37,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="output folder (default runs/demo); finished steps are skipped on a rerun")
     p.add_argument("--quick", action="store_true", help="a few samples and steps: checks the pipeline, not the numbers")
     p.add_argument("--only", nargs="+", choices=("image", "vlm"), help="run one side only")
+    p.add_argument("--online", action="store_true",
+                   help="also the online DPO rows (rounds sampled by the current model) at the offline sample budget")
     p.add_argument("--world", choices=("toy", "text"), default="toy",
                    help="toy (default): images + captioner; text: the small text-only demo")
     p.add_argument("overrides", nargs="*", help="--world text only: section.key=value overrides of its config")

@@ -319,9 +319,9 @@ def report_step(out: Path, s: DemoSettings) -> Step:
 
 
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, settings: DemoSettings | None = None,
-             sides: Sequence[str] = ("image", "vlm"), online: bool = True) -> dict[str, Any]:
+             sides: Sequence[str] = ("image", "vlm"), online: bool = False) -> dict[str, Any]:
     """Run every step (skipping finished ones), with the side's online rows (`demo_online.py`)
-    unless `online` is False, write `out/results.json` and `out/report.html`, print the tables;
+    when `online` (`mmalign demo --online`), write `out/results.json` and `out/report.html`, print the tables;
     returns {"tables", "targets", "seconds", "settings", "total_seconds"}."""
     import torch
 
