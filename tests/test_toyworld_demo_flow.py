@@ -49,3 +49,12 @@ def test_steps_generate_the_budget_and_evaluate_every_method(tmp_path):
     assert [st.argv[st.argv.index("--aligned") + 1] for st in evals] == [str(tmp_path / "eval" / m) for m in CONFIGS]
     seeds = {st.argv[st.argv.index("--seed") + 1] for st in phases["eval"] if st.argv[0] == "generate"}
     assert seeds == {str(s.eval_seed)} and s.eval_seed >= 10_000  # held-out seeds only
+
+
+def test_unknown_phase_is_one_clear_error(tmp_path):
+    from mmalign.errors import ConfigError
+    from mmalign.toyworld.demo_flow import run_flow_demo
+
+    with pytest.raises(ConfigError, match=r"phases \['rlhf'\] unknown: choose from pairs, dpo, grpo, nft, eval"):
+        run_flow_demo(tmp_path, phases=["grpo", "rlhf"])
+    assert not (tmp_path / "times").exists()  # nothing ran

@@ -23,7 +23,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from mmalign.toyworld.demo import CHECKER, SCORER, Step, _ci, _load, _run, _train, format_table
 from mmalign.toyworld.world import HELDOUT_SEED_START, TRAIN_PROMPTS
@@ -31,6 +31,7 @@ from mmalign.toyworld.world import HELDOUT_SEED_START, TRAIN_PROMPTS
 FLOW_MODEL = "pkg://toyworld/flow"
 CONFIGS = {"dpo": "configs/tiny/toyworld_flow_dpo.yaml", "grpo": "configs/tiny/toyworld_flow_grpo.yaml",
            "nft": "configs/tiny/toyworld_flow_nft.yaml"}
+PHASES = ("pairs", "dpo", "grpo", "nft", "eval")
 NAMES = {"dpo": "Flow-DPO (offline pairs)", "grpo": "Flow-GRPO (online)", "nft": "DiffusionNFT (online)"}
 
 
@@ -155,28 +156,43 @@ def flow_targets(out: Path) -> dict[str, dict[str, Any]]:
     return found
 
 
-def run_flow_demo(out: str | Path = "runs/demo_flow", quick: bool = False,
-                  settings: FlowDemoSettings | None = None) -> dict[str, Any]:
-    """Run every phase (skipping finished steps), write `out/results.json`, print the table; returns the results."""
+def _timed(out: Path, phase: str, steps: list[Step]) -> None:
+    """Run `steps`, adding this process's CPU time (all threads) and the wall time to out/times/<phase>.json
+    (summed over reruns, so a resumed phase counts all it spent; one file per phase, so phases may run
+    in parallel processes)."""
+    wall, cpu = time.monotonic(), time.process_time()
+    for step in steps:
+        _run(step)
+    path = out / "times" / f"{phase}.json"
+    spent = _load(path) or {"cpu_s": 0.0, "wall_s": 0.0}
+    spent = {"cpu_s": round(spent["cpu_s"] + time.process_time() - cpu, 1),
+             "wall_s": round(spent["wall_s"] + time.monotonic() - wall, 1)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(spent) + "\n")
+
+
+def run_flow_demo(out: str | Path = "runs/demo_flow", quick: bool = False, settings: FlowDemoSettings | None = None,
+                  phases: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the `phases` (default all of PHASES, in order; skipping finished steps), write `out/results.json`,
+    print the table; returns the results. "dpo" needs "pairs" done, "eval" every method; the methods
+    may run in parallel processes (`phases=["grpo"]` in one, `["nft"]` in another)."""
     from mmalign.errors import ConfigError
 
     missing = [c for c in CONFIGS.values() if not Path(c).is_file()]
     if missing:
         raise ConfigError(f"{', '.join(missing)} not found: run `mmalign demo --flow` from the repository root")
+    unknown = sorted(set(phases or PHASES) - set(PHASES))
+    if unknown:
+        raise ConfigError(f"flow demo phases {unknown} unknown: choose from {', '.join(PHASES)}")
     out, s = Path(out), settings or (QUICK_FLOW if quick else FlowDemoSettings())
     out.mkdir(parents=True, exist_ok=True)
     (out / "settings.json").write_text(json.dumps(asdict(s), indent=2) + "\n")
     print(f"[mmalign] flow demo -> {out}; {s.budget()} sampled images per method; settings {json.dumps(asdict(s))}",
           flush=True)
-    times: dict[str, dict[str, float]] = _load(out / "times.json") or {}  # summed over reruns (resumes)
     for phase, steps in flow_steps(out, s).items():
-        wall, cpu = time.monotonic(), time.process_time()
-        for step in steps:
-            _run(step)
-        spent = times.setdefault(phase, {"cpu_s": 0.0, "wall_s": 0.0})
-        spent["cpu_s"] = round(spent["cpu_s"] + time.process_time() - cpu, 1)
-        spent["wall_s"] = round(spent["wall_s"] + time.monotonic() - wall, 1)
-        (out / "times.json").write_text(json.dumps(times, indent=2) + "\n")
+        if phase in (phases or PHASES):
+            _timed(out, phase, steps)
+    times = {p: t for p in PHASES if (t := _load(out / "times" / f"{p}.json")) is not None}
     table = flow_table(out, s, times)
     results = {"tables": [table], "targets": flow_targets(out), "seconds": times, "settings": asdict(s)}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
