@@ -20,7 +20,8 @@ An SD3-shaped model (family ``sd3``, `StableDiffusion3Pipeline`) for the toy wor
 - Scheduler: `FlowMatchEulerDiscreteScheduler(shift=1.0)` (16×16 images need no resolution shift).
 
 Rectified-flow training (SD3, Esser et al. 2403.03206 eq. 1-3): z0 = vae latent · scaling_factor,
-σ = sigmoid(n), n ~ N(0, 1) (logit-normal), z_σ = (1 - σ) z0 + σ ε, loss = ‖v_θ(z_σ, 1000σ, c) - (ε - z0)‖²,
+σ = sigmoid(n), n ~ N(0, 1) (logit-normal), z_σ = (1 - σ) z0 + σ ε,
+loss = ‖v_θ(z_σ, 1000σ, c) - (ε - z0)‖²,
 10 % of captions dropped to "" (classifier-free guidance), AdamW, warm-up + cosine decay.
 Saves the pipeline in fp16 safetensors, reloads it in float32 and prints the exact checker's mean over
 held-out sampling seeds (>= HELDOUT_SEED_START), Euler 20 steps, guidance 1 and 3, and the wall time.
@@ -183,9 +184,9 @@ def main() -> None:
         z0 = torch.cat([vae.encode(x).latent_dist.mean for x in pixels_of(scenes).split(1000)])
         z0 = z0 * vae.config.scaling_factor
     count = lambda n: sum(p.numel() for p in parts[n].parameters())  # noqa: E731
-    print(f"{len(scenes)} train images; transformer {count('transformer')} params, text "
-          f"{count('text_encoder') + count('text_encoder_2') + count('text_encoder_3')}, vae {count('vae')}; latent std {z0.std():.3f}",
-          flush=True)
+    text = sum(count(n) for n in ("text_encoder", "text_encoder_2", "text_encoder_3"))
+    print(f"{len(scenes)} train images; transformer {count('transformer')} params, text {text}, vae {count('vae')}; "
+          f"latent std {z0.std():.3f}", flush=True)
     captions = [s.caption() for s in scenes]
     ids = tuple(tokenize(parts[name], captions) for name in ("tokenizer", "tokenizer_3"))
     empty = tuple(tokenize(parts[name], [""]) for name in ("tokenizer", "tokenizer_3"))

@@ -43,7 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="a few samples and steps: checks the pipeline, not the numbers")
     p.add_argument("--only", nargs="+", choices=("image", "vlm"), help="run one side only")
     p.add_argument("--flow", action="store_true",
-                   help="instead: Flow-DPO vs Flow-GRPO vs DiffusionNFT on the toy flow model (default out runs/demo_flow)")
+                   help="instead: Flow-DPO vs Flow-GRPO vs DiffusionNFT on the toy flow model "
+                        "(default out runs/demo_flow)")
     p.add_argument("--world", choices=("toy", "text"), default="toy",
                    help="toy (default): images + captioner; text: the small text-only demo")
     p.add_argument("overrides", nargs="*", help="--world text only: section.key=value overrides of its config")

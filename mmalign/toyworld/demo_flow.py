@@ -137,8 +137,8 @@ def flow_table(out: Path, s: FlowDemoSettings, times: dict[str, dict[str, float]
         cpu = f"{spent['cpu_s']:.0f} / {spent['wall_s']:.0f}" if spent else "-"
         rows.append([name, _ci(c), f"{c['mean_aligned']:.3f}", _ci(p), str(s.budget()), cpu, str(c["n"])])
     return {"title": "Flow model (pkg://toyworld/flow): win rate over the base on held-out seeds (mmalign eval images)",
-            "columns": ["model", "win rate, exact checker [95% CI]", "checker mean", "win rate, learned scorer [95% CI]",
-                        "sampled images", "CPU s / wall s", "samples"], "rows": rows,
+            "columns": ["model", "win rate, exact checker [95% CI]", "checker mean",
+                        "win rate, learned scorer [95% CI]", "sampled images", "CPU s / wall s", "samples"], "rows": rows,
             "note": "Rewards and pairs came from the learned scorer; the win rate that counts is under the exact "
                     "checker. Ties count 1/2; the interval is a bootstrap over prompts. CPU time = this process's "
                     "(all threads) for the method's sampling and training, without the evaluation."}
