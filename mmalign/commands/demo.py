@@ -1,4 +1,4 @@
-"""`mmalign demo [--out DIR] [--quick] [--online]`: alignment end to end on the shipped toy-world models.
+"""`mmalign demo [--out DIR] [--quick] [--online | --flow]`: alignment end to end on the shipped toy-world models.
 
 Image side: generate -> score (learned scorer) -> build-pairs -> Diffusion-DPO (+ an SFT
 control) -> win rate over the base under the exact checker on held-out seeds and prompts;
@@ -8,7 +8,8 @@ demo's 15 minutes).
 VLM side: injection + corrupted-image pairs -> plain DPO, DPO + SFT, SFT only -> CHAIR and
 POPE on held-out images. Then an HTML report. Each step is printed as the `mmalign ...`
 command it runs (mmalign/toyworld/demo.py). `--world text` runs the older, smaller demo on
-the shipped tiny text model (mmalign/demo.py).
+the shipped tiny text model (mmalign/demo.py). `--flow` runs offline Flow-DPO against Flow-GRPO and
+DiffusionNFT on the shipped toy flow model at equal sampled-image budget (mmalign/toyworld/demo_flow.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ def run(args: argparse.Namespace) -> int:
 
         raise ConfigError(f"overrides {args.overrides} apply to --world text only; rerun the printed commands "
                           "with other settings instead")
+    if args.flow:
+        from mmalign.toyworld.demo_flow import run_flow_demo
+
+        run_flow_demo(args.out if args.out != "runs/demo" else "runs/demo_flow", quick=args.quick)
+        return 0
     from mmalign.toyworld.demo import run_demo
 
     run_demo(args.out, quick=args.quick, sides=args.only or ("image", "vlm"), online=args.online)
@@ -41,6 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--only", nargs="+", choices=("image", "vlm"), help="run one side only")
     p.add_argument("--online", action="store_true",
                    help="also the online DPO rows (rounds sampled by the current model) at the offline sample budget")
+    p.add_argument("--flow", action="store_true",
+                   help="instead: Flow-DPO vs Flow-GRPO vs DiffusionNFT on the toy flow model "
+                        "(default out runs/demo_flow)")
     p.add_argument("--world", choices=("toy", "text"), default="toy",
                    help="toy (default): images + captioner; text: the small text-only demo")
     p.add_argument("overrides", nargs="*", help="--world text only: section.key=value overrides of its config")

@@ -29,6 +29,7 @@ IMAGE_SIZE = 16  # image side (diffusion, scorer)
 SCENE_SIZE = 32  # captioner side
 MAX_TOKENS = 24  # "a yellow triangle" = 15 characters + start + end
 DIFFUSION_PATH = "pkg://toyworld/diffusion"
+FLOW_PATH = "pkg://toyworld/flow"  # SD3-shaped flow model (pipelines/train_toy_flow.py)
 CAPTIONER_PATH = "pkg://toyworld/captioner"
 SCORER_PATH = "pkg://toyworld/scorer"
 CAPTION_WORDS: list[str] = ["<image>", "USER", "ASSISTANT", ":", ".", "a", "and", "the", "image", "describe",
