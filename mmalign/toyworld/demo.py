@@ -330,6 +330,9 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, settings: DemoS
             _run(step)
         times[side] = round(time.monotonic() - t0, 1)
     tables = [image_table(out), vlm_table(out)]
+    from mmalign.toyworld.demo_online_vlm import online_vlm_rows  # issue 15 5b: the online VLM rows
+
+    tables += online_vlm_rows(out, s, quick, sides, times)
     results = {"tables": tables, "targets": targets(out), "seconds": times, "settings": asdict(s)}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     _run(report_step(out, s))
