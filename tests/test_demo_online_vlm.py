@@ -57,7 +57,8 @@ def test_take_n_is_a_seeded_subset_in_pool_order(tmp_path, capsys):
     assert len(picks["a"]) == len(set(picks["a"])) == 7 and picks["a"] == sorted(picks["a"])
     assert picks["a"] == picks["b"] != picks["c"]
     capsys.readouterr()
-    assert main(["build-pairs", "take", str(tmp_path / "p.jsonl"), "--n", "21", "--out", str(tmp_path / "x.jsonl")]) != 0
+    too_many = ["build-pairs", "take", str(tmp_path / "p.jsonl"), "--n", "21", "--out", str(tmp_path / "x.jsonl")]
+    assert main(too_many) != 0
     assert "build-pairs take: --n 21 but the sources hold 20 records" in capsys.readouterr().err
     (tmp_path / "run").mkdir()  # an online run that finished no round
     assert main(["build-pairs", "take", str(tmp_path / "run"), "--out", str(tmp_path / "x.jsonl")]) != 0
@@ -103,13 +104,20 @@ def test_paired_bootstrap_differences_and_intervals():
     assert verdict("x", found["CHAIR_i"]) == "not resolved"  # its interval reaches 0: not separated
 
 
-def test_quick_demo_prints_the_online_vlm_rows(tmp_path):
+def test_quick_online_vlm_rows_run_and_compare_at_the_same_n(tmp_path, capsys):
+    """The hook on the quick demo's scenes and offline pairs (the offline runs are test_demo.py's)."""
+    from mmalign.toyworld.demo import QUICK, _run, format_table, vlm_steps
+    from mmalign.toyworld.demo_online_vlm import online_vlm_rows
+
     out = tmp_path / "demo"
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        assert main(["demo", "--out", str(out), "--quick", "--only", "vlm"]) == 0
-    printed = buf.getvalue()
-    commands = [line for line in printed.splitlines() if line.startswith("$ ")]
+    for step in vlm_steps(out, QUICK)[:5]:  # scenes (train, test), inject, corrupt, existence pairs
+        assert "train" not in step.argv[:1]
+        _run(step)
+    times: dict = {}
+    tables = online_vlm_rows(out, QUICK, True, ("vlm",), times)
+    commands = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ ")]
+    assert times["vlm online"] > 0 and times["vlm online cpu"] > 0
+    assert online_vlm_rows(out, QUICK, True, ("image",), {}) == []  # no VLM side, no rows
     d, pairs = out / "vlm", out / "vlm" / "pairs"
     online = _read(pairs / "online_rounds.jsonl")
     n = len(online)
@@ -124,12 +132,16 @@ def test_quick_demo_prints_the_online_vlm_rows(tmp_path):
     assert sum(f"data.train={pairs / f'offline_n{n}.jsonl'}" in c for c in trains) == 1
     for name in ("online", "offline_n", "sft_online"):
         assert (d / "eval" / f"{name}_chair.json").is_file() and (d / "eval" / f"{name}_pope.json").is_file()
-    tables = json.loads((out / "results.json").read_text())["tables"]
-    rows, diffs = tables[-2], tables[-1]
-    assert [r[0] for r in rows["rows"]] == ["base (web-caption bias)", "online DPO + SFT (annotation score)",
-                                            "offline DPO + SFT, same N pairs", "SFT on the online chosen answers"]
-    assert [r[1] for r in rows["rows"][1:]] == [str(n)] * 3
-    assert [r[0].split(" - ")[1] for r in diffs["rows"]] == ["offline DPO + SFT, same N pairs",
-                                                             "SFT on the online chosen answers",
-                                                             "base (web-caption bias)"]
-    assert rows["title"] in printed and diffs["title"] in printed
+    offline = {(r["prompt"], r["chosen"], r["rejected"]) for k in ("inject", "corrupt", "existence")
+               for r in _read(pairs / f"{k}.jsonl")}
+    same_n = _read(pairs / f"offline_n{n}.jsonl")
+    assert all((r["prompt"], r["chosen"], r["rejected"]) in offline for r in same_n)
+    assert all((pairs / r["images"][0]).is_file() for r in same_n)  # paths still point at the scenes
+    rows, diffs = tables  # the base is evaluated by the offline rows' steps, not run here
+    assert [r[0] for r in rows["rows"]] == ["online DPO + SFT (annotation score)", "offline DPO + SFT, same N pairs",
+                                            "SFT on the online chosen answers"]
+    assert [r[1] for r in rows["rows"]] == [str(n)] * 3
+    assert [r[0] for r in diffs["rows"]] == ["online - offline DPO + SFT, same N pairs",
+                                             "online - SFT on the online chosen answers"]
+    assert all(r[-1] in ("online lower", "not resolved") or r[-1].endswith(" lower") for r in diffs["rows"])
+    assert format_table(diffs).splitlines()[0] == diffs["title"]

@@ -221,7 +221,8 @@ def online_vlm_tables(out: Path, n_boot: int, seed: int = 0) -> list[dict[str, A
                      "POPE images) are drawn with replacement, the same draw for both models."}]
 
 
-def online_vlm_rows(out: Path, s: Any, quick: bool, sides: Sequence[str], times: dict[str, Any]) -> list[dict[str, Any]]:
+def online_vlm_rows(out: Path, s: Any, quick: bool, sides: Sequence[str],
+                    times: dict[str, Any]) -> list[dict[str, Any]]:
     """The demo hook: run the online VLM rows when the VLM side ran (their wall and CPU seconds
     into `times`), return their two tables (the demo prints them and writes them to results.json)."""
     from mmalign.toyworld.demo import _run
