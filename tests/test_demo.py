@@ -33,8 +33,10 @@ def test_quick_demo_runs_every_step_and_writes_the_tables(quick_demo):
                   "mmalign build-pairs existence", "mmalign eval chair", "mmalign eval pope", "mmalign report-run"):
         assert any(c.startswith(f"$ {stage}") for c in commands), stage
     trains = [c for c in commands if c.startswith("$ mmalign train")]
-    assert len(trains) == 6  # image: DPO, SFT control, online DPO; VLM: plain DPO, DPO+SFT, SFT control
-    assert sum("loss.name=sft" in c for c in trains) == 2 and sum("loss.sft_weight=0.0" in c for c in trains) == 1
+    # image: DPO, SFT control, online DPO (--online); VLM: plain DPO, DPO+SFT, SFT control; + the online VLM
+    # rows: online DPO, offline DPO+SFT at the same N pairs, SFT on the online chosen answers (test_demo_online_vlm.py)
+    assert len(trains) == 6 + 3
+    assert sum("loss.name=sft" in c for c in trains) == 2 + 1 and sum("loss.sft_weight=0.0" in c for c in trains) == 1
     pairs = out / "vlm" / "pairs"
     files = f"data.train=[{pairs / 'inject.jsonl'}, {pairs / 'corrupt.jsonl'}, {pairs / 'existence.jsonl'}]"
     assert sum(files in c for c in trains) == 3  # each VLM run reads the three pair files as one dataset
@@ -57,6 +59,9 @@ def test_quick_demo_runs_every_step_and_writes_the_tables(quick_demo):
                                                      "online DPO (learned-scorer reward)"]
     assert [r[0] for r in tables[1]["rows"]] == ["base (web-caption bias)", "plain DPO", "DPO + SFT (RPO)",
                                                  "SFT on chosen only (control)"]
+    assert [r[0] for r in tables[-2]["rows"]] == ["base (web-caption bias)", "online DPO + SFT (annotation score)",
+                                                  "offline DPO + SFT, same N pairs", "SFT on the online chosen answers"]
+    assert len(tables[-1]["rows"]) == 3 and tables[-1]["title"] in printed  # online - each other, with intervals
     page = (out / "report.html").read_text()
     assert page.count("<svg") == 6  # loss, margin, accuracy curves for each side
     assert page.count("<img") >= 3 * 2 + 8  # 3 models x 2 samples of a prompt; 8 captioned test images

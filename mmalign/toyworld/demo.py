@@ -351,6 +351,9 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, settings: DemoS
     tables = [image_table(out), vlm_table(out)]
     if online:  # as the tables above: from the result files there are (`--only vlm` keeps it)
         tables.append(online_image_table(out, s))
+    from mmalign.toyworld.demo_online_vlm import online_vlm_rows  # issue 15 5b: the online VLM rows
+
+    tables += online_vlm_rows(out, s, quick, sides, times)
     results = {"tables": tables, "targets": {**targets(out), **online_targets(out)}, "seconds": times,
                "settings": asdict(s)}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
