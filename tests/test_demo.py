@@ -70,7 +70,7 @@ def test_quick_demo_runs_every_step_and_writes_the_tables(quick_demo):
 def test_quick_demo_rerun_skips_finished_steps(quick_demo, capsys):
     out, _ = quick_demo
     before = (out / "image" / "pairs" / "pairs.jsonl").read_bytes()
-    assert main(["demo", "--out", str(out), "--quick", "--only", "vlm"]) == 0
+    assert main(["demo", "--out", str(out), "--quick", "--only", "vlm", "--online"]) == 0  # as the first run
     printed = capsys.readouterr().out
     commands = [line for line in printed.splitlines() if line.startswith("$ ")]
     assert printed.count("(skipped:") == len(commands) - 1  # every step but the report
