@@ -404,6 +404,7 @@ def test_registry_contents() -> None:
         "sppo_hard", "apo_zero", "simpo", "soft", "sft", "spo", "d3po", "kto", "ranked",
         "exo_pair", "apo_down", "discopop", "sigmoid_norm", "aot", "aot_unpaired",  # mmalign/losses_trl.py
         "grpo",  # mmalign/losses_grpo.py
+        "nft",  # mmalign/losses_nft.py
         "orpo", "cpo", "cpo_simpo", "dpop", "mapo", "cpl",  # mmalign/losses_more.py
     }
     assert all(isinstance(s, LossSpec) for s in LOSSES.values())
