@@ -24,7 +24,8 @@ Rectified-flow training (SD3, Esser et al. 2403.03206 eq. 1-3): z0 = vae latent 
 loss = ‖v_θ(z_σ, 1000σ, c) - (ε - z0)‖²,
 10 % of captions dropped to "" (classifier-free guidance), AdamW, warm-up + cosine decay.
 Saves the pipeline in fp16 safetensors, reloads it in float32 and prints the exact checker's mean over
-held-out sampling seeds (>= HELDOUT_SEED_START), Euler 20 steps, guidance 1 and 3, and the wall time.
+held-out sampling seeds (>= HELDOUT_SEED_START), Euler 20 steps, guidance 1 and 3 (`report_checker` of
+train_toy_diffusion.py), and the wall time.
 """
 
 from __future__ import annotations
@@ -36,17 +37,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "pipelines"))
-from train_toy_diffusion import cosine, pixels_of  # noqa: E402
+from train_toy_diffusion import cosine, pixels_of, report_checker  # noqa: E402
 
 from mmalign.config import resolve_path  # noqa: E402
-from mmalign.toyworld.checker import image_scores  # noqa: E402
 from mmalign.toyworld.models import DIFFUSION_PATH, char_tokenizer, shipped_size, text_config  # noqa: E402
-from mmalign.toyworld.world import HELDOUT_PROMPTS, HELDOUT_SEED_START, TRAIN_PROMPTS, sample_scenes  # noqa: E402
+from mmalign.toyworld.world import sample_scenes  # noqa: E402
 
 DATA_SEED, INIT_SEED, TRAIN_SEED = 0, 0, 1
 ENCODED = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3")  # the trained parts
@@ -139,22 +138,6 @@ def save_fp16(parts: dict[str, Any], out: Path) -> None:
     tmp.rename(out)
 
 
-@torch.no_grad()
-def evaluate(path: Path, prompts: list[str], per_prompt: int, guidance: float, steps: int = 20) -> float:
-    """Checker mean over `per_prompt` held-out seeds per prompt (Euler `steps` steps)."""
-    from diffusers import StableDiffusion3Pipeline
-
-    pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=torch.float32, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    scores = []
-    for prompt in prompts:
-        gens = [torch.Generator().manual_seed(s) for s in range(HELDOUT_SEED_START, HELDOUT_SEED_START + per_prompt)]
-        images = pipe([prompt] * per_prompt, generator=gens, num_inference_steps=steps, guidance_scale=guidance,
-                      output_type="pil").images
-        scores.extend(image_scores(images, [prompt] * per_prompt))
-    return float(np.mean(scores))
-
-
 def tokenize(tokenizer: Any, texts: list[str]) -> torch.Tensor:
     """(n, model_max_length) ids, padded as the pipeline pads."""
     return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
@@ -194,12 +177,7 @@ def main() -> None:
     train_s = time.time() - tic
     save_fp16(parts, args.out)
     print(f"saved {args.out} ({shipped_size(args.out) / 1e6:.2f} MB) after {train_s:.0f}s of training", flush=True)
-    for guidance in (1.0, 3.0):
-        seen = evaluate(args.out, TRAIN_PROMPTS, args.eval_per_prompt, guidance)
-        held = evaluate(args.out, HELDOUT_PROMPTS, args.eval_per_prompt, guidance)
-        print(f"checker mean, held-out seeds, guidance {guidance}: train prompts {seen:.3f} "
-              f"({len(TRAIN_PROMPTS)}x{args.eval_per_prompt}), held-out prompt combinations {held:.3f} "
-              f"({len(HELDOUT_PROMPTS)}x{args.eval_per_prompt})", flush=True)
+    report_checker(args.out, args.eval_per_prompt)
     print(f"total wall time {time.time() - tic:.0f}s")
 
 
