@@ -1,0 +1,219 @@
+"""The model-based reward scorers ImageReward and HPSv3 (mmalign/scoring/imagereward.py, hpsv3.py):
+tiny random models written in the released checkpoint layouts (ImageReward.pt + med_config.json;
+HPSv3.safetensors over a Qwen2-VL base folder), loaded by path and by Hub id (a Hub cache built
+here, HF_HUB_OFFLINE=1), each score checked against an independent float64 re-implementation of
+the released forward on the same weights."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from mmalign.errors import ConfigError
+
+WORDS = ["a", "red", "blue", "green", "square", "circle", "dog", "photo", "of", "on", "grass"]
+PROMPTS = ["a red square", "a photo of a dog on grass", "a green circle"]
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def images():
+    return [Image.new("RGB", (40, 32), (220, 30, 30)), Image.new("RGB", (32, 48), (30, 40, 220)),
+            Image.new("RGB", (32, 32), (30, 200, 40))]
+
+
+def add_snapshot(cache: Path, repo: str, source: Path) -> Path:
+    """Copy `source` as the main snapshot of `repo` in a huggingface_hub cache folder."""
+    storage = cache / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(source, storage / "snapshots" / ("a" * 40))
+    (storage / "refs").mkdir(parents=True)
+    (storage / "refs" / "main").write_text("a" * 40)
+    return storage / "snapshots" / ("a" * 40)
+
+
+# -- ImageReward ----------------------------------------------------------------------------
+IR_VISION = dict(width=128, depth=2, heads=2, patch=16, size=32)
+IR_TEXT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+               max_position_embeddings=64, hidden_act="gelu", layer_norm_eps=1e-12, pad_token_id=0,
+               add_cross_attention=True, encoder_width=768, type_vocab_size=2, model_type="bert")
+IR_MLP = [32, 1024, 128, 64, 16, 1]
+
+
+def _released_imagereward_state(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights under the key names of THUDM's ImageReward.pt: timm ViT keys under
+    blip.visual_encoder, BLIP med.py BERT keys under blip.text_encoder, mlp.layers.{0,2,4,6,7}."""
+    gen = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+
+    def put(name, *shape, scale=0.2, centre=0.0):
+        state[name] = centre + scale * torch.randn(*shape, generator=gen)
+
+    d, p, n = IR_VISION["width"], IR_VISION["patch"], (IR_VISION["size"] // IR_VISION["patch"]) ** 2
+    v = "blip.visual_encoder."
+    put(v + "cls_token", 1, 1, d), put(v + "pos_embed", 1, n + 1, d)
+    put(v + "patch_embed.proj.weight", d, 3, p, p, scale=0.05), put(v + "patch_embed.proj.bias", d)
+    for i in range(IR_VISION["depth"]):
+        b = f"{v}blocks.{i}."
+        for norm in ("norm1", "norm2"):
+            put(b + norm + ".weight", d, centre=1.0), put(b + norm + ".bias", d)
+        for name, out, inp in (("attn.qkv", 3 * d, d), ("attn.proj", d, d), ("mlp.fc1", 4 * d, d), ("mlp.fc2", d, 4 * d)):
+            put(b + name + ".weight", out, inp, scale=inp ** -0.5), put(b + name + ".bias", out)
+    put(v + "norm.weight", d, centre=1.0), put(v + "norm.bias", d)
+    h, t, inter = IR_TEXT["hidden_size"], "blip.text_encoder.", IR_TEXT["intermediate_size"]
+    put(t + "embeddings.word_embeddings.weight", vocab, h), put(t + "embeddings.position_embeddings.weight", 64, h)
+    put(t + "embeddings.LayerNorm.weight", h, centre=1.0), put(t + "embeddings.LayerNorm.bias", h)
+    state[t + "embeddings.position_ids"] = torch.arange(64)[None]
+    for i in range(IR_TEXT["num_hidden_layers"]):
+        b = f"{t}encoder.layer.{i}."
+        for att, kv in (("attention.", h), ("crossattention.", d)):
+            for name, inp in (("self.query", h), ("self.key", kv), ("self.value", kv), ("output.dense", h)):
+                put(b + att + name + ".weight", h, inp, scale=inp ** -0.5), put(b + att + name + ".bias", h)
+            put(b + att + "output.LayerNorm.weight", h, centre=1.0), put(b + att + "output.LayerNorm.bias", h)
+        put(b + "intermediate.dense.weight", inter, h, scale=h ** -0.5), put(b + "intermediate.dense.bias", inter)
+        put(b + "output.dense.weight", h, inter, scale=inter ** -0.5), put(b + "output.dense.bias", h)
+        put(b + "output.LayerNorm.weight", h, centre=1.0), put(b + "output.LayerNorm.bias", h)
+    put("blip.vision_proj.weight", 16, d), put("blip.text_proj.weight", 16, h)  # BLIP's ITC heads: unused
+    for index, (inp, out) in zip((0, 2, 4, 6, 7), zip(IR_MLP[:-1], IR_MLP[1:])):
+        put(f"mlp.layers.{index}.weight", out, inp, scale=inp ** -0.5), put(f"mlp.layers.{index}.bias", out)
+    return state
+
+
+@pytest.fixture(scope="module")
+def imagereward_dir(tmp_path_factory):
+    """ImageReward.pt + med_config.json + a BERT word-piece tokenizer (tiny vocab.txt) in one folder."""
+    from transformers import BertTokenizerFast
+
+    root = tmp_path_factory.mktemp("imagereward")
+    (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    BertTokenizerFast(vocab=str(root / "vocab.txt")).save_pretrained(root)
+    vocab = len(WORDS) + 5 + 2  # + BLIP's [DEC] and [ENC]
+    (root / "med_config.json").write_text(json.dumps({**IR_TEXT, "vocab_size": vocab}))
+    state = _released_imagereward_state(vocab)
+    torch.save(state, root / "ImageReward.pt")
+    return {"root": root, "state": state}
+
+
+def _ref_layer_norm(x, sd, name, eps):
+    return F.layer_norm(x, x.shape[-1:], sd[name + ".weight"], sd[name + ".bias"], eps)
+
+
+def _ref_linear(x, sd, name):
+    return x @ sd[name + ".weight"].T + sd[name + ".bias"]
+
+
+def _ref_vit(sd, x):
+    """The reference `VisionTransformer.forward` (BLIP vit.py) in float64."""
+    v, heads = "blip.visual_encoder.", IR_VISION["heads"]
+    h = F.conv2d(x, sd[v + "patch_embed.proj.weight"], sd[v + "patch_embed.proj.bias"], stride=IR_VISION["patch"])
+    h = h.flatten(2).transpose(1, 2)
+    h = torch.cat([sd[v + "cls_token"].expand(len(x), -1, -1), h], 1) + sd[v + "pos_embed"]
+    n, length, d = h.shape
+    for i in range(IR_VISION["depth"]):
+        b = f"{v}blocks.{i}."
+        qkv = _ref_linear(_ref_layer_norm(h, sd, b + "norm1", 1e-6), sd, b + "attn.qkv")
+        q, k, w = qkv.reshape(n, length, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+        att = torch.softmax(q @ k.transpose(-2, -1) * (d // heads) ** -0.5, -1) @ w
+        h = h + _ref_linear(att.transpose(1, 2).reshape(n, length, d), sd, b + "attn.proj")
+        y = _ref_layer_norm(h, sd, b + "norm2", 1e-6)
+        h = h + _ref_linear(F.gelu(_ref_linear(y, sd, b + "mlp.fc1")), sd, b + "mlp.fc2")
+    return _ref_layer_norm(h, sd, v + "norm", 1e-6)
+
+
+def _ref_bert_attention(sd, pre, x, context, additive_mask):
+    heads = IR_TEXT["num_attention_heads"]
+    n, length, h = x.shape
+    split = lambda t: t.reshape(n, t.shape[1], heads, h // heads).transpose(1, 2)  # noqa: E731
+    q, k = split(_ref_linear(x, sd, pre + "self.query")), split(_ref_linear(context, sd, pre + "self.key"))
+    w = split(_ref_linear(context, sd, pre + "self.value"))
+    att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(h // heads) + additive_mask, -1) @ w
+    out = _ref_linear(att.transpose(1, 2).reshape(n, length, h), sd, pre + "output.dense")
+    return _ref_layer_norm(out + x, sd, pre + "output.LayerNorm", 1e-12)
+
+
+def _ref_bert(sd, ids, mask, image_embeds):
+    """The reference med.py `BertModel.forward(mode='multimodal')` in float64: no token types, the
+    padding mask as (1 - m) * -10000, cross-attention to every image token in every layer."""
+    t = "blip.text_encoder."
+    h = sd[t + "embeddings.word_embeddings.weight"][ids] + sd[t + "embeddings.position_embeddings.weight"][:ids.shape[1]]
+    h = _ref_layer_norm(h, sd, t + "embeddings.LayerNorm", 1e-12)
+    additive = (1.0 - mask.double())[:, None, None, :] * -10000.0
+    for i in range(IR_TEXT["num_hidden_layers"]):
+        b = f"{t}encoder.layer.{i}."
+        h = _ref_bert_attention(sd, b + "attention.", h, h, additive)
+        h = _ref_bert_attention(sd, b + "crossattention.", h, image_embeds, 0.0)
+        inter = F.gelu(_ref_linear(h, sd, b + "intermediate.dense"))
+        h = _ref_layer_norm(_ref_linear(inter, sd, b + "output.dense") + h, sd, b + "output.LayerNorm", 1e-12)
+    return h
+
+
+def _ref_imagereward(state, ids, mask, pil_images):
+    """(MLP(BERT(ids; ViT(x))[:, 0]) - 0.16717362830052426) / 1.0333394966054072, float64."""
+    from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
+
+    sd = {k: v.double() for k, v in state.items() if v.is_floating_point()}
+    transform = Compose([Resize(32, interpolation=InterpolationMode.BICUBIC), CenterCrop(32), ToTensor(),
+                         Normalize(CLIP_MEAN, CLIP_STD)])
+    pixels = torch.stack([transform(im.convert("RGB")) for im in pil_images]).double()
+    feature = _ref_bert(sd, ids, mask, _ref_vit(sd, pixels))[:, 0]
+    for index in (0, 2, 4, 6, 7):
+        feature = _ref_linear(feature, sd, f"mlp.layers.{index}")
+    return (feature.squeeze(-1) - 0.16717362830052426) / 1.0333394966054072
+
+
+def test_imagereward_matches_float64_reference(imagereward_dir):
+    from mmalign.scoring import load_scorer
+
+    scorer = load_scorer(f"imagereward={imagereward_dir['root']}")
+    ids, mask = scorer.tokens(PROMPTS)
+    tok = scorer.tokenizer
+    assert ids.shape == (3, 35) and (ids[:, 0] == tok.cls_token_id).all()  # [CLS] first, padded to 35
+    assert mask.sum(1).tolist() == [5, 9, 5] and (ids != tok.unk_token_id).all()  # [CLS] + words + [SEP]
+    scores = scorer.score(PROMPTS, images())
+    expected = _ref_imagereward(imagereward_dir["state"], ids, mask, images())
+    assert scores.dtype == torch.float32 and scores.shape == (3,)
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-4, atol=1e-4)
+    assert expected.std() > 0.05  # the images and prompts do move the score
+    assert scorer.score(PROMPTS[:1], images()[:1]).item() == pytest.approx(scores[0].item(), abs=1e-5)  # no batch coupling
+
+
+def test_imagereward_truncates_at_35_tokens_and_standardises(imagereward_dir):
+    from mmalign.scoring.imagereward import ImageRewardScorer, normalise_reward
+
+    scorer = ImageRewardScorer(str(imagereward_dir["root"] / "ImageReward.pt"), batch_size=2)
+    ids, mask = scorer.tokens([" ".join(["dog"] * 50)])
+    assert ids.shape == (1, 35) and mask.sum().item() == 35 and ids[0, -1].item() == scorer.tokenizer.sep_token_id
+    assert normalise_reward(torch.tensor([0.16717362830052426, 1.2005130249059649])).tolist() == pytest.approx([0.0, 1.0])
+    assert len(scorer.tokenizer) == len(WORDS) + 7  # BLIP's [DEC] and [ENC] are added
+
+
+def test_imagereward_by_hub_id_offline(imagereward_dir, tmp_path, monkeypatch):
+    from mmalign.scoring import load_scorer
+
+    add_snapshot(tmp_path / "hub", "THUDM/ImageReward", imagereward_dir["root"])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    by_id = load_scorer("imagereward=THUDM/ImageReward,batch_size=2").score(PROMPTS, images())
+    by_path = load_scorer(f"imagereward={imagereward_dir['root']}").score(PROMPTS, images())
+    torch.testing.assert_close(by_id, by_path)
+    with pytest.raises(ConfigError, match="nobody/nothing"):
+        load_scorer("imagereward=nobody/nothing")
+
+
+def test_imagereward_bad_checkpoint_names_keys(imagereward_dir, tmp_path):
+    from mmalign.scoring.imagereward import ImageRewardScorer
+
+    state = {k: v for k, v in imagereward_dir["state"].items() if "crossattention.self.key" not in k}
+    torch.save(state, tmp_path / "ImageReward.pt")
+    shutil.copy(imagereward_dir["root"] / "med_config.json", tmp_path)
+    with pytest.raises(ConfigError, match="text weights do not fit: missing.*crossattention.self.key"):
+        ImageRewardScorer(str(tmp_path), tokenizer=str(imagereward_dir["root"]))
+    (tmp_path / "med_config.json").unlink()
+    with pytest.raises(ConfigError, match="no med_config.json"):
+        ImageRewardScorer(str(tmp_path))
