@@ -63,7 +63,8 @@ def _released_imagereward_state(vocab: int, seed: int = 0) -> dict[str, torch.Te
         b = f"{v}blocks.{i}."
         for norm in ("norm1", "norm2"):
             put(b + norm + ".weight", d, centre=1.0), put(b + norm + ".bias", d)
-        for name, out, inp in (("attn.qkv", 3 * d, d), ("attn.proj", d, d), ("mlp.fc1", 4 * d, d), ("mlp.fc2", d, 4 * d)):
+        for name, out, inp in (("attn.qkv", 3 * d, d), ("attn.proj", d, d), ("mlp.fc1", 4 * d, d),
+                               ("mlp.fc2", d, 4 * d)):
             put(b + name + ".weight", out, inp, scale=inp ** -0.5), put(b + name + ".bias", out)
     put(v + "norm.weight", d, centre=1.0), put(v + "norm.bias", d)
     h, t, inter = IR_TEXT["hidden_size"], "blip.text_encoder.", IR_TEXT["intermediate_size"]
@@ -141,7 +142,8 @@ def _ref_bert(sd, ids, mask, image_embeds):
     """The reference med.py `BertModel.forward(mode='multimodal')` in float64: no token types, the
     padding mask as (1 - m) * -10000, cross-attention to every image token in every layer."""
     t = "blip.text_encoder."
-    h = sd[t + "embeddings.word_embeddings.weight"][ids] + sd[t + "embeddings.position_embeddings.weight"][:ids.shape[1]]
+    h = sd[t + "embeddings.word_embeddings.weight"][ids]
+    h = h + sd[t + "embeddings.position_embeddings.weight"][:ids.shape[1]]
     h = _ref_layer_norm(h, sd, t + "embeddings.LayerNorm", 1e-12)
     additive = (1.0 - mask.double())[:, None, None, :] * -10000.0
     for i in range(IR_TEXT["num_hidden_layers"]):
@@ -180,7 +182,8 @@ def test_imagereward_matches_float64_reference(imagereward_dir):
     assert scores.dtype == torch.float32 and scores.shape == (3,)
     torch.testing.assert_close(scores.double(), expected, rtol=1e-4, atol=1e-4)
     assert expected.std() > 0.05  # the images and prompts do move the score
-    assert scorer.score(PROMPTS[:1], images()[:1]).item() == pytest.approx(scores[0].item(), abs=1e-5)  # no batch coupling
+    single = scorer.score(PROMPTS[:1], images()[:1]).item()
+    assert single == pytest.approx(scores[0].item(), abs=1e-5)  # a row's score does not depend on its batch
 
 
 def test_imagereward_truncates_at_35_tokens_and_standardises(imagereward_dir):
@@ -189,7 +192,8 @@ def test_imagereward_truncates_at_35_tokens_and_standardises(imagereward_dir):
     scorer = ImageRewardScorer(str(imagereward_dir["root"] / "ImageReward.pt"), batch_size=2)
     ids, mask = scorer.tokens([" ".join(["dog"] * 50)])
     assert ids.shape == (1, 35) and mask.sum().item() == 35 and ids[0, -1].item() == scorer.tokenizer.sep_token_id
-    assert normalise_reward(torch.tensor([0.16717362830052426, 1.2005130249059649])).tolist() == pytest.approx([0.0, 1.0])
+    raw = torch.tensor([0.16717362830052426, 0.16717362830052426 + 1.0333394966054072])
+    assert normalise_reward(raw).tolist() == pytest.approx([0.0, 1.0])
     assert len(scorer.tokenizer) == len(WORDS) + 7  # BLIP's [DEC] and [ENC] are added
 
 
@@ -217,3 +221,169 @@ def test_imagereward_bad_checkpoint_names_keys(imagereward_dir, tmp_path):
     (tmp_path / "med_config.json").unlink()
     with pytest.raises(ConfigError, match="no med_config.json"):
         ImageRewardScorer(str(tmp_path))
+
+
+# -- HPSv3 ------------------------------------------------------------------------------------
+HPS_PIXELS = 32 * 32  # the tiny processor's patch 8 x merge 2 = 16-px grid; 256·28·28 when released
+HPSV3_INSTRUCTION_SHA = "0393599dad45a971"  # of hpsv3/dataset/data_collator_qwen.py's INSTRUCTION, trailing spaces kept
+
+
+@pytest.fixture(scope="module")
+def hpsv3_files(tmp_path_factory):
+    """A tiny Qwen2-VL base folder (config + processor, as Qwen2-VL-7B-Instruct) and HPSv3.safetensors
+    made by the released recipe: `<|Reward|>` added to the tokenizer, the embeddings resized to it,
+    the ranknet head D -> 1024 -> 16 -> 2, keys as transformers 4.45 saved them (visual.*, model.*)."""
+    import transformers as tf
+    from safetensors.torch import save_file
+    from vlm_family_fixtures import QWEN_SPECIALS, QWEN_TEMPLATE, TEXT, _qwen_ids, _tokenizer
+
+    root = tmp_path_factory.mktemp("hpsv3")
+    tok = _tokenizer(QWEN_SPECIALS)
+    config = tf.Qwen2VLConfig(
+        text_config=dict(TEXT, vocab_size=len(tok), initializer_range=0.2,  # larger weights: image positions matter
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, patch_size=8, spatial_merge_size=2,
+                           temporal_patch_size=2, initializer_range=0.2), **_qwen_ids(tok))
+    sizes = dict(patch_size=8, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 16 * 16,
+                                                                           "longest_edge": 64 * 64})
+    processor = tf.Qwen2VLProcessor(image_processor=tf.Qwen2VLImageProcessor(**sizes),
+                                    video_processor=tf.Qwen2VLVideoProcessor(**sizes), tokenizer=tok,
+                                    chat_template=QWEN_TEMPLATE)
+    config.save_pretrained(root / "base")
+    processor.save_pretrained(root / "base")
+    tok.add_special_tokens({"additional_special_tokens": ["<|Reward|>"]})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        model = tf.Qwen2VLForConditionalGeneration(config).eval()
+        model.resize_token_embeddings(len(tok))
+        head = torch.nn.Sequential(torch.nn.Linear(64, 1024), torch.nn.ReLU(), torch.nn.Dropout(0.05),
+                                   torch.nn.Linear(1024, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2)).eval()
+    legacy = {}
+    for key, value in model.state_dict().items():
+        key = key.replace("model.visual.", "visual.", 1).replace("model.language_model.", "model.", 1)
+        legacy[key] = value.contiguous()
+    legacy.update({f"rm_head.{k}": v for k, v in head.state_dict().items()})
+    (root / "hpsv3").mkdir()
+    save_file(legacy, root / "hpsv3" / "HPSv3.safetensors")
+    newer = {k: v.contiguous() for k, v in model.state_dict().items()}
+    newer.update({f"rm_head.{k}": v for k, v in head.state_dict().items()})
+    save_file(newer, root / "newer.safetensors")
+    return {"root": root, "base": root / "base", "ckpt": root / "hpsv3", "model": model, "head": head,
+            "reward_id": tok.convert_tokens_to_ids("<|Reward|>")}
+
+
+def _ref_hpsv3(files, prompts, pil_images):
+    """The released `HPSv3RewardInferencer.reward` in float64 on the same weights: the message with
+    min = max pixels, the chat template with generation prompt, image embeddings scattered into the
+    token embeddings, the decoder run WITHOUT image_grid_thw (1-D positions), the head on every
+    position, the `<|Reward|>` row kept -> (N, 2) [mu, log sigma]."""
+    from transformers import AutoProcessor
+
+    from mmalign.scoring.hpsv3 import INSTRUCTION, smart_resize
+
+    processor = AutoProcessor.from_pretrained(files["base"], padding_side="right")
+    processor.tokenizer.add_special_tokens({"additional_special_tokens": ["<|Reward|>"]})
+    resized = []
+    for im in pil_images:
+        height, width = smart_resize(im.height, im.width, 16, HPS_PIXELS, HPS_PIXELS)
+        resized.append(im.resize((width, height)))
+    suffix = "\nPlease provide the overall ratings of this image: <|Reward|>\n\nEND\n"
+    messages = [[{"role": "user", "content": [{"type": "image", "image": im, "min_pixels": HPS_PIXELS,
+                                               "max_pixels": HPS_PIXELS},
+                                              {"type": "text", "text": INSTRUCTION.format(text_prompt=p) + suffix}]}]
+                for p, im in zip(prompts, resized)]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    batch = processor(text=text, images=resized, padding=True, return_tensors="pt")
+    model, head = files["model"].double(), files["head"].double()
+    ids = batch["input_ids"]
+    with torch.no_grad():
+        embeds = model.model.language_model.embed_tokens(ids)
+        image = model.model.visual(batch["pixel_values"].double(), grid_thw=batch["image_grid_thw"])
+        image = image if isinstance(image, torch.Tensor) else image.pooler_output
+        mask = (ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
+        embeds = embeds.masked_scatter(mask, image.to(embeds.dtype))
+        hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"])[0]
+        logits = head(hidden)
+    files["model"].float(), files["head"].float()
+    return logits[ids == files["reward_id"]].view(len(prompts), -1)
+
+
+def test_hpsv3_scores_mu_of_the_released_forward(hpsv3_files):
+    from mmalign.scoring import load_scorer
+
+    scorer = load_scorer(f"hpsv3={hpsv3_files['ckpt']},base={hpsv3_files['base']},pixels={HPS_PIXELS},dtype=float32")
+    expected = _ref_hpsv3(hpsv3_files, PROMPTS, images())
+    torch.testing.assert_close(scorer.mu_log_sigma(PROMPTS, images()).double(), expected, rtol=1e-4, atol=1e-4)
+    scores = scorer.score(PROMPTS, images())
+    assert scores.dtype == torch.float32 and scores.shape == (3,)
+    torch.testing.assert_close(scores.double(), expected[:, 0], rtol=1e-4, atol=1e-4)  # score = mu
+    assert expected[:, 0].std() > 1e-3
+    enc = scorer.inputs(PROMPTS, images())
+    assert enc["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 2], [1, 4, 4]]  # 32x32, 32x16 (48x32 shrunk), 32x32
+    assert (enc["input_ids"] == hpsv3_files["reward_id"]).sum(1).tolist() == [1, 1, 1]
+    one = scorer.score(PROMPTS[1:2], images()[1:2])  # right padding: a row's score does not depend on its batch
+    assert one.item() == pytest.approx(scores[1].item(), abs=1e-4)
+
+
+def test_hpsv3_prompt_and_resize_are_the_released_ones():
+    import hashlib
+
+    from mmalign.scoring.hpsv3 import INSTRUCTION, hpsv3_text, smart_resize
+
+    assert hashlib.sha256(INSTRUCTION.encode()).hexdigest()[:16] == HPSV3_INSTRUCTION_SHA
+    text = hpsv3_text("a red square")
+    assert text.startswith("\nYou are tasked with evaluating a generated image based on Visual Quality and Text ")
+    assert text.endswith("Textual prompt - a red square\n\n\n\nPlease provide the overall ratings of this image: "
+                         "<|Reward|>\n\nEND\n")
+    assert smart_resize(1024, 1024, 28, 200704, 200704) == (448, 448)  # 448 * 448 = 200,704 exactly
+    assert smart_resize(1080, 1920, 28, 200704, 200704) == (336, 588)  # beta = sqrt(1080*1920/200704)
+    assert smart_resize(20, 20, 16, 1024, 1024) == (32, 32)  # grown: ceil(20 * 1.6 / 16) * 16
+
+
+def test_hpsv3_checkpoint_layouts_and_hub_ids(hpsv3_files, tmp_path, monkeypatch):
+    from mmalign.scoring.hpsv3 import HPSv3Scorer
+
+    kwargs = dict(pixels=HPS_PIXELS, dtype="float32")
+    reference = HPSv3Scorer(str(hpsv3_files["ckpt"]), base=str(hpsv3_files["base"]), **kwargs).score(PROMPTS, images())
+    newer = HPSv3Scorer(str(hpsv3_files["root"] / "newer.safetensors"), base=str(hpsv3_files["base"]), **kwargs)
+    torch.testing.assert_close(newer.score(PROMPTS, images()), reference)  # transformers >= 4.52 key names
+    add_snapshot(tmp_path / "hub", "MizzenAI/HPSv3", hpsv3_files["ckpt"])
+    add_snapshot(tmp_path / "hub", "Qwen/Qwen2-VL-7B-Instruct", hpsv3_files["base"])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    by_id = HPSv3Scorer("MizzenAI/HPSv3", **kwargs)  # base defaults to Qwen/Qwen2-VL-7B-Instruct
+    torch.testing.assert_close(by_id.score(PROMPTS, images()), reference)
+    with pytest.raises(ValueError, match="row 0 holds 2 <\\|Reward\\|> tokens"):
+        by_id.score(["a <|Reward|> square"], images()[:1])
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(hpsv3_files["ckpt"] / "HPSv3.safetensors")
+    state = {k: v for k, v in state.items() if not k.startswith("rm_head")}
+    save_file(state, tmp_path / "nohead.safetensors")
+    with pytest.raises(ConfigError, match="not an HPSv3 checkpoint"):
+        HPSv3Scorer(str(tmp_path / "nohead.safetensors"), base=str(hpsv3_files["base"]), **kwargs)
+
+
+def test_score_command_writes_imagereward_and_hpsv3_columns(imagereward_dir, hpsv3_files, tmp_path, capsys):
+    from mmalign.cli import main
+    from mmalign.generate.manifest import ManifestWriter, read_manifest, sample_id
+    from mmalign.scoring import load_scorer
+
+    root = tmp_path / "samples"
+    (root / "media").mkdir(parents=True)
+    with ManifestWriter(root / "manifest.jsonl") as w:
+        for i, (prompt, im) in enumerate(zip(PROMPTS, images())):
+            im.save(root / f"media/{i}.png")
+            w.write({"id": sample_id(i, 0), "prompt_index": i, "prompt": prompt, "sample": 0, "seed": 0,
+                     "kind": "image", "path": f"media/{i}.png", "model": "tiny", "params": {}})
+    ir_spec = f"imagereward={imagereward_dir['root']}"
+    hps_spec = f"hpsv3={hpsv3_files['ckpt']},base={hpsv3_files['base']},pixels={HPS_PIXELS},dtype=float32"
+    assert main(["score", str(root), "--scorer", ir_spec, "--scorer", f"{hps_spec}:0.5", "--device", "cpu"]) == 0
+    assert "scored 3 samples" in capsys.readouterr().out
+    rows = read_manifest(root)
+    paths = [str(root / r["path"]) for r in rows]
+    ir = load_scorer(ir_spec).score(PROMPTS, paths)
+    hps = load_scorer(hps_spec).score(PROMPTS, paths)
+    torch.testing.assert_close(torch.tensor([r["score_imagereward"] for r in rows]), ir)
+    torch.testing.assert_close(torch.tensor([r["score_hpsv3"] for r in rows]), hps)
+    torch.testing.assert_close(torch.tensor([r["score"] for r in rows]), ir + 0.5 * hps)

@@ -78,7 +78,8 @@ def imagereward_files(path: str | Path, med_config: str | None = None) -> tuple[
     return weights, config
 
 
-def split_state(state: dict[str, Tensor], where: Path) -> tuple[dict[str, Tensor], dict[str, Tensor], list[tuple[Tensor, Tensor]]]:
+def split_state(state: dict[str, Tensor],
+                where: Path) -> tuple[dict[str, Tensor], dict[str, Tensor], list[tuple[Tensor, Tensor]]]:
     """The released state dict -> (BlipVisionModel state, BlipTextModel state, MLP (weight, bias) in order).
     `blip.vision_proj` / `blip.text_proj` (BLIP's ITC projections) are not used by the reward."""
     vision, text, mlp = {}, {}, {}
