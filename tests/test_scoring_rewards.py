@@ -387,3 +387,29 @@ def test_score_command_writes_imagereward_and_hpsv3_columns(imagereward_dir, hps
     torch.testing.assert_close(torch.tensor([r["score_imagereward"] for r in rows]), ir)
     torch.testing.assert_close(torch.tensor([r["score_hpsv3"] for r in rows]), hps)
     torch.testing.assert_close(torch.tensor([r["score"] for r in rows]), ir + 0.5 * hps)
+
+
+def test_hub_downloads_only_the_files_a_scorer_reads(hpsv3_files, imagereward_dir, monkeypatch):
+    """Online, HPSv3 fetches HPSv3.safetensors and the base's config / processor files, not the
+    base's weights; ImageReward its checkpoint, med_config and tokenizer files (download mocked)."""
+    import huggingface_hub
+
+    from mmalign.scoring.hpsv3 import BASE_FILES, HPSv3Scorer
+    from mmalign.scoring.imagereward import ImageRewardScorer
+
+    folders = {"MizzenAI/HPSv3": hpsv3_files["ckpt"], "Qwen/Qwen2-VL-7B-Instruct": hpsv3_files["base"],
+               "THUDM/ImageReward": imagereward_dir["root"]}
+    calls = {}
+
+    def snapshot_download(repo, allow_patterns=None, **kwargs):
+        calls[repo] = allow_patterns
+        return str(folders[repo])
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    HPSv3Scorer("MizzenAI/HPSv3", pixels=HPS_PIXELS, dtype="float32")
+    ImageRewardScorer("THUDM/ImageReward")
+    assert calls == {"MizzenAI/HPSv3": ["HPSv3.safetensors"], "Qwen/Qwen2-VL-7B-Instruct": BASE_FILES,
+                     "THUDM/ImageReward": ["ImageReward.pt", "ImageReward.safetensors", "med_config.json",
+                                           "*.json", "*.txt"]}
+    assert not any(p.endswith((".safetensors", ".bin")) for p in BASE_FILES)

@@ -39,6 +39,7 @@ from mmalign.errors import ConfigError
 from mmalign.scoring.base import Scorer, load_images, require_path, resolve_dtype
 
 CHECKPOINT = "HPSv3.safetensors"
+BASE_FILES = ["*.json", "*.txt", "*.jinja"]  # a Hub base: its config and processor, not its 16 GB of weights
 DEFAULT_BASE = "Qwen/Qwen2-VL-7B-Instruct"
 REWARD_TOKEN = "<|Reward|>"
 PIXELS = 256 * 28 * 28
@@ -128,7 +129,7 @@ def read_checkpoint(path: str | Path) -> tuple[Path, dict[str, Tensor]]:
     """(weights file, flat state dict) from a folder / Hub id holding HPSv3.safetensors, or a file."""
     from mmalign.scoring.clip import read_state_dict
 
-    where = require_path(path, "HPSv3 checkpoint")
+    where = require_path(path, "HPSv3 checkpoint", [CHECKPOINT])
     if where.is_dir():
         if not (where / CHECKPOINT).is_file():
             raise ConfigError(f"HPSv3 checkpoint: {where} holds no {CHECKPOINT}")
@@ -155,7 +156,7 @@ class HPSv3Scorer(Scorer):
         self.dtype, self.pixels = resolve_dtype(dtype), int(pixels)
         where, state = read_checkpoint(path)
         backbone, head = split_checkpoint(state, where)
-        folder = require_path(base, "HPSv3 base (Qwen2-VL) folder")
+        folder = require_path(base, "HPSv3 base (Qwen2-VL) folder", BASE_FILES)
         self.processor = AutoProcessor.from_pretrained(folder, local_files_only=True, padding_side="right")
         self.processor.tokenizer.add_tokens([REWARD_TOKEN], special_tokens=True)
         self.reward_id = self.processor.tokenizer.convert_tokens_to_ids(REWARD_TOKEN)

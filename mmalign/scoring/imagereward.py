@@ -44,6 +44,7 @@ MAX_LENGTH = 35
 WEIGHTS_NAMES = ("ImageReward.pt", "ImageReward.safetensors")
 MED_CONFIG = "med_config.json"
 DEFAULT_TOKENIZER = "google-bert/bert-base-uncased"
+TOKENIZER_FILES = ["*.json", "*.txt"]  # a Hub tokenizer: vocab.txt and configs, not the BERT weights
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 VISION_PREFIX, TEXT_PREFIX, MLP_PREFIX = "blip.visual_encoder.", "blip.text_encoder.", "mlp.layers."
@@ -65,7 +66,7 @@ def normalise_reward(raw: Tensor) -> Tensor:
 
 def imagereward_files(path: str | Path, med_config: str | None = None) -> tuple[Path, Path]:
     """(weights file, med_config.json) from a folder / Hub id holding both, or from the weights file."""
-    where = require_path(path, "ImageReward checkpoint")
+    where = require_path(path, "ImageReward checkpoint", [*WEIGHTS_NAMES, MED_CONFIG, *TOKENIZER_FILES])
     weights = where
     if where.is_dir():
         found = [where / n for n in WEIGHTS_NAMES if (where / n).is_file()]
@@ -175,7 +176,8 @@ def imagereward_tokenizer(name: str) -> Any:
     """BERT's tokenizer with BLIP's `[DEC]` bos and `[ENC]` tokens (`init_tokenizer`)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(require_path(name, "ImageReward tokenizer"), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(require_path(name, "ImageReward tokenizer", TOKENIZER_FILES),
+                                        local_files_only=True)
     tok.add_special_tokens({"bos_token": "[DEC]"})
     tok.add_tokens(["[ENC]"], special_tokens=True)
     return tok
