@@ -141,8 +141,7 @@ def read_checkpoint(path: str | Path) -> tuple[Path, dict[str, Tensor]]:
 
 
 class HPSv3Scorer(Scorer):
-    """HPSv3's mu (see module doc): an unbounded preference score, higher is better (real images
-    and strong generators score about 8-12 in the paper's figures). path: HPSv3.safetensors or
+    """HPSv3's mu (see module doc): an unbounded preference score, higher is better. path: HPSv3.safetensors or
     its folder / Hub id (MizzenAI/HPSv3); base: the Qwen2-VL-7B-Instruct folder / Hub id;
     pixels: the image area (default 256·28·28); dtype: the backbone's (default bfloat16, as
     released; the head is always fp32)."""

@@ -9,7 +9,7 @@ The released model (THUDM/ImageReward, `ImageReward/ImageReward.py::ImageReward.
                                                 (they are commented out; the dropouts are off in eval)
     reward = (r - 0.16717362830052426) / 1.0333394966054072
 
-so about N(0, 1) over the ImageRewardDB images (higher is better). This module maps the released
+standardised by the mean / std constants of the released code (higher is better). This module maps the released
 state dict (`ImageReward.pt`: `blip.visual_encoder.*` timm-style ViT keys, `blip.text_encoder.*`
 BLIP med.py BERT keys, `mlp.layers.{0,2,4,6,7}`) onto transformers' `BlipVisionModel` and
 `BlipTextModel` (the same modules, renamed), and scores pairs directly: the reference's batched
@@ -184,7 +184,7 @@ def imagereward_tokenizer(name: str) -> Any:
 
 
 class ImageRewardScorer(Scorer):
-    """ImageReward's standardised reward, about N(0, 1) (see module doc). path: the ImageReward
+    """ImageReward's standardised reward, unbounded, higher is better (see module doc). path: the ImageReward
     folder / Hub id (`THUDM/ImageReward`) or its weights file; tokenizer: a BERT tokenizer folder or
     Hub id (default the path's own tokenizer files if it has them, else bert-base-uncased);
     med_config: the BERT config when it is not beside the weights."""
