@@ -70,14 +70,16 @@ def _allow_patterns(repo: str, revision: str | None) -> list[str] | None:
     return [f for f in files if "/" in f or not f.endswith(ROOT_CHECKPOINTS)]
 
 
-def download(name: str, what: str = "model.path") -> str:
+def download(name: str, what: str = "model.path", files: list[str] | None = None) -> str:
     """The local snapshot folder of the Hub id `name` (`org/name[@revision]`), downloading what
-    the cache lacks unless offline; a ConfigError line when it cannot be had."""
+    the cache lacks unless offline; a ConfigError line when it cannot be had. `files`: glob
+    patterns of the only files wanted (a scorer that reads a base model's config and processor
+    but not its weights); default everything (see the module docstring)."""
     from huggingface_hub import snapshot_download
 
     repo, revision = split_revision(name)
     is_offline = offline()
-    allow = None if is_offline else _allow_patterns(repo, revision)
+    allow = files if files is not None else None if is_offline else _allow_patterns(repo, revision)
     try:
         return snapshot_download(repo, revision=revision, cache_dir=cache_dir(), local_files_only=is_offline,
                                  allow_patterns=allow, ignore_patterns=SKIP_FORMATS)
@@ -90,13 +92,14 @@ def download(name: str, what: str = "model.path") -> str:
                           f"Hub model {repo!r}{rev} cannot be had: {reason}") from None
 
 
-def resolve_path(path: str, what: str = "model.path") -> str:
+def resolve_path(path: str, what: str = "model.path", files: list[str] | None = None) -> str:
     """pkg://NAME -> the shipped folder; an existing local path (or one that cannot be a Hub id)
-    -> unchanged; otherwise a Hub id -> its local snapshot folder (see the module docstring)."""
+    -> unchanged; otherwise a Hub id -> its local snapshot folder (see the module docstring),
+    holding only the `files` patterns when given."""
     if not path:
         raise ConfigError(f"{what} is empty: give a local folder, pkg://NAME or a Hub id org/name[@revision]")
     if path.startswith(PACKAGE_PREFIX):
         return str(Path(__file__).parent / "data" / path[len(PACKAGE_PREFIX):])
     if Path(path).expanduser().exists() or not is_hub_id(path):
         return path
-    return download(path, what)
+    return download(path, what, files)

@@ -62,6 +62,8 @@ SCORERS: dict[str, str] = {
     "http": "mmalign.scoring.remote:HttpScorer",
     "video_frames": "mmalign.scoring.video:FrameMeanScorer",
     "geneval": "mmalign.scoring.geneval:GenEvalScorer",
+    "imagereward": "mmalign.scoring.imagereward:ImageRewardScorer",
+    "hpsv3": "mmalign.scoring.hpsv3:HPSv3Scorer",
 }
 
 

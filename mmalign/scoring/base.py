@@ -30,12 +30,13 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def require_path(path: str | Path, what: str) -> Path:
+def require_path(path: str | Path, what: str, files: list[str] | None = None) -> Path:
     """`path` as a Path: a local file or folder, pkg://NAME, or a Hub id org/name[@revision]
-    (its snapshot folder, mmalign/hub.py); a ConfigError naming `what` when it does not exist."""
-    from mmalign.config import resolve_path
+    (its snapshot folder, mmalign/hub.py, holding only the `files` patterns when given); a
+    ConfigError naming `what` when it does not exist."""
+    from mmalign.hub import resolve_path
 
-    p = Path(resolve_path(str(path), what)).expanduser()
+    p = Path(resolve_path(str(path), what, files)).expanduser()
     if not p.exists():
         raise ConfigError(f"{what}: {p} does not exist (give a local file or folder, pkg://NAME or a Hub id)")
     return p
