@@ -57,6 +57,8 @@ def test_bad_options_are_one_line(clip_dir):
         load_scorer(f"video_frames={clip_dir},scorer=judge")
     with pytest.raises(ConfigError, match="frames must be a positive integer"):
         load_scorer(f"video_frames={clip_dir},frames=0")
+    with pytest.raises(ConfigError, match="scorer pickscore: unknown option.*colour"):
+        load_scorer(f"video_frames={clip_dir},scorer=pickscore,colour=red")  # checked by the image scorer
 
 
 def test_score_command_scores_a_video_manifest(clip_dir, video, tmp_path, capsys):

@@ -3,8 +3,9 @@
     score(prompt, video) = (1/k) Σ_j s_image(prompt, frame_{i_j}),   i = round(linspace(0, T - 1, k))
 
 with k = min(`frames`, T) (`data.video.frame_indices`, the frames training samples) and s_image a
-registered image scorer (`scorer`: clipscore, pickscore, hpsv2, hpsv21, aesthetic) loaded from
-PATH with its own options (`processor`, `model`). The scale is the image scorer's. Spec:
+registered image scorer (`scorer`: one of IMAGE_SCORERS) loaded from PATH with its own options
+(`processor`, `model`, `tokenizer`, `base`, ...: every other option goes to it and is checked there).
+The scale is the image scorer's. Spec:
 `video_frames=/models/PickScore_v1,scorer=pickscore,frames=8,processor=/models/CLIP-ViT-H-14`.
 """
 
@@ -19,7 +20,7 @@ from torch import Tensor
 from mmalign.errors import ConfigError
 from mmalign.scoring.base import Scorer
 
-IMAGE_SCORERS = ("clipscore", "pickscore", "hpsv2", "hpsv21", "aesthetic")
+IMAGE_SCORERS = ("clipscore", "pickscore", "hpsv2", "hpsv21", "aesthetic", "imagereward", "hpsv3")
 
 
 class FrameMeanScorer(Scorer):
@@ -27,8 +28,8 @@ class FrameMeanScorer(Scorer):
 
     kinds = ("video",)
 
-    def __init__(self, path: str, *, scorer: str = "pickscore", frames: int = 8, processor: str | None = None,
-                 model: str | None = None, device: str | torch.device = "cpu", batch_size: int = 16) -> None:
+    def __init__(self, path: str, *, scorer: str = "pickscore", frames: int = 8, device: str | torch.device = "cpu",
+                 batch_size: int = 16, **image_options: Any) -> None:
         from mmalign.scoring import ScorerSpec, load_scorer
 
         super().__init__(device=device, batch_size=batch_size)
@@ -36,8 +37,7 @@ class FrameMeanScorer(Scorer):
             raise ConfigError(f"video_frames: scorer {scorer!r} is not an image scorer ({', '.join(IMAGE_SCORERS)})")
         if not isinstance(frames, int) or isinstance(frames, bool) or frames < 1:
             raise ConfigError(f"video_frames: frames must be a positive integer, got {frames!r}")
-        options = {k: v for k, v in {"processor": processor, "model": model}.items() if v is not None}
-        self.image_scorer = load_scorer(ScorerSpec(scorer, path, options), device=device, batch_size=batch_size)
+        self.image_scorer = load_scorer(ScorerSpec(scorer, path, image_options), device=device, batch_size=batch_size)
         self.frames = frames
 
     def video_frames(self, video: Any, where: str) -> list[Any]:
