@@ -60,6 +60,34 @@ def test_amber_conversion_equals_the_scene_geometry(tmp_path):
     assert json.loads((tmp_path / "relation.json").read_text()) == {s: [] for s in SHAPES}
 
 
+def test_converters_are_deterministic_from_the_command_line(tmp_path, capsys):
+    from mmalign.toyworld.__main__ import main as world_main
+
+    for name in ("amber", "objhal", "mmhal"):
+        for run in ("a", "b"):
+            assert world_main([name, str(tmp_path / run / name), "--n", "5", "--seed", "3"]) == 0
+        files = sorted(f.relative_to(tmp_path / "a") for f in (tmp_path / "a" / name).rglob("*") if f.is_file())
+        assert files and all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    assert "mmalign eval mmhal --questions" in capsys.readouterr().out
+
+
+def test_mmhal_records_hold_the_scene_and_answers_true_of_it(tmp_path):
+    p = write_mmhal(tmp_path, 48, seed=7)
+    records, scenes = json.loads(p["questions"].read_text()), sample_scenes(48, 7, "test")
+    assert [r["question_type"] for r in records[:16]] == ["attribute", "adversarial", "comparison", "counting",
+                                                         "relation", "environment", "holistic", "other"] * 2
+    for r, scene in zip(records, scenes):
+        assert r["image_content"] == [f"{o.colour} {o.shape}" for o in scene.objects]
+        truth = _yes_no_truth(scene, r["question"])
+        if truth is not None:  # the human answer's yes / no is the geometry's
+            assert r["gt_answer"].split()[0] == ("yes" if truth else "no"), r
+        if r["question_type"] == "counting":
+            assert r["gt_answer"].split()[2] == ["one", "two", "three"][len(scene.objects) - 1]
+        if r["question_type"] == "attribute":
+            shape = r["question"].split()[4]
+            assert r["gt_answer"] == f"the {shape} is {next(o.colour for o in scene.objects if o.shape == shape)} ."
+
+
 def _pct(a: float, b: float) -> float:
     return round(a / (b + 0.001) * 100, 1)
 
@@ -191,8 +219,13 @@ def _hallucinates(scene, record, answer: str) -> bool:
         after = words[k + 2] if words[k + 1:k + 2] == ["is"] and k + 2 < len(words) else None
         if any(c in COLOURS and c != colour[w] for c in (before, after)):
             return True
-    q, said = record["question"], (words or [""])[0]
-    truth = None
+    truth, said = _yes_no_truth(scene, record["question"]), (words or [""])[0]
+    return truth is not None and said in ("yes", "no") and (said == "yes") != truth
+
+
+def _yes_no_truth(scene, q: str) -> bool | None:
+    """The yes/no truth of a toy MMHal question, read off the scene (None: not a yes/no question)."""
+    colour, truth = {o.shape: o.colour for o in scene.objects}, None
     if m := re.fullmatch(r"is the (\w+) (left of|right of|above|below) the (\w+) \?", q):
         a, b = (next(o for o in scene.objects if o.shape == s) for s in (m[1], m[3]))
         truth = {"left of": a.cx < b.cx, "right of": a.cx > b.cx, "above": a.cy < b.cy, "below": a.cy > b.cy}[m[2]]
@@ -202,6 +235,6 @@ def _hallucinates(scene, record, answer: str) -> bool:
         truth = m[1] in colour
     elif m := re.fullmatch(r"is the (\w+) the same colour as the (\w+) \?", q):
         truth = colour[m[1]] == colour[m[2]] if m[2] in colour else False
-    elif q.startswith("what colour is the") and q.split()[4] not in colour:
+    elif q.startswith("what colour is the") and q.split()[4] in set(SHAPES) - set(colour):
         truth = False  # adversarial: the shape is absent
-    return truth is not None and said in ("yes", "no") and (said == "yes") != truth
+    return truth
