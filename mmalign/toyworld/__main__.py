@@ -53,7 +53,8 @@ def write_benchmark(name: str, out: str | Path, n: int, seed: int, split: str) -
         p = benchmarks.write_mmhal(out, n, seed, split)
         command = (f"mmalign eval mmhal --questions {p['questions']} --judge rules:toyworld --images {p['images']} "
                    f"{model} --max-new-tokens 32")
-    return f"[toyworld] {n} scenes of split {split} (seed {seed}) as {name} data -> {out}\n  run: {command} --out X.json"
+    return (f"[toyworld] {n} scenes of split {split} (seed {seed}) as {name} data -> {out}\n"
+            f"  run: {command} --out {name}.json")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
