@@ -6,7 +6,8 @@ Data (not shipped; Apache-2.0): the `data/` folder of that repository (annotatio
 relation.json, safe_words.txt, query/query_*.json); images: the AMBER_*.jpg zip linked from its
 README. `--data` is that folder.
 
-Generative task (ids 1-1004). Nouns of a response (`--nouns`) kept only if in the hallucination
+Generative task (type "generative": ids 1-1004 of the official file; `--suffix` goes on the
+other queries only). Nouns of a response (`--nouns`) kept only if in the hallucination
 vocabulary V = relation.json keys ∪ values. Per kept noun: a safe word (safe_words.txt) is
 skipped but counted; an exact match to a truth object or one of its associations covers that
 truth object (the first match in the order [associations of truth 1, 2, ...] + [truth words]);
@@ -254,20 +255,24 @@ def read_responses(path: str | Path) -> dict[int, str]:
     return out
 
 
-def _generate(args: argparse.Namespace) -> dict[int, str]:
+def _generate(args: argparse.Namespace, annotations: list[dict[str, Any]]) -> dict[int, str]:
     from mmalign.evaluation.coco import AnswerCache, generate_cached, load_vlm, read_json
 
     if not args.model or not args.images:
         raise DataError("eval amber: give --model and --images to answer the queries, or --answers FILE")
-    queries = read_json(Path(args.queries) if args.queries else Path(args.data) / "query" / "query_all.json",
-                        "AMBER queries")
+    path = Path(args.queries) if args.queries else Path(args.data) / "query" / "query_all.json"
+    queries = read_json(path, "AMBER queries")
     if args.limit is not None:
         queries = queries[:args.limit]
+    bad = next((n for n, q in enumerate(queries) if not isinstance(q.get("id"), int)
+                or not 1 <= q["id"] <= len(annotations) or "query" not in q or "image" not in q), None)
+    if bad is not None:
+        raise DataError(f"{path}: query {bad} needs 'query', 'image' and an 'id' of annotations.json")
     model, processor = load_vlm(args.model, args.dtype, args.device)
     settings = {"model": str(args.model), "max_new_tokens": args.max_new_tokens, "suffix": args.suffix}
     cache = AnswerCache(Path(args.out).with_suffix(".answers.jsonl") if args.out else None, settings)
-    items = [(q["id"], {"prompt": q["query"] + (args.suffix if q["id"] > 1004 else ""), "images": [q["image"]]})
-             for q in queries]
+    suffix = {q["id"]: args.suffix if annotations[q["id"] - 1]["type"] != "generative" else "" for q in queries}
+    items = [(q["id"], {"prompt": q["query"] + suffix[q["id"]], "images": [q["image"]]}) for q in queries]
     answers = generate_cached(model, processor, items, cache, max_new_tokens=args.max_new_tokens,
                               batch_size=args.batch_size, roots=[Path(args.images)], desc="amber")
     return {q["id"]: answers[str(q["id"])] for q in queries}
@@ -278,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
     from mmalign.evaluation.results import eval_record
 
     amber = load_amber(args.data)
-    responses = read_responses(args.answers) if args.answers else _generate(args)
+    responses = read_responses(args.answers) if args.answers else _generate(args, amber["annotations"])
     nouns = nltk_nouns if args.nouns == "nltk" else simple_nouns
     similar = spacy_similarity(args.spacy_model) if args.similarity == "spacy" else exact_similarity
     result = score(amber, responses, nouns, similar, as_is=args.answers_as_is)

@@ -21,8 +21,8 @@ Scores (summary_scores.py): per task (tag) the fraction of correct images; overa
 the task accuracies; also the fractions of correct images and of prompts with >= 1 correct image.
 
 The detector is pluggable (`Detector`): GenEval's own is mmdet Mask2Former (not wrapped here);
-`geneval_detectors.py` has a transformers OWLv2 / OWL-ViT detector with a CLIP colour
-classifier, and the toy world's exact detector. With another detector the numbers are
+`geneval_detectors.py` has transformers OWLv2 / OWL-ViT and Grounding DINO detectors with a
+CLIP colour classifier, and the toy world's exact detector. With another detector the numbers are
 "GenEval-style", not comparable with published GenEval scores: name the detector.
 """
 

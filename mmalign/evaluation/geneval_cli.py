@@ -16,7 +16,7 @@ from typing import Any
 
 from mmalign.evaluation import geneval
 
-DETECTORS = ("toyworld", "owlv2")
+DETECTORS = ("toyworld", "owlv2", "grounding-dino")
 
 
 def evaluate_folder(items: list[tuple[str, Path, dict[str, Any]]], detector: Any, cache: Any,
@@ -65,8 +65,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=geneval.__doc__ + "\n" + __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", required=True, help="GenEval layout: IMAGES/<index>/metadata.jsonl + samples/<k>.png")
     p.add_argument("--detector", choices=DETECTORS, required=True,
-                   help="toyworld (exact, toy-world images) or owlv2 (a transformers OWLv2 / OWL-ViT folder, --detector-path)")
-    p.add_argument("--detector-path", help="local OWLv2 / OWL-ViT folder")
+                   help="toyworld (exact, toy-world images), owlv2 (a transformers OWLv2 / OWL-ViT) or grounding-dino "
+                        "(a transformers Grounding DINO); the last two from --detector-path")
+    p.add_argument("--detector-path", help="local folder or hub id of the OWLv2 / OWL-ViT / Grounding DINO model")
     p.add_argument("--clip", help="local CLIP folder for the colour step (GenEval: ViT-L-14 openai)")
     p.add_argument("--threshold", type=float, default=geneval.THRESHOLD)
     p.add_argument("--counting-threshold", type=float, default=geneval.COUNTING_THRESHOLD)

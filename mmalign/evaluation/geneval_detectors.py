@@ -6,9 +6,11 @@
   whose drawing equals the region (score = IoU of the best drawing: 1.0 for a clean render).
   Colours are read off the pixels. No weights, so the whole GenEval path is testable.
 - `OpenVocabDetector`: a transformers OWLv2 / OWL-ViT zero-shot object detector from a local
-  folder, queried with "a photo of a {class}" (Grounding DINO's span-based outputs are not
-  wired yet); colours from
-  `ClipColourClassifier` (GenEval's zero-shot colour step: CLIP, 10 colours, its 3 templates, on
+  folder or hub id, queried with "a photo of a {class}";
+- `GroundingDinoDetector`: a transformers Grounding DINO from a local folder or hub id, queried
+  with the class names ("circle. square."), each box named after the class whose tokens hold
+  its best text token (see the class);
+  both take colours from `ClipColourClassifier` (GenEval's zero-shot colour step: CLIP, 10 colours, its 3 templates, on
   the box crop; GenEval also pastes the instance mask on grey, which box detectors lack).
 """
 
@@ -188,6 +190,79 @@ class OpenVocabDetector:
         return self.colour_classifier(image, detections, classname)
 
 
+class GroundingDinoDetector:
+    """Grounding DINO (transformers `GroundingDinoForObjectDetection`) from a local folder or hub id.
+
+    Text = the class names lower-cased and joined "c_1. c_2. ... c_K." (the processor's own merge);
+    class k owns the text tokens whose character offsets fall inside its name. With
+    p[q, j] = sigmoid(logits[q, j]) of query box q and text token j, T_k the tokens of class k:
+
+        score_q = max_k max_{j in T_k} p[q, j]       class_q = the k attaining it
+
+    and box q is kept when score_q > `min_score` (the box threshold; GenEval's thresholds apply
+    afterwards). score_q is the official post-processing's box score (max over all tokens)
+    whenever the best token is a class token; the class replaces its phrase decoding (tokens
+    above a text threshold, which can join two classes' words or cut one), and the separators
+    "." and special tokens name nothing. Boxes are (x0, y0, x1, y1) pixels of the input image."""
+
+    def __init__(self, path: str | None = None, *, clip: str | None = None, device: str = "cpu",
+                 min_score: float = 0.05, model: Any = None, processor: Any = None,
+                 colour_classifier: Any = None) -> None:
+        if model is None:
+            from transformers import AutoProcessor, GroundingDinoForObjectDetection
+
+            from mmalign.scoring.base import require_path
+
+            if not path:
+                raise ConfigError("geneval detector: give a local Grounding DINO folder or hub id (--detector-path)")
+            folder = require_path(path, "geneval detector folder (--detector-path)")
+            model = GroundingDinoForObjectDetection.from_pretrained(folder)
+            processor = AutoProcessor.from_pretrained(folder)
+        self.model, self.processor = model.to(device).eval(), processor
+        self.device, self.min_score = device, float(min_score)
+        self.colour_classifier = colour_classifier or (ClipColourClassifier(clip, device) if clip else None)
+
+    def class_tokens(self, classes: Sequence[str]) -> tuple[str, list[int]]:
+        """(text, owner): the merged text and, per text token, the index of its class or -1."""
+        names = [c.strip().lower() for c in classes]
+        text = ". ".join(names) + "."
+        spans, start = [], 0
+        for name in names:
+            spans.append((start, start + len(name)))
+            start += len(name) + 2
+        offsets = self.processor.tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+        owner = [next((k for k, (a, b) in enumerate(spans) if a <= lo and hi <= b and hi > lo), -1)
+                 for lo, hi in offsets]
+        return text, owner
+
+    def detect(self, image: Any, classes: Sequence[str]) -> dict[str, list[Detection]]:
+        import torch
+
+        image = image.convert("RGB")
+        text, owner = self.class_tokens(classes)
+        inputs = self.processor(images=image, text=text, return_tensors="pt").to(self.device)
+        if inputs["input_ids"].shape[1] != len(owner):
+            raise ConfigError(f"geneval detector: the prompt {text!r} is longer than the model's text length")
+        with torch.no_grad():
+            outputs = self.model(**inputs)
+        probs = torch.sigmoid(outputs.logits[0, :, :len(owner)].double())  # (Q, L)
+        mask = torch.tensor([k >= 0 for k in owner])
+        scores, best = probs.masked_fill(~mask, -1.0).max(-1)  # (Q,)
+        w, h = image.size
+        cx, cy, bw, bh = outputs.pred_boxes[0].double().unbind(-1)
+        boxes = torch.stack([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h], -1)
+        out: dict[str, list[Detection]] = {}
+        for q in torch.nonzero(scores > self.min_score).flatten().tolist():
+            out.setdefault(classes[owner[best[q]]], []).append(Detection(tuple(boxes[q].tolist()),
+                                                                         float(scores[q])))
+        return out
+
+    def colours(self, image: Any, detections: Sequence[Detection], classname: str) -> list[str]:
+        if self.colour_classifier is None:
+            raise ConfigError("geneval: colour prompts need a colour classifier: give --clip (a local CLIP folder)")
+        return self.colour_classifier(image, detections, classname)
+
+
 def toyworld_metadata(prompts: Sequence[str]) -> list[dict]:
     """GenEval "colors" metadata of the toy world's image prompts "a <colour> <shape>": one object
     of that shape, of that colour (score a `mmalign generate` manifest with the geneval scorer)."""
@@ -201,9 +276,12 @@ def toyworld_metadata(prompts: Sequence[str]) -> list[dict]:
 
 
 def load_detector(name: str, path: str | None = None, clip: str | None = None, device: str = "cpu") -> Any:
-    """'toyworld' (exact, nothing loaded) or 'owlv2' (a local OWLv2 / OWL-ViT folder)."""
+    """'toyworld' (exact, nothing loaded), 'owlv2' (an OWLv2 / OWL-ViT folder or hub id) or
+    'grounding-dino' (a Grounding DINO folder or hub id)."""
     if name == "toyworld":
         return ToyWorldDetector()
     if name == "owlv2":
         return OpenVocabDetector(path, clip=clip, device=device)
-    raise ConfigError(f"geneval detector {name!r}: expected toyworld or owlv2")
+    if name == "grounding-dino":
+        return GroundingDinoDetector(path, clip=clip, device=device)
+    raise ConfigError(f"geneval detector {name!r}: expected toyworld, owlv2 or grounding-dino")

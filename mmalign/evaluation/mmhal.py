@@ -27,7 +27,9 @@ strings "rating: 0" ... "rating: 6" must occur in it, else the review is UNPARSE
 
 The original judge is GPT-4 (gpt-4-0314; RLAIF-V uses gpt-4-1106-preview) at temperature 0;
 here `--judge` is a local causal LM (or VLM, used text-only) folder, greedy: numbers depend on
-the judge, so name it when quoting them.
+the judge, so name it when quoting them. `--judge rules:toyworld` is an exact rule-based judge
+for the toy world's records (`mmalign.toyworld.benchmarks.rules_review`; the toy captioner
+cannot write "Rating: s", so it cannot be the judge).
 """
 
 from __future__ import annotations
@@ -133,12 +135,30 @@ def review_key(index: int, prompt: str) -> str:
     return f"{index}:{hashlib.sha256(prompt.encode()).hexdigest()[:16]}"
 
 
+def rule_judge(judge: str) -> Callable[[str], str] | None:
+    """The rule-based judge `rules:NAME` names (a function prompt -> review), None for a model path."""
+    if not judge.startswith("rules:"):
+        return None
+    from mmalign.toyworld.benchmarks import RULE_JUDGES
+
+    name = judge.removeprefix("rules:")
+    if name not in RULE_JUDGES:
+        raise DataError(f"eval mmhal: unknown rule judge {judge!r} (known: "
+                        f"{', '.join('rules:' + k for k in RULE_JUDGES)})")
+    return RULE_JUDGES[name]
+
+
 def judge_reviews(records: list[dict[str, Any]], answers: list[str], judge: str, *, max_new_tokens: int,
                   batch_size: int, device: str | None, dtype: str, cache_path: Path | None,
                   load: Callable[..., tuple[Any, Any, bool]] | None = None) -> list[str]:
     """The judge's review of every answer (greedy, text only), cached per (question, prompt) so a
-    killed run resumes. Judged answers have the judge's special tokens escaped (`neutralise`)."""
+    killed run resumes. Judged answers have the judge's special tokens escaped (`neutralise`).
+    A rule judge (`rules:toyworld`) reviews each filled prompt at once, deterministically (no cache)."""
     import torch
+
+    rules = rule_judge(judge)
+    if rules is not None:
+        return [rules(judge_prompt(r, a)) for r, a in zip(records, answers)]
 
     from mmalign.evaluation.coco import AnswerCache, generate_cached
     from mmalign.scoring.base import resolve_dtype
@@ -195,7 +215,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("mmhal", help="MMHal-Bench: a local judge rates answers 0-6; average score, hallucination rate",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--questions", required=True, help="MMHal-Bench answer template json (96 records)")
-    p.add_argument("--judge", required=True, help="local causal LM (or VLM, used text-only) folder: the judge")
+    p.add_argument("--judge", required=True, help="local causal LM (or VLM, used text-only) folder: the judge; "
+                                                  "rules:toyworld = the exact rule judge of toy-world records")
     p.add_argument("--judge-max-new-tokens", type=int, default=512,
                    help="review length (the judge explains, then rates; default 512)")
     p.add_argument("--answers", help="answers: the filled template json or jsonl {answer | text}: no model needed")

@@ -15,7 +15,7 @@
                 (PATH: an object vocabulary file or coco; nothing is loaded)
     claims      claims:ClaimJudgeScorer   -(mentioned objects a local VLM judge says are absent), RLAIF-V style
     geneval     geneval:GenEvalScorer     1 when the image passes GenEval's checks for its prompt, else 0
-                (PATH: GenEval metadata jsonl; detector=toyworld | owlv2,detector_path=DIR,clip=DIR)
+                (PATH: GenEval metadata jsonl; detector=toyworld | owlv2 | grounding-dino,detector_path=DIR,clip=DIR)
     text_length text_stats:TextLengthScorer  answer length in words | chars (PATH), or -|len - target|;
                 a programmatic test/demo scorer for text (nothing is loaded)
     video_frames video:FrameMeanScorer   mean of an image scorer (scorer=pickscore|clipscore|...) over

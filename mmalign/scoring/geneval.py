@@ -15,7 +15,7 @@ from mmalign.scoring.base import Scorer
 
 
 class GenEvalScorer(Scorer):
-    """`geneval=METADATA.jsonl,detector=toyworld` (or detector=owlv2,detector_path=DIR,clip=DIR): score
+    """`geneval=METADATA.jsonl,detector=toyworld` (or detector=owlv2 | grounding-dino,detector_path=DIR,clip=DIR): score
     1.0 when the image passes GenEval's checks for its prompt, else 0.0 (the strict GenEval verdict;
     the Flow-GRPO partial reward is not implemented). A prompt must be a "prompt" of METADATA.jsonl."""
 

@@ -7,6 +7,9 @@
         `heldout` = HELDOUT_PROMPTS (colour-shape combinations never trained on); --repeat
         writes each prompt that many times in a row, so `mmalign generate --num-samples N`
         gives `repeat` independent groups of N samples per prompt (one best-vs-worst pair each)
+    python -m mmalign.toyworld amber|objhal|mmhal OUT --n 100 --seed 0 --split test
+        the scenes converted to that benchmark's files, truths from the exact annotations
+        (`benchmarks.py`); prints the `mmalign eval ...` command that runs the toy captioner on them
 """
 
 from __future__ import annotations
@@ -30,6 +33,30 @@ def write_prompts(out: str | Path, split: str, repeat: int = 1) -> Path:
     return out
 
 
+BENCHMARKS = ("amber", "objhal", "mmhal")
+
+
+def write_benchmark(name: str, out: str | Path, n: int, seed: int, split: str) -> str:
+    """Write benchmark `name`'s files for `n` scenes; returns the line to print (with the eval command)."""
+    from mmalign.toyworld import benchmarks
+
+    model = "--model pkg://toyworld/captioner"
+    if name == "amber":
+        p = benchmarks.write_amber(out, n, seed, split)
+        command = f"mmalign eval amber --data {p['data']} --images {p['images']} {model} --max-new-tokens 32"
+    elif name == "objhal":
+        p = benchmarks.write_objhal(out, n, seed, split)
+        command = (f"mmalign eval objhal --questions {p['questions']} --annotations {p['annotations']} "
+                   f"--captions {p['captions']} --vocabulary {p['vocabulary']} --images {p['images']} {model} "
+                   "--max-new-tokens 32")
+    else:
+        p = benchmarks.write_mmhal(out, n, seed, split)
+        command = (f"mmalign eval mmhal --questions {p['questions']} --judge rules:toyworld --images {p['images']} "
+                   f"{model} --max-new-tokens 32")
+    return (f"[toyworld] {n} scenes of split {split} (seed {seed}) as {name} data -> {out}\n"
+            f"  run: {command} --out {name}.json")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from mmalign.toyworld.world import SPLITS, write_world
 
@@ -46,8 +73,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("out")
     p.add_argument("--split", choices=("train", "heldout"), default="train")
     p.add_argument("--repeat", type=int, default=1)
+    for name in BENCHMARKS:
+        p = sub.add_parser(name, help=f"scenes as {name} data (exact annotations) for `mmalign eval {name}`")
+        p.add_argument("out")
+        p.add_argument("--split", choices=SPLITS, default="test")
+        p.add_argument("--n", type=int, default=96 if name == "mmhal" else 100)
+        p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.what == "images":
+    if args.what in BENCHMARKS:
+        print(write_benchmark(args.what, args.out, args.n, args.seed, args.split))
+    elif args.what == "images":
         paths = write_world(args.out, args.n, args.seed, args.split, args.kind)
         print(f"[toyworld] {args.n} {args.kind} of split {args.split} (seed {args.seed}) -> {paths['jsonl']}, "
               f"{paths['instances'].name}, {paths['captions'].name}")
