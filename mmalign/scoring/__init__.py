@@ -62,6 +62,8 @@ SCORERS: dict[str, str] = {
     "http": "mmalign.scoring.remote:HttpScorer",
     "video_frames": "mmalign.scoring.video:FrameMeanScorer",
     "geneval": "mmalign.scoring.geneval:GenEvalScorer",
+    "videoreward": "mmalign.scoring.videoreward:VideoRewardScorer",
+    "unifiedreward": "mmalign.scoring.unifiedreward:UnifiedRewardScorer",
 }
 
 
