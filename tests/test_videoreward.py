@@ -127,7 +127,7 @@ def official_rewards(tiny, prompts, videos, output_dim=1):
                 param.add_(scale * b @ a)
     texts = ["<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>" + PROMPT.format(text_prompt=p)
              + "<|im_end|>\n<|im_start|>assistant\n" for p in prompts]
-    clips = [sample_frames(v, "x", factor=16, fps=2.0, min_pixels=1024, max_pixels=1024) for v in videos]
+    clips = [sample_frames(v, "x", factor=16, fps=2.0, min_pixels=1024, max_pixels=1024)[0] for v in videos]
     batch = processor(text=texts, videos=clips, padding=True, return_tensors="pt")
     with torch.no_grad():
         embeds = model.get_input_embeddings()(batch["input_ids"])
@@ -161,7 +161,8 @@ def test_frames_follow_qwen_sampling(tiny):
     assert smart_resize(480, 832, 28, 128 * 28 * 28, 200704) == (336, 588)  # 197568 px <= 200704
     every, rate = decode(tiny["video"], "x")
     assert rate == 8.0 and len(every) == 9
-    clip = sample_frames(tiny["video"], "x", factor=16, min_pixels=1024, max_pixels=1024)
+    clip, rate = sample_frames(tiny["video"], "x", factor=16, min_pixels=1024, max_pixels=1024)
+    assert rate == 4 / 9 * 8.0  # qwen-vl-utils' sample_fps = n / T * video_fps
     expected = np.stack([np.asarray(every[i]) for i in (0, 3, 5, 8)]).transpose(0, 3, 1, 2)
     assert clip.dtype == torch.uint8 and np.array_equal(clip.numpy(), expected)
 

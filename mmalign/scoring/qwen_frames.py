@@ -95,9 +95,10 @@ def decode(video: Any, where: str) -> tuple[list[Any], float | None]:
 
 def sample_frames(video: Any, where: str, *, factor: int, fps: float = 2.0, frames: int | None = None,
                   min_pixels: int = VIDEO_MIN_PIXELS, max_pixels: int | None = None,
-                  total_pixels: int = VIDEO_TOTAL_PIXELS) -> Tensor:
-    """(n, 3, h, w) uint8 frames the model sees (module docstring). max_pixels None: qwen-vl-utils'
-    default max(min(VIDEO_MAX_PIXELS, total_pixels / n * 2), 1.05 * min_pixels)."""
+                  total_pixels: int = VIDEO_TOTAL_PIXELS) -> tuple[Tensor, float]:
+    """((n, 3, h, w) uint8 frames the model sees, their frame rate n / T * video_fps) (module
+    docstring; the rate is `fps` for a frame folder). max_pixels None: qwen-vl-utils' default
+    max(min(VIDEO_MAX_PIXELS, total_pixels / n * 2), 1.05 * min_pixels)."""
     import numpy as np
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.functional import resize
@@ -112,7 +113,8 @@ def sample_frames(video: Any, where: str, *, factor: int, fps: float = 2.0, fram
     if max_pixels is None:
         max_pixels = int(max(min(VIDEO_MAX_PIXELS, total_pixels / n * FRAME_FACTOR), int(min_pixels * 1.05)))
     h, w = smart_resize(clip.shape[2], clip.shape[3], factor, min_pixels, max_pixels)
-    return resize(clip, [h, w], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    sampled_fps = n / len(every) * rate if rate else fps
+    return resize(clip, [h, w], interpolation=InterpolationMode.BICUBIC, antialias=True), sampled_fps
 
 
 def video_factor(processor: Any) -> int:

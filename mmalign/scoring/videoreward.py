@@ -289,7 +289,7 @@ class VideoRewardScorer(Scorer):
         """Processor outputs of one batch, right padded."""
         from mmalign.scoring.qwen_frames import sample_frames
 
-        clips = [sample_frames(v, f"videoreward, output {i}", **self.sampling) for i, v in enumerate(videos)]
+        clips = [sample_frames(v, f"videoreward, output {i}", **self.sampling)[0] for i, v in enumerate(videos)]
         out = self.processor(text=[self.prompt(c) for c in conditions], videos=clips, padding=True,
                              return_tensors="pt")
         return {k: v.to(self.device) for k, v in out.items() if isinstance(v, Tensor)}
