@@ -197,9 +197,9 @@ def test_tiny_qwen25_generates_on_images_and_videos(tiny):
     by_hand = [official_answer(model, processor, [{"type": "image", "image": Image.open(tiny["images"][i])},
                                                   {"type": "text", "text": POINT_IMAGE.format(prompt=p)}])
                for i, p in ((0, "a red dog"), (2, LONG))]
+    video_text = POINT_VIDEO.format(prompt="a dog runs")
     by_hand.append(official_answer(model, processor, [{"type": "video", "video": frames},
-                                                      {"type": "text", "text": POINT_VIDEO.format(prompt="a dog runs")}],
-                                   video_fps=4.0))
+                                                      {"type": "text", "text": video_text}], video_fps=4.0))
     assert by_hand == spy.answers and all(by_hand) and by_hand[0] != by_hand[1]  # words, differing per image
     ours = processor(**_chat_inputs(processor, spy.records[2:3]), return_tensors="pt")
     assert ours["second_per_grid_ts"].tolist() == [0.5]  # temporal patch 2 / 4 fps, as the official video_kwargs
