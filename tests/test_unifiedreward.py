@@ -144,6 +144,20 @@ def test_pairwise_asks_both_orders_and_scores_win_rates(tiny, processor):
     assert drop.score(prompts[:3], tiny["images"], kind="image").isnan().all()
 
 
+def test_pairwise_videos(tiny, processor):
+    """Video pairs: both orders, the video prompt, frames sampled once per video (4 of 8, 32x32)."""
+    def red(frames):
+        return np.asarray(frames[0])[..., 0].mean()
+
+    stub = Stub(lambda r: f"Video {1 if red(r['videos'][0]) > red(r['videos'][1]) else 2} is better,")
+    scorer = UnifiedRewardScorer(model=object(), processor=processor, mode="pairwise", generate=stub, **SMALL)
+    assert scorer.score(["a dog runs"] * 2, tiny["videos"], kind="video").tolist() == [0.0, 1.0]  # b starts redder
+    assert [r["prompt"] for r in stub.records] == [PAIR_VIDEO.format(prompt="a dog runs")] * 2
+    first, swapped = stub.records
+    assert first["videos"] == swapped["videos"][::-1] and first["video_fps"] == [4.0, 4.0]
+    assert [len(v) for v in first["videos"]] == [4, 4] and first["videos"][0][0].size == (32, 32)
+
+
 def test_bad_inputs_are_one_line(tiny, processor):
     from mmalign.scoring import load_scorer
 

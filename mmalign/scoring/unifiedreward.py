@@ -188,6 +188,7 @@ class UnifiedRewardScorer(Scorer):
         self.markers = judge_markers(processor)
         self.generate = generate or generate_verdicts
         self.counts: Counter[str] = Counter()
+        self._clips: dict[str, tuple[list[Any], float]] = {}
 
     @classmethod
     def is_groupwise(cls, options: dict[str, Any]) -> bool:
@@ -197,12 +198,16 @@ class UnifiedRewardScorer(Scorer):
         return dict(self.counts)
 
     def _frames(self, video: Any, where: str) -> tuple[list[Any], float]:
+        """(sampled frames, their fps) of a video, decoded once per `score` call (pairs reuse them)."""
         from PIL import Image
 
         from mmalign.scoring.qwen_frames import sample_frames, video_factor
 
-        clip, fps = sample_frames(video, where, factor=video_factor(self.processor), **self.sampling)
-        return [Image.fromarray(frame.permute(1, 2, 0).numpy()) for frame in clip], fps
+        key = str(video)
+        if key not in self._clips:
+            clip, fps = sample_frames(video, where, factor=video_factor(self.processor), **self.sampling)
+            self._clips[key] = ([Image.fromarray(frame.permute(1, 2, 0).numpy()) for frame in clip], fps)
+        return self._clips[key]
 
     def record(self, condition: str, media: Sequence[Any], kind: str) -> dict[str, Any]:
         """The generation record of one question: the official text for (mode, kind), the
@@ -254,6 +259,7 @@ class UnifiedRewardScorer(Scorer):
         if images is not None and any(images):
             raise DataError("unifiedreward scores generated media against a text prompt; these rows carry "
                             "condition images")
+        self._clips = {}
         if self.mode == "pointwise":
             answers = self._ask([self.record(c, [o], kind) for c, o in zip(conditions, outputs)])
             values = [parse_final_score(a, *SCALE[kind]) for a in answers]
