@@ -158,6 +158,87 @@ def test_pairwise_videos(tiny, processor):
     assert [len(v) for v in first["videos"]] == [4, 4] and first["videos"][0][0].size == (32, 32)
 
 
+@pytest.fixture(scope="module")
+def digit_processor():
+    """A Qwen2.5-VL processor whose word tokenizer holds "Final", "Score", ":" and the digits 1-5."""
+    import transformers as tf
+    from vlm_family_fixtures import QWEN_SPECIALS, QWEN_TEMPLATE
+
+    from mmalign.toytext import build_word_tokenizer
+
+    tok = build_word_tokenizer(["Final", "Score", ":", ".", "1", "2", "3", "4", "5", "red", "dog", "good"])
+    tok.add_tokens(QWEN_SPECIALS, special_tokens=True)
+    sizes = dict(patch_size=8, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 1024, "longest_edge": 4096})
+    return tf.Qwen2_5_VLProcessor(image_processor=tf.Qwen2VLImageProcessor(**sizes), tokenizer=tok,
+                                  video_processor=tf.Qwen2VLVideoProcessor(**sizes), chat_template=QWEN_TEMPLATE)
+
+
+def _answer(tokenizer, text, seed):
+    """(ids, step logits) of a written answer: random logits, seeded."""
+    ids = torch.tensor(tokenizer.encode(text, add_special_tokens=False))
+    return ids, torch.randn(len(ids), len(tokenizer), generator=torch.Generator().manual_seed(seed))
+
+
+def _by_hand(tokenizer, ids, logits):
+    """sum_k k p(k) / sum_k p(k) at the step that wrote the digit, in float64."""
+    t = next(i for i, v in enumerate(ids.tolist()) if tokenizer.decode([v]) in "12345")
+    p = torch.softmax(logits[t].double(), -1)
+    mass = {k: p[tokenizer.convert_tokens_to_ids(str(k))] for k in range(1, 6)}
+    return float(sum(k * m for k, m in mass.items()) / sum(mass.values()))
+
+
+def test_expected_readout_weights_the_score_digits(tiny, digit_processor, processor):
+    from mmalign.scoring.unifiedreward import expected_score
+
+    tok = digit_processor.tokenizer
+    digits = {k: tok.convert_tokens_to_ids(str(k)) for k in range(1, 6)}
+    ids, logits = _answer(tok, "red dog Final Score: 4.", 0)
+    assert tok.decode(ids) == "red dog Final Score : 4 ."
+    assert expected_score(ids, logits, tok, digits) == pytest.approx(_by_hand(tok, ids, logits), abs=1e-12)
+    for text in ("red dog good", "Final Score: 4 Final Score: 2", "Final Score: 3.5", "Final Score: 4 good"):
+        assert expected_score(*_answer(tok, text, 1), tok, digits) is None
+    answers = {tiny["images"][0]: _answer(tok, "Final Score: 2", 2), tiny["images"][1]: _answer(tok, "good", 3),
+               tiny["images"][2]: _answer(tok, "dog 2 Final Score: 5", 4)}
+
+    def stub(model, processor, records, **kwargs):
+        return [answers[r["images"][0]] for r in records]
+
+    scorer = UnifiedRewardScorer(model=object(), processor=digit_processor, readout="expected", generate_logits=stub)
+    scores = scorer.score(["a dog"] * 3, tiny["images"], kind="image")
+    assert scores[0].item() == pytest.approx(_by_hand(tok, *answers[tiny["images"][0]]), abs=1e-6)
+    assert math.isnan(scores[1]) and scorer.stats()["unparsed_answers"] == 1
+    last_ids, last_logits = answers[tiny["images"][2]]  # the "2" before "Final Score:" is not the score
+    assert scores[2].item() == pytest.approx(_by_hand(tok, last_ids[2:], last_logits[2:]), abs=1e-6)
+    with pytest.raises(DataError, match="images only"):
+        scorer.score(["a dog"], tiny["videos"][:1], kind="video")
+    with pytest.raises(ConfigError, match="reads a pointwise score"):
+        UnifiedRewardScorer(model=object(), processor=digit_processor, mode="pairwise", readout="expected")
+    with pytest.raises(ConfigError, match="no single token for each of 1-5"):
+        UnifiedRewardScorer(model=object(), processor=processor, readout="expected")
+
+
+def test_generate_with_logits_returns_each_steps_logits(tiny):
+    """Step t's logits are the model's next-token logits after the prompt and answer tokens < t."""
+    from mmalign.scoring.unifiedreward import _chat_inputs, generate_verdicts, generate_with_logits
+
+    scorer = UnifiedRewardScorer(str(tiny["folder"]), max_new_tokens=3, **SMALL)
+    model, processor = scorer.model, scorer.processor
+    records = [scorer.record("a red dog", [tiny["images"][0]], "image")]
+    ((ids, logits),) = generate_with_logits(model, processor, records, max_new_tokens=3)
+    assert processor.tokenizer.decode(ids, skip_special_tokens=True).strip() == \
+        generate_verdicts(model, processor, records, max_new_tokens=3)[0]
+    prompt = processor(**_chat_inputs(processor, records), return_tensors="pt")
+    per_token = [k for k, v in prompt.items() if k != "input_ids" and v.shape == prompt["input_ids"].shape]
+    for t in range(3):
+        inputs = dict(prompt, input_ids=torch.cat([prompt["input_ids"], ids[None, :t]], 1),
+                      attention_mask=torch.ones(1, prompt["input_ids"].shape[1] + t, dtype=torch.long))
+        inputs |= {k: torch.cat([prompt[k], torch.zeros(1, t, dtype=prompt[k].dtype)], 1)
+                   for k in per_token if k != "attention_mask"}  # mm_token_type_ids: text
+        with torch.no_grad():
+            torch.testing.assert_close(model(**inputs).logits[0, -1], logits[t], rtol=1e-4, atol=1e-4)
+        assert int(logits[t].argmax()) == int(ids[t])  # greedy
+
+
 def test_bad_inputs_are_one_line(tiny, processor):
     from mmalign.scoring import load_scorer
 

@@ -16,9 +16,16 @@ qwen_{point_score,pair_rank}_*_generation.py`), one user turn [media..., text], 
   agreement -> that verdict, disagreement -> tie, or dropped with on_disagreement=drop); each
   sample scores its win rate (wins + ties/2) / decided comparisons among its prompt's samples.
 
-The score is read from the written number (greedy decoding), not from P(score token): a
-probability-weighted score would need the digit tokens of S, and "10" is two tokens ("1", "0")
-in Qwen's tokenizer, so P("1") mixes 1 and 10 on the video scale.
+Readout (`readout`, pointwise): `written` (default) is the number the model wrote (greedy
+decoding). `expected` (images only) is the probability-weighted score at the step where the model
+wrote its score digit d (right after "Final Score:"), with p = softmax(logits at that step) (V,):
+
+    E[S] = sum_{k=1..5} k p(k) / sum_{k=1..5} p(k)      over the single tokens "1" ... "5"
+
+a continuous reward (fewer ties within a group) that equals the written S when the model is
+certain; the answer must still parse, with an integer S (the digit's step is then unambiguous).
+The video scale has no such readout: "10" is two tokens ("1", "0") in Qwen's tokenizer, so
+P("1") mixes 1 and 10.
 
 Videos: frames sampled and resized as qwen-vl-utils does (`qwen_frames.sample_frames`, fps=2 by
 default) and given to the processor with their sampled frame rate (`video_metadata`), which
@@ -88,6 +95,7 @@ TEMPLATES = {("pointwise", "image"): POINT_IMAGE, ("pointwise", "video"): POINT_
 SCALE = {"image": (1.0, 5.0), "video": (1.0, 10.0)}
 _FINAL = re.compile(r"final score\s*:", re.IGNORECASE)
 _NUMBER = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*\.?\s*")
+_BEFORE_DIGIT = re.compile(r"final score\s*:\s*$", re.IGNORECASE)
 
 
 def parse_final_score(answer: str, low: float, high: float) -> float | None:
@@ -131,42 +139,78 @@ def _chat_inputs(processor: Any, records: list[dict[str, Any]]) -> dict[str, Any
     return {"text": texts, **media_inputs}
 
 
-def generate_verdicts(model: Any, processor: Any, records: list[dict[str, Any]], *, max_new_tokens: int,
-                      do_sample: bool = False, batch_size: int = 4) -> list[str]:
-    """Greedy answers (new tokens decoded, special tokens skipped, stripped), batches left padded."""
-    if do_sample:
-        raise ValueError("unifiedreward decodes greedily")
+def _greedy(model: Any, processor: Any, records: list[dict[str, Any]], max_new_tokens: int, batch_size: int,
+            logits: bool) -> list[tuple[Tensor, Tensor | None]]:
+    """Per record: (new token ids (T,), their step logits (T, V) float32 when `logits`), greedy,
+    batches left padded; ids past the end of an answer are padding."""
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
-    answers: list[str] = []
+    out: list[tuple[Tensor, Tensor | None]] = []
     for part in chunks(len(records), batch_size):
         batch = processor(**_chat_inputs(processor, records[part]), padding=True, return_tensors="pt").to(device)
         with torch.inference_mode():
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                 pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
-        new = out[:, batch["input_ids"].shape[1]:]
-        answers += [a.strip() for a in tokenizer.batch_decode(new, skip_special_tokens=True)]
-    return answers
+            result = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                    pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None,
+                                    output_logits=logits, return_dict_in_generate=True)
+        new = result.sequences[:, batch["input_ids"].shape[1]:].cpu()
+        steps = torch.stack(result.logits, 1).float().cpu() if logits else None  # (B, T, V)
+        out += [(new[b], None if steps is None else steps[b]) for b in range(len(new))]
+    return out
+
+
+def generate_verdicts(model: Any, processor: Any, records: list[dict[str, Any]], *, max_new_tokens: int,
+                      do_sample: bool = False, batch_size: int = 4) -> list[str]:
+    """Greedy answers (new tokens decoded, special tokens skipped, stripped)."""
+    if do_sample:
+        raise ValueError("unifiedreward decodes greedily")
+    decode = processor.tokenizer.decode
+    return [decode(ids, skip_special_tokens=True).strip()
+            for ids, _ in _greedy(model, processor, records, max_new_tokens, batch_size, False)]
+
+
+def generate_with_logits(model: Any, processor: Any, records: list[dict[str, Any]], *, max_new_tokens: int,
+                         batch_size: int = 4) -> list[tuple[Tensor, Tensor]]:
+    """Greedy (new token ids (T,), step logits (T, V)) per record, as `generate_verdicts` decodes."""
+    return [(ids, steps) for ids, steps in _greedy(model, processor, records, max_new_tokens, batch_size, True)
+            if steps is not None]
+
+
+def expected_score(ids: Tensor, logits: Tensor, tokenizer: Any, digits: dict[int, int]) -> float | None:
+    """E[S] at the one step that writes a score digit right after "Final Score:" (module docstring);
+    None when the answer does not parse, its score is no integer, or no single such step exists.
+    digits: score k -> its token id."""
+    answer = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    written = parse_final_score(answer, min(digits), max(digits))
+    steps = [t for t in range(len(ids)) if int(ids[t]) in digits.values()
+             and _BEFORE_DIGIT.search(tokenizer.decode(ids[:t], skip_special_tokens=True))]
+    if written is None or len(steps) != 1 or written != next(k for k, i in digits.items() if i == int(ids[steps[0]])):
+        return None
+    p = torch.softmax(logits[steps[0]].double(), -1)
+    mass = torch.stack([p[i] for i in digits.values()])
+    return float((torch.tensor(list(digits), dtype=torch.float64) * mass).sum() / mass.sum())
 
 
 class UnifiedRewardScorer(Scorer):
     """A local UnifiedReward (Qwen2.5-VL) model; modes and parsing in the module docstring.
 
     path: model folder or Hub id (ignored when `model` and `processor` are given). mode:
-    pointwise | pairwise (`groupwise`). Options: on_disagreement (tie | drop), max_new_tokens,
-    fps / frames / min_pixels / max_pixels (video sampling), dtype, batch_size; `generate` (a
-    `generate_verdicts`-compatible function: tests) replaces generation.
+    pointwise | pairwise (`groupwise`). Options: readout (written | expected), on_disagreement
+    (tie | drop), max_new_tokens, fps / frames / min_pixels / max_pixels (video sampling), dtype,
+    batch_size; `generate` / `generate_logits` (`generate_verdicts` / `generate_with_logits`-
+    compatible functions: tests) replace generation.
     """
 
     kinds = ("image", "video")
     takes_images = True
 
-    def __init__(self, path: str | None = None, *, mode: str = "pointwise", on_disagreement: str = "tie",
+    def __init__(self, path: str | None = None, *, mode: str = "pointwise", readout: str = "written",
+                 on_disagreement: str = "tie",
                  max_new_tokens: int = 512, fps: float = 2.0, frames: int | None = None, min_pixels: int | None = None,
                  max_pixels: int | None = None, device: str | torch.device = "cpu", batch_size: int = 4,
                  dtype: str | None = None, model: Any = None, processor: Any = None,
-                 generate: Callable[..., list[str]] | None = None) -> None:
+                 generate: Callable[..., list[str]] | None = None,
+                 generate_logits: Callable[..., list[tuple[Tensor, Tensor]]] | None = None) -> None:
         from mmalign.scoring.judge import judge_markers, load_judge_model
         from mmalign.scoring.qwen_frames import VIDEO_MIN_PIXELS
 
@@ -187,12 +231,39 @@ class UnifiedRewardScorer(Scorer):
         self.sampling = dict(fps=fps, frames=frames, min_pixels=min_pixels or VIDEO_MIN_PIXELS, max_pixels=max_pixels)
         self.markers = judge_markers(processor)
         self.generate = generate or generate_verdicts
+        self.generate_logits = generate_logits or generate_with_logits
+        self.readout, self.digits = readout, self._digits(readout)
         self.counts: Counter[str] = Counter()
         self._clips: dict[str, tuple[list[Any], float]] = {}
 
     @classmethod
     def is_groupwise(cls, options: dict[str, Any]) -> bool:
         return options.get("mode", "pointwise") == "pairwise"
+
+    def _digits(self, readout: str) -> dict[int, int]:
+        """Score k -> its single token id, for readout=expected on the image scale (else {})."""
+        from mmalign.scoring.claims import answer_token_ids
+
+        if readout not in ("written", "expected"):
+            raise ConfigError(f"unifiedreward readout {readout!r} is not 'written' or 'expected'")
+        if readout == "written":
+            return {}
+        if self.mode != "pointwise":
+            raise ConfigError("unifiedreward readout=expected reads a pointwise score; mode is pairwise")
+        low, high = (int(v) for v in SCALE["image"])
+        digits = {k: answer_token_ids(self.processor.tokenizer, [str(k)]) for k in range(low, high + 1)}
+        if any(len(ids) != 1 for ids in digits.values()):
+            raise ConfigError("unifiedreward readout=expected: the tokenizer has no single token for each of 1-5")
+        return {k: ids[0] for k, ids in digits.items()}
+
+    def _expected(self, records: list[dict[str, Any]]) -> list[float | None]:
+        """readout=expected: E[S] per record (None = unparsed)."""
+        results = self.generate_logits(self.model, self.processor, records, max_new_tokens=self.max_new_tokens,
+                                       batch_size=self.batch_size)
+        if len(results) != len(records):
+            raise RuntimeError(f"unifiedreward generate returned {len(results)} answers for {len(records)} prompts")
+        self.counts["answers"] += len(results)
+        return [expected_score(ids, logits, self.processor.tokenizer, self.digits) for ids, logits in results]
 
     def stats(self) -> dict[str, int]:
         return dict(self.counts)
@@ -261,8 +332,12 @@ class UnifiedRewardScorer(Scorer):
                             "condition images")
         self._clips = {}
         if self.mode == "pointwise":
-            answers = self._ask([self.record(c, [o], kind) for c, o in zip(conditions, outputs)])
-            values = [parse_final_score(a, *SCALE[kind]) for a in answers]
+            records = [self.record(c, [o], kind) for c, o in zip(conditions, outputs)]
+            if self.readout == "expected" and kind != "image":
+                raise DataError("unifiedreward readout=expected scores images only (the video scale's 10 is "
+                                "two tokens)")
+            values = (self._expected(records) if self.readout == "expected"
+                      else [parse_final_score(a, *SCALE[kind]) for a in self._ask(records)])
             self.counts["unparsed_answers"] += sum(v is None for v in values)
             return torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float32)
         groups: dict[str, list[int]] = {}
