@@ -237,6 +237,7 @@ def load_videoreward(folder: Path, config: ReleasedConfig, base: str | None, ste
     """(model, processor) from the released layout (module docstring); weights loaded with
     torch.load(weights_only=True), every key accounted for."""
     import transformers
+    from transformers.initialization import no_init_weights
 
     base_name = base or config.base
     if not base_name:
@@ -251,8 +252,6 @@ def load_videoreward(folder: Path, config: ReleasedConfig, base: str | None, ste
     head = weights.pop("rm_head.weight", None)
     if head is None or head.shape[0] != config.output_dim:
         raise ConfigError(f"videoreward checkpoint: no rm_head.weight of {config.output_dim} rows")
-    from transformers.initialization import no_init_weights
-
     with no_init_weights():  # every weight comes from the checkpoint
         vlm = transformers.Qwen2VLForConditionalGeneration._from_config(vl_config, dtype=dtype)
     vlm.resize_token_embeddings(weights["model.language_model.embed_tokens.weight"].shape[0])
@@ -285,6 +284,7 @@ class VideoRewardScorer(Scorer):
                  device: str | torch.device = "cpu", batch_size: int = 2, dtype: str | None = None,
                  model: VideoRewardModel | None = None, processor: Any = None,
                  config: ReleasedConfig | None = None) -> None:
+        from mmalign.scoring.judge import judge_markers
         from mmalign.scoring.qwen_frames import VIDEO_MIN_PIXELS, video_factor
 
         super().__init__(device=device, batch_size=batch_size)
@@ -304,8 +304,6 @@ class VideoRewardScorer(Scorer):
         self.sampling = dict(fps=fps or config.fps, frames=frames if frames is not None else config.num_frames,
                              max_pixels=max_pixels or config.max_pixels, min_pixels=min_pixels or VIDEO_MIN_PIXELS,
                              factor=video_factor(processor))
-        from mmalign.scoring.judge import judge_markers
-
         self.markers = judge_markers(processor)
 
     def prompt(self, condition: str) -> str:
