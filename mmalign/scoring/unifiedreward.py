@@ -219,6 +219,10 @@ class UnifiedRewardScorer(Scorer):
             raise ConfigError(f"unifiedreward mode {mode!r} is not 'pointwise' or 'pairwise'")
         if on_disagreement not in ("tie", "drop"):
             raise ConfigError(f"unifiedreward on_disagreement {on_disagreement!r} is not 'tie' or 'drop'")
+        if readout not in ("written", "expected"):
+            raise ConfigError(f"unifiedreward readout {readout!r} is not 'written' or 'expected'")
+        if readout == "expected" and mode != "pointwise":
+            raise ConfigError("unifiedreward readout=expected reads a pointwise score; mode is pairwise")
         if model is None:
             if path is None:
                 raise ConfigError("unifiedreward: give the model folder or Hub id (PATH)")
@@ -244,12 +248,8 @@ class UnifiedRewardScorer(Scorer):
         """Score k -> its single token id, for readout=expected on the image scale (else {})."""
         from mmalign.scoring.claims import answer_token_ids
 
-        if readout not in ("written", "expected"):
-            raise ConfigError(f"unifiedreward readout {readout!r} is not 'written' or 'expected'")
         if readout == "written":
             return {}
-        if self.mode != "pointwise":
-            raise ConfigError("unifiedreward readout=expected reads a pointwise score; mode is pairwise")
         low, high = (int(v) for v in SCALE["image"])
         digits = {k: answer_token_ids(self.processor.tokenizer, [str(k)]) for k in range(low, high + 1)}
         if any(len(ids) != 1 for ids in digits.values()):
