@@ -64,6 +64,8 @@ SCORERS: dict[str, str] = {
     "geneval": "mmalign.scoring.geneval:GenEvalScorer",
     "imagereward": "mmalign.scoring.imagereward:ImageRewardScorer",
     "hpsv3": "mmalign.scoring.hpsv3:HPSv3Scorer",
+    "videoreward": "mmalign.scoring.videoreward:VideoRewardScorer",
+    "unifiedreward": "mmalign.scoring.unifiedreward:UnifiedRewardScorer",
 }
 
 
