@@ -163,8 +163,7 @@ def load_scorer(spec: str | ScorerSpec, **defaults: Any) -> Any:
     cls = scorer_class(spec.name)
     params = inspect.signature(cls.__init__).parameters
     accepted = {k for k, p in params.items() if p.kind is p.KEYWORD_ONLY}
-    forwards = any(p.kind is p.VAR_KEYWORD for p in params.values())  # checked by the scorer it wraps
-    unknown = [] if forwards else sorted(set(spec.options) - accepted)
+    unknown = [] if cls.wraps_scorer else sorted(set(spec.options) - accepted)  # the wrapped scorer checks them
     if unknown:
         raise ConfigError(f"scorer {spec.name}: unknown option(s) {', '.join(unknown)}; "
                           f"it takes {', '.join(sorted(accepted - {'generate', 'model', 'processor'}))}")

@@ -68,10 +68,13 @@ class Scorer:
     groupwise: True when a row's score depends on the other samples of its prompt (the
         pairwise judge ranks them against each other); `mmalign score` then always scores
         whole prompt groups together.
+    wraps_scorer: True when the options `__init__` does not name go to a scorer it loads, which
+        checks them (`video_frames`); otherwise an unknown option is refused at load.
     """
 
     kinds: tuple[str, ...] = ("image",)
     groupwise: bool = False
+    wraps_scorer: bool = False
 
     def __init__(self, *, device: str | torch.device = "cpu", batch_size: int = 16) -> None:
         if batch_size < 1:

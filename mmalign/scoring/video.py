@@ -27,6 +27,7 @@ class FrameMeanScorer(Scorer):
     """Mean of an image scorer over `frames` evenly spaced frames of each video (module docstring)."""
 
     kinds = ("video",)
+    wraps_scorer = True
 
     def __init__(self, path: str, *, scorer: str = "pickscore", frames: int = 8, device: str | torch.device = "cpu",
                  batch_size: int = 16, **image_options: Any) -> None:
