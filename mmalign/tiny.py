@@ -20,6 +20,7 @@ launch) never read half a fixture; a builder change (its source hash) builds a f
 | llava           | mmalign.toyvlm save_tiny_llava                       | a LLaVA model + processor folder   |
 | toy_shapes      | mmalign.toyvlm make_shape_pairs(256, seed 0)         | pairs.jsonl, images/               |
 | toy_shapes_eval | mmalign.toyvlm make_shape_pairs(64, seed 1)          | pairs.jsonl, images/               |
+| toy_scenes      | mmalign.toyworld.world write_world(32 train scenes, seed 0) | train.jsonl, images, annotations |
 
 The image / audio / video families' tiny builders live beside the tests that use them
 (tests/*_fixtures.py of a source checkout, where configs/tiny/ lives too); they are imported
@@ -68,6 +69,7 @@ FIXTURES: dict[str, Fixture] = {
     "llava": Fixture("mmalign.toyvlm:save_tiny_llava"),
     "toy_shapes": Fixture("mmalign.toyvlm:make_shape_pairs", (256, 0), folder_last=True),
     "toy_shapes_eval": Fixture("mmalign.toyvlm:make_shape_pairs", (64, 1), folder_last=True),
+    "toy_scenes": Fixture("mmalign.toyworld.world:write_world", (32, 0, "train", "scenes")),
 }
 
 
