@@ -152,3 +152,26 @@ def test_train_one_step_from_a_streamed_hub_dataset(hub_data, tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 1 and losses[0] > 0
+
+
+def test_online_ids_go_to_load_dataset_with_revision_subset_and_streaming(monkeypatch):
+    """With the network on, the id itself goes to `datasets.load_dataset` (which downloads into the
+    user's caches); here load_dataset is replaced by a recorder that answers from memory."""
+    import datasets
+
+    calls = []
+
+    def load_dataset(path, name=None, *, split, revision, streaming, cache_dir):
+        calls.append((path, name, split, revision, streaming))
+        table = datasets.Dataset.from_dict({"prompt": ["p0", "p1", "p2"], "chosen": ["a", "b", "c"],
+                                            "rejected": ["x", "y", "z"]})
+        return table.to_iterable_dataset() if streaming else table
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    records, kind = load_preference_data("someorg/prefs@v3:cfg:test")
+    assert kind == "pair" and [r["prompt"] for r in records] == ["p0", "p1", "p2"]
+    streamed, _ = load_preference_data("someorg/prefs", streaming=2)
+    assert [r["chosen"] for r in streamed] == ["a", "b"]
+    assert calls == [("someorg/prefs", "cfg", "test", "v3", False), ("someorg/prefs", None, "train", None, True)]
