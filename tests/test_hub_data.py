@@ -175,3 +175,12 @@ def test_online_ids_go_to_load_dataset_with_revision_subset_and_streaming(monkey
     streamed, _ = load_preference_data("someorg/prefs", streaming=2)
     assert [r["chosen"] for r in streamed] == ["a", "b"]
     assert calls == [("someorg/prefs", "cfg", "test", "v3", False), ("someorg/prefs", None, "train", None, True)]
+
+
+def test_streaming_key_is_checked_at_load():
+    from mmalign.config import load_config
+
+    with pytest.raises(ConfigError, match="data.streaming must be >= 0"):
+        load_config(ROOT / "configs/tiny/sdxl_dpo.yaml", ["data.streaming=-1"])
+    with pytest.raises(ConfigError, match="data.streaming"):
+        load_config(ROOT / "configs/tiny/sdxl_dpo.yaml", ["data.streaming=lots"])
