@@ -129,3 +129,29 @@ def test_bad_envelope_and_client_errors_are_one_line_without_the_key(monkeypatch
         load_scorer("judge=openai:m@ftp://x")
     with pytest.raises(ConfigError, match="unknown option"):
         load_scorer("judge=openai:m@http://127.0.0.1:9/v1,bogus=1")
+
+
+def test_score_command_with_the_api_judge_scores_a_manifest(tmp_path, capsys):
+    """`mmalign score --scorer judge=openai:MODEL@URL,mode=pairwise`: win rates per prompt in the manifest;
+    a malformed reply for one pair leaves that comparison undecided (counted, not guessed)."""
+    from mmalign.cli import main
+    from mmalign.generate.manifest import ManifestWriter, read_manifest, sample_id
+
+    def longer_wins(p):
+        b = blocks(p)
+        if "broken" in (b["RESPONSE A"], b["RESPONSE B"]):
+            return "Verdict: A (clearly)"
+        return "Verdict: A" if len(b["RESPONSE A"]) > len(b["RESPONSE B"]) else "Verdict: B"
+
+    with ManifestWriter(tmp_path / "s" / "manifest.jsonl") as w:
+        for p, texts in enumerate((["a", "a a a", "a a"], ["b b", "broken"])):
+            for s, text in enumerate(texts):
+                w.write({"id": sample_id(p, s), "prompt_index": p, "prompt": f"q{p}", "sample": s, "seed": s,
+                         "kind": "text", "text": text, "model": "m", "params": {}})
+    with ChatServer(longer_wins) as server:
+        assert main(["score", str(tmp_path / "s"), "--scorer", f"judge=openai:m@{server.url},mode=pairwise,as=api",
+                     "--device", "cpu"]) == 0
+    rows = read_manifest(tmp_path / "s")
+    assert [r["score_api"] for r in rows[:3]] == [0.0, 1.0, 0.5]
+    assert [r["score_api"] for r in rows[3:]] == [None, None]  # the only comparison did not parse
+    assert len(server.requests) == 2 * 3 + 2  # every pair in both orders
