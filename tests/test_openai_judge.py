@@ -155,3 +155,29 @@ def test_score_command_with_the_api_judge_scores_a_manifest(tmp_path, capsys):
     assert [r["score_api"] for r in rows[:3]] == [0.0, 1.0, 0.5]
     assert [r["score_api"] for r in rows[3:]] == [None, None]  # the only comparison did not parse
     assert len(server.requests) == 2 * 3 + 2  # every pair in both orders
+
+
+def test_vision_judge_attaches_image_samples_as_data_urls(tmp_path):
+    import base64
+
+    from PIL import Image
+
+    from mmalign.errors import DataError
+
+    path = tmp_path / "sample.png"
+    Image.new("RGB", (4, 4), (255, 0, 0)).save(path)
+
+    def rate(content):
+        parts = content if isinstance(content, list) else [{"type": "text", "text": content}]
+        return "Verdict: 7" if [p["type"] for p in parts] == ["text", "image_url"] else "no image"
+
+    with ChatServer(lambda p: "unused") as server:
+        server.rule = rate
+        judge = load_scorer(f"judge=openai:m@{server.url},vision=true")
+        assert judge.score(["a red square"], [str(path)], kind="image").tolist() == [7.0]
+        text_only = load_scorer(f"judge=openai:m@{server.url}")
+        with pytest.raises(DataError, match="text-only"):
+            text_only.score(["a red square"], [str(path)], kind="image")
+    parts = server.requests[0]["body"]["messages"][0]["content"]
+    assert "[attached image 1]" in blocks(parts[0]["text"])["RESPONSE"]
+    assert parts[1]["image_url"]["url"] == "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()

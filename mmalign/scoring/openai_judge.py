@@ -30,11 +30,12 @@ import os
 import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from mmalign.errors import ConfigError
 from mmalign.scoring.judge import JudgeScorer
-from mmalign.scoring.remote import RemoteScorerError, _media_b64, post_with_retries
+from mmalign.scoring.remote import RemoteScorerError, media_b64, post_with_retries
 
 DEFAULT_BASE = "https://api.openai.com/v1"
 _SPEC = re.compile(r"(?P<model>[^@\s]+(?:@(?!https?://)[^@\s]+)*)(?:@(?P<url>https?://\S+))?")
@@ -82,7 +83,9 @@ class ChatClient:
             return {"role": "user", "content": record["prompt"]}
         parts: list[dict[str, Any]] = [{"type": "text", "text": record["prompt"]}]
         for image in record["images"]:
-            parts.append({"type": "image_url", "image_url": {"url": f"data:image/png;base64,{_media_b64(image)}"}})
+            jpeg = isinstance(image, (str, Path)) and Path(image).suffix.lower() in (".jpg", ".jpeg")
+            url = f"data:image/{'jpeg' if jpeg else 'png'};base64,{media_b64(image)}"  # files as stored, PIL as PNG
+            parts.append({"type": "image_url", "image_url": {"url": url}})
         return {"role": "user", "content": parts}
 
     def _one(self, record: dict[str, Any], max_tokens: int) -> str:

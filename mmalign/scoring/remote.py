@@ -38,7 +38,7 @@ class RemoteScorerError(RuntimeError):
     """The reward server failed or answered something that is not N finite numbers."""
 
 
-def _media_b64(output: Any) -> str:
+def media_b64(output: Any) -> str:
     """base64 of a file's bytes (a path) or of a PIL image saved as PNG."""
     if isinstance(output, (str, Path)):
         data = Path(output).read_bytes()
@@ -125,7 +125,7 @@ class HttpScorer(Scorer):
 
     def _payload(self, conditions: list[str], outputs: list[Any]) -> dict[str, Any]:
         kind = self.kind or _kind(outputs[0])
-        media = list(outputs) if kind == "text" else [_media_b64(o) for o in outputs]
+        media = list(outputs) if kind == "text" else [media_b64(o) for o in outputs]
         return {"kind": kind, "prompts": list(conditions), FIELDS[kind]: media}
 
     def _post(self, body: bytes) -> bytes:

@@ -32,7 +32,6 @@ TRACKERS = {
     "trackio": ("TrackioTracker", "trackio", "pip install 'mmalign[trackio]' (trackio)"),
     "mlflow": ("MLflowTracker", "mlflow", "pip install 'mmalign[mlflow]' (mlflow)"),
 }
-IMAGE_TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")
 MAX_MEDIA_IMAGES = 16  # images per logged grid (the first ones of the folder, sorted)
 
 
