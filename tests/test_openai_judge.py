@@ -181,3 +181,27 @@ def test_vision_judge_attaches_image_samples_as_data_urls(tmp_path):
     parts = server.requests[0]["body"]["messages"][0]["content"]
     assert "[attached image 1]" in blocks(parts[0]["text"])["RESPONSE"]
     assert parts[1]["image_url"]["url"] == "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def test_build_pairs_with_the_api_judge(tmp_path):
+    """`mmalign build-pairs scores --strategy judge --judge openai:MODEL@URL`: the longer answer wins
+    in both orders and becomes the chosen one; a position-biased prompt's pair is dropped."""
+    from mmalign.cli import main
+    from mmalign.generate.manifest import ManifestWriter, sample_id
+
+    def judge(p):
+        b = blocks(p)
+        if b["REQUEST"] == "q1":
+            return "Verdict: A"  # position bias: the two orders disagree
+        return "Verdict: A" if len(b["RESPONSE A"]) > len(b["RESPONSE B"]) else "Verdict: B"
+
+    with ManifestWriter(tmp_path / "s" / "manifest.jsonl") as w:
+        for p in range(2):
+            for s, text in enumerate(["short", "a longer answer"]):
+                w.write({"id": sample_id(p, s), "prompt_index": p, "prompt": f"q{p}", "sample": s, "seed": s,
+                         "kind": "text", "text": text, "model": "m", "params": {}})
+    with ChatServer(judge) as server:
+        assert main(["build-pairs", "scores", str(tmp_path / "s"), "--out", str(tmp_path / "pairs"),
+                     "--strategy", "judge", "--judge", f"openai:m@{server.url}"]) == 0
+    (pair,) = [json.loads(line) for line in (tmp_path / "pairs" / "pairs.jsonl").read_text().splitlines()]
+    assert (pair["prompt"], pair["chosen"], pair["rejected"]) == ("q0", "a longer answer", "short")
