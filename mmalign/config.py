@@ -42,10 +42,12 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    # jsonl, parquet, or a Hugging Face `datasets` folder saved with save_to_disk; or a list of
-    # them (same format and kind), read in order as one dataset
+    # jsonl, parquet, or a Hugging Face `datasets` folder saved with save_to_disk; or a Hub dataset
+    # id org/name[@revision][:[subset:]split] (mmalign/data/hub_data.py); or a list of them (same
+    # format and kind), read in order as one dataset
     train: str | list[str] = ""
     eval: str | list[str] = ""
+    streaming: int = 0  # Hub dataset ids: N > 0 streams the split and keeps its first N rows; 0 = whole split
     format: str = "auto"  # auto (by file type), or a dataset reader: pickapic, rlhf_v, rlaif_v, povid, mdpo, trl_vlm
     max_length: int = 512  # prompt + answer tokens; answers are truncated, prompts never
     max_prompt_length: int = 0  # 0: no limit; otherwise prompts longer than this are an error

@@ -23,6 +23,9 @@ def validate_config(cfg: Config) -> None:
     from mmalign.data.media_checks import check_verify_choice
 
     check_verify_choice(cfg.data.verify_media)
+    if cfg.data.streaming < 0:
+        raise ConfigError(f"data.streaming must be >= 0 (rows kept from a streamed Hub split; 0 = the whole split), "
+                          f"got {cfg.data.streaming}")
     t = cfg.train
     for name in ("max_steps", "batch_size", "grad_accum", "eval_batch_size"):
         if getattr(t, name) < 1:

@@ -1,6 +1,7 @@
 """One resolver for every model path: a local folder, `pkg://NAME`, or a Hub id `org/name[@revision]`.
 
     pkg://NAME            mmalign/data/NAME (files shipped with mmalign)
+    pkg://tiny/NAME[/p]   a tiny fixture built once into the user's cache (mmalign/tiny.py)
     /a/path, ./x, ~/x     a local file or folder, returned as given
     org/name[@rev]        when no such local path exists: `huggingface_hub.snapshot_download`
                           into the user's cache (HF_HUB_CACHE / HF_HOME), the snapshot folder of
@@ -98,6 +99,10 @@ def resolve_path(path: str, what: str = "model.path", files: list[str] | None = 
     holding only the `files` patterns when given."""
     if not path:
         raise ConfigError(f"{what} is empty: give a local folder, pkg://NAME or a Hub id org/name[@revision]")
+    if path.startswith("pkg://tiny/"):  # built on first use (mmalign/tiny.py)
+        from mmalign.tiny import resolve_tiny
+
+        return resolve_tiny(path)
     if path.startswith(PACKAGE_PREFIX):
         return str(Path(__file__).parent / "data" / path[len(PACKAGE_PREFIX):])
     if Path(path).expanduser().exists() or not is_hub_id(path):

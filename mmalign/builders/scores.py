@@ -378,7 +378,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--verdict-column", default="verdicts",
                    help="judge strategy: row column {other_id: 'A'|'B'|'tie'}, this row shown first")
     p.add_argument("--judge", default=None, metavar="PATH[,key=value...]",
-                   help="judge strategy: ask this local LLM/VLM judge (mmalign.scoring.judge, both orders) for the verdicts")
+                   help="judge strategy: ask this local LLM/VLM judge (mmalign.scoring.judge, both orders) for the "
+                        "verdicts, or openai:MODEL@URL, a judge over an OpenAI-compatible chat API")
     p.add_argument("--device", default="cpu", help="device of the --judge model (default cpu)")
     p.add_argument("--name", default="pairs", help="output file stem (default: pairs -> pairs.jsonl)")
     p.set_defaults(func=run)

@@ -86,14 +86,37 @@ def find_shards(path: str | Path) -> list[Path]:
     return shards
 
 
+class TableShard:
+    """An Arrow table read like a `pyarrow.parquet.ParquetFile` (what PickAPicPairs asks of a
+    shard): row groups of `group_rows` rows."""
+
+    def __init__(self, table: Any, group_rows: int = 64) -> None:
+        self.table, self.group_rows, self.schema_arrow = table, group_rows, table.schema
+        self.num_row_groups = max(1, -(-table.num_rows // group_rows))
+        self.metadata = self
+
+    def row_group(self, g: int) -> Any:
+        from types import SimpleNamespace
+
+        return SimpleNamespace(num_rows=len(self.table.slice(g * self.group_rows, self.group_rows)))
+
+    def read_row_group(self, g: int, columns: list[str] | None = None) -> Any:
+        part = self.table.slice(g * self.group_rows, self.group_rows)
+        return part.select(columns) if columns is not None else part
+
+
 class PickAPicPairs:
     """Lazy pair records over Pick-a-Pic shards: `len()` and `[i]` only. `summary` holds the
     load counts (and the unreadable rows found on access so far, when not verified)."""
 
     def __init__(self, path: str | Path, *, keep_ties: bool = False, drop_not_different: bool = False,
                  drop_unlabelled: bool = False, verify_images: bool | None = None,
-                 check_on_access: bool = True, cache_row_groups: int = 4, verbose: bool = True) -> None:
-        self.path, self.shards = str(path), find_shards(path)
+                 check_on_access: bool = True, cache_row_groups: int = 4, verbose: bool = True,
+                 tables: list[Any] | None = None) -> None:
+        # tables: Arrow tables read in place of parquet shards (a Hub split, mmalign/data/hub_data.py)
+        self.tables = tables
+        self.path = str(path)
+        self.shards = [Path(f"{path}#{i}") for i in range(len(tables))] if tables else find_shards(path)
         self.keep_ties, self.drop_not_different, self.drop_unlabelled = keep_ties, drop_not_different, drop_unlabelled
         self.cache_row_groups, self.verbose = max(1, cache_row_groups), verbose
         self._files: dict[int, Any] = {}
@@ -115,6 +138,8 @@ class PickAPicPairs:
 
     # -- index -------------------------------------------------------------------
     def _file(self, s: int) -> Any:
+        if s not in self._files and self.tables:
+            self._files[s] = TableShard(self.tables[s])
         if s not in self._files:
             import pyarrow.parquet as pq
 

@@ -139,12 +139,20 @@ FORMATS = {
 
 
 def load_preference_data(path: str | Path | Sequence[str | Path], kind: str | None = None,
-                         format: str = "auto") -> tuple[Sequence[dict[str, Any]], str]:
+                         format: str = "auto", streaming: int = 0) -> tuple[Sequence[dict[str, Any]], str]:
     """Read and validate preference data; returns (records, kind). A list of paths is read
-    in order as one dataset: every file of the same format and kind."""
+    in order as one dataset: every file of the same format and kind. A path may also be
+    `pkg://...` or a Hub dataset id `org/name[@rev][:split]` (mmalign/data/hub_data.py; streaming:
+    `data.streaming`, the rows kept from a streamed split, 0 = the whole split)."""
+    from mmalign.data.hub_data import hub_data_id, load_hub_data, local_data_path
+
     if not isinstance(path, (str, Path)):
-        parts, kind = _load_parts(path, kind, format)
+        parts, kind = _load_parts(path, kind, format, streaming)
         return Chained(parts), kind
+    spec = hub_data_id(path)
+    if spec is not None:
+        return load_hub_data(str(path), spec, kind, format, streaming)
+    path = local_data_path(path)
     if format != "auto":
         if format not in FORMATS:
             raise DataError(f"unknown data.format '{format}'; known: auto, {', '.join(FORMATS)}")
@@ -154,11 +162,11 @@ def load_preference_data(path: str | Path | Sequence[str | Path], kind: str | No
     return records, validate_records(records, str(path), kind)
 
 
-def _load_parts(paths: Sequence[str | Path], kind: str | None, format: str
+def _load_parts(paths: Sequence[str | Path], kind: str | None, format: str, streaming: int = 0
                 ) -> tuple[list[Sequence[dict[str, Any]]], str]:
     if not paths:
         raise DataError("no preference data files given (an empty list)")
-    parts = [load_preference_data(p, kind, format) for p in paths]
+    parts = [load_preference_data(p, kind, format, streaming) for p in paths]
     kinds = {k for _, k in parts}
     if len(kinds) > 1:
         named = ", ".join(f"{p}: {k}" for p, (_, k) in zip(paths, parts))
@@ -167,14 +175,14 @@ def _load_parts(paths: Sequence[str | Path], kind: str | None, format: str
 
 
 def load_split(path: str | Path | Sequence[str | Path], kind: str | None = None,
-               format: str = "auto", media: Any = None) -> tuple[Sequence[dict[str, Any]], str]:
+               format: str = "auto", media: Any = None, streaming: int = 0) -> tuple[Sequence[dict[str, Any]], str]:
     """`data.train` or `data.eval` as the trainer reads it: `load_preference_data`, each record
     also carrying `_root`, the folder its relative media paths name files in (its data file's
     folder; a `datasets` folder is its own), so train and eval files in two folders may both
     say images/0.png. media: a `mmalign.data.media_checks.MediaPolicy` (paths kept inside the
     data folder, images verified up front), None = no checks."""
     paths = [path] if isinstance(path, (str, Path)) else list(path)
-    parts, kind = _load_parts(paths, kind, format)
+    parts, kind = _load_parts(paths, kind, format, streaming)
     roots = [data_folder(p) for p in paths]
     if media is not None:
         from mmalign.data.media_checks import guard_parts
@@ -188,13 +196,15 @@ def load_run_split(cfg: Any, split: str, kind: str | None = None) -> tuple[Seque
     (`data.verify_media`, `data.allow_outside_paths`): what the trainer and `mmalign cache` read."""
     from mmalign.data.media_checks import media_policy
 
-    return load_split(getattr(cfg.data, split), kind, cfg.data.format, media_policy(cfg))
+    return load_split(getattr(cfg.data, split), kind, cfg.data.format, media_policy(cfg), cfg.data.streaming)
 
 
 def data_folder(path: str | Path) -> Path:
     """The folder relative media paths of a data file are read from: the file's folder, or a
-    `datasets` folder itself."""
-    p = Path(path)
+    `datasets` folder itself (a Hub dataset id: its records carry their media as bytes)."""
+    from mmalign.data.hub_data import local_data_path
+
+    p = Path(local_data_path(path))
     return p if p.is_dir() else p.parent
 
 

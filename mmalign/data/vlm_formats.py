@@ -221,8 +221,14 @@ def _check_columns(name: str, fmt: VLMFormat, columns: list[str], where: str) ->
 def load_vlm_format(path: str | Path, name: str) -> tuple[VLMRecords, str]:
     """`load_preference_data(path, format=name)`: records of dataset `name` in the common VLM
     format, every row's text mapped and validated now (images when a batch needs them)."""
-    fmt, source = VLM_FORMATS[name], str(path)
     rows, columns = read_rows(path)
+    return vlm_records(rows, columns, name, str(path))
+
+
+def vlm_records(rows: Any, columns: list[str], name: str, source: str) -> tuple[VLMRecords, str]:
+    """`load_vlm_format` of rows already read: an Arrow table (a parquet file, a Hub split) or
+    a list of dicts, with its column names."""
+    fmt = VLM_FORMATS[name]
     if isinstance(rows, list):  # json rows may each lack a column
         for i, row in enumerate(rows):
             _check_columns(name, fmt, list(row), f"{source} row {i}")

@@ -26,7 +26,7 @@ class OfflineMix:
         from mmalign.data.preference import load_split
 
         self.count, self.seed = cfg.online.offline_per_round, cfg.train.seed
-        self.records, found = load_split(cfg.data.train, format=cfg.data.format)
+        self.records, found = load_split(cfg.data.train, format=cfg.data.format, streaming=cfg.data.streaming)
         if found != kind:
             raise ConfigError(f"data.train holds {found} records but online.strategy {cfg.online.strategy} builds "
                               f"{kind} records: mixing needs one kind (pair with pair, ranked with ranked)")

@@ -71,7 +71,9 @@ def load_vlm_prompts(settings: Any) -> tuple[list[str], list[dict[str, Any]]]:
     if settings.prompt_list:
         raise ConfigError("online.prompt_list has no images: a VLM's online prompts come from online.prompts "
                           "(records with 'image' and 'prompt')")
-    path = Path(settings.prompts)
+    from mmalign.data.hub_data import local_data_path
+
+    path = Path(local_data_path(settings.prompts)) if settings.prompts else Path()
     if not settings.prompts or not path.is_file():
         raise ConfigError(f"online.prompts: prompt file not found: '{settings.prompts}'")
     if path.suffix == ".txt":

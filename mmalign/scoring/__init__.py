@@ -8,6 +8,8 @@
     aesthetic   aesthetic:AestheticScorer LAION aesthetic v2 MLP, 1-10 scale, about 5-7 for SDXL
     clap        clap:ClapScorer           cos(text, audio) in [-1, 1]
     judge       judge:JudgeScorer         pointwise 1-10 verdict, or pairwise win rate in [0, 1]
+    openai_judge openai_judge:OpenAIJudgeScorer  the same judge over an OpenAI-compatible chat API
+                (PATH: MODEL@http://HOST:PORT/v1; also written judge=openai:MODEL@URL)
     step_aware  step_aware:StepAwareScorer PickScore conditioned on the timestep t (SPO; t = 0 here)
     toyworld_checker  mmalign.toyworld.checker:CheckerScorer  the toy world's exact checker, [0, 1]
                 (PATH: score | colour | shape; nothing is loaded)
@@ -54,6 +56,7 @@ SCORERS: dict[str, str] = {
     "aesthetic": "mmalign.scoring.aesthetic:AestheticScorer",
     "clap": "mmalign.scoring.clap:ClapScorer",
     "judge": "mmalign.scoring.judge:JudgeScorer",
+    "openai_judge": "mmalign.scoring.openai_judge:OpenAIJudgeScorer",
     "step_aware": "mmalign.scoring.step_aware:StepAwareScorer",
     "toyworld_checker": "mmalign.toyworld.checker:CheckerScorer",
     "text_length": "mmalign.scoring.text_stats:TextLengthScorer",
@@ -158,6 +161,8 @@ def load_scorer(spec: str | ScorerSpec, **defaults: Any) -> Any:
     from mmalign.scoring.plugin import PREFIX, load_plugin
 
     spec = parse_spec(spec) if isinstance(spec, str) else spec
+    if spec.name == "judge" and spec.path.startswith("openai:"):  # judge=openai:MODEL@URL
+        spec = ScorerSpec("openai_judge", spec.path, spec.options, spec.weight, spec.column)
     if spec.name.startswith(PREFIX):
         return load_plugin(spec.name, spec.path, spec.options, defaults)
     cls = scorer_class(spec.name)

@@ -22,7 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -38,7 +38,7 @@ class RemoteScorerError(RuntimeError):
     """The reward server failed or answered something that is not N finite numbers."""
 
 
-def _media_b64(output: Any) -> str:
+def media_b64(output: Any) -> str:
     """base64 of a file's bytes (a path) or of a PIL image saved as PNG."""
     if isinstance(output, (str, Path)):
         data = Path(output).read_bytes()
@@ -79,6 +79,31 @@ def parse_scores(body: bytes, n: int, url: str) -> list[float]:
     return [float(v) for v in data]
 
 
+def post_with_retries(url: str, body: bytes, *, timeout: float, retries: int, backoff: float,
+                      headers: dict[str, str] | None = None, on_attempt: Callable[[], None] | None = None) -> bytes:
+    """POST a JSON body; the answer's bytes. Connection errors, timeouts, HTTP 5xx and 429 are
+    retried `retries` times after `backoff * 2**attempt` s; another 4xx is a RemoteScorerError
+    at once. Errors name the URL and the HTTP status, never the request's headers (API keys)."""
+    last = ""
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(backoff * 2 ** (attempt - 1))
+        request = urllib.request.Request(url, data=body, method="POST",
+                                         headers={"Content-Type": "application/json", **(headers or {})})
+        if on_attempt is not None:
+            on_attempt()
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.read()
+        except urllib.error.HTTPError as e:
+            last = f"HTTP {e.code}"
+            if e.code < 500 and e.code != 429:
+                raise RemoteScorerError(f"{url}: {last} ({e.read()[:200]!r})") from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            last = str(getattr(e, "reason", e))
+    raise RemoteScorerError(f"{url}: no answer after {retries + 1} tries (last: {last})")
+
+
 class HttpScorer(Scorer):
     """score(prompts, outputs) -> (N,) float32 from a server at `path` (http:// or https:// URL)."""
 
@@ -100,27 +125,15 @@ class HttpScorer(Scorer):
 
     def _payload(self, conditions: list[str], outputs: list[Any]) -> dict[str, Any]:
         kind = self.kind or _kind(outputs[0])
-        media = list(outputs) if kind == "text" else [_media_b64(o) for o in outputs]
+        media = list(outputs) if kind == "text" else [media_b64(o) for o in outputs]
         return {"kind": kind, "prompts": list(conditions), FIELDS[kind]: media}
 
     def _post(self, body: bytes) -> bytes:
-        last = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            request = urllib.request.Request(self.url, data=body, method="POST",
-                                             headers={"Content-Type": "application/json"})
+        def count() -> None:
             self.requests += 1
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return response.read()
-            except urllib.error.HTTPError as e:
-                last = f"HTTP {e.code}"
-                if e.code < 500 and e.code != 429:
-                    raise RemoteScorerError(f"{self.url}: {last} ({e.read()[:200]!r})") from e
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-                last = str(getattr(e, "reason", e))
-        raise RemoteScorerError(f"{self.url}: no answer after {self.retries + 1} tries (last: {last})")
+
+        return post_with_retries(self.url, body, timeout=self.timeout, retries=self.retries, backoff=self.backoff,
+                                 on_attempt=count)
 
     def _score_batch(self, conditions: list[str], outputs: list[Any]) -> Tensor:
         body = json.dumps(self._payload(conditions, outputs)).encode()

@@ -125,10 +125,10 @@ class MetricsLogger:
         if self.trackers is not None:
             self.trackers.log(step, values)
 
-    def log_media(self, step: int, folder: Path) -> None:
-        """The images a validation wrote in `folder`, as one grid, to the trackers that take images."""
+    def log_media(self, step: int, folder: Path, key: str = "validation/grid") -> None:
+        """The images in `folder` (a validation's, an online round's samples), as one grid `key`, to the trackers."""
         if self.enabled and self.trackers is not None:
-            self.trackers.log_folder_images(step, folder)
+            self.trackers.log_folder_images(step, folder, key)
 
     def close(self) -> None:
         if self.writer is not None:

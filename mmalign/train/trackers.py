@@ -4,9 +4,11 @@ tracker classes (`accelerate.tracking`), beside metrics.jsonl (which stays the r
 Scalar names follow what TRL's runs show in these tools (transformers' logging callbacks): a
 training value `k` (loss, rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins,
 logps/chosen, logps/rejected, ...) is logged as `train/k`; held-out values are already `eval/k`.
-Validation images (the PNGs `likelihood.validate` wrote for a step) go as one grid,
-`validation/grid`, to the trackers that take images (tensorboard, wandb); trackio and mlflow
-get the scalars only.
+Media: the validation images (the PNGs `likelihood.validate` wrote for a step) go as one grid,
+`validation/grid`, and an online round's samples (the image files of its round folder, at the
+step the round begins) as `online/samples`, to every tracker through its own image API:
+tensorboard `add_images` (NHWC), wandb `wandb.Image`, trackio `trackio.Image` in `run.log`,
+mlflow `mlflow.log_image(image, key=..., step=...)` (mlflow >= 2.12).
 
 Where they write: tensorboard -> output_dir/tensorboard/mmalign; wandb -> WANDB_DIR (else
 output_dir), project WANDB_PROJECT (else "mmalign"), run name = output_dir's name, WANDB_MODE
@@ -30,7 +32,7 @@ TRACKERS = {
     "trackio": ("TrackioTracker", "trackio", "pip install 'mmalign[trackio]' (trackio)"),
     "mlflow": ("MLflowTracker", "mlflow", "pip install 'mmalign[mlflow]' (mlflow)"),
 }
-IMAGE_TRACKERS = ("tensorboard", "wandb")
+MAX_MEDIA_IMAGES = 16  # images per logged grid (the first ones of the folder, sorted)
 
 
 def check_report_to(names: list[str]) -> None:
@@ -106,20 +108,33 @@ class Trackers:
         for tracker in self.trackers:
             tracker.log(scalars, step=step)
 
-    def log_folder_images(self, step: int, folder: Path) -> None:
-        """The PNG/JPEG files of `folder` (sorted) as one grid `validation/grid`."""
-        import numpy as np
-
+    def log_folder_images(self, step: int, folder: Path, key: str = "validation/grid") -> None:
+        """The PNG/JPEG files of `folder` (sorted; the first MAX_MEDIA_IMAGES) as one grid `key`."""
         paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
         if not paths:
             return
-        grid = image_grid(paths)
+        grid = image_grid(paths[:MAX_MEDIA_IMAGES])
         for name, tracker in zip(self.names, self.trackers):
-            if name == "wandb":
-                tracker.log_images({"validation/grid": [grid]}, step=step)
-            elif name == "tensorboard":
-                tracker.log_images({"validation/grid": np.asarray(grid)[None]}, step=step, dataformats="NHWC")
+            log_image(name, tracker, key, grid, step)
 
     def finish(self) -> None:
         for tracker in self.trackers:
             tracker.finish()
+
+
+def log_image(name: str, tracker: Any, key: str, image: Any, step: int) -> None:
+    """One PIL image under `key` at `step`, through tracker `name`'s own image API."""
+    import numpy as np
+
+    if name == "wandb":
+        tracker.log_images({key: [image]}, step=step)
+    elif name == "tensorboard":
+        tracker.log_images({key: np.asarray(image)[None]}, step=step, dataformats="NHWC")
+    elif name == "trackio":
+        import trackio
+
+        tracker.log({key: trackio.Image(image, caption=f"{key} step {step}")}, step=step)
+    elif name == "mlflow":
+        import mlflow
+
+        mlflow.log_image(image, key=key, step=step)

@@ -236,6 +236,9 @@ class PreferenceTrainer:
         if self.cfg.online is not None and self.cfg.online.reference_update == "every_round":
             self.reference.refresh(self.unwrapped)
         self.round_values = values
+        root = current.records[0].get("_root") if len(current.records) else None
+        if root and self.accelerator.is_main_process:  # the round's sampled images, as media
+            self.logger.log_media(self.step, Path(root), "online/samples")
 
     def train_step(self) -> dict[str, float]:
         t, acc = self.cfg.train, self.accelerator
