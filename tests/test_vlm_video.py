@@ -56,11 +56,12 @@ def family(request):
     return request.param, model, processor
 
 
-def manual_logp(model, processor, text: str, video: list, answer: str) -> float:
+def manual_logp(model, processor, text: str, video: list, answer: str, fps: float = 2.0) -> float:
     """The one unpadded sequence through the model; per-token outputs extended with 0 over the
     answer; float64 log-softmax gathered at the answer words + eos."""
     tok = processor.tokenizer
-    x = dict(processor(text=[text], videos=[video], return_tensors="pt", add_special_tokens=False))
+    meta = [{"total_num_frames": len(video), "fps": fps}]  # frames without video_fps: 2 per second
+    x = dict(processor(text=[text], videos=[video], video_metadata=meta, return_tensors="pt", add_special_tokens=False))
     p = x["input_ids"][0].tolist()
     a = tok(answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
     for key, value in list(x.items()):
@@ -88,6 +89,35 @@ def test_video_logps_match_the_formula_and_placeholders_expand(family):
     _, expanded, blocks = VIDEO[name]
     assert [tokens[i:i + len(expanded)] == expanded for i in range(len(tokens))].count(True) == blocks
     assert "<|image_pad|>" not in tokens and tokens.count(expanded[1]) == blocks * expanded.count(expanded[1])
+
+
+def test_frame_rate_sets_the_temporal_positions(family, tmp_path):
+    """A frame folder is taken at `video_fps` (default 2, Qwen's sampling rate), a file at its
+    container's rate: Qwen2.5-VL's second_per_grid_ts = temporal_patch_size / fps (2 / 2 = 1.0,
+    2 / 4 = 0.5; transformers alone would assume 24 fps: 1/12), and the log-probs follow."""
+    import av
+    import numpy as np
+
+    name, model, processor = family
+    lik = LlavaLikelihood(processor, model.config, max_length=160)
+    rec = records()[0]
+    clip = tmp_path / "clip.mp4"
+    with av.open(str(clip), "w") as out:  # the record's 4 frames at 4 frames per second
+        stream = out.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for frame in frames(rec):
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.asarray(frame), format="rgb24")))
+        out.mux(stream.encode())
+    at_4 = [dict(rec, video_fps=4.0), dict(rec, videos=[str(clip)])]
+    if name == "qwen2_5_vl":
+        for r, expected in ((rec, 1.0), *((r, 0.5) for r in at_4)):
+            assert lik.encode_prompt(r)["second_per_grid_ts"].tolist() == [expected]
+    with torch.no_grad():
+        fast = lik.logps(model, lik.collate([at_4[0]], "pair")).logps
+    expected = manual_logp(model, processor, video_prompt(name), frames(rec), rec["chosen"], fps=4.0)
+    assert float(fast[0]) == pytest.approx(expected, abs=2e-5)
+    with pytest.raises(DataError, match="example 0, video 0: video_fps must be a positive number"):
+        lik.encode_prompt(dict(rec, _index=0, video_fps=0))
 
 
 def test_video_tokens_are_never_cut(family):

@@ -87,6 +87,23 @@ def _is_frame_list(value: Any) -> bool:
     return bool(value) and all(isinstance(v, str) and Path(v).suffix.lower() in FRAME_SUFFIXES for v in value)
 
 
+FRAMES_FPS = 2.0  # frame folders / lists without `video_fps`: Qwen's video sampling rate (qwen_vl_utils FPS)
+
+
+def load_video_clip(value: Any, where: str, root: str | Path | Sequence[str | Path] | None = None,
+                    fps: float | None = None) -> tuple[list[Any], float]:
+    """(frames, frames per second): `load_video`'s frames and the rate they were taken at, which
+    processors turn into temporal positions (Qwen2.5-VL `second_per_grid_ts` = temporal_patch / fps,
+    Qwen3-VL timestamps). A file's rate is its container's; frames take `fps` (a record's
+    `video_fps`), else FRAMES_FPS. Without it transformers assumes 24 fps."""
+    if fps is not None and (not isinstance(fps, (int, float)) or isinstance(fps, bool) or fps <= 0):
+        raise DataError(f"{where}: video_fps must be a positive number, got {fps!r}")
+    if isinstance(value, str) and _resolve(Path(value), root).is_file():
+        frames, rate = _decode_file(_resolve(Path(value), root), where)
+        return frames, float(fps or rate or FRAMES_FPS)
+    return load_video(value, where, root), float(fps or FRAMES_FPS)
+
+
 def load_video(value: Any, where: str, root: str | Path | Sequence[str | Path] | None = None) -> list[Any]:
     """One video as its frames, RGB `PIL.Image`s in time order: a folder of frame images
     (sorted by file name), a list of frame values (each as `load_image` reads it), or a video
@@ -108,11 +125,12 @@ def load_video(value: Any, where: str, root: str | Path | Sequence[str | Path] |
         return [load_image(str(p), f"{where}, frame {p.name}") for p in frames]
     if not path.is_file():
         raise DataError(f"{where}: no such video file or frame folder: {path}")
-    return _decode_file(path, where)
+    return _decode_file(path, where)[0]
 
 
-def _decode_file(path: Path, where: str) -> list[Any]:
-    """Every frame of a video file, by torchcodec when installed, else PyAV."""
+def _decode_file(path: Path, where: str) -> tuple[list[Any], float | None]:
+    """Every frame of a video file and its frame rate (None when the container has none), by
+    torchcodec when installed, else PyAV."""
     import importlib.util
 
     from PIL import Image
@@ -120,10 +138,10 @@ def _decode_file(path: Path, where: str) -> list[Any]:
 
     backend = "torchcodec" if importlib.util.find_spec("torchcodec") else "pyav"
     try:
-        frames, _ = hf_load_video(str(path), backend=backend)
+        frames, metadata = hf_load_video(str(path), backend=backend)
     except ImportError as e:
         raise DataError(f"{where}: decoding the video file {path} needs torchcodec or PyAV ({e}); "
                         "install one, or give a folder of frames") from e
     except Exception as e:  # the backends raise their own error types for a corrupt file
         raise DataError(f"{where}: undecodable video file {path} ({type(e).__name__}: {e})") from e
-    return [Image.fromarray(f).convert("RGB") for f in frames]
+    return [Image.fromarray(f).convert("RGB") for f in frames], (metadata.fps if metadata is not None else None)

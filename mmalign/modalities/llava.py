@@ -12,8 +12,10 @@ Records (TRL's VLM preference format)::
      "prompt": str | [messages], "chosen", "rejected"}
 
 A video is a folder of frames, a list of frames or a file (`mmalign.data.media.load_video`); its
-frames go to the processor, which samples them per its settings; families whose processor has no
-video token refuse video records. Video placeholders follow the image rules below.
+frames go to the processor, which samples them per its settings, with their frame rate (a file's
+own; frames: the record's `video_fps`, default 2), which sets the temporal positions (Qwen2.5-VL's
+second_per_grid_ts, Qwen3-VL's timestamps); families whose processor has no video token refuse
+video records. Video placeholders follow the image rules below.
 
 An image is a path (relative to the data file's folder), bytes, {"bytes", "path"} or a PIL
 image. A prompt holding `<image>` placeholders keeps them (one per image, in order);
@@ -47,7 +49,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from mmalign.data.media import load_image, load_video, record_images, record_videos
+from mmalign.data.media import load_image, load_video_clip, record_images, record_videos
 from mmalign.data.preference import batch_fields, flatten
 from mmalign.errors import ConfigError, DataError
 from mmalign.layout import batch_slots
@@ -170,12 +172,15 @@ class LlavaLikelihood(CausalLMLikelihood):
         where = f"example {record.get('_index', '?')}"
         images = [self._image(v, f"{where}, image {j}", record.get("_root"))
                   for j, v in enumerate(record_images(record))]
-        videos = [load_video(v, f"{where}, video {j}", record.get("_root") or self.roots)
-                  for j, v in enumerate(record_videos(record))]
+        clips = [load_video_clip(v, f"{where}, video {j}", record.get("_root") or self.roots, record.get("video_fps"))
+                 for j, v in enumerate(record_videos(record))]
+        videos = [frames for frames, _ in clips]
         text = self.prompt_text(record, len(images), where, len(videos))
         bos = self.tokenizer.bos_token
         special = not (bos and text.startswith(bos))  # a template that writes BOS itself
-        media = {"images": images or None} | ({"videos": videos} if videos else {})
+        media = {"images": images or None}
+        if videos:  # the frame rate sets the videos' temporal positions (Qwen2.5-VL, Qwen3-VL)
+            media |= {"videos": videos, "video_metadata": [{"total_num_frames": len(f), "fps": fps} for f, fps in clips]}
         out = self.processor(text=[text], **media, return_tensors="pt", add_special_tokens=special)
         out = {k: v for k, v in out.items() if v is not None}
         n_prompt = out["input_ids"].shape[1]
