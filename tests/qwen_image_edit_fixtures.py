@@ -29,7 +29,7 @@ TEMPLATE_WORDS = ("system \n Describe the key features of input image ( color , 
                   "then explain how user ' s text instruction should alter or modify . Generate a new that meets "
                   "requirements while maintaining consistency with original where appropriate assistant Picture 1 2 "
                   ": make it remove add").split(" ")
-EDITS = ["make it red", "make it blue", "add a star", "remove the circle"]
+EDITS = ["make it red", "make the square blue", "add a star", "remove the circle"]
 
 
 def tiny_edit_tokenizer():
