@@ -20,6 +20,7 @@ from audio_fixtures import save_tiny_tango, write_tiny_audio_run
 from diffusion_fixtures import save_tiny_pipeline, write_pairs_file
 from flow_fixtures import write_tiny_flow_run
 from flux2_fixtures import write_tiny_flux2_run
+from qwen_image_edit_fixtures import write_tiny_qwen_image_edit_run
 from qwen_image_fixtures import write_tiny_qwen_image_run
 from wan_fixtures import write_tiny_wan_run
 from zimage_fixtures import write_tiny_zimage_run
@@ -53,6 +54,7 @@ def assets(tmp_path_factory) -> dict[str, Any]:
     zimage = write_tiny_zimage_run(root / "zimage", count=4)
     flux2 = write_tiny_flux2_run(root / "flux2", count=4)
     qwen_image = write_tiny_qwen_image_run(root / "qwen_image", count=4)
+    qwen_image_edit = write_tiny_qwen_image_edit_run(root / "qwen_image_edit", count=4)
     wan = write_tiny_wan_run(root / "wan")
     llava, shapes = save_tiny_llava(root / "llava", seed=0), make_shape_pairs(4, 0, root / "shapes")
     folders = {"sd": (sd, sd_pairs), "sd3": (sd3.parents[1] / "pipeline", sd3),
@@ -60,6 +62,7 @@ def assets(tmp_path_factory) -> dict[str, Any]:
                "tango": (save_tiny_tango(root / "tango"), audio), "llava": (llava, shapes),
                "zimage": (zimage.parents[1] / "pipeline", zimage), "flux2": (flux2.parents[1] / "pipeline", flux2),
                "qwen_image": (qwen_image.parents[1] / "pipeline", qwen_image),
+               "qwen_image_edit": (qwen_image_edit.parents[1] / "pipeline", qwen_image_edit),
                "wan": (wan.parents[1] / "pipeline", wan)}
     named = {k: [f"model.path={model}", f"data.train={data}"] for k, (model, data) in folders.items()}
     return dict(named, sd_pairs=sd_pairs, sd3_pairs=sd3, flux_pairs=flux)
@@ -94,6 +97,7 @@ CASES: dict[str, list[Case]] = {
     "zimage": [Case("lora", "zimage_flow_dpo.yaml", "zimage", BATCH)],
     "flux2": [Case("lora", "flux2_flow_dpo.yaml", "flux2", BATCH)],
     "qwen_image": [Case("lora", "qwen_image_flow_dpo.yaml", "qwen_image", BATCH)],
+    "qwen_image_edit": [Case("lora", "qwen_image_edit_dpo.yaml", "qwen_image_edit", BATCH)],
     "wan": [Case("lora", "wan_dpo.yaml", "wan", BATCH)],
 }
 # SPO / GRPO runs read no data file: their fixed batch is image pairs (an `assets` entry) through the
