@@ -26,9 +26,9 @@ from qwen_image_fixtures import SCHEDULER, WIDTH, tiny_qwen_transformer, tiny_qw
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>", "<|vision_start|>", "<|image_pad|>",
             "<|vision_end|>", "<|video_pad|>"]
 TEMPLATE_WORDS = ("system \n Describe the key features of input image ( color , shape size texture objects "
-                  "background ) then explain how user ' s text instruction should alter or modify . Generate a new that meets "
-                  "requirements while maintaining consistency with original where appropriate assistant Picture 1 2 "
-                  ": make it remove add").split(" ")
+                  "background ) then explain how user ' s text instruction should alter or modify . Generate a "
+                  "new that meets requirements while maintaining consistency with original where appropriate "
+                  "assistant Picture 1 2 : make it remove add").split(" ")
 EDITS = ["make it red", "make the square blue", "add a star", "remove the circle"]
 
 
