@@ -71,9 +71,9 @@ def tiny_edit_vl():
     return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids))
 
 
-def save_tiny_qwen_image_edit_pipeline(path: Path, seed: int = 0) -> Path:
+def save_tiny_qwen_image_edit_pipeline(path: Path, seed: int = 0, pipeline: str = "QwenImageEditPipeline") -> Path:
     """Write transformer/, vae/, scheduler/, text_encoder/, tokenizer/, processor/ and the
-    model_index.json of QwenImageEditPipeline into `path`."""
+    model_index.json of `pipeline` (QwenImageEditPipeline, or QwenImageEditPlusPipeline) into `path`."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from mmalign.export import write_model_index
@@ -86,7 +86,7 @@ def save_tiny_qwen_image_edit_pipeline(path: Path, seed: int = 0) -> Path:
     processor = tiny_edit_processor()
     processor.tokenizer.save_pretrained(path / "tokenizer")
     processor.save_pretrained(path / "processor")
-    write_model_index(path, "QwenImageEditPipeline")
+    write_model_index(path, pipeline)
     return path
 
 
@@ -106,9 +106,9 @@ def write_edit_pairs(root: Path, count: int, size: tuple[int, int] = (32, 32)) -
     return path
 
 
-def write_tiny_qwen_image_edit_run(root: Path, count: int = 8) -> Path:
+def write_tiny_qwen_image_edit_run(root: Path, count: int = 8, pipeline: str = "QwenImageEditPipeline") -> Path:
     """A tiny edit pipeline in `root/pipeline` and `count` edit pairs in `root/pairs/train.jsonl`."""
-    save_tiny_qwen_image_edit_pipeline(root / "pipeline")
+    save_tiny_qwen_image_edit_pipeline(root / "pipeline", pipeline=pipeline)
     return write_edit_pairs(root / "pairs", count)
 
 

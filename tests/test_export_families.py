@@ -57,6 +57,7 @@ def assets(tmp_path_factory) -> dict[str, Any]:
     qwen_image = write_tiny_qwen_image_run(root / "qwen_image", count=4)
     qwen_image_edit = write_tiny_qwen_image_edit_run(root / "qwen_image_edit", count=4)
     flux_kontext = write_tiny_flux_kontext_run(root / "flux_kontext", count=4)
+    edit_plus = write_tiny_qwen_image_edit_run(root / "qwen_image_edit_plus", 4, "QwenImageEditPlusPipeline")
     wan = write_tiny_wan_run(root / "wan")
     llava, shapes = save_tiny_llava(root / "llava", seed=0), make_shape_pairs(4, 0, root / "shapes")
     folders = {"sd": (sd, sd_pairs), "sd3": (sd3.parents[1] / "pipeline", sd3),
@@ -66,6 +67,7 @@ def assets(tmp_path_factory) -> dict[str, Any]:
                "qwen_image": (qwen_image.parents[1] / "pipeline", qwen_image),
                "qwen_image_edit": (qwen_image_edit.parents[1] / "pipeline", qwen_image_edit),
                "flux_kontext": (flux_kontext.parents[1] / "pipeline", flux_kontext),
+               "qwen_image_edit_plus": (edit_plus.parents[1] / "pipeline", edit_plus),
                "wan": (wan.parents[1] / "pipeline", wan)}
     named = {k: [f"model.path={model}", f"data.train={data}"] for k, (model, data) in folders.items()}
     return dict(named, sd_pairs=sd_pairs, sd3_pairs=sd3, flux_pairs=flux)
@@ -102,6 +104,8 @@ CASES: dict[str, list[Case]] = {
     "qwen_image": [Case("lora", "qwen_image_flow_dpo.yaml", "qwen_image", BATCH)],
     "qwen_image_edit": [Case("lora", "qwen_image_edit_dpo.yaml", "qwen_image_edit", BATCH)],
     "flux_kontext": [Case("lora", "flux_kontext_dpo.yaml", "flux_kontext", BATCH)],
+    "qwen_image_edit_plus": [Case("lora", "qwen_image_edit_dpo.yaml", "qwen_image_edit_plus",
+                                  ("modality=qwen_image_edit_plus", "diffusion.resolution=64", *BATCH))],
     "wan": [Case("lora", "wan_dpo.yaml", "wan", BATCH)],
 }
 # SPO / GRPO runs read no data file: their fixed batch is image pairs (an `assets` entry) through the

@@ -57,6 +57,17 @@ def calculate_dimensions(area: int, ratio: float) -> tuple[int, int]:
     return round(width / 32) * 32, round(width / ratio / 32) * 32
 
 
+def source_size(area: int, ratio: float) -> tuple[int, int]:
+    """`calculate_dimensions`; a side rounded to 0 (an area too small for the ratio) is a ConfigError."""
+    from mmalign.errors import ConfigError
+
+    width, height = calculate_dimensions(area, ratio)
+    if not width or not height:
+        raise ConfigError(f"diffusion.resolution: a source of aspect ratio {ratio:.3g} sized to {area} pixels rounds "
+                          f"to {width}x{height}; raise the resolution")
+    return width, height
+
+
 class QwenEditText:
     """The edit template read by Qwen2.5-VL with the source image, minus 64 tokens (module docstring);
     `prepare` resizes a source as the pipeline, `source_latents` encodes it with the Qwen VAE."""
@@ -74,16 +85,20 @@ class QwenEditText:
 
     def prepare(self, image: Any) -> tuple[Any, Tensor]:
         """(the resized PIL image, its pixels (3, h, w) in [-1, 1]) (`image_processor.preprocess`)."""
-        width, height = calculate_dimensions(self.area, image.width / image.height)
+        width, height = source_size(self.area, image.width / image.height)
         resized = self.image_processor.resize(image, height, width)
         return resized, self.image_processor.preprocess(resized, height, width)[0]
+
+    def texts(self, prompts: list[str], images: list[list[Any]]) -> list[str]:
+        """The text encoder's input of each prompt: the edit template around it."""
+        return [TEMPLATE.format(p) for p in prompts]
 
     @torch.no_grad()
     def encode(self, prompts: list[str], images: list[list[Any]]) -> dict[str, Tensor]:
         """{"prompt_embeds": (n, L, D) float32, "prompt_mask": (n, L) bool}, L the longest prompt's
         real tokens after the 64 dropped: `encode_prompt(prompts, image=...)` of the pipeline."""
         encoder = self.text_encoders[0]
-        inputs = self.processor(text=[TEMPLATE.format(p) for p in prompts], images=[i for item in images for i in item],
+        inputs = self.processor(text=self.texts(prompts, images), images=[i for item in images for i in item],
                                 padding=True, return_tensors="pt").to(encoder.device)
         with torch.autocast(encoder.device.type, enabled=False):
             hidden = encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
@@ -140,21 +155,26 @@ def check_edit_settings(cfg: Any, name: str) -> None:
 def build(cfg: Any, use_cache: bool = True, trained: bool = True) -> tuple[Any, Any, None]:
     """(trainable QwenImageTransformer2DModel, edit likelihood owning the Qwen VAE, the Qwen2.5-VL
     text encoder and its processor, None)."""
+    return build_qwen_edit(cfg, FAMILY, QwenEditText, trained)
+
+
+def build_qwen_edit(cfg: Any, family: Family, text_class: type, trained: bool) -> tuple[Any, Any, None]:
+    """`build` of a Qwen-Image edit family whose conditioning is `text_class` (a `QwenEditText`)."""
     from transformers import Qwen2VLProcessor
 
     from mmalign.errors import ConfigError
 
-    check_edit_settings(cfg, FAMILY.name)
+    check_edit_settings(cfg, family.name)
     d = cfg.diffusion
-    if getattr(denoiser_config(cfg, FAMILY), "guidance_embeds", False):
+    if getattr(denoiser_config(cfg, family), "guidance_embeds", False):
         raise ConfigError("this QwenImageTransformer2DModel config has guidance_embeds, which diffusers' "
                           "transformer cannot feed (no guidance embedder)")
-    parts = load_parts(cfg, FAMILY, unet=trained)
-    processor = Qwen2VLProcessor.from_pretrained(family_folder(cfg, FAMILY), subfolder="processor")
+    parts = load_parts(cfg, family, unet=trained)
+    processor = Qwen2VLProcessor.from_pretrained(family_folder(cfg, family), subfolder="processor")
     latents = QwenLatents(parts["vae"], d, data_roots(cfg))
-    text = QwenEditText(parts["text_encoders"], parts["tokenizers"], processor, latents, d.resolution ** 2)
+    text = text_class(parts["text_encoders"], parts["tokenizers"], processor, latents, d.resolution ** 2)
     objective = flow_objective(d.prediction_type, 2)(parts["scheduler"], latents.latent_shape())
-    likelihood = DiffusionLikelihood(FAMILY, objective, latents, EditConditioning(text, latents),
+    likelihood = DiffusionLikelihood(family, objective, latents, EditConditioning(text, latents),
                                      QwenImageEditTransformer(), d)
     return parts["unet"], likelihood, None
 
