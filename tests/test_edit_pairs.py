@@ -42,7 +42,8 @@ def edit_prompts(root: Path) -> Path:
     (root / "src").mkdir(parents=True)
     for name, (w, h) in {"a": (32, 32), "b": (32, 32), "c": (40, 24)}.items():
         write_image(root / "src" / f"{name}.png", w, h, seed=ord(name))
-    rows = [{"prompt": "make it red", "source_image": "src/a.png"}, {"prompt": "add a star", "source_image": "src/b.png"},
+    rows = [{"prompt": "make it red", "source_image": "src/a.png"},
+            {"prompt": "add a star", "source_image": "src/b.png"},
             {"prompt": "remove the circle", "source_image": "src/c.png"}]
     path = root / "edits.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -65,9 +66,9 @@ def test_generate_score_build_pairs_and_train_an_edit_model(pipeline, tmp_path, 
     for row in (rows[1], rows[4]):
         source = Image.open(row["source_image"]).convert("RGB")
         with torch.no_grad():
-            expected = pipe(prompt=[row["prompt"]], image=[source], generator=[torch.Generator().manual_seed(row["seed"])],
-                            num_inference_steps=2, height=32, width=32, max_area=1024, _auto_resize=False,
-                            output_type="np").images[0]
+            generator = [torch.Generator().manual_seed(row["seed"])]
+            expected = pipe(prompt=[row["prompt"]], image=[source], generator=generator, num_inference_steps=2,
+                            height=32, width=32, max_area=1024, _auto_resize=False, output_type="np").images[0]
         got = np.asarray(Image.open(samples / row["path"]), dtype=np.int16)
         assert np.abs(got - (expected * 255).round().astype(np.int16)).max() <= 1, row["id"]
 
