@@ -160,7 +160,8 @@ def test_dpo_is_log_2_when_policy_equals_reference(built, pairs):
 
 
 # -- (d) the CLI: the tiny config trains, then export in every declared format ---------------------------------
-def test_cli_trains_the_tiny_config_and_exports_every_format(pipeline, pairs, tmp_path, capsys):
+def test_cli_trains_the_tiny_config_and_exports_every_format(pipeline, tmp_path, capsys):
+    """The tiny config on the shipped sample (datasets/edit_pairs), then every export format."""
     from diffusers import FluxKontextPipeline
 
     from mmalign.export import find_run, load_trained
@@ -169,7 +170,7 @@ def test_cli_trains_the_tiny_config_and_exports_every_format(pipeline, pairs, tm
     assert family_for_folder(pipeline).name == "flux"  # a bare FLUX folder stays FLUX (model_index names Kontext)
     run = tmp_path / "run"
     assert main(["train", str(ROOT / "configs" / "tiny" / "flux_kontext_dpo.yaml"), f"model.path={pipeline}",
-                 f"data.train={pairs['path']}", "train.max_steps=2", "train.batch_size=2", f"train.output_dir={run}",
+                 f"data.train={ROOT / 'datasets' / 'edit_pairs' / 'train.jsonl'}", "train.max_steps=2", "train.batch_size=2", f"train.output_dir={run}",
                  "train.progress=false", "train.tensorboard=false", "train.log_every=1"]) == 0
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2]
