@@ -128,6 +128,23 @@ def test_draw_conditioning_equals_the_edit_pipeline_encode_prompt(built, pairs, 
     assert (moved[0, : mask[0].sum()] - embeds[0, : mask[0].sum()]).abs().max() > 1e-3
 
 
+def test_a_dropped_caption_is_the_empty_instruction_about_the_same_source(pipeline, pairs, pipeline_area):
+    """caption_dropout 1: every item's conditioning is the pipeline's negative prompt "" encoded WITH
+    the record's source image (true CFG's unconditional branch); the source latents stay."""
+    from mmalign.families.qwen_image import prompt_inputs
+
+    transformer, likelihood, _ = build_for(pipeline, pairs["path"], "qwen_image_edit", resolution=RES,
+                                           caption_dropout=1.0)
+    records = pairs["records"][:2]
+    batch, draw = draw_for(likelihood, records)
+    assert draw.values["caption_dropped"].all()
+    images = [likelihood.conditioning.encoder.prepare(im)[0] for im in sources_of(likelihood, records)]
+    expected, _ = pipe_of(likelihood, transformer).encode_prompt([""] * 4, image=images, device="cpu")
+    torch.testing.assert_close(prompt_inputs(draw.values, torch.float32)[0], expected, rtol=0, atol=1e-6)
+    kept = draw_for(build_for(pipeline, pairs["path"], "qwen_image_edit", resolution=RES)[1], records)[1]
+    torch.testing.assert_close(draw.values["source_latents"], kept.values["source_latents"], rtol=0, atol=0)
+
+
 # -- (b) the transformer call at the drawn σ ----------------------------------------------------------
 def test_transformer_sees_what_the_edit_pipeline_loop_gives_it(built, pairs, pipeline_area):
     """For each pair g: the pipeline (shift 1, schedule [1, σ_g]; a 0 prediction leaves the latents as
