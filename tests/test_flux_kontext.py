@@ -125,6 +125,10 @@ def test_transformer_sees_what_the_kontext_pipeline_loop_gives_it(built, pairs):
 
 # -- (c) logps by hand, dpo at policy == reference ------------------------------------------------------
 def test_logps_are_minus_half_mse_of_the_target_tokens(built, pairs):
+    """The formula of diffusers' train_dreambooth_lora_flux_kontext.py on the same draw: the source's
+    VAE mode (z - shift)·scale packed after the packed noisy latents, img_ids [latent ids; cond ids with
+    [..., 0] = 1], timestep σ, guidance 3.5, model_pred[:, :T] against noise - x0 (weighting "none"):
+    its per-item mse is ours, and logp = -0.5 mse."""
     transformer, likelihood, _ = built
     batch, draw = draw_for(likelihood, pairs["records"])
     v = draw.values
