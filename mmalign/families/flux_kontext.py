@@ -29,9 +29,8 @@ from torch import Tensor
 
 from mmalign.families import Family, PipelineLayout, TextEncoderSpec
 from mmalign.families.flux import FluxText, FluxTransformer
-from mmalign.families.qwen_image_edit import check_edit_settings
 from mmalign.modalities.diffusion import DiffusionLikelihood, ImageLatents, data_roots, vae_posterior
-from mmalign.modalities.edit import EditConditioning, rows_by_shape
+from mmalign.modalities.edit import EditConditioning, check_edit_settings, rows_by_shape
 from mmalign.modalities.flow import flow_objective, latent_image_ids, pack_latents
 from mmalign.modalities.loading import denoiser_config, load_parts
 

@@ -38,7 +38,7 @@ from torch import Tensor
 from mmalign.families import Family, PipelineLayout, TextEncoderSpec
 from mmalign.families.qwen_image import QwenImageTransformer, QwenLatents, prompt_inputs
 from mmalign.modalities.diffusion import DiffusionLikelihood, data_roots
-from mmalign.modalities.edit import EditConditioning, rows_by_shape
+from mmalign.modalities.edit import EditConditioning, check_edit_settings, rows_by_shape
 from mmalign.modalities.flow import flow_objective, pack_latents
 from mmalign.modalities.loading import denoiser_config, family_folder, load_parts
 
@@ -137,19 +137,6 @@ class QwenImageEditTransformer(QwenImageTransformer):
                          return_dict=False)[0]
             out[rows] = pred[:, : target.shape[1]].float()
         return out
-
-
-def check_edit_settings(cfg: Any, name: str) -> None:
-    """An edit family trains from live encoders on unflipped pairs: `diffusion.cache_dir` (not
-    implemented yet for edits) and `diffusion.random_flip` are ConfigErrors."""
-    from mmalign.errors import ConfigError
-
-    if cfg.diffusion.cache_dir:
-        raise ConfigError(f"diffusion.cache_dir: caching is not implemented yet for modality '{name}' (its "
-                          "conditioning depends on the source image); train without it")
-    if cfg.diffusion.random_flip:
-        raise ConfigError(f"diffusion.random_flip would mirror the edited image and not its source (modality "
-                          f"'{name}'); set it false")
 
 
 def build(cfg: Any, use_cache: bool = True, trained: bool = True) -> tuple[Any, Any, None]:

@@ -34,6 +34,19 @@ from mmalign.modalities.text import LiveEncoders, _prompt_text
 SOURCE, SOURCES = "source_image", "source_images"
 
 
+def check_edit_settings(cfg: Any, name: str) -> None:
+    """An edit family trains from live encoders on unflipped pairs: `diffusion.cache_dir` (not
+    implemented yet for edits) and `diffusion.random_flip` are ConfigErrors."""
+    from mmalign.errors import ConfigError
+
+    if cfg.diffusion.cache_dir:
+        raise ConfigError(f"diffusion.cache_dir: caching is not implemented yet for modality '{name}' (its "
+                          "conditioning depends on the source image); train without it")
+    if cfg.diffusion.random_flip:
+        raise ConfigError(f"diffusion.random_flip would mirror the edited image and not its source (modality "
+                          f"'{name}'); set it false")
+
+
 def record_sources(item: dict[str, Any], where: str) -> list[Any]:
     """The source image values of a record: [source_image] or source_images (a non-empty list); a
     record with neither is a DataError naming `where`."""
