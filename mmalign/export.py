@@ -180,11 +180,12 @@ def _copy_tree(src: Path, dst: Path, skip: set[str]) -> None:
 def _component_class(folder: Path) -> list[str] | None:
     """[library, class] of a saved pipeline component, read from its config files."""
     for name, key in (("scheduler_config.json", "_class_name"), ("config.json", "_class_name"),
-                      ("config.json", "architectures"), ("tokenizer_config.json", "tokenizer_class")):
+                      ("config.json", "architectures"), ("processor_config.json", "processor_class"),
+                      ("tokenizer_config.json", "tokenizer_class")):
         if (folder / name).is_file():
             value = json.loads((folder / name).read_text()).get(key)
             if value:
-                library = "transformers" if key in ("architectures", "tokenizer_class") else "diffusers"
+                library = "transformers" if key in ("architectures", "processor_class", "tokenizer_class") else "diffusers"
                 return [library, value[0] if isinstance(value, list) else value]
     return None
 

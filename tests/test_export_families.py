@@ -20,6 +20,8 @@ from audio_fixtures import save_tiny_tango, write_tiny_audio_run
 from diffusion_fixtures import save_tiny_pipeline, write_pairs_file
 from flow_fixtures import write_tiny_flow_run
 from flux2_fixtures import write_tiny_flux2_run
+from flux_kontext_fixtures import write_tiny_flux_kontext_run
+from qwen_image_edit_fixtures import write_tiny_qwen_image_edit_run
 from qwen_image_fixtures import write_tiny_qwen_image_run
 from wan_fixtures import write_tiny_wan_run
 from zimage_fixtures import write_tiny_zimage_run
@@ -53,6 +55,9 @@ def assets(tmp_path_factory) -> dict[str, Any]:
     zimage = write_tiny_zimage_run(root / "zimage", count=4)
     flux2 = write_tiny_flux2_run(root / "flux2", count=4)
     qwen_image = write_tiny_qwen_image_run(root / "qwen_image", count=4)
+    qwen_image_edit = write_tiny_qwen_image_edit_run(root / "qwen_image_edit", count=4)
+    flux_kontext = write_tiny_flux_kontext_run(root / "flux_kontext", count=4)
+    edit_plus = write_tiny_qwen_image_edit_run(root / "qwen_image_edit_plus", 4, "QwenImageEditPlusPipeline")
     wan = write_tiny_wan_run(root / "wan")
     llava, shapes = save_tiny_llava(root / "llava", seed=0), make_shape_pairs(4, 0, root / "shapes")
     folders = {"sd": (sd, sd_pairs), "sd3": (sd3.parents[1] / "pipeline", sd3),
@@ -60,6 +65,9 @@ def assets(tmp_path_factory) -> dict[str, Any]:
                "tango": (save_tiny_tango(root / "tango"), audio), "llava": (llava, shapes),
                "zimage": (zimage.parents[1] / "pipeline", zimage), "flux2": (flux2.parents[1] / "pipeline", flux2),
                "qwen_image": (qwen_image.parents[1] / "pipeline", qwen_image),
+               "qwen_image_edit": (qwen_image_edit.parents[1] / "pipeline", qwen_image_edit),
+               "flux_kontext": (flux_kontext.parents[1] / "pipeline", flux_kontext),
+               "qwen_image_edit_plus": (edit_plus.parents[1] / "pipeline", edit_plus),
                "wan": (wan.parents[1] / "pipeline", wan)}
     named = {k: [f"model.path={model}", f"data.train={data}"] for k, (model, data) in folders.items()}
     return dict(named, sd_pairs=sd_pairs, sd3_pairs=sd3, flux_pairs=flux)
@@ -94,6 +102,10 @@ CASES: dict[str, list[Case]] = {
     "zimage": [Case("lora", "zimage_flow_dpo.yaml", "zimage", BATCH)],
     "flux2": [Case("lora", "flux2_flow_dpo.yaml", "flux2", BATCH)],
     "qwen_image": [Case("lora", "qwen_image_flow_dpo.yaml", "qwen_image", BATCH)],
+    "qwen_image_edit": [Case("lora", "qwen_image_edit_dpo.yaml", "qwen_image_edit", BATCH)],
+    "flux_kontext": [Case("lora", "flux_kontext_dpo.yaml", "flux_kontext", BATCH)],
+    "qwen_image_edit_plus": [Case("lora", "qwen_image_edit_dpo.yaml", "qwen_image_edit_plus",
+                                  ("modality=qwen_image_edit_plus", "diffusion.resolution=64", *BATCH))],
     "wan": [Case("lora", "wan_dpo.yaml", "wan", BATCH)],
 }
 # SPO / GRPO runs read no data file: their fixed batch is image pairs (an `assets` entry) through the

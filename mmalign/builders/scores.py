@@ -13,7 +13,8 @@ The manifest (mmalign/generate/manifest.py) holds N samples per prompt, each wit
 
 Ties (|s_i - s_j| <= TIE_TOL) and pairs below the margin are dropped and counted; scores are
 cast to numbers first, so "9" never ranks above "10" as a string would. Output:
-image samples -> `write_image_pairs` (Diffusion-DPO reads it unchanged), text samples -> jsonl
+image samples -> `write_image_pairs` (Diffusion-DPO reads it unchanged; an edit model's samples keep
+their source image: {"source_image", "prompt", "chosen", "rejected"}, builders/edit.py), text samples -> jsonl
 pair records ({"images"?, "prompt", "chosen", "rejected"}), ranked -> ranked records; every
 record carries its provenance (ids, seeds, scores, margin, model).
 """
@@ -30,6 +31,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
+from mmalign.builders.edit import edit_source_fields
 from mmalign.errors import DataError
 from mmalign.io import atomic_path, write_jsonl_atomic
 
@@ -312,7 +314,8 @@ def _record(item: dict[str, Any], selection: Selection, kind: str, root: Path, o
         sub = "images" if kind == "image" else "audio"
         outputs = [_copy(_media(r, root), out_dir, f"{sub}/{name}-{index:06d}-{k}{Path(r['path']).suffix}")
                    for k, r in enumerate(rows)]
-    return item_record(item, selection, outputs, _condition_images(rows[0], root, out_dir))
+    record = item_record(item, selection, outputs, _condition_images(rows[0], root, out_dir))
+    return {**edit_source_fields(rows[0], root, out_dir, name, index), **record}  # an edit model's source
 
 
 def item_record(item: dict[str, Any], selection: Selection, outputs: list[Any],

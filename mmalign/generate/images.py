@@ -11,6 +11,12 @@ StableDiffusionXLPipeline for a unet/ with two text encoders; no safety checker 
 (diffusers draws each image's initial latents, and each stochastic scheduler step's noise,
 from its generator), so an image depends on its prompt, seed and parameters, not on the other
 images of its batch or on the device's RNG.
+
+Edit models (QwenImageEditPipeline, FluxKontextPipeline): a prompt record with `source_image` (or
+`source_images`) is sampled with the pipeline's `image=` set to that image (`edit_sources`), one
+pipeline call per source size (the edit pipelines size a batch by its first image); the manifest
+row keeps the source's path, so `mmalign build-pairs scores` writes edit pairs {source_image,
+prompt, chosen, rejected}.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from mmalign.families import family_for_folder, family_for_pipeline
 RESERVED = {"prompt", "prompt_2", "prompt_3", "generator", "output_type", "return_dict", "latents",
             "num_images_per_prompt", "prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds",
             "negative_pooled_prompt_embeds", "callback_on_step_end", "callback_on_step_end_tensor_inputs",
-            "callback", "callback_steps", "ip_adapter_image", "ip_adapter_image_embeds"}
+            "callback", "callback_steps", "ip_adapter_image", "ip_adapter_image_embeds", "image"}
 # parameters recorded in every manifest row even when left at the pipeline's default
 RECORDED = ("num_inference_steps", "guidance_scale", "height", "width")
 AUDIO_WORDS = ("Audio", "MusicLDM")  # audio pipelines of no registered family (MusicLDM, AudioLDM 1)
@@ -148,9 +154,28 @@ def image_params(pipe: Any, params: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not inspect.Parameter.empty}
 
 
-def generate_images(pipe: Any, prompts: list[str], seeds: list[int], params: dict[str, Any]) -> list[Any]:
+def edit_sources(items: list[dict[str, Any]]) -> list[str] | None:
+    """The source image path of each item of an edit model's batch, or None when no item has one;
+    a batch mixing edit and plain prompts, or an item with several sources, is a DataError."""
+    from mmalign.errors import DataError
+
+    found = [it.get("source_images", [it["source_image"]] if "source_image" in it else []) for it in items]
+    if not any(found):
+        return None
+    for item, sources in zip(items, found):
+        if len(sources) != 1:
+            raise DataError(f"sample {item['id']}: {len(sources)} source images; edit sampling takes exactly one "
+                            "per prompt (multi-source edit pipelines are not supported yet)")
+    return [s[0] for s in found]
+
+
+def generate_images(pipe: Any, prompts: list[str], seeds: list[int], params: dict[str, Any],
+                    sources: list[str] | None = None) -> list[Any]:
     """One PIL image per (prompt, seed), image i drawn with CPU generator seeded seeds[i].
-    params: complete sampling parameters from `image_params` (negative_prompt: one string)."""
+    params: complete sampling parameters from `image_params` (negative_prompt: one string);
+    sources: an edit model's source image path per prompt (`image=`), one call per source size."""
+    if sources is not None:
+        return _generate_edits(pipe, prompts, seeds, params, sources)
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     kwargs = dict(params)
     if isinstance(kwargs.get("negative_prompt"), str):
@@ -158,3 +183,24 @@ def generate_images(pipe: Any, prompts: list[str], seeds: list[int], params: dic
     with torch.inference_mode():
         out = pipe(prompt=list(prompts), generator=generators, num_images_per_prompt=1, output_type="pil", **kwargs)
     return list(out.images)
+
+
+def _generate_edits(pipe: Any, prompts: list[str], seeds: list[int], params: dict[str, Any],
+                    sources: list[str]) -> list[Any]:
+    """`generate_images` of an edit pipeline: its `image=` the loaded sources, grouped by size."""
+    from mmalign.data.media import load_image
+
+    if "image" not in inspect.signature(pipe.__call__).parameters:
+        raise ConfigError(f"{type(pipe).__name__} takes no source image: prompts with 'source_image' need an edit "
+                          "pipeline (QwenImageEditPipeline, FluxKontextPipeline)")
+    images = [load_image(path, f"source image {path}") for path in sources]
+    out: list[Any] = [None] * len(prompts)
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, image in enumerate(images):
+        by_size.setdefault(image.size, []).append(i)
+    for rows in by_size.values():
+        kwargs = dict(params, image=[images[i] for i in rows])
+        made = generate_images(pipe, [prompts[i] for i in rows], [seeds[i] for i in rows], kwargs)
+        for i, image in zip(rows, made):
+            out[i] = image
+    return out

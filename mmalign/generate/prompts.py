@@ -2,6 +2,7 @@
 
     .txt          one prompt per line; blank lines are skipped
     .jsonl        {"prompt": str | chat messages, "images": [paths] (optional), "id": ... (optional)}
+                  edit models: {"prompt": instruction, "source_image": path} (or "source_images": [paths])
     .csv / .tsv   a `prompt` column (or PartiPrompts' `Prompt`); other columns are ignored
 
 A prompt's `prompt_index` is its position among the prompts of the file (0, 1, ...; skipped
@@ -53,6 +54,11 @@ def _from_jsonl(path: Path) -> list[dict[str, Any]]:
         images = _images(record_images(row), path.parent, where)
         if images:
             record["images"] = images
+        for key in ("source_image", "source_images"):  # an edit model's source image(s)
+            if key in row:
+                values = row[key] if isinstance(row[key], list) else [row[key]]
+                found = _images(values, path.parent, f"{where}, {key}")
+                record[key] = found if key == "source_images" else found[0]
         if "id" in row:
             record["prompt_id"] = row["id"]
         records.append(record)
@@ -77,7 +83,7 @@ def _from_table(path: Path) -> list[dict[str, Any]]:
 
 
 def read_prompts(path: str | Path) -> list[dict[str, Any]]:
-    """The prompts of a prompt file: [{"prompt", optional "images", optional "prompt_id"}] in
+    """The prompts of a prompt file: [{"prompt", optional "images", "source_image(s)", "prompt_id"}] in
     file order; a DataError names the file (and line) when it is missing, empty or malformed."""
     path = Path(path)
     if not path.is_file():

@@ -118,7 +118,7 @@ def text_sampling(sampling: dict[str, Any]) -> dict[str, Any]:
 # -- the generators: items -> finished rows ---------------------------------------------------
 def image_generator(opts: GenerateOptions, path: Path, device: torch.device) -> tuple[Callable, dict[str, Any]]:
     """(items -> rows with their PNG written, sampling params) for a diffusers pipeline."""
-    from mmalign.generate.images import generate_images, image_params, load_pipeline
+    from mmalign.generate.images import edit_sources, generate_images, image_params, load_pipeline
 
     sampling = dict(opts.sampling)
     scheduler = sampling.pop("scheduler", "")
@@ -130,7 +130,8 @@ def image_generator(opts: GenerateOptions, path: Path, device: torch.device) -> 
     out = Path(opts.out)
 
     def run(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        images = generate_images(pipe, [it["prompt"] for it in items], [it["seed"] for it in items], call)
+        images = generate_images(pipe, [it["prompt"] for it in items], [it["seed"] for it in items], call,
+                                 edit_sources(items))
         return media_rows(items, images, out, "image", ".png", lambda image, tmp: image.save(tmp, format="PNG"))
 
     return run, params
@@ -197,7 +198,7 @@ def plan(opts: GenerateOptions) -> dict[str, dict[str, Any]]:
                     "seed": sample_seed(opts.seed, i, j), "model": opts.model}
             if isinstance(record["prompt"], list):
                 item["messages"] = record["prompt"]
-            for key in ("images", "prompt_id"):
+            for key in ("images", "prompt_id", "source_image", "source_images"):
                 if key in record:
                     item[key] = record[key]
             items[item["id"]] = item
