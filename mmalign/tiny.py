@@ -16,6 +16,8 @@ launch) never read half a fixture; a builder change (its source hash) builds a f
 | qwen_image      | tests/qwen_image_fixtures.py write_tiny_qwen_image_run | pipeline/, pairs/train.jsonl     |
 | zimage          | tests/zimage_fixtures.py write_tiny_zimage_run       | pipeline/, pairs/train.jsonl       |
 | wan             | tests/wan_fixtures.py save_tiny_wan_pipeline         | pipeline/                          |
+| qwen_image_edit | tests/qwen_image_edit_fixtures.py save_tiny_qwen_image_edit_pipeline | pipeline/          |
+| flux_kontext    | tests/flux_kontext_fixtures.py save_tiny_flux_kontext_pipeline | pipeline/                |
 | audio           | tests/audio_fixtures.py write_tiny_audio_run         | pipeline/, clap/, pairs/train.jsonl |
 | llava           | mmalign.toyvlm save_tiny_llava                       | a LLaVA model + processor folder   |
 | toy_shapes      | mmalign.toyvlm make_shape_pairs(256, seed 0)         | pairs.jsonl, images/               |
@@ -65,6 +67,9 @@ FIXTURES: dict[str, Fixture] = {
     "qwen_image": Fixture("tests/qwen_image_fixtures.py:write_tiny_qwen_image_run", kwargs={"count": 32}),
     "zimage": Fixture("tests/zimage_fixtures.py:write_tiny_zimage_run", kwargs={"count": 32}),
     "wan": Fixture("tests/wan_fixtures.py:save_tiny_wan_pipeline", subfolder="pipeline"),
+    "qwen_image_edit": Fixture("tests/qwen_image_edit_fixtures.py:save_tiny_qwen_image_edit_pipeline",
+                               subfolder="pipeline"),
+    "flux_kontext": Fixture("tests/flux_kontext_fixtures.py:save_tiny_flux_kontext_pipeline", subfolder="pipeline"),
     "audio": Fixture("tests/audio_fixtures.py:write_tiny_audio_run"),
     "llava": Fixture("mmalign.toyvlm:save_tiny_llava"),
     "toy_shapes": Fixture("mmalign.toyvlm:make_shape_pairs", (256, 0), folder_last=True),
