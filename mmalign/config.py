@@ -102,7 +102,9 @@ class LossConfig:
     # β_KL: grpo's weight of KL_t = mean_dims((μ_θ - μ_ref)²)/(2 std_t²) (Flow-GRPO 0.004-0.04); nft's of
     # mean((v_θ - v_ref)²) (DiffusionNFT config.train.beta 1e-4; the NFT β itself is loss.beta)
     kl_beta: float = 0.0
-    adv_clip_max: float = 5.0  # grpo: advantages clipped to ±adv_clip_max
+    # advantages clipped to ±adv_clip_max: grpo's in the loss; nft's in its online `rewards` rounds,
+    # also its A_max (r = A / A_max / 2 + 0.5 and the loss's A_max scale)
+    adv_clip_max: float = 5.0
     # VLM image terms (mmalign/train/image_terms.py), added with image_term_weight: mdpo (mDPO's
     # conditional term on a corrupted image + anchor -log σ(β hc - anchor_delta)), realign (the
     # chosen answer with its image ≻ with another example's image); none = off.
@@ -317,6 +319,9 @@ def _section(hint: Any) -> type | None:
     return None
 
 
+MOVED = {"online.adv_clip_max": "loss.adv_clip_max"}  # old key -> where it lives now (one knob, GRPO and NFT)
+
+
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
     if not isinstance(data, dict):
@@ -326,6 +331,8 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     kwargs = {}
     for key, value in data.items():
         where = f"{prefix}{key}"
+        if where in MOVED:
+            raise ConfigError(f"config key '{where}' moved to '{MOVED[where]}'")
         if key not in names:
             raise ConfigError(f"unknown config key '{where}'{_nearest(key, names)}")
         hint, section = hints[key], _section(hints[key])

@@ -115,9 +115,8 @@ class OnlineConfig:
     eval_prompt_list: list[str] = field(default_factory=list)  # or the prompts themselves
     eval_samples: int = 2
     reference_update: str = "none"  # none | every_round: copy the policy into the reference at each round start
-    # rewards (DiffusionNFT): A = (R - group mean) / (std + 1e-4) clipped to ±adv_clip_max, std of the
-    # whole round (global_std) or of the prompt's group
-    adv_clip_max: float = 5.0
+    # rewards (DiffusionNFT): A = (R - group mean) / (std + 1e-4) clipped to ±loss.adv_clip_max, std of
+    # the whole round (global_std) or of the prompt's group
     global_std: bool = True
 
 

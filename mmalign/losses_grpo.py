@@ -25,14 +25,33 @@ from torch import Tensor
 from mmalign.types import LogpOutput, PreferenceBatch
 
 
+STD_FLOOR = 1e-4  # Flow-GRPO / DiffusionNFT: A = (R - mean) / (std + 1e-4)
+
+
+def ragged_group_advantages(rewards: Tensor, groups: Tensor, global_std: bool = True, eps: float = STD_FLOOR,
+                            ddof: int = 0) -> Tensor:
+    """A (N,) float64 = (R_i - mean_{g(i)}(R)) / (std + eps), groups of any sizes (`PerPromptStatTracker`):
+    std with `ddof` of ALL N rewards (global_std) or of the item's group g(i).
+    rewards (N,); groups (N,) long, the group (prompt slot) of each item, in any order."""
+    r = rewards.double()
+    means = torch.zeros_like(r)
+    stds = torch.full_like(r, float(r.std(correction=ddof)))
+    for g in groups.unique().tolist():
+        member = groups == g
+        means[member] = r[member].mean()
+        if not global_std:
+            stds[member] = r[member].std(correction=ddof)
+    return (r - means) / (stds + eps)
+
+
 def _normalise(r: Tensor, global_std: bool, eps: float, ddof: int = 0) -> Tensor:
-    """(R - group mean) / (std + eps) over the last dim; r (P, G) float64; std with `ddof`."""
-    std = r.std(correction=ddof) if global_std else r.std(dim=-1, keepdim=True, correction=ddof)
-    return (r - r.mean(dim=-1, keepdim=True)) / (std + eps)
+    """`ragged_group_advantages` of dense groups: r (P, G) float64, group p = row p -> (P, G)."""
+    groups = torch.arange(r.shape[0]).repeat_interleave(r.shape[1])
+    return ragged_group_advantages(r.flatten(), groups, global_std, eps, ddof).view_as(r)
 
 
 def group_advantages(rewards: Tensor, weights: list[float] | None = None, global_std: bool = True,
-                     per_reward: bool = False, eps: float = 1e-4, ddof: int = 0) -> Tensor:
+                     per_reward: bool = False, eps: float = STD_FLOOR, ddof: int = 0) -> Tensor:
     """Advantages (P, G) float32 of rewards (K, P, G) of K scorers (module docstring).
     weights: (K,) per scorer, None = all 1; ddof: 0 population std (flow_grpo), 1 torch's unbiased
     `.std()` (DanceGRPO, with eps 1e-8)."""

@@ -19,23 +19,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mmalign.losses_grpo import ragged_group_advantages
+
 WEIGHT_FLOOR = 1e-5  # the official clip of the adaptive weight
-STD_FLOOR = 1e-4  # Flow-GRPO / NFT: A = (R - mean) / (std + 1e-4)
 
 
-def group_advantages(rewards: Tensor, groups: Tensor, global_std: bool, adv_clip_max: float) -> Tensor:
-    """A (N,) float64 = clip((R - mean_group(R)) / (std + 1e-4), ±adv_clip_max), std the population
-    std (ddof 0) of ALL rewards (global_std) or of the item's group (`PerPromptStatTracker`).
+def nft_advantages(rewards: Tensor, groups: Tensor, global_std: bool, adv_clip_max: float) -> Tensor:
+    """A (N,) float64 = clip(`ragged_group_advantages`(R), ±adv_clip_max): (R - mean_group(R)) /
+    (std + 1e-4), std the population std (ddof 0) of ALL rewards (global_std) or of the item's group.
     rewards (N,), groups (N,) long: the prompt slot of each sample."""
-    rewards = rewards.double()
-    means = torch.zeros_like(rewards)
-    stds = torch.full_like(rewards, rewards.std(unbiased=False).item())
-    for g in groups.unique().tolist():
-        member = groups == g
-        means[member] = rewards[member].mean()
-        if not global_std:
-            stds[member] = rewards[member].std(unbiased=False)
-    return ((rewards - means) / (stds + STD_FLOOR)).clamp(-adv_clip_max, adv_clip_max)
+    return ragged_group_advantages(rewards, groups, global_std).clamp(-adv_clip_max, adv_clip_max)
 
 
 def optimality_weights(advantages: Tensor, adv_clip_max: float) -> Tensor:

@@ -33,9 +33,10 @@ def test_quick_demo_runs_every_step_and_writes_the_tables(quick_demo):
                   "mmalign build-pairs existence", "mmalign eval chair", "mmalign eval pope", "mmalign report-run"):
         assert any(c.startswith(f"$ {stage}") for c in commands), stage
     trains = [c for c in commands if c.startswith("$ mmalign train")]
-    # image: DPO, SFT control, online DPO (--online); VLM: plain DPO, DPO+SFT, SFT control; + the online VLM
-    # rows: online DPO, offline DPO+SFT at the same N pairs, SFT on the online chosen answers (test_demo_online_vlm.py)
-    assert len(trains) == 6 + 3
+    # image: DPO, SFT control, online DPO and GRPO on the UNet (--online); VLM: plain DPO, DPO+SFT, SFT control;
+    # + the online VLM rows: online DPO, offline DPO+SFT at the same N pairs, SFT on the online chosen answers
+    # (test_demo_online_vlm.py)
+    assert len(trains) == 7 + 3
     assert sum("loss.name=sft" in c for c in trains) == 2 + 1 and sum("loss.sft_weight=0.0" in c for c in trains) == 1
     pairs = out / "vlm" / "pairs"
     files = f"data.train=[{pairs / 'inject.jsonl'}, {pairs / 'corrupt.jsonl'}, {pairs / 'existence.jsonl'}]"
@@ -55,8 +56,9 @@ def test_quick_demo_runs_every_step_and_writes_the_tables(quick_demo):
     train_seeds = {json.loads(line)["seed"] for line in samples.read_text().splitlines()}
     assert train_seeds and not train_seeds & {r["seed"] for r in rows}  # held-out seeds: never in a pair
     tables = json.loads((out / "results.json").read_text())["tables"]
-    assert [r[1] for r in tables[0]["rows"][:4]] == ["base", "Diffusion-DPO", "SFT on chosen images (control)",
-                                                     "online DPO (learned-scorer reward)"]
+    assert [r[1] for r in tables[0]["rows"][:5]] == ["base", "Diffusion-DPO", "SFT on chosen images (control)",
+                                                     "online DPO (learned-scorer reward)",
+                                                     "GRPO on the UNet (learned-scorer reward)"]
     assert [r[0] for r in tables[1]["rows"]] == ["base (web-caption bias)", "plain DPO", "DPO + SFT (RPO)",
                                                  "SFT on chosen only (control)"]
     assert [r[0] for r in tables[-2]["rows"]] == ["base (web-caption bias)", "online DPO + SFT (annotation score)",
@@ -141,6 +143,53 @@ def test_quick_demo_online_row_samples_the_offline_budget_and_compares_on_the_sa
     assert "offline samples 20 images" in tables[2]["note"] and "online samples 20 images" in tables[2]["note"]
     assert "Online vs offline Diffusion-DPO at the same sample budget" in printed
     assert "target online image win rate >= 0.65, CI low > 0.5:" in printed
+
+
+def test_quick_demo_grpo_row_samples_the_offline_budget_and_compares_on_the_same_seeds(quick_demo):
+    out, printed = quick_demo
+    d = out / "image"
+    grpo = [c for c in printed.splitlines() if c.startswith("$ mmalign train configs/tiny/toyworld_sd_grpo.yaml")]
+    assert len(grpo) == 1
+    for override in ("grpo.prompts_per_round=5", "grpo.group_size=2", "grpo.num_steps=2", "train.max_steps=2",
+                     "train.batch_size=10", "grpo.guidance=1.0", "grpo.noise_level=1.0"):
+        assert override in grpo[0].split(), override
+    # 2 rounds x 5 prompts x 2 trajectories = the offline row's 20 images (10 prompts x 1 group x 2)
+    rounds = [line for line in printed.splitlines() if line.startswith("[mmalign] grpo round")]
+    assert [line.split(":")[1].split(",")[0].strip() for line in rounds] == ["10 trajectories"] * 2
+    assert len((d / "samples" / "manifest.jsonl").read_text().splitlines()) == 20
+    assert sorted(p.name for p in (d / "grpo" / "rounds").glob("grpo_*")) == ["grpo_00000.safetensors",
+                                                                              "grpo_00001.safetensors"]
+    for split in ("seeds", "heldout"):  # paired: the offline model's held-out samples as --base, GRPO's as --aligned
+        vs = json.loads((d / "eval" / f"grpo_vs_dpo_{split}.json").read_text())
+        assert vs["base"].endswith(f"dpo_{split}") and vs["aligned"].endswith(f"grpo_{split}")
+        c = vs["scorers"]["score_toyworld_checker"]
+        assert c["n"] == {"seeds": 20, "heldout": 4}[split] and c["ci"][0] <= c["win_rate"] <= c["ci"][1]
+    over_base = json.loads((d / "eval" / "grpo_seeds.json").read_text())
+    assert over_base["base"].endswith("base_seeds") and over_base["scorers"]["score_toyworld_checker"]["n"] == 20
+    tables = json.loads((out / "results.json").read_text())["tables"]
+    assert tables[3]["title"].startswith("GRPO on the UNet vs offline Diffusion-DPO at the same sample budget")
+    assert [r[0] for r in tables[3]["rows"]] == ["held-out seeds, training prompts", "held-out prompts"]
+    assert "offline samples 20 images" in tables[3]["note"] and "GRPO samples 20 DDIM trajectories" in tables[3]["note"]
+    assert "target GRPO on the UNet win rate >= 0.65, CI low > 0.5:" in printed
+
+
+def test_grpo_row_plan_is_the_offline_budget_and_the_shipped_config():
+    from dataclasses import replace
+
+    from mmalign.config import load_config
+    from mmalign.toyworld.demo import QUICK, DemoSettings
+    from mmalign.toyworld.demo_online import GRPO_CONFIG, grpo_plan
+
+    # 640 images = 8 rounds x 20 prompts x 4; 9 of 10 DDIM steps trained: 80 x 9 = 720 transitions = 4 x 180
+    full = grpo_plan(DemoSettings())
+    assert full == {"rounds": 8, "images": 640, "trained_steps": 9, "max_steps": 32, "batch": 180}
+    assert grpo_plan(QUICK) == {"rounds": 2, "images": 20, "trained_steps": 1, "max_steps": 2, "batch": 10}
+    cfg = load_config(Path(__file__).resolve().parents[1] / GRPO_CONFIG)  # its header's numbers are the plan's
+    assert (cfg.modality, cfg.loss.name, cfg.model.path) == ("sd_grpo", "grpo", "pkg://toyworld/diffusion")
+    assert (cfg.train.max_steps, cfg.train.batch_size, cfg.grpo.num_steps, cfg.grpo.round_steps) == (32, 180, 10, 4)
+    assert (cfg.grpo.prompts_per_round, cfg.grpo.group_size) == (20, 4)
+    with pytest.raises(ValueError, match="do not make the offline 640 images in steps of grpo_round_steps=7"):
+        grpo_plan(replace(DemoSettings(), grpo_round_steps=7))
 
 
 def test_online_sample_budget_must_equal_the_offline_one():

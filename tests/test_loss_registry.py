@@ -54,7 +54,7 @@ def test_each_loss_declares_its_fields_statistics_and_hyperparameters() -> None:
     assert get_loss("kto").hyperparameters == ("beta", "desirable_weight", "undesirable_weight")
     assert get_loss("sft").hyperparameters == ()
     assert get_loss("grpo").hyperparameters == ("clip", "kl_beta", "adv_clip_max")
-    assert get_loss("nft").hyperparameters == ("beta", "adv_clip_max", "kl_beta")  # adv_clip_max: online's
+    assert get_loss("nft").hyperparameters == ("beta", "adv_clip_max", "kl_beta")  # one loss.adv_clip_max
 
 
 def toy_loss(policy: PairLogps, reference: PairLogps, *, beta: float, soft_labels: Tensor,

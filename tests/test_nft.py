@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from mmalign.cli import main
 from mmalign.config import ConfigError, load_config
-from mmalign.losses_nft import group_advantages, nft_loss, optimality_weights
+from mmalign.losses_nft import nft_advantages, nft_loss, optimality_weights
 from mmalign.online.rounds import record_kind, select_records
 from mmalign.train.old_policy import OldPolicy, old_decay
 
@@ -35,19 +35,38 @@ def test_optimality_weights_are_the_methods_values():
 
 def test_group_advantages_by_hand_global_and_group_std():
     rewards, groups = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0, 0, 1, 1])
-    glob = group_advantages(rewards, groups, True, 5.0)  # means 1.5, 3.5; std of all = sqrt(1.25)
+    glob = nft_advantages(rewards, groups, True, 5.0)  # means 1.5, 3.5; std of all = sqrt(1.25)
     assert torch.allclose(glob, torch.tensor([-0.5, 0.5, -0.5, 0.5], dtype=torch.float64) / (math.sqrt(1.25) + 1e-4))
-    group = group_advantages(rewards, groups, False, 5.0)  # each group's std 0.5
+    group = nft_advantages(rewards, groups, False, 5.0)  # each group's std 0.5
     assert torch.allclose(group, torch.tensor([-1.0, 1.0, -1.0, 1.0], dtype=torch.float64) * 0.5 / 0.5001)
-    clipped = group_advantages(torch.tensor([0.0, 0.0, 0.0, 1.0]), torch.zeros(4, dtype=torch.long), False, 1.0)
+    clipped = nft_advantages(torch.tensor([0.0, 0.0, 0.0, 1.0]), torch.zeros(4, dtype=torch.long), False, 1.0)
     assert clipped.max().item() == 1.0  # (1 - 0.25) / (0.433 + 1e-4) = 1.73 clipped to A_max 1
+
+
+def test_nft_and_grpo_share_one_group_normalisation():
+    """NFT's ragged groups (any sizes, any order) are GRPO's dense (P, G) formula, then the clip."""
+    from mmalign.losses_grpo import group_advantages
+
+    dense = torch.tensor([[1.0, 4.0, 2.0], [0.5, 0.5, 3.0]])
+    order = torch.tensor([4, 0, 5, 2, 1, 3])  # the items shuffled: groups need not be contiguous
+    for global_std in (True, False):
+        got = nft_advantages(dense.flatten()[order], torch.tensor([0, 0, 0, 1, 1, 1])[order], global_std, 1.0)
+        want = group_advantages(dense, global_std=global_std).double().flatten()[order].clamp(-1.0, 1.0)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert got.abs().max() == 1.0  # group std: (3 - 4/3) / 1.18 = 1.41 clipped to A_max 1
+
+
+def test_online_adv_clip_max_moved_to_the_loss_section():
+    with pytest.raises(ConfigError, match="^config key 'online.adv_clip_max' moved to 'loss.adv_clip_max'$"):
+        load_config(ROOT / "configs/tiny/flow_nft.yaml", ["online.adv_clip_max=2.0"])
+    assert load_config(ROOT / "configs/tiny/flow_nft.yaml", ["loss.adv_clip_max=2.0"]).loss.adv_clip_max == 2.0
 
 
 def test_rewards_strategy_gives_one_rewarded_record_per_scored_sample():
     rows = [{"id": f"s{i}", "prompt_index": i // 2, "prompt": f"p{i // 2}", "seed": i, "kind": "text",
              "text": f"t{i}", "score": s} for i, s in enumerate([1.0, 3.0, 5.0, None])]
-    settings = SimpleNamespace(strategy="rewards", global_std=False, adv_clip_max=0.5)
-    records, selection = select_records(rows, settings)
+    settings = SimpleNamespace(strategy="rewards", global_std=False)
+    records, selection = select_records(rows, settings, 0.5)
     assert record_kind("rewards") == "rewarded" and [r["completion"] for r in records] == ["t0", "t1", "t2"]
     # group p0: mean 2, std 1 -> A = -1/1.0001, +1/1.0001 clipped to ±0.5 -> r = 0, 1; p1 alone: A = 0 -> r 0.5
     assert [r["advantage"] for r in records] == [-0.5, 0.5, 0.0]

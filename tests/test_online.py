@@ -18,6 +18,7 @@ from mmalign.families import get_family
 from mmalign.online import OnlineSource
 from mmalign.online.rounds import plan_rows, select_records, soft_label
 from mmalign.online.samplers import SAMPLERS, sampler_for
+from online_fixtures import Accelerator, fake_source
 
 ROOT = Path(__file__).resolve().parents[1]
 LM = ROOT / "configs/tiny/lm_online_dpo.yaml"
@@ -34,20 +35,8 @@ def fake_text(ctx, model, job):
     return [{"kind": "text", "text": ANSWERS[(p, i % 2)]} for i, p in enumerate(job.prompts)]
 
 
-class Accelerator:
-    device, is_main_process, num_processes, process_index = torch.device("cpu"), True, 1, 0
-
-    @staticmethod
-    def autocast():
-        return torch.autocast("cpu", enabled=False)
-
-
 def hand_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *overrides: str) -> OnlineSource:
-    monkeypatch.setitem(SAMPLERS, "text", fake_text)
-    cfg = load_config(LM, [f"train.output_dir={tmp_path}", "online.prompt_list=[p one, p two]",
-                           "online.prompts_per_round=2", "online.group_size=2", "online.scorer=[text_length=words]",
-                           *overrides])
-    return OnlineSource(cfg, likelihood=None, processor=None)
+    return fake_source(tmp_path, monkeypatch, fake_text, *overrides)
 
 
 @pytest.mark.parametrize("strategy", ["best_worst", "soft", "ranked"])
@@ -88,7 +77,7 @@ def test_round_seeds_depend_on_seed_round_slot_and_sample_only():
 def test_margin_strategy_drops_small_gaps_and_ties():
     rows = [{"id": f"s{j}", "prompt_index": 0, "prompt": "p", "sample": j, "seed": j, "kind": "text",
              "text": t, "score": s} for j, (t, s) in enumerate([("a", 3.0), ("b", 2.5), ("c", 1.0), ("d", 1.0)])]
-    records, selection = select_records(rows, SimpleNamespace(strategy="margin", margin=1.0, list_size=0))
+    records, selection = select_records(rows, SimpleNamespace(strategy="margin", margin=1.0, list_size=0), 5.0)
     assert [(r["chosen"], r["rejected"]) for r in records] == [("a", "c"), ("a", "d"), ("b", "c"), ("b", "d")]
     assert selection.counts["dropped_tie"] == 1 and selection.counts["dropped_low_margin"] == 1
 

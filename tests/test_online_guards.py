@@ -17,14 +17,17 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from mmalign.cli import main
-from mmalign.config import ConfigError, load_config
+from mmalign.config import ConfigError
 from mmalign.online import OnlineSource
 from mmalign.online.guards import round_kl, round_metrics
 from mmalign.online.samplers import SAMPLERS
 from mmalign.types import LogpOutput
+from online_fixtures import Accelerator, fake_source
 
 ROOT = Path(__file__).resolve().parents[1]
 LM = ROOT / "configs/tiny/lm_online_dpo.yaml"
+LLAVA = ROOT / "configs/tiny/llava_online_dpo.yaml"
+VOCAB = "pkg://vocab/toyworld_objects.txt"
 QUIET = ["train.progress=false", "train.tensorboard=false", "train.log_every=1"]
 # (prompt, position in its group) -> answer; words: p one 3 vs 1, p two 2 vs 2 (a tie)
 ANSWERS = {("p one", 0): "a b c", ("p one", 1): "a", ("p two", 0): "x y", ("p two", 1): "u v"}
@@ -34,20 +37,8 @@ def fake_text(ctx, model, job):
     return [{"kind": "text", "text": ANSWERS[(p, int(i[-2:]) % 2)]} for p, i in zip(job.prompts, job.ids)]
 
 
-class Accelerator:
-    device, is_main_process, num_processes, process_index = torch.device("cpu"), True, 1, 0
-
-    @staticmethod
-    def autocast():
-        return torch.autocast("cpu", enabled=False)
-
-
 def source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *overrides: str) -> OnlineSource:
-    monkeypatch.setitem(SAMPLERS, "text", fake_text)
-    cfg = load_config(LM, [f"train.output_dir={tmp_path}", "online.prompt_list=[p one, p two]",
-                           "online.prompts_per_round=2", "online.group_size=2", "online.scorer=[text_length=words]",
-                           *overrides])
-    return OnlineSource(cfg, likelihood=None, processor=None)
+    return fake_source(tmp_path, monkeypatch, fake_text, *overrides)
 
 
 # -- guard values by hand -------------------------------------------------------------------------
@@ -232,3 +223,45 @@ def test_report_shows_each_round_with_scores(tmp_path, monkeypatch):
     assert "online/tie_fraction</td><td>0.5" in page and "a b c <b>3 (chosen)</b>" in page and "a <b>1 (rejected)</b>" in page
     assert "a red &lt;circle&gt;" in page and "data:image/png;base64," in page and "0.75" in page
     assert "incomplete (no meta.json)" in page
+
+
+# -- held-out guard of a VLM: prompts sampled about their images ---------------------------------------
+VLM_ANSWERS = {("a.png", 0): "a circle", ("a.png", 1): "a circle and a square", ("b.png", 0): "a square",
+               ("b.png", 1): "a ring", ("c.png", 0): "a circle and a triangle", ("c.png", 1): "a circle and a square"}
+
+
+def test_vlm_held_out_prompts_are_sampled_with_their_images(tmp_path, monkeypatch):
+    from mmalign.toyvlm import draw_shape
+
+    for name, shape in {"a.png": "circle", "b.png": "square", "c.png": "ring"}.items():
+        draw_shape("red", shape).save(tmp_path / name)
+    train, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
+    train.write_text("".join(json.dumps({"image": n, "prompt": "describe", "objects": [o]}) + "\n"
+                             for n, o in [("a.png", "circle"), ("b.png", "square")]))
+    held.write_text(json.dumps({"image": "c.png", "prompt": "what is here", "objects": ["circle", "square"]}) + "\n")
+    seen = []
+
+    def fake_vlm(ctx, model, job):
+        seen.extend((i, f["images"]) for i, f in zip(job.ids, job.fields, strict=True))
+        return [{"kind": "text", "text": VLM_ANSWERS[(Path(f["images"][0]).name, int(i[-2:]))]}
+                for i, f in zip(job.ids, job.fields, strict=True)]
+
+    vlm = ["online.prompt_list=[]", f"online.prompts={train}", "online.eval_samples=2",
+           f"online.eval_scorer=[\"annotations={VOCAB},recall=0.5\"]", f"online.eval_prompts={held}"]
+    src = fake_source(tmp_path / "run", monkeypatch, fake_vlm, *vlm, sampler_key="vlm", config=LLAVA)
+    got = src.records_for_step(0, torch.nn.Linear(1, 1), Accelerator())
+    # held out, about c.png (objects circle, square): "a circle and a triangle" -1 + 0.5 * 1/2 = -0.75,
+    # "a circle and a square" 0 + 0.5 * 2/2 = 0.5: mean -0.125
+    assert got.metrics["online/eval_reward_mean"] == pytest.approx(-0.125)
+    c_png = [str(tmp_path / "c.png")]
+    assert [(i, p) for i, p in seen if i.startswith("eval")] == [("eval-p000-s00", c_png), ("eval-p000-s01", c_png)]
+    rows = [json.loads(x) for x in (tmp_path / "run/rounds/round_00000/eval/samples.jsonl").open()]
+    assert [(r["images"], r["objects"], r["score"]) for r in rows] == [(c_png, ["circle", "square"], -0.75),
+                                                                       (c_png, ["circle", "square"], 0.5)]
+    # training rows: every sample about its own prompt's image (word counts: 2 vs 5 and 2 vs 2)
+    assert sorted((p[0], i[-2:]) for i, p in seen if i.startswith("r")) == sorted(
+        (str(tmp_path / n), s) for n in ("a.png", "b.png") for s in ("00", "01"))
+    with pytest.raises(ConfigError, match="online.eval_prompt_list has no images: a VLM's online prompts come "
+                                          "from online.eval_prompts"):
+        fake_source(tmp_path / "run2", monkeypatch, fake_vlm, *vlm, "online.eval_prompt_list=[what is here]",
+                    "online.eval_prompts=", sampler_key="vlm", config=LLAVA)

@@ -46,7 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="a few samples and steps: checks the pipeline, not the numbers")
     p.add_argument("--only", nargs="+", choices=("image", "vlm"), help="run one side only")
     p.add_argument("--online", action="store_true",
-                   help="also the online DPO rows (rounds sampled by the current model) at the offline sample budget")
+                   help="also the online image rows at the offline sample budget: online DPO and GRPO on the "
+                        "UNet (rounds sampled by the current model)")
     p.add_argument("--flow", action="store_true",
                    help="instead: Flow-DPO vs Flow-GRPO vs DiffusionNFT on the toy flow model "
                         "(default out runs/demo_flow)")

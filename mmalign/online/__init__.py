@@ -69,7 +69,7 @@ class OnlineSource:
         self.prompt_stream = StreamSampler(len(self.prompts), cfg.train.seed)
         self.scorers: list[tuple[Any, Any]] | None = None  # loaded on the first round (on its device)
         self.offline = OfflineMix(cfg, self.kind) if self.settings.offline_per_round else None
-        self.eval_prompts = load_eval_prompts(self.settings)
+        self.eval_prompts, self.eval_fields = load_eval_prompts(self.settings, self.family)
         self.eval_scorers: list[tuple[Any, Any]] | None = None
         self.fingerprint = run_fingerprint(cfg)
         self.round, self.current = -1, None
@@ -120,7 +120,7 @@ class OnlineSource:
         if records is not None:
             return records, round_meta(folder).get("metrics", {})
         rows = self.sample(r, model, accelerator)
-        records, selection = select_records(rows, s)
+        records, selection = select_records(rows, s, self.cfg.loss.adv_clip_max)
         metrics = {"online/round": float(r), **round_metrics(rows, len(records))}
         if self.eval_prompts:
             metrics["online/eval_reward_mean"] = self.evaluate(folder / "eval", model, accelerator)
@@ -158,9 +158,9 @@ class OnlineSource:
         """Mean `online.eval_scorer` score of the held-out prompts sampled now by `model` with their
         fixed seeds (`guards.eval_rows`), kept in folder/samples.jsonl (main process)."""
         s = self.settings
-        rows = eval_rows(self.eval_prompts, s.eval_samples, self.cfg.train.seed)
-        job = SampleJob([row["prompt"] for row in rows], [row["seed"] for row in rows],
-                        [row["id"] for row in rows], folder)
+        rows = eval_rows(self.eval_prompts, s.eval_samples, self.cfg.train.seed, self.eval_fields)
+        job = SampleJob([row["prompt"] for row in rows], [row["seed"] for row in rows], [row["id"] for row in rows],
+                        folder, [f for f in self.eval_fields for _ in range(s.eval_samples)])
         with eval_mode(model), torch.no_grad(), accelerator.autocast():
             outputs = sample_shards(self.sampler, self.context, model, job, accelerator)
         rows = [{**row, **out} for row, out in zip(rows, outputs, strict=True)]

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from mmalign.errors import ConfigError
+from mmalign.families import Family
 from mmalign.nn import eval_mode
 from mmalign.seeds import ROW, RUN, mix_seed
 
@@ -43,24 +44,29 @@ def round_metrics(rows: list[dict[str, Any]], kept: int) -> dict[str, float]:
             "online/tie_fraction": ties / len(groups) if groups else 0.0, "online/kept_records": float(kept)}
 
 
-def load_eval_prompts(settings: Any) -> list[str]:
-    """`online.eval_prompt_list`, else the prompts of the file `online.eval_prompts` ([] without either)."""
-    from mmalign.modalities.step_sampler import load_prompts
+def load_eval_prompts(settings: Any, family: Family) -> tuple[list[str], list[dict[str, Any]]]:
+    """(prompts, per-prompt fields) of `online.eval_prompt_list`, else of the file `online.eval_prompts`
+    (([], []) without either), read as the training prompts are for `family` (`online_prompts`): a
+    VLM's held-out prompts are records with their image(s) (and objects), so they are sampled
+    about their images and the eval scorer sees them."""
+    from mmalign.online.samplers import online_prompts
 
-    if settings.eval_prompt_list:
-        return [str(p) for p in settings.eval_prompt_list]
-    if not settings.eval_prompts:
-        return []
-    if not Path(settings.eval_prompts).is_file():
+    if not settings.eval_prompt_list and not settings.eval_prompts:
+        return [], []
+    if not settings.eval_prompt_list and not Path(settings.eval_prompts).is_file():
         raise ConfigError(f"online.eval_prompts: prompt file not found: '{settings.eval_prompts}'")
-    return load_prompts(SimpleNamespace(prompt_list=[], prompts=settings.eval_prompts), "online.eval")
+    held_out = SimpleNamespace(prompt_list=settings.eval_prompt_list, prompts=settings.eval_prompts)
+    return online_prompts(family, held_out, ("online.eval_prompts", "online.eval_prompt_list"))
 
 
-def eval_rows(prompts: list[str], samples: int, seed: int) -> list[dict[str, Any]]:
+def eval_rows(prompts: list[str], samples: int, seed: int,
+              fields: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """The held-out rows (manifest shape), prompt-major, id eval-p<slot>-s<j>; seed of (slot, j)
-    = mix_seed(train.seed, slot, j): the same in every round, so rounds compare the policy alone."""
+    = mix_seed(train.seed, slot, j): the same in every round, so rounds compare the policy alone.
+    fields[slot]: the prompt's own fields (a VLM prompt's images and objects) copied into its rows."""
+    fields = fields or [{} for _ in prompts]
     return [{"id": f"eval-p{slot:03d}-s{j:02d}", "prompt_index": slot, "prompt": prompt, "sample": j,
-             "seed": mix_seed(seed, slot, j, strides=(RUN, ROW, 1), offset=EVAL_SEED_OFFSET)}
+             "seed": mix_seed(seed, slot, j, strides=(RUN, ROW, 1), offset=EVAL_SEED_OFFSET), **fields[slot]}
             for slot, prompt in enumerate(prompts) for j in range(samples)]
 
 

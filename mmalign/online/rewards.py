@@ -3,9 +3,9 @@ sample becomes one "rewarded" record, no pairs.
 
 Per round, with R the combined `score` of each sample and its group the samples of one prompt slot:
 
-    A = clip((R - mean_group(R)) / (std + 1e-4), ±online.adv_clip_max)
+    A = clip((R - mean_group(R)) / (std + 1e-4), ±loss.adv_clip_max)
     std = population std of ALL the round's rewards (online.global_std, the shipped configs) or of the group
-    r = clip(A / adv_clip_max / 2 + 0.5, 0, 1)                        (the sample's optimality weight)
+    r = clip(A / loss.adv_clip_max / 2 + 0.5, 0, 1)                   (the sample's optimality weight)
 
 Record: {"prompt", "completion" (text or media path), "reward", "advantage", "optimality" (r),
 "id", "prompt_index", "seed"}. Samples without a score are dropped (counted in the summary). Unlike
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from mmalign.losses_nft import group_advantages, optimality_weights
+from mmalign.losses_nft import nft_advantages, optimality_weights
 
 
 @dataclass
@@ -37,8 +37,10 @@ class RewardSelection:
                 f"{self.mean_abs_advantage:.3f}){unscored}")
 
 
-def reward_records(rows: list[dict[str, Any]], settings: Any) -> tuple[list[dict[str, Any]], RewardSelection]:
-    """(records, RewardSelection) of scored rows (module docstring); settings: the `online` section."""
+def reward_records(rows: list[dict[str, Any]], settings: Any,
+                   adv_clip_max: float) -> tuple[list[dict[str, Any]], RewardSelection]:
+    """(records, RewardSelection) of scored rows (module docstring); settings: the `online` section,
+    adv_clip_max: `loss.adv_clip_max` (A_max, shared with the NFT loss)."""
     scored = [r for r in rows if r.get("score") is not None]
     prompts = len({r["prompt_index"] for r in rows})
     selection = RewardSelection(Counter(unscored=len(rows) - len(scored), prompts=prompts, kept=len(scored),
@@ -47,8 +49,8 @@ def reward_records(rows: list[dict[str, Any]], settings: Any) -> tuple[list[dict
         return [], selection
     rewards = torch.tensor([float(r["score"]) for r in scored], dtype=torch.float64)
     groups = torch.tensor([int(r["prompt_index"]) for r in scored])
-    advantages = group_advantages(rewards, groups, settings.global_std, settings.adv_clip_max)
-    weights = optimality_weights(advantages, settings.adv_clip_max)
+    advantages = nft_advantages(rewards, groups, settings.global_std, adv_clip_max)
+    weights = optimality_weights(advantages, adv_clip_max)
     selection.mean_abs_advantage = float(advantages.abs().mean())
     records = [{"prompt": row["prompt"], "completion": row["text"] if row["kind"] == "text" else row["path"],
                 "reward": float(row["score"]), "advantage": float(a), "optimality": float(w), "id": row["id"],

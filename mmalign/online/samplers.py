@@ -171,13 +171,15 @@ def sample_kind(family: Family) -> str:
     return "image" if family.sample == "images" else family.sample
 
 
-def online_prompts(family: Family, settings: Any) -> tuple[list[str], list[dict[str, Any]]]:
-    """(prompts, per-prompt fields) of `online.prompts` / `online.prompt_list` for `family`: a VLM's
-    records with images and objects (`load_vlm_prompts`), else texts with no fields."""
+def online_prompts(family: Family, settings: Any, keys: tuple[str, str] = ("online.prompts", "online.prompt_list")
+                   ) -> tuple[list[str], list[dict[str, Any]]]:
+    """(prompts, per-prompt fields) of `settings.prompts` / `settings.prompt_list` for `family`: a VLM's
+    records with images and objects (`load_vlm_prompts`), else texts with no fields; `keys` name
+    the file and list keys in errors (the training prompts' by default)."""
     if sampler_name(family) == "vlm":
         from mmalign.online.vlm import load_vlm_prompts
 
-        return load_vlm_prompts(settings)
+        return load_vlm_prompts(settings, keys)
     from mmalign.modalities.step_sampler import load_prompts
 
     prompts = load_prompts(settings, "online")

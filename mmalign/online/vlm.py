@@ -64,20 +64,24 @@ def vlm_prompt(record: dict[str, Any], root: Path, where: str) -> tuple[str, dic
     return prompt, fields
 
 
-def load_vlm_prompts(settings: Any) -> tuple[list[str], list[dict[str, Any]]]:
-    """(prompts, per-prompt fields) of `online.prompts` (see the module docstring)."""
+def load_vlm_prompts(settings: Any, keys: tuple[str, str] = ("online.prompts", "online.prompt_list")
+                     ) -> tuple[list[str], list[dict[str, Any]]]:
+    """(prompts, per-prompt fields) of the prompt file `settings.prompts` (see the module docstring);
+    `keys`: the config keys of the file and of the list that errors name (the held-out guard's
+    are online.eval_prompts, online.eval_prompt_list)."""
     from mmalign.data.preference import read_records
 
+    file_key, list_key = keys
     if settings.prompt_list:
-        raise ConfigError("online.prompt_list has no images: a VLM's online prompts come from online.prompts "
+        raise ConfigError(f"{list_key} has no images: a VLM's online prompts come from {file_key} "
                           "(records with 'image' and 'prompt')")
     from mmalign.data.hub_data import local_data_path
 
     path = Path(local_data_path(settings.prompts)) if settings.prompts else Path()
     if not settings.prompts or not path.is_file():
-        raise ConfigError(f"online.prompts: prompt file not found: '{settings.prompts}'")
+        raise ConfigError(f"{file_key}: prompt file not found: '{settings.prompts}'")
     if path.suffix == ".txt":
-        raise ConfigError(f"online.prompts: {path} is a text file; a VLM needs records with 'image' and 'prompt'")
+        raise ConfigError(f"{file_key}: {path} is a text file; a VLM needs records with 'image' and 'prompt'")
     rows = read_records(path)
     if not rows:
         raise DataError(f"{path}: no prompts")

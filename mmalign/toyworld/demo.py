@@ -38,8 +38,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from mmalign.toyworld.demo_online import (ONLINE_BUILDERS, ONLINE_IMAGE_CONFIG, ONLINE_LABEL, online_image_table,
-                                          online_targets)
+from mmalign.toyworld.demo_online import (GRPO_CONFIG, GRPO_LABEL, ONLINE_BUILDERS, ONLINE_IMAGE_CONFIG, ONLINE_LABEL,
+                                          online_grpo_table, online_image_table, online_targets)
 from mmalign.toyworld.world import HELDOUT_SEED_START, PROMPT
 
 IMAGE_CONFIG = "configs/tiny/toyworld_sd_dpo.yaml"
@@ -74,11 +74,16 @@ class DemoSettings:
     online_prompts_per_round: int = 20
     online_group_size: int = 4
     online_round_steps: int = 25
+    # GRPO on the UNet (demo_online.grpo_plan): the online row's prompts x group size a round, 8 rounds;
+    # DDIM trajectories of grpo_num_steps steps, 90 % of them trained in grpo_round_steps steps a round
+    grpo_num_steps: int = 10
+    grpo_round_steps: int = 4
 
 
 QUICK = DemoSettings(inference_steps=2, groups=1, group_size=2, eval_samples=2, image_steps=2, image_batch=2,
                      train_scenes=12, existence_images=6, test_scenes=8, vlm_steps=2, vlm_batch=4, pope_images=8,
-                     n_boot=50, online_prompts_per_round=5, online_group_size=2, online_round_steps=1)
+                     n_boot=50, online_prompts_per_round=5, online_group_size=2, online_round_steps=1,
+                     grpo_num_steps=2, grpo_round_steps=1)
 
 
 @dataclass
@@ -238,7 +243,7 @@ def image_table(out: Path) -> dict[str, Any]:
     for split, label in (("seeds", "held-out seeds, training prompts"), ("heldout", "held-out prompts")):
         base_mean = None
         for model, name in (("dpo", "Diffusion-DPO"), ("sft", "SFT on chosen images (control)"),
-                            ("online", ONLINE_LABEL)):
+                            ("online", ONLINE_LABEL), ("grpo", GRPO_LABEL)):
             r = _load(d / f"{model}_{split}.json")
             if r is None:
                 continue
@@ -327,7 +332,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, settings: DemoS
 
     from mmalign.errors import ConfigError
 
-    missing = [c for c in (IMAGE_CONFIG, VLM_CONFIG, ONLINE_IMAGE_CONFIG) if not Path(c).is_file()]
+    missing = [c for c in (IMAGE_CONFIG, VLM_CONFIG, ONLINE_IMAGE_CONFIG, GRPO_CONFIG) if not Path(c).is_file()]
     if missing:
         raise ConfigError(f"{', '.join(missing)} not found: run `mmalign demo` from the repository root")
     out = Path(out)
@@ -350,7 +355,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, settings: DemoS
             times[f"{side} online"] = round(time.monotonic() - t0, 1)
     tables = [image_table(out), vlm_table(out)]
     if online:  # as the tables above: from the result files there are (`--only vlm` keeps it)
-        tables.append(online_image_table(out, s))
+        tables += [online_image_table(out, s), online_grpo_table(out, s)]
     from mmalign.toyworld.demo_online_vlm import online_vlm_rows  # issue 15 5b: the online VLM rows
 
     tables += online_vlm_rows(out, s, quick, sides, times)

@@ -19,6 +19,13 @@ scored by the exact checker and compared to the base (its row in the image table
 offline Diffusion-DPO model directly (`mmalign eval images --base dpo --aligned online`: the
 paired win rate of online over offline with its prompt-bootstrap interval).
 
+GRPO on the UNet (issue 16 item 4): `mmalign train configs/tiny/toyworld_sd_grpo.yaml` (modality
+sd_grpo, METHODS.md C.1 with the DDIM eta > 0 step likelihood): R = B_off / (online_prompts_per_round
+* online_group_size) rounds of the current UNet's DDIM trajectories (`grpo_num_steps` steps), the
+learned scorer's reward, group advantages, clipped ratio and KL to the frozen base on the first 90 %
+of each trajectory's steps (`grpo_plan`). So GRPO samples B_off final images, as offline and online
+DPO do; it is evaluated like them (win rate over the base, paired win rate over offline DPO).
+
 VLM side (5b): `ONLINE_BUILDERS["vlm"]`, `online_vlm_table` are the place for its rows (not here yet).
 """
 
@@ -33,6 +40,10 @@ from mmalign.toyworld.world import TRAIN_PROMPTS
 
 ONLINE_IMAGE_CONFIG = "configs/tiny/toyworld_sd_online_dpo.yaml"
 ONLINE_LABEL = "online DPO (learned-scorer reward)"
+GRPO_CONFIG = "configs/tiny/toyworld_sd_grpo.yaml"
+GRPO_LABEL = "GRPO on the UNet (learned-scorer reward)"
+GRPO_ETA = 1.0  # DDIM eta of GRPO's trajectories (grpo.noise_level)
+GRPO_FRACTION = 0.9  # trained share of each DDIM trajectory: all steps but the last (which has no noise)
 
 
 def sample_budgets(s: Any) -> tuple[int, int]:
@@ -47,20 +58,27 @@ def sample_budgets(s: Any) -> tuple[int, int]:
     return offline, online
 
 
-def image_online_steps(out: Path, s: Any) -> list[Any]:
-    """Train the online model on the training captions, export it, sample + score the held-out
-    seeds and prompts, win rates over the base and over the offline Diffusion-DPO model."""
-    from mmalign.toyworld.demo import CHECKER, SCORER, Step, _sampling, _train
+def grpo_plan(s: Any) -> dict[str, int]:
+    """GRPO on the UNet at the offline budget: rounds R = B_off / (P * G) with the online row's P
+    prompts x G images a round; T = int(grpo_num_steps * GRPO_FRACTION) trained DDIM steps a
+    trajectory, so a round holds P * G * T transitions, trained in `grpo_round_steps` optimizer
+    steps of P * G * T / grpo_round_steps (a ValueError when that does not divide)."""
+    offline, _ = sample_budgets(s)
+    per_round = s.online_prompts_per_round * s.online_group_size
+    rounds, trained = offline // per_round, int(s.grpo_num_steps * GRPO_FRACTION)
+    if rounds * per_round != offline or trained < 1 or per_round * trained % s.grpo_round_steps:
+        raise ValueError(f"demo settings: GRPO rounds of {per_round} images x {trained} trained steps do not make "
+                         f"the offline {offline} images in steps of grpo_round_steps={s.grpo_round_steps}")
+    return {"rounds": rounds, "images": rounds * per_round, "trained_steps": trained,
+            "max_steps": rounds * s.grpo_round_steps, "batch": per_round * trained // s.grpo_round_steps}
 
-    sample_budgets(s)
-    d, name = out / "image", "online"
-    overrides = {"online.prompts": d / "prompts_eval_seeds.txt",  # the training captions, once each
-                 "online.prompts_per_round": s.online_prompts_per_round, "online.group_size": s.online_group_size,
-                 "online.round_steps": s.online_round_steps, "online.sampling.num_inference_steps": s.inference_steps,
-                 "online.sampling.guidance_scale": f"{s.guidance:g}", "train.max_steps": s.image_steps,
-                 "train.batch_size": s.image_batch, "train.seed": s.seed, "train.output_dir": d / name}
-    steps = [_train(ONLINE_IMAGE_CONFIG, d / name, overrides),
-             Step("mmalign", ["export", str(d / name), "--to", str(d / f"{name}_model"), "--format", "merged"],
+
+def _heldout_steps(d: Path, name: str, s: Any) -> list[Any]:
+    """Export run d/name, sample + score the held-out seeds and prompts, win rates over the base and
+    over the offline Diffusion-DPO model (paired: the same prompts and seeds)."""
+    from mmalign.toyworld.demo import CHECKER, SCORER, Step, _sampling
+
+    steps = [Step("mmalign", ["export", str(d / name), "--to", str(d / f"{name}_model"), "--format", "merged"],
                   d / f"{name}_model")]
     prompts = {"seeds": d / "prompts_eval_seeds.txt", "heldout": d / "prompts_eval_heldout.txt"}
     for split, path in prompts.items():
@@ -79,7 +97,40 @@ def image_online_steps(out: Path, s: Any) -> list[Any]:
     return steps
 
 
-ONLINE_BUILDERS: dict[str, Callable[[Path, Any], list[Any]]] = {"image": image_online_steps}
+def image_online_steps(out: Path, s: Any) -> list[Any]:
+    """Train the online DPO model on the training captions, then `_heldout_steps`."""
+    from mmalign.toyworld.demo import _train
+
+    sample_budgets(s)
+    d, name = out / "image", "online"
+    overrides = {"online.prompts": d / "prompts_eval_seeds.txt",  # the training captions, once each
+                 "online.prompts_per_round": s.online_prompts_per_round, "online.group_size": s.online_group_size,
+                 "online.round_steps": s.online_round_steps, "online.sampling.num_inference_steps": s.inference_steps,
+                 "online.sampling.guidance_scale": f"{s.guidance:g}", "train.max_steps": s.image_steps,
+                 "train.batch_size": s.image_batch, "train.seed": s.seed, "train.output_dir": d / name}
+    return [_train(ONLINE_IMAGE_CONFIG, d / name, overrides), *_heldout_steps(d, name, s)]
+
+
+def image_grpo_steps(out: Path, s: Any) -> list[Any]:
+    """Train GRPO on the UNet (`GRPO_CONFIG`, modality sd_grpo) at the offline budget (`grpo_plan`),
+    reward the learned scorer, guidance the demo's; then `_heldout_steps`."""
+    from mmalign.toyworld.demo import _train
+
+    plan, d = grpo_plan(s), out / "image"
+    overrides = {"grpo.prompts": d / "prompts_eval_seeds.txt", "grpo.prompts_per_round": s.online_prompts_per_round,
+                 "grpo.group_size": s.online_group_size, "grpo.round_steps": s.grpo_round_steps,
+                 "grpo.num_steps": s.grpo_num_steps, "grpo.timestep_fraction": GRPO_FRACTION,
+                 "grpo.noise_level": GRPO_ETA, "grpo.guidance": float(s.guidance), "train.max_steps": plan["max_steps"],
+                 "train.batch_size": plan["batch"], "train.seed": s.seed, "train.output_dir": d / "grpo"}
+    return [_train(GRPO_CONFIG, d / "grpo", overrides), *_heldout_steps(d, "grpo", s)]
+
+
+def image_online_rows(out: Path, s: Any) -> list[Any]:
+    """The image side's online rows (`mmalign demo --online`): online DPO, then GRPO on the UNet."""
+    return image_online_steps(out, s) + image_grpo_steps(out, s)
+
+
+ONLINE_BUILDERS: dict[str, Callable[[Path, Any], list[Any]]] = {"image": image_online_rows}
 
 
 def _load(path: Path) -> dict[str, Any] | None:
@@ -141,12 +192,40 @@ def online_image_table(out: Path, s: Any) -> dict[str, Any]:
                     f"with the shipped DDIM, both {s.inference_steps} steps at guidance {s.guidance:g}.{spent}"}
 
 
+def online_grpo_table(out: Path, s: Any) -> dict[str, Any]:
+    """GRPO on the UNet over offline Diffusion-DPO (paired: same held-out prompts and seeds) per split,
+    at the offline sample budget (`grpo_plan`)."""
+    d = out / "image" / "eval"
+    rows = []
+    for split, label in (("seeds", "held-out seeds, training prompts"), ("heldout", "held-out prompts")):
+        r = _load(d / f"grpo_vs_dpo_{split}.json")
+        if r is not None:
+            c, p = r["scorers"]["score_toyworld_checker"], r["scorers"].get("score_pickscore")
+            rows.append([label, _ci(c), f"{c['mean_base']:.3f} -> {c['mean_aligned']:.3f}", _ci(p) if p else "-",
+                         str(c["n"])])
+    offline, plan = sample_budgets(s)[0], grpo_plan(s)
+    return {"title": "GRPO on the UNet vs offline Diffusion-DPO at the same sample budget (mmalign eval images "
+                     "--base offline --aligned grpo)",
+            "columns": ["evaluation", "win rate of GRPO over offline, exact checker [95% CI]",
+                        "checker mean offline -> GRPO", "win rate, learned scorer [95% CI]", "samples"],
+            "rows": rows,
+            "note": f"Budget: offline samples {offline} images once from the base; GRPO samples {plan['images']} "
+                    f"DDIM trajectories (eta {GRPO_ETA:g}, {s.grpo_num_steps} steps, guidance {s.guidance:g}) from "
+                    f"the current UNet ({plan['rounds']} rounds x {s.online_prompts_per_round} prompts x "
+                    f"{s.online_group_size}) and trains their first {plan['trained_steps']} steps in "
+                    f"{plan['max_steps']} optimizer steps of {plan['batch']} transitions ({GRPO_CONFIG}: clipped "
+                    f"ratio, KL to the frozen base). Same reward (the learned scorer); both evaluated with the "
+                    f"shipped DDIM, {s.inference_steps} steps at guidance {s.guidance:g}."}
+
+
 def online_targets(out: Path) -> dict[str, dict[str, Any]]:
-    """The issue's bar for the online row: win rate over the base >= 0.65 with the 95 % interval above
-    0.5 (exact checker, held-out seeds of the training prompts)."""
-    r = _load(out / "image" / "eval" / "online_seeds.json")
-    if r is None:
-        return {}
-    c = r["scorers"]["score_toyworld_checker"]
-    return {"online image win rate >= 0.65, CI low > 0.5": {"value": _ci(c),
-                                                            "met": c["win_rate"] >= 0.65 and c["ci"][0] > 0.5}}
+    """The issues' bar for the online rows: win rate over the base >= 0.65 with the 95 % interval
+    above 0.5 (exact checker, held-out seeds of the training prompts)."""
+    found = {}
+    for name, label in (("online", "online image"), ("grpo", "GRPO on the UNet")):
+        r = _load(out / "image" / "eval" / f"{name}_seeds.json")
+        if r is not None:
+            c = r["scorers"]["score_toyworld_checker"]
+            found[f"{label} win rate >= 0.65, CI low > 0.5"] = {"value": _ci(c),
+                                                                 "met": c["win_rate"] >= 0.65 and c["ci"][0] > 0.5}
+    return found

@@ -10,7 +10,7 @@ and K = int(S·nft.timestep_fraction) fresh noises; the record trains at the K t
     x_t = (1-t)·x0 + t·ε;  v_θ (grad), v_old (θ_old swapped in, no grad), v_ref (LoRA off / frozen
     copy, only when loss.kl_beta > 0), all through the likelihood's `flow_prediction` (UNet
     predictions converted to the flow convention by `ElboObjective.flow_view`)
-    loss = mean_j nft_loss(x_t, t, x0, v_θ, v_old, r; β = loss.beta, A_max = online.adv_clip_max,
+    loss = mean_j nft_loss(x_t, t, x0, v_θ, v_old, r; β = loss.beta, A_max = loss.adv_clip_max,
            β_KL = loss.kl_beta)
 
 The mean over the K times gives the official gradient (it accumulates K backward passes per
@@ -53,8 +53,8 @@ def validate_nft(cfg: Any) -> None:
                           f"(loss.name is {cfg.loss.name!r})")
     if not rewards:
         return
-    if cfg.loss.kl_beta < 0 or cfg.online.adv_clip_max <= 0:
-        raise ConfigError("loss.kl_beta must be >= 0 and online.adv_clip_max > 0")
+    if cfg.loss.kl_beta < 0 or cfg.loss.adv_clip_max <= 0:
+        raise ConfigError("loss.kl_beta must be >= 0 and loss.adv_clip_max > 0")
     if cfg.nft.decay_type not in (0, 1, 2):
         raise ConfigError(f"nft.decay_type must be 0, 1 or 2, got {cfg.nft.decay_type}")
     if not 0 < cfg.nft.timestep_fraction <= 1 or schedule_steps(cfg) < 1 or train_times(cfg) < 1:
@@ -133,7 +133,7 @@ class NFTObjective:
         for step_draw, v_old, v_ref in zip(draws, old, refs, strict=True):
             x_t, t, v_theta, x0 = self.likelihood.flow_prediction(model, step_draw)
             loss = nft_loss(x_t, t, x0, v_theta, v_old, batch.optimality, v_ref, beta=c.loss.beta,
-                            adv_clip_max=c.online.adv_clip_max, kl_beta=c.loss.kl_beta)
+                            adv_clip_max=c.loss.adv_clip_max, kl_beta=c.loss.kl_beta)
             total = total + loss / self.k
             dims = tuple(range(1, x0.ndim))
             part = {"nft/old_deviate": (v_theta - v_old).detach().pow(2).mean(dims), "nft/t": t.detach()}
