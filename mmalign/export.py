@@ -4,7 +4,8 @@ A run is `train.output_dir`: `final/` (written by `save_pretrained` at the end: 
 folder with LoRA, the model's own folder otherwise) and `checkpoints/step_*/` (trainable
 weights + `state.json`, whose "config" key is the run's whole config; the weights of a
 `train.fsdp_checkpoint: sharded` run are every process's shards, put back together here in one
-process: mmalign/train/sharded_checkpoint.py). The base model is read from that config (`model.path`), or from a YAML config given instead of the run folder.
+process: mmalign/train/sharded_checkpoint.py). The base model is read from that config
+(`model.path`), or from a YAML config given instead of the run folder.
 
 Every fact about a family that export needs is in its descriptor (`mmalign/families/<name>.py`:
 `pipeline`, `trained`, `export_formats`, `unsupported`); the code here is generic over them.

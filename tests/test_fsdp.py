@@ -142,11 +142,12 @@ def assert_each_file_holds_its_slices(folder: Path, full: dict[str, torch.Tensor
 
 
 @needs_torchrun
-def test_text_lm_sharded_checkpoints_save_resume_export(text_run, tmp_path):
+def test_text_lm_sharded_checkpoints_save_resume_export(text_run, tmp_path, capsys):
     """train.fsdp_checkpoint: sharded. Each process writes its own slices of the weights and the
     AdamW moments; a process killed while saving step 3 leaves step 2 the latest, from which 2
     sharded processes (and 1 unsharded process) resume to the uninterrupted full-state run's
-    weights and moments; `mmalign export` of the sharded checkpoint gives the full-state export."""
+    weights and moments (a damaged shard file: the checkpoint before); `mmalign export` of the
+    sharded checkpoint gives the full-state export."""
     cfg, full = text_run  # the uninterrupted run, full-state checkpoints: read only
     shard, one = tmp_path / "sharded", tmp_path / "one"
     common = ["train.batch_size=2", "train.fsdp=true"]
@@ -165,9 +166,16 @@ def test_text_lm_sharded_checkpoints_save_resume_export(text_run, tmp_path):
     assert_each_file_holds_its_slices(step2 / "optimizer_shards", moments)
     assert_identical(weights(full, 2), sharded_checkpoint.consolidate(step2 / "model_shards"))
     assert_identical(moments, optimizer_moments(step2))
-    # 1 unsharded process resumes the 2-process sharded checkpoint (read whole)
+    # 1 unsharded process resumes the 2-process sharded checkpoints (read whole): step 2's
+    # optimizer shard damaged (a truncated file) is named, and step 1 used
     shutil.copytree(shard, one)
-    assert main(["train", str(cfg), f"train.output_dir={one}", "train.fsdp_checkpoint=sharded", "train.resume=true"]) == 0
+    damaged = one / "checkpoints" / "step_00000002" / "optimizer_shards" / SHARD_FILES[1]
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    capsys.readouterr()
+    assert main(["train", str(cfg), f"train.output_dir={one}", "train.fsdp_checkpoint=sharded",
+                 "train.resume=true"]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer_shards is unreadable or damaged" in out and "resumed from" in out and "step_00000001" in out
     # 2 sharded processes resume from step 2 (the killed save's leftovers removed)
     run = torchrun([*args, "train.resume=true"])
     assert run.returncode == 0, run.stdout[-1500:] + run.stderr[-1500:]
@@ -182,7 +190,8 @@ def test_text_lm_sharded_checkpoints_save_resume_export(text_run, tmp_path):
         assert main(["export", str(run_dir), "--to", str(tmp_path / out), "--source", source]) == 0
     from transformers import AutoModelForCausalLM
 
-    a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / out).state_dict() for out in ("export_full", "export_sharded"))
+    a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / out).state_dict()
+            for out in ("export_full", "export_sharded"))
     assert_identical(a, b)
 
 

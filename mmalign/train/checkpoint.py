@@ -5,6 +5,8 @@ A checkpoint is a folder `output_dir/checkpoints/step_XXXXXXXX/` with
 - `reference.safetensors`: the reference weights, only when they change (TR-DPO sync),
 - `trainer.pt`: optimizer, scheduler, grad-scaler and loss state (loaded with weights_only=True),
 - `state.json`: step and run facts for humans.
+A sharded run with `train.fsdp_checkpoint: sharded` writes every process's shards in place of
+`model.safetensors` (and of the optimizer tensors in `trainer.pt`): mmalign/train/sharded_checkpoint.py.
 It is written to a hidden temporary folder, fsynced and renamed into place, then the `latest`
 file is replaced atomically (also fsynced), so a crash or a power loss mid-write never damages
 the last good one. Resume reads the newest checkpoint that loads; a damaged one (e.g. emptied by
@@ -29,12 +31,18 @@ from mmalign.errors import CheckpointError
 from mmalign.io import atomic_path, clean_stale_tmp, disk_full_error, fsync_dir, fsync_path
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable parameters and persistent buffers (tied weights appear once)."""
+def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters and persistent buffers (tied weights appear once), detached, as the
+    model holds them (on its device; DTensor shards when sharded)."""
     state = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     persistent = set(model.state_dict().keys())
     state.update({n: b.detach() for n, b in model.named_buffers() if n in persistent})
-    return {k: v.contiguous().cpu() for k, v in state.items()}
+    return state
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters and persistent buffers (tied weights appear once), on the CPU."""
+    return {k: v.contiguous().cpu() for k, v in trainable_tensors(model).items()}
 
 
 def load_trainable_state(model: torch.nn.Module, path: Path, state: dict[str, torch.Tensor] | None = None) -> None:
@@ -81,11 +89,11 @@ def _write_files(tmp: Path, model: torch.nn.Module, trainer_state: dict[str, Any
             target = tmp / "reference.safetensors"
             save_model(reference, str(target))  # handles tied (shared) weights
     except Exception as e:
-        _raise_full(e, target, tmp)
+        raise_disk_full(e, target, tmp)
     write_trainer_files(tmp, trainer_state, info)
 
 
-def _raise_full(error: Exception, target: Path, tmp: Path) -> NoReturn:
+def raise_disk_full(error: BaseException, target: Path, tmp: Path) -> NoReturn:
     """Re-raise `error` (raised writing `target`), as an OSError(ENOSPC) naming `target` when the
     disk is full (then the partial checkpoint `tmp` is removed to free its space)."""
     full = disk_full_error(error, target)
@@ -105,7 +113,7 @@ def write_trainer_files(tmp: Path, trainer_state: dict[str, Any], info: dict[str
         target.write_text(json.dumps(info, indent=2, default=str))
         fsync_path(tmp)
     except Exception as e:
-        _raise_full(e, target, tmp)
+        raise_disk_full(e, target, tmp)
 
 
 def checkpoint_folders(output_dir: str | Path, step: int) -> tuple[Path, Path]:

@@ -21,7 +21,8 @@ into the hidden `.step_N.tmp`; `dcp.save` ends with a collective gathering every
 results (its files written and fsynced), and only after it returns does the main process write
 `trainer.pt` and `state.json`, rename the folder into place and replace `latest`. A process
 killed mid-save leaves the hidden folder (removed by the next run) and `latest` on the previous
-checkpoint.
+checkpoint. Every process writes into the same folder: `train.output_dir` must be on a filesystem
+all processes see (one machine, or a shared one across machines).
 
 Reading reshards: DCP reads the slices each process needs, for any number of processes; one
 process (an unsharded resume, `mmalign export`) reads full tensors (`consolidate`).
@@ -29,14 +30,17 @@ process (an unsharded resume, `mmalign export`) reads full tensors (`consolidate
 
 from __future__ import annotations
 
-import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from mmalign.errors import CheckpointError
+from mmalign.train import checkpoint as ckpt
+from mmalign.train.checkpoint import trainable_tensors
 
 __all__ = ["MODEL_DIR", "OPTIMIZER_DIR", "consolidate", "is_sharded_checkpoint", "load_sharded", "save_sharded"]
 
@@ -53,15 +57,6 @@ def _raw(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     from accelerate.optimizer import AcceleratedOptimizer
 
     return optimizer.optimizer if isinstance(optimizer, AcceleratedOptimizer) else optimizer
-
-
-def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable parameters and persistent buffers as the model holds them (DTensor shards when
-    sharded), keyed as `checkpoint.trainable_state` keys them (tied weights once)."""
-    state = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    persistent = set(model.state_dict().keys())
-    state.update({n: b.detach() for n, b in model.named_buffers() if n in persistent})
-    return state
 
 
 def _split(optim_state: dict[str, Any]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
@@ -93,9 +88,12 @@ def _read(template: dict[str, Any], folder: Path, no_dist: bool = False) -> None
 
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is missing (an incomplete sharded checkpoint)")
+    no_dist = no_dist or not dist.is_initialized()
     try:
-        dcp.load(template, storage_reader=HuggingFaceStorageReader(str(folder)), no_dist=no_dist or not dist.is_initialized())
-    except Exception as e:  # DCP gathers every process's failure and raises it on all of them
+        with warnings.catch_warnings():  # DCP warns that one process reads alone, which is meant here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(template, storage_reader=HuggingFaceStorageReader(str(folder)), no_dist=no_dist)
+    except (Exception, CheckpointException) as e:  # DCP gathers every process's failure, raises it on all
         raise CheckpointError(f"{folder} is unreadable or damaged ({type(e).__name__}: {str(e)[:300]})") from e
 
 
@@ -121,8 +119,6 @@ def save_sharded(output_dir: str | Path, step: int, model: torch.nn.Module, opti
     state, ...) is written by the main process, with the optimizer's non-tensor part added."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    from mmalign.train import checkpoint as ckpt
-
     main = not dist.is_initialized() or dist.get_rank() == 0
     root = Path(output_dir) / "checkpoints"
     tmp, final = (ckpt.checkpoint_folders(output_dir, step) if main
@@ -130,8 +126,11 @@ def save_sharded(output_dir: str | Path, step: int, model: torch.nn.Module, opti
     if dist.is_initialized():
         dist.barrier()  # the fresh temporary folder exists for every process
     tensors, rest = _split(get_optimizer_state_dict(model, _raw(optimizer), options=StateDictOptions()))
-    _write(trainable_tensors(model), tmp / MODEL_DIR)
-    _write(tensors, tmp / OPTIMIZER_DIR)  # returns once every process's files are written
+    try:
+        _write(trainable_tensors(model), tmp / MODEL_DIR)
+        _write(tensors, tmp / OPTIMIZER_DIR)  # returns once every process's files are written
+    except (Exception, CheckpointException) as e:  # on every process (DCP gathers the failures)
+        ckpt.raise_disk_full(e, tmp / MODEL_DIR, tmp)
     if main:
         ckpt.write_trainer_files(tmp, dict(trainer_state, optimizer=rest), dict(info, step=step))
         ckpt.publish(tmp, final, keep_last)
@@ -144,7 +143,8 @@ def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     """Load checkpoint `path`'s shards into `model` and `optimizer` (each process the slices of
     its own shards; full tensors for an unsharded model), `rest` being the optimizer's
     non-tensor part from trainer.pt. Both shard folders are read into copies first, so a damaged
-    file (CheckpointError) leaves the model and optimizer as they were."""
+    file (CheckpointError, on every process) leaves the weights as they were and loads no
+    optimizer state (a fresh optimizer gets zero moments, as `get_optimizer_state_dict` makes them)."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                          set_optimizer_state_dict)
 
