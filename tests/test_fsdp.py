@@ -29,7 +29,11 @@ ADAMW = {"name": "adamw", "lr": 1e-2, "eps": 1e-2}
 
 
 def weights(run: Path, step: int) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "checkpoints" / f"step_{step:08d}" / "model.safetensors"))
+    """The trainable weights of checkpoint `step`: its model.safetensors, or its shards put together."""
+    folder = run / "checkpoints" / f"step_{step:08d}"
+    if sharded_checkpoint.is_sharded_checkpoint(folder):
+        return sharded_checkpoint.consolidate(folder / "model_shards")
+    return load_file(str(folder / "model.safetensors"))
 
 
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], start: dict[str, torch.Tensor],
@@ -203,8 +207,8 @@ def cfg_model(cfg: Path) -> str:
 @pytest.mark.parametrize("modality", ["sdxl", "sd3"])
 def test_denoiser_two_sharded_processes_equal_one(tmp_path, modality):
     """A tiny SDXL UNet (units: down/mid/up blocks; LoRA, reference = adapters off on the sharded
-    model) and a tiny SD3 flow transformer (units: its transformer blocks; full fine-tuning with
-    a sharded frozen reference)."""
+    model; sharded checkpoints) and a tiny SD3 flow transformer (units: its transformer blocks;
+    full fine-tuning with a sharded frozen reference; full-state checkpoints)."""
     from test_diffusion_families import family_config
 
     path = family_config(tmp_path, modality)
@@ -216,9 +220,12 @@ def test_denoiser_two_sharded_processes_equal_one(tmp_path, modality):
     Path(path).write_text(yaml.safe_dump(cfg))
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["train", path, f"train.output_dir={one}"]) == 0
-    run = torchrun(["train", path, f"train.output_dir={two}", "train.batch_size=2", "train.fsdp=true"])
+    checkpoints = "sharded" if modality == "sdxl" else "full"  # LoRA weights and moments in per-process shards
+    run = torchrun(["train", path, f"train.output_dir={two}", "train.batch_size=2", "train.fsdp=true",
+                    f"train.fsdp_checkpoint={checkpoints}"])
     assert run.returncode == 0, run.stdout[-1500:] + run.stderr[-1500:]
     assert "sharded over 2 processes" in run.stdout
+    assert sharded_checkpoint.is_sharded_checkpoint(two / "checkpoints" / "step_00000002") == (modality == "sdxl")
     a, b = weights(one, 2), weights(two, 2)
     start = ({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in a.items()} if modality == "sdxl"
              else _denoiser_start(cfg["model"]["path"], a))
