@@ -36,7 +36,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.api import CheckpointException
 
 from mmalign.errors import CheckpointError
 from mmalign.train import checkpoint as ckpt
@@ -85,6 +84,7 @@ def _read(template: dict[str, Any], folder: Path, no_dist: bool = False) -> None
     file is a CheckpointError naming the folder (on every process)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.api import CheckpointException
 
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is missing (an incomplete sharded checkpoint)")
@@ -117,6 +117,7 @@ def save_sharded(output_dir: str | Path, step: int, model: torch.nn.Module, opti
     """Write checkpoint `step` with every process's shards (call on every process: collectives),
     atomically, and prune older ones (keeping `keep_last`); `trainer_state` (scheduler, loss
     state, ...) is written by the main process, with the optimizer's non-tensor part added."""
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     main = not dist.is_initialized() or dist.get_rank() == 0
