@@ -172,6 +172,10 @@ class TrainConfig:
     # FSDP2 (`fully_shard`) over the processes, one unit per block (mmalign/train/sharding.py);
     # without a process group (1 process, no torchrun) the model stays whole
     fsdp: bool = False
+    # checkpoints of a sharded run: "full" (gathered, the main process writes model.safetensors as an
+    # unsharded run does) or "sharded" (every process writes its own shards, no full copy anywhere;
+    # mmalign/train/sharded_checkpoint.py); unsharded runs always write full ones
+    fsdp_checkpoint: str = "full"
 
 
 @dataclass
@@ -249,6 +253,7 @@ CHOICES = {
     "optim.scheduler": ("constant", "linear", "cosine"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "train.compile": ("", "inductor", "aot_eager", "eager", "cudagraphs"),
+    "train.fsdp_checkpoint": ("full", "sharded"),
     "diffusion.crop": ("center", "random"),
     "diffusion.null_prompt": ("empty", "zeros"),
     "diffusion.prediction_type": ("", "epsilon", "v_prediction", "sample"),

@@ -2,8 +2,10 @@
 
 A run is `train.output_dir`: `final/` (written by `save_pretrained` at the end: a peft adapter
 folder with LoRA, the model's own folder otherwise) and `checkpoints/step_*/` (trainable
-weights + `state.json`, whose "config" key is the run's whole config). The base model is read
-from that config (`model.path`), or from a YAML config given instead of the run folder.
+weights + `state.json`, whose "config" key is the run's whole config; the weights of a
+`train.fsdp_checkpoint: sharded` run are every process's shards, put back together here in one
+process: mmalign/train/sharded_checkpoint.py). The base model is read from that config
+(`model.path`), or from a YAML config given instead of the run folder.
 
 Every fact about a family that export needs is in its descriptor (`mmalign/families/<name>.py`:
 `pipeline`, `trained`, `export_formats`, `unsupported`); the code here is generic over them.
@@ -42,6 +44,7 @@ import torch
 
 from mmalign.config import Config, ConfigError, apply_overrides, from_dict, load_config, resolve_path, validate
 from mmalign.families import Family, get_family
+from mmalign.train.sharded_checkpoint import is_sharded_checkpoint
 
 FORMATS = ("auto", "merged", "unet", "lora")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -110,8 +113,8 @@ def locate_weights(output_dir: Path, source: str = "auto") -> tuple[Path, bool, 
         path = output_dir / "checkpoints" / f"step_{int(source):08d}"
     else:
         path = Path(source)
-    if not (path / "model.safetensors").is_file():
-        raise ConfigError(f"export: {path} is not a checkpoint folder (no model.safetensors)")
+    if not ((path / "model.safetensors").is_file() or is_sharded_checkpoint(path)):
+        raise ConfigError(f"export: {path} is not a checkpoint folder (no model.safetensors, no model_shards/)")
     return path, True, json.loads((path / "state.json").read_text())["step"]
 
 
@@ -134,7 +137,7 @@ def load_trained(run: TrainedRun) -> tuple[torch.nn.Module, Any]:
     fine-tune; the base is loaded first for its class, so twice the model's memory for a moment).
     Loaded without gradient checkpointing and without `diffusion.cache_dir` (no cache needed)."""
     from mmalign.modalities import build_modality
-    from mmalign.train.checkpoint import load_trainable_state
+    from mmalign.train.checkpoint import load_weights
     from mmalign.train.setup import apply_lora
 
     cfg = dataclasses.replace(run.cfg, model=dataclasses.replace(run.cfg.model, gradient_checkpointing=False))
@@ -146,7 +149,7 @@ def load_trained(run: TrainedRun) -> tuple[torch.nn.Module, Any]:
     model, _, processor = build_modality(cfg)
     if run.from_checkpoint:
         model = apply_lora(model, cfg)
-        load_trainable_state(model, run.weights / "model.safetensors")
+        load_weights(model, run.weights)  # model.safetensors, or a sharded checkpoint's shards put together
     elif cfg.lora.enabled:
         from peft import PeftModel
 

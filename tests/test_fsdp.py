@@ -6,6 +6,11 @@ exactly and export full weights."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +20,7 @@ from conftest import needs_torchrun, torchrun
 from safetensors.torch import load_file
 
 from mmalign.cli import main
-from mmalign.train import sharding
+from mmalign.train import sharded_checkpoint, sharding
 
 # AdamW with a large eps: updates ≈ lr·m/eps, smooth in the gradient (plain Adam's first steps are
 # ≈ lr·sign(g), which turns rounding noise in near-zero gradients into lr-sized differences); its
@@ -24,7 +29,11 @@ ADAMW = {"name": "adamw", "lr": 1e-2, "eps": 1e-2}
 
 
 def weights(run: Path, step: int) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "checkpoints" / f"step_{step:08d}" / "model.safetensors"))
+    """The trainable weights of checkpoint `step`: its model.safetensors, or its shards put together."""
+    folder = run / "checkpoints" / f"step_{step:08d}"
+    if sharded_checkpoint.is_sharded_checkpoint(folder):
+        return sharded_checkpoint.consolidate(folder / "model_shards")
+    return load_file(str(folder / "model.safetensors"))
 
 
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], start: dict[str, torch.Tensor],
@@ -37,20 +46,30 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], start: d
     assert worst[0] <= rel * moved, (worst, moved)
 
 
-def text_config(make_config) -> Path:
-    """Full fine-tuning of the tiny LM (frozen reference, sharded like the policy), 2 micro-steps."""
-    return make_config(optim=ADAMW, train={"max_steps": 3, "grad_accum": 2, "batch_size": 4, "save_every": 1,
-                                           "keep_last": 4})
+@pytest.fixture(scope="module")
+def text_run(tiny_lm_dir, toy_data, tmp_path_factory) -> tuple[Path, Path]:
+    """(config, run folder): full fine-tuning of the tiny LM (frozen reference, sharded like the
+    policy), 3 steps of 2 micro-steps by 2 sharded processes (batch 2 each), full-state checkpoints
+    at every step. Shared by the text tests, which copy the folder before writing into it."""
+    root = tmp_path_factory.mktemp("fsdp_text")
+    cfg = root / "config.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "model": {"path": str(tiny_lm_dir)}, "data": {"train": str(toy_data["train"]), "max_length": 48},
+        "loss": {"name": "dpo", "beta": 0.1}, "optim": ADAMW,
+        "train": {"output_dir": str(root / "run"), "max_steps": 3, "grad_accum": 2, "batch_size": 4, "save_every": 1,
+                  "keep_last": 4, "log_every": 1, "progress": False, "tensorboard": False}}))
+    run = torchrun(["train", str(cfg), f"train.output_dir={root / 'two'}", "train.batch_size=2", "train.fsdp=true"])
+    assert run.returncode == 0, run.stdout[-1500:] + run.stderr[-1500:]
+    assert "sharded over 2 processes" in run.stdout  # policy and frozen reference
+    return cfg, root / "two"
 
 
 @needs_torchrun
-def test_text_lm_two_sharded_processes_equal_one_and_resume(make_config, tmp_path):
-    cfg = text_config(make_config)
+def test_text_lm_two_sharded_processes_equal_one_and_resume(text_run, tmp_path):
+    cfg, made = text_run
     one, two = tmp_path / "one", tmp_path / "two"
+    shutil.copytree(made, two)
     assert main(["train", str(cfg), f"train.output_dir={one}", "train.max_steps=4"]) == 0
-    run = torchrun(["train", str(cfg), f"train.output_dir={two}", "train.batch_size=2", "train.fsdp=true"])
-    assert run.returncode == 0, run.stdout[-1500:] + run.stderr[-1500:]
-    assert "sharded over 2 processes" in run.stdout  # policy and frozen reference
     start = weights(one, 1)  # after 1 step: the moves of steps 2-4 are compared
     for step in (2, 3):
         assert_same(weights(one, step), weights(two, step), start, 1e-3)
@@ -81,6 +100,105 @@ def test_text_lm_two_sharded_processes_equal_one_and_resume(make_config, tmp_pat
         torch.testing.assert_close(c[k], b[k], rtol=0, atol=0, msg=k)
 
 
+SHARD_FILES = ["shard-00001-model-00001-of-00001.safetensors", "shard-00002-model-00001-of-00001.safetensors"]
+
+
+def torchrun_script(script: str, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 tests/SCRIPT ARGS` on a free port, one thread per process."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=port)
+    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "2", "--master_port", port,
+           str(Path(__file__).with_name(script)), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def optimizer_moments(step_dir: Path) -> dict[str, torch.Tensor]:
+    """`<parameter>.<key>` -> full tensor of the AdamW state of a checkpoint, full or sharded."""
+    if sharded_checkpoint.is_sharded_checkpoint(step_dir):
+        return sharded_checkpoint.consolidate(step_dir / "optimizer_shards")
+    state = torch.load(step_dir / "trainer.pt", weights_only=True)["optimizer"]["state"]
+    return {f"{name}.{key}": v for name, entry in state.items() for key, v in entry.items()}
+
+
+def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+
+
+def assert_each_file_holds_its_slices(folder: Path, full: dict[str, torch.Tensor]) -> None:
+    """Two files (one per process); every tensor of >= 2 rows split between them, none whole in
+    either; together exactly the full tensors' elements."""
+    from safetensors import safe_open
+
+    assert sorted(p.name for p in folder.iterdir()) == SHARD_FILES
+    held = dict.fromkeys(full, 0)
+    for name in SHARD_FILES:
+        with safe_open(str(folder / name), framework="pt") as f:
+            for k in f.keys():
+                shape = f.get_slice(k).get_shape()
+                held[k] += int(torch.Size(shape).numel())
+                if full[k].dim() and full[k].shape[0] >= 2:
+                    assert shape[0] < full[k].shape[0], (name, k, shape)
+    assert held == {k: v.numel() for k, v in full.items()}
+
+
+@needs_torchrun
+def test_text_lm_sharded_checkpoints_save_resume_export(text_run, tmp_path, capsys):
+    """train.fsdp_checkpoint: sharded. Each process writes its own slices of the weights and the
+    AdamW moments; a process killed while saving step 3 leaves step 2 the latest, from which 2
+    sharded processes (and 1 unsharded process) resume to the uninterrupted full-state run's
+    weights and moments (a damaged shard file: the checkpoint before); `mmalign export` of the
+    sharded checkpoint gives the full-state export."""
+    cfg, full = text_run  # the uninterrupted run, full-state checkpoints: read only
+    shard, one = tmp_path / "sharded", tmp_path / "one"
+    common = ["train.batch_size=2", "train.fsdp=true"]
+    args = ["train", str(cfg), f"train.output_dir={shard}", *common, "train.fsdp_checkpoint=sharded"]
+    run = torchrun_script("fsdp_kill.py", ["3", *args])
+    assert run.returncode != 0  # process 1 died mid-save
+    root = shard / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step_00000002" and not (root / "step_00000003").exists()
+    left = root / ".step_00000003.tmp"  # the killed save: model shards written, then nothing
+    assert sorted(p.name for p in (left / "model_shards").iterdir()) == SHARD_FILES
+    assert not (left / "trainer.pt").exists() and not any((left / "optimizer_shards").iterdir())
+    step2 = root / "step_00000002"
+    assert not (step2 / "model.safetensors").exists()
+    moments = optimizer_moments(full / "checkpoints" / "step_00000002")
+    assert_each_file_holds_its_slices(step2 / "model_shards", weights(full, 2))
+    assert_each_file_holds_its_slices(step2 / "optimizer_shards", moments)
+    assert_identical(weights(full, 2), sharded_checkpoint.consolidate(step2 / "model_shards"))
+    assert_identical(moments, optimizer_moments(step2))
+    # 1 unsharded process resumes the 2-process sharded checkpoints (read whole): step 2's
+    # optimizer shard damaged (a truncated file) is named, and step 1 used
+    shutil.copytree(shard, one)
+    damaged = one / "checkpoints" / "step_00000002" / "optimizer_shards" / SHARD_FILES[1]
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    capsys.readouterr()
+    assert main(["train", str(cfg), f"train.output_dir={one}", "train.fsdp_checkpoint=sharded",
+                 "train.resume=true"]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer_shards is unreadable or damaged" in out and "resumed from" in out and "step_00000001" in out
+    # 2 sharded processes resume from step 2 (the killed save's leftovers removed)
+    run = torchrun([*args, "train.resume=true"])
+    assert run.returncode == 0, run.stdout[-1500:] + run.stderr[-1500:]
+    assert "resumed from" in run.stdout and "step_00000002" in run.stdout and "unfinished write" in run.stdout
+    step3 = root / "step_00000003"
+    assert_identical(weights(full, 3), sharded_checkpoint.consolidate(step3 / "model_shards"))
+    assert_identical(optimizer_moments(full / "checkpoints" / "step_00000003"), optimizer_moments(step3))
+    assert_same(weights(full, 3), weights(one, 3), weights(full, 2), 1e-3)  # 1 process vs 2: rounding
+    rows = [[json.loads(x)["loss"] for x in open(run_dir / "metrics.jsonl")] for run_dir in (full, shard)]
+    assert rows[0] == rows[1] and len(rows[0]) == 3
+    for run_dir, source, out in ((full, "3", "export_full"), (shard, "latest", "export_sharded")):
+        assert main(["export", str(run_dir), "--to", str(tmp_path / out), "--source", source]) == 0
+    from transformers import AutoModelForCausalLM
+
+    a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / out).state_dict()
+            for out in ("export_full", "export_sharded"))
+    assert_identical(a, b)
+
+
 def cfg_model(cfg: Path) -> str:
     return yaml.safe_load(open(cfg))["model"]["path"]
 
@@ -89,8 +207,8 @@ def cfg_model(cfg: Path) -> str:
 @pytest.mark.parametrize("modality", ["sdxl", "sd3"])
 def test_denoiser_two_sharded_processes_equal_one(tmp_path, modality):
     """A tiny SDXL UNet (units: down/mid/up blocks; LoRA, reference = adapters off on the sharded
-    model) and a tiny SD3 flow transformer (units: its transformer blocks; full fine-tuning with
-    a sharded frozen reference)."""
+    model; sharded checkpoints) and a tiny SD3 flow transformer (units: its transformer blocks;
+    full fine-tuning with a sharded frozen reference; full-state checkpoints)."""
     from test_diffusion_families import family_config
 
     path = family_config(tmp_path, modality)
@@ -102,9 +220,12 @@ def test_denoiser_two_sharded_processes_equal_one(tmp_path, modality):
     Path(path).write_text(yaml.safe_dump(cfg))
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["train", path, f"train.output_dir={one}"]) == 0
-    run = torchrun(["train", path, f"train.output_dir={two}", "train.batch_size=2", "train.fsdp=true"])
+    checkpoints = "sharded" if modality == "sdxl" else "full"  # LoRA weights and moments in per-process shards
+    run = torchrun(["train", path, f"train.output_dir={two}", "train.batch_size=2", "train.fsdp=true",
+                    f"train.fsdp_checkpoint={checkpoints}"])
     assert run.returncode == 0, run.stdout[-1500:] + run.stderr[-1500:]
     assert "sharded over 2 processes" in run.stdout
+    assert sharded_checkpoint.is_sharded_checkpoint(two / "checkpoints" / "step_00000002") == (modality == "sdxl")
     a, b = weights(one, 2), weights(two, 2)
     start = ({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in a.items()} if modality == "sdxl"
              else _denoiser_start(cfg["model"]["path"], a))
@@ -174,3 +295,13 @@ def test_sharding_refuses_what_it_does_not_support(extra, key):
         sharding.check_sharding(from_dict(Config, raw))
     raw["train"]["fsdp"] = False
     sharding.check_sharding(from_dict(Config, raw))  # unsharded runs: no objection
+
+
+def test_fsdp_checkpoint_key_is_checked():
+    from mmalign.config import Config, from_dict
+    from mmalign.errors import ConfigError
+
+    raw = {"model": {"path": "m"}, "data": {"train": "d"}, "train": {"fsdp": True}}
+    assert from_dict(Config, raw).train.fsdp_checkpoint == "full"  # one model.safetensors, as unsharded runs
+    with pytest.raises(ConfigError, match="train.fsdp_checkpoint: 'shard' is not one of full, sharded"):
+        from_dict(Config, {**raw, "train": {"fsdp": True, "fsdp_checkpoint": "shard"}})

@@ -5,6 +5,8 @@ A checkpoint is a folder `output_dir/checkpoints/step_XXXXXXXX/` with
 - `reference.safetensors`: the reference weights, only when they change (TR-DPO sync),
 - `trainer.pt`: optimizer, scheduler, grad-scaler and loss state (loaded with weights_only=True),
 - `state.json`: step and run facts for humans.
+A sharded run with `train.fsdp_checkpoint: sharded` writes every process's shards in place of
+`model.safetensors` (and of the optimizer tensors in `trainer.pt`): mmalign/train/sharded_checkpoint.py.
 It is written to a hidden temporary folder, fsynced and renamed into place, then the `latest`
 file is replaced atomically (also fsynced), so a crash or a power loss mid-write never damages
 the last good one. Resume reads the newest checkpoint that loads; a damaged one (e.g. emptied by
@@ -20,7 +22,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
@@ -29,12 +31,18 @@ from mmalign.errors import CheckpointError
 from mmalign.io import atomic_path, clean_stale_tmp, disk_full_error, fsync_dir, fsync_path
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable parameters and persistent buffers (tied weights appear once)."""
+def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters and persistent buffers (tied weights appear once), detached, as the
+    model holds them (on its device; DTensor shards when sharded)."""
     state = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     persistent = set(model.state_dict().keys())
     state.update({n: b.detach() for n, b in model.named_buffers() if n in persistent})
-    return {k: v.contiguous().cpu() for k, v in state.items()}
+    return state
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters and persistent buffers (tied weights appear once), on the CPU."""
+    return {k: v.contiguous().cpu() for k, v in trainable_tensors(model).items()}
 
 
 def load_trainable_state(model: torch.nn.Module, path: Path, state: dict[str, torch.Tensor] | None = None) -> None:
@@ -54,6 +62,17 @@ def load_trainable_state(model: torch.nn.Module, path: Path, state: dict[str, to
         raise RuntimeError(f"{path}: checkpoint lacks trainable parameters {sorted(missing)[:5]}")
 
 
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load the trainable state of checkpoint folder `path` into a whole (unsharded) model, in
+    one process: its `model.safetensors`, or a sharded checkpoint's shards put back together."""
+    from mmalign.train.sharded_checkpoint import MODEL_DIR, consolidate, is_sharded_checkpoint
+
+    if is_sharded_checkpoint(path):
+        load_trainable_state(model, path / MODEL_DIR, consolidate(path / MODEL_DIR))
+    else:
+        load_trainable_state(model, path / "model.safetensors")
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
@@ -69,31 +88,48 @@ def _write_files(tmp: Path, model: torch.nn.Module, trainer_state: dict[str, Any
         if reference is not None:
             target = tmp / "reference.safetensors"
             save_model(reference, str(target))  # handles tied (shared) weights
-        target = tmp / "trainer.pt"
+    except Exception as e:
+        raise_disk_full(e, target, tmp)
+    write_trainer_files(tmp, trainer_state, info)
+
+
+def raise_disk_full(error: BaseException, target: Path, tmp: Path) -> NoReturn:
+    """Re-raise `error` (raised writing `target`), as an OSError(ENOSPC) naming `target` when the
+    disk is full (then the partial checkpoint `tmp` is removed to free its space)."""
+    full = disk_full_error(error, target)
+    if full is None:
+        raise error
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise full from error
+
+
+def write_trainer_files(tmp: Path, trainer_state: dict[str, Any], info: dict[str, Any]) -> None:
+    """`trainer.pt` and `state.json` into `tmp`, then every file under `tmp` fsynced (its bytes on
+    disk before the rename makes the folder visible)."""
+    target = tmp / "trainer.pt"
+    try:
         torch.save(trainer_state, target)
         target = tmp / "state.json"
         target.write_text(json.dumps(info, indent=2, default=str))
-        fsync_path(tmp)  # every file's bytes on disk before the rename makes the folder visible
+        fsync_path(tmp)
     except Exception as e:
-        full = disk_full_error(e, target)
-        if full is None:
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)  # free what the partial checkpoint took
-        raise full from e
+        raise_disk_full(e, target, tmp)
 
 
-def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, trainer_state: dict[str, Any],
-                    info: dict[str, Any], reference: torch.nn.Module | None = None, keep_last: int = 2,
-                    weights: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write checkpoint `step` atomically and prune older ones (keeping `keep_last`); `weights`:
-    the trainable state already gathered (a sharded model), else read from `model`."""
+def checkpoint_folders(output_dir: str | Path, step: int) -> tuple[Path, Path]:
+    """(hidden temporary folder, final folder) of checkpoint `step`; the temporary one fresh."""
     root = Path(output_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
     tmp = root / f".step_{step:08d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    _write_files(tmp, model, trainer_state, dict(info, step=step), reference, weights)
+    return tmp, root / f"step_{step:08d}"
+
+
+def publish(tmp: Path, final: Path, keep_last: int) -> Path:
+    """Rename the complete `tmp` into place as `final`, then point `latest` at it (both durable)
+    and prune older checkpoints, keeping `keep_last` (all when 0)."""
+    root = final.parent
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -102,6 +138,16 @@ def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, t
     for old in sorted(root.glob("step_*"))[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, trainer_state: dict[str, Any],
+                    info: dict[str, Any], reference: torch.nn.Module | None = None, keep_last: int = 2,
+                    weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write checkpoint `step` atomically and prune older ones (keeping `keep_last`); `weights`:
+    the trainable state already gathered (a sharded model), else read from `model`."""
+    tmp, final = checkpoint_folders(output_dir, step)
+    _write_files(tmp, model, trainer_state, dict(info, step=step), reference, weights)
+    return publish(tmp, final, keep_last)
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -142,12 +188,21 @@ def _read(file: Path, reader: Callable[[Path], Any]) -> Any:
         raise CheckpointError(f"{file} is unreadable or damaged ({type(e).__name__}: {e})") from e
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module,
-                    reference: torch.nn.Module | None = None) -> tuple[int, dict[str, Any]]:
+def load_checkpoint(path: Path, model: torch.nn.Module, reference: torch.nn.Module | None = None,
+                    optimizer: torch.optim.Optimizer | None = None) -> tuple[int, dict[str, Any]]:
     """Load model (and reference) weights in place; return (step, trainer_state). Every file is
     read before anything is loaded, so a damaged one (a CheckpointError naming it) leaves the
-    models untouched."""
+    models untouched. A sharded checkpoint (mmalign/train/sharded_checkpoint.py) also loads the
+    `optimizer` (each process its slices; a collective)."""
+    from mmalign.train.sharded_checkpoint import is_sharded_checkpoint, load_sharded
+
     step = int(read_info(path)["step"])
+    if is_sharded_checkpoint(path):
+        if optimizer is None:
+            raise ValueError(f"{path} is a sharded checkpoint: loading it needs the optimizer")
+        trainer_state = _read(path / "trainer.pt", lambda f: torch.load(f, map_location="cpu", weights_only=True))
+        load_sharded(path, model, optimizer, trainer_state["optimizer"])
+        return step, trainer_state
     weights = _read(path / "model.safetensors", lambda f: load_file(str(f)))
     ref_file = path / "reference.safetensors"
     ref_weights = _read(ref_file, lambda f: load_file(str(f))) if reference is not None and ref_file.is_file() else None
@@ -160,10 +215,11 @@ def load_checkpoint(path: Path, model: torch.nn.Module,
 
 def load_latest(output_dir: str | Path, model: torch.nn.Module, reference: torch.nn.Module | None = None,
                 check: Callable[[Path, dict[str, Any]], None] | None = None,
-                ) -> tuple[Path, int, dict[str, Any]] | None:
+                optimizer: torch.optim.Optimizer | None = None) -> tuple[Path, int, dict[str, Any]] | None:
     """Load the newest checkpoint that is intact; a damaged one is reported (naming the file) and
     the previous one tried. `check(path, info)` may refuse a checkpoint by raising (not caught).
-    None when there is no checkpoint; CheckpointError when none of them loads."""
+    None when there is no checkpoint; CheckpointError when none of them loads. `optimizer`: loaded
+    from a sharded checkpoint (a full one keeps its state in the returned trainer state)."""
     candidates = checkpoint_candidates(output_dir)
     if not candidates:
         return None
@@ -173,7 +229,7 @@ def load_latest(output_dir: str | Path, model: torch.nn.Module, reference: torch
             info = read_info(path)
             if check is not None:
                 check(path, info)
-            step, state = load_checkpoint(path, model, reference)
+            step, state = load_checkpoint(path, model, reference, optimizer)
         except CheckpointError as e:
             problems.append(str(e))
             print(f"[mmalign] warning: {e}; trying the previous checkpoint")

@@ -15,10 +15,13 @@ The root unit is not resharded after forward (FSDP2's default for the root), so 
 to the captured hidden states after `model(...)` (the chunked LM head) sees full weights.
 
 The frozen reference is sharded with the same policy; the LoRA-disabled reference is the
-sharded policy itself with its adapters off. Checkpoints are written as FULL state (every
-process gathers, the main process writes): the same `model.safetensors` as an unsharded run,
-so `mmalign export` reads them unchanged; the optimizer state is stored keyed by parameter name
-(`get_optimizer_state_dict(full_state_dict=True)`) and reloaded sharded.
+sharded policy itself with its adapters off. Checkpoints (`train.fsdp_checkpoint`):
+- `full` (default): FULL state (every process gathers, the main process writes): the same
+  `model.safetensors` as an unsharded run, so every tool reads them unchanged; the optimizer
+  state is stored keyed by parameter name (`get_optimizer_state_dict(full_state_dict=True)`) and
+  reloaded sharded. The main process holds the whole trainable state and its moments for a moment.
+- `sharded`: every process writes its own slices (torch.distributed.checkpoint), no process
+  ever holds a full tensor: mmalign/train/sharded_checkpoint.py.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from mmalign.train.optim import build_optimizer, build_scheduler
 from mmalign.train.reference import FrozenReference, LoraDisabledReference, PrecomputedReference
 from mmalign.train.setup import (apply_lora, check_contracts, make_accelerator, precompute_reference,
                                  resolve_strategy)
+from mmalign.train.sharded_checkpoint import is_sharded_checkpoint, save_sharded
 from mmalign.types import DataSource, Likelihood, LogpOutput, MicroBatchSampler, PreferenceBatch, Round, Validates
 
 
@@ -296,27 +297,37 @@ class PreferenceTrainer:
     def save(self) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
-        sharded = sharding.is_sharded(self.model)  # every process gathers the full state, the main one writes it
+        sharded = sharding.is_sharded(self.model)
+        info = {"config": to_dict(self.cfg), "num_processes": acc.num_processes}
+        if sharded and self.cfg.train.fsdp_checkpoint == "sharded":  # every process writes its own shards
+            save_sharded(self.output_dir, self.step, self.model, self.optimizer, self._trainer_state(), info,
+                         self.cfg.train.keep_last)
+            return
+        # full state: every process gathers it (when sharded), the main one writes it
         weights = sharding.full_trainable_state(self.model) if sharded else None
         optim = sharding.full_optimizer_state(self.model, self.optimizer) if sharded else None
         if acc.is_main_process:
-            state = {"optimizer": optim or self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                     "loss_state": self.loss_state.state_dict(), "skipped_steps": self.skipped_steps}
-            if acc.scaler is not None:
-                state["scaler"] = acc.scaler.state_dict()
-            if self.nft is not None:
-                state["nft_old"] = self.nft.state_dict()
+            state = dict(self._trainer_state(), optimizer=optim or self.optimizer.state_dict())
             synced = self.reference.model if self._reference_moves() else None
-            ckpt.save_checkpoint(self.output_dir, self.step, self.unwrapped, state,
-                                 {"config": to_dict(self.cfg), "num_processes": acc.num_processes}, synced,
+            ckpt.save_checkpoint(self.output_dir, self.step, self.unwrapped, state, info, synced,
                                  self.cfg.train.keep_last, weights)
         acc.wait_for_everyone()
+
+    def _trainer_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps besides the weights and the optimizer state."""
+        state = {"scheduler": self.scheduler.state_dict(), "loss_state": self.loss_state.state_dict(),
+                 "skipped_steps": self.skipped_steps}
+        if self.accelerator.scaler is not None:
+            state["scaler"] = self.accelerator.scaler.state_dict()
+        if self.nft is not None:
+            state["nft_old"] = self.nft.state_dict()
+        return state
 
     def resume(self) -> None:
         """Continue from the newest intact checkpoint (a damaged newest one is named and the one
         before it used); refuse one whose run differs in a RESUME_KEYS value."""
         synced = self.reference.model if self._reference_moves() else None
-        found = ckpt.load_latest(self.output_dir, self.unwrapped, synced, self._check_resume_config)
+        found = ckpt.load_latest(self.output_dir, self.unwrapped, synced, self._check_resume_config, self.optimizer)
         if found is None:
             if (self.output_dir / "final").exists():
                 raise FileExistsError(f"train.resume=true but {self.output_dir} holds a finished run's final/ and "
@@ -326,7 +337,9 @@ class PreferenceTrainer:
             return
         path, self.step, state = found
         self.skipped_steps = state.get("skipped_steps", 0)
-        if sharding.is_sharded(self.model):
+        if is_sharded_checkpoint(path):
+            pass  # its optimizer shards were loaded with the weights (each process its slices)
+        elif sharding.is_sharded(self.model):
             sharding.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
         else:
             self.optimizer.load_state_dict(state["optimizer"])
