@@ -79,6 +79,20 @@ def save_tiny_wan_pipeline(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def save_tiny_wan22_pipeline(path: Path, boundary_ratio: float = 0.875) -> Path:
+    """A two-expert Wan 2.2 A14B-shaped folder: the tiny pipeline, a second tiny transformer (other
+    weights) in transformer_2/, and model_index.json with boundary_ratio (A14B T2V's 0.875)."""
+    from mmalign.export import write_model_index
+
+    save_tiny_wan_pipeline(path)
+    torch.manual_seed(1)
+    tiny_wan_transformer().save_pretrained(path / "transformer_2")
+    write_model_index(path, "WanPipeline")
+    index = json.loads((path / "model_index.json").read_text())
+    (path / "model_index.json").write_text(json.dumps(dict(index, boundary_ratio=boundary_ratio), indent=2))
+    return path
+
+
 def copy_video_sample(out: Path) -> Path:
     """The shipped video pairs (datasets/video_pairs: train.jsonl, videos/, frames/) copied to `out`;
     returns its train.jsonl."""

@@ -27,8 +27,13 @@ Videos: a record's chosen / rejected is a video file or a folder of frames (mmal
 `diffusion.num_frames` frames sampled evenly over the clip, each frame resized (shortest side
 `diffusion.resolution`) and square-cropped, one crop and one flip per pair as for images.
 Dropped captions become encode("") (the pipeline's default negative prompt ""); `null_prompt:
-zeros` is refused. Wan 2.2 A14B (two experts switched at `boundary_ratio`) is refused: one
-trained transformer cannot stand for both.
+zeros` is refused.
+
+Wan 2.2 A14B (model_index.json: `boundary_ratio`, `transformer_2`): the trained model is a
+`TwoExperts` (mmalign/modalities/experts.py): a drawn σ goes to `transformer` when σ·1000 >=
+boundary_ratio · num_train_timesteps, else to `transformer_2`, as the pipeline's loop switches, for
+the policy and the reference alike; `diffusion.train_experts` ([high, low] by default) names the
+experts that train (LoRA or full), the others stay frozen; exports write both.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from mmalign.families import Family, PipelineLayout, TextEncoderSpec
 from mmalign.modalities.diffusion import (ImageLatents, UNetCall, _output_names, crop_offsets, data_roots,
                                           image_likelihood, resize_shortest, to_pixels)
 from mmalign.modalities.diffusion_cache import build_cached
+from mmalign.modalities.experts import NAMES, TwoExperts
 from mmalign.modalities.flow import FlowObjective, flow_shift
 from mmalign.modalities.loading import denoiser_config, family_folder, from_cache, load_parts
 from mmalign.modalities.text import MASK
@@ -232,16 +238,46 @@ def wan_objective(prediction_type: str, patch: Sequence[int]) -> Callable[[Any, 
 
 
 def pipeline_options(cfg: Any) -> dict[str, Any]:
-    """model_index.json's WanPipeline settings of model.path ({} without one): a two-expert folder
-    (Wan 2.2 A14B: boundary_ratio / transformer_2) is a ConfigError."""
+    """model_index.json's WanPipeline settings of model.path ({} without one); `diffusion.train_experts`
+    checked against it (two experts: a non-empty subset of [high, low]; one transformer: the default)."""
     from mmalign.errors import ConfigError
 
     index = Path(family_folder(cfg, FAMILY)) / "model_index.json"
     options = json.loads(index.read_text()) if index.is_file() else {}
-    if options.get("boundary_ratio") is not None or (options.get("transformer_2") or [None])[0] is not None:
-        raise ConfigError(f"model.path {index.parent} is a two-expert Wan 2.2 pipeline (boundary_ratio, "
-                          "transformer_2): not supported yet; train a single-transformer Wan folder")
+    experts = list(cfg.diffusion.train_experts)
+    if not two_experts(options):
+        if sorted(experts) != ["high", "low"]:
+            raise ConfigError(f"diffusion.train_experts {experts}: model.path {index.parent} has one transformer "
+                              "(no boundary_ratio / transformer_2); the key is for two-expert Wan 2.2 folders")
+        return options
+    if not experts or len(set(experts)) != len(experts) or not set(experts) <= set(NAMES):
+        raise ConfigError(f"diffusion.train_experts {experts}: give a non-empty subset of [high, low] "
+                          "(high: transformer, low: transformer_2)")
+    if options.get("expand_timesteps", False):
+        raise ConfigError(f"model.path {index.parent}: two experts (boundary_ratio) with expand_timesteps, which no "
+                          "Wan pipeline publishes; not supported")
+    if (options.get("transformer") or [None])[0] is None:
+        raise ConfigError(f"model.path {index.parent}: boundary_ratio without a high-noise transformer")
     return options
+
+
+def two_experts(options: dict[str, Any]) -> bool:
+    """A two-expert Wan 2.2 folder (A14B): boundary_ratio set and a transformer_2 (model_index.json)."""
+    return options.get("boundary_ratio") is not None and (options.get("transformer_2") or [None])[0] is not None
+
+
+def load_experts(cfg: Any, high: torch.nn.Module, options: dict[str, Any], scheduler: Any) -> TwoExperts:
+    """`TwoExperts` of the loaded `transformer` (high noise) and model.path's `transformer_2`, the
+    boundary b = boundary_ratio · num_train_timesteps as WanPipeline computes it; the experts of
+    `diffusion.train_experts` train."""
+    from diffusers import WanTransformer3DModel
+
+    d = cfg.diffusion
+    low = WanTransformer3DModel.from_pretrained(family_folder(cfg, FAMILY), subfolder="transformer_2",
+                                                torch_dtype=getattr(torch, cfg.model.dtype),
+                                                **({"variant": d.variant} if d.variant else {}))
+    ratio = float(options["boundary_ratio"])
+    return TwoExperts(high, low, ratio * int(scheduler.config.num_train_timesteps), ratio, tuple(d.train_experts))
 
 
 def check_frames(cfg: Any) -> None:
@@ -254,8 +290,9 @@ def check_frames(cfg: Any) -> None:
 
 
 def build(cfg: Any, use_cache: bool = True, trained: bool = True) -> tuple[Any, Any, None]:
-    """(trainable WanTransformer3DModel, likelihood owning the Wan VAE and the UMT5 encoder, None); from
-    `diffusion.cache_dir` when set and use_cache (neither is loaded then)."""
+    """(trainable WanTransformer3DModel, or `TwoExperts` of a Wan 2.2 A14B folder; likelihood owning the
+    Wan VAE and the UMT5 encoder; None); from `diffusion.cache_dir` when set and use_cache (neither is
+    loaded then)."""
 
     d = cfg.diffusion
     check_frames(cfg)
@@ -263,11 +300,15 @@ def build(cfg: Any, use_cache: bool = True, trained: bool = True) -> tuple[Any, 
     denoiser = WanTransformer(bool(options.get("expand_timesteps", False)))
     objective = wan_objective(d.prediction_type, denoiser_config(cfg, FAMILY).patch_size)
     if from_cache(cfg, use_cache):
-        return build_cached(cfg, FAMILY, denoiser, trained, objective, video_cache_settings(cfg))
-    parts = load_parts(cfg, FAMILY, unet=trained)
-    text = WanText(parts["text_encoders"], parts["tokenizers"])
-    latents = VideoLatents(parts["vae"], d, data_roots(cfg))
-    return parts["unet"], image_likelihood(cfg, FAMILY, parts, text, denoiser, objective, latents), None
+        model, likelihood, _ = build_cached(cfg, FAMILY, denoiser, trained, objective, video_cache_settings(cfg))
+    else:
+        parts = load_parts(cfg, FAMILY, unet=trained)
+        text = WanText(parts["text_encoders"], parts["tokenizers"])
+        latents = VideoLatents(parts["vae"], d, data_roots(cfg))
+        model, likelihood = parts["unet"], image_likelihood(cfg, FAMILY, parts, text, denoiser, objective, latents)
+    if trained and two_experts(options):
+        model = load_experts(cfg, model, options, likelihood.scheduler)
+    return model, likelihood, None
 
 
 FAMILY = Family(
