@@ -6,6 +6,7 @@ reproducing the trained denoisers' outputs."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -116,6 +117,10 @@ def test_train_experts_picks_what_trains(pipeline):
     assert names == {"transformer"}
     model.to(torch.float64)
     assert next(low.parameters()).dtype == torch.float64
+    copied = copy.deepcopy(model)  # a frozen reference: the trained expert copied, the frozen one shared
+    assert copied.components()["transformer_2"] is low and copied.transformer is not model.transformer
+    torch.testing.assert_close(outputs(copied.transformer.float(), 999.0), outputs(model.transformer.float(), 999.0),
+                               rtol=0, atol=0)
     wrapped = peft.get_peft_model(model.to(torch.float32), peft.LoraConfig(r=2, target_modules=["to_q"]))
     lora = [n for n, _ in wrapped.named_parameters() if "lora_" in n]
     assert lora and all(".transformer." in n for n in lora)

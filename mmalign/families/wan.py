@@ -34,6 +34,10 @@ Wan 2.2 A14B (model_index.json: `boundary_ratio`, `transformer_2`): the trained 
 boundary_ratio · num_train_timesteps, else to `transformer_2`, as the pipeline's loop switches, for
 the policy and the reference alike; `diffusion.train_experts` ([high, low] by default) names the
 experts that train (LoRA or full), the others stay frozen; exports write both.
+
+Image-to-video (model_index.json `_class_name: WanImageToVideoPipeline`: Wan 2.1 I2V with its CLIP image
+encoder, Wan 2.2 I2V A14B without): records `{source_image, prompt, chosen, rejected}`, the transformer
+fed [x_t, first-frame condition] (+ CLIP image states) as that pipeline's loop (mmalign/families/_wan_i2v.py).
 """
 
 from __future__ import annotations
@@ -46,19 +50,28 @@ import torch
 from torch import Tensor
 
 from mmalign.families import Family, PipelineLayout, TextEncoderSpec
-from mmalign.modalities.diffusion import (ImageLatents, UNetCall, _output_names, crop_offsets, data_roots,
-                                          image_likelihood, resize_shortest, to_pixels)
+from mmalign.families._wan_i2v import WanI2VConditioning, WanImageSource, check_i2v, load_image_encoder
+from mmalign.modalities.diffusion import (DiffusionLikelihood, ImageLatents, UNetCall, _output_names, crop_offsets,
+                                          data_roots, image_likelihood, resize_shortest, to_pixels)
 from mmalign.modalities.diffusion_cache import build_cached
 from mmalign.modalities.experts import NAMES, TwoExperts
 from mmalign.modalities.flow import FlowObjective, flow_shift
 from mmalign.modalities.loading import denoiser_config, family_folder, from_cache, load_parts
-from mmalign.modalities.text import MASK
+from mmalign.modalities.ragged import PaddedText
+from mmalign.modalities.text import MASK, TextConditioning
 
 MAX_SEQUENCE_LENGTH = 512  # WanPipeline.__call__'s default
 
 
-class WanText:
-    """UMT5 last hidden state of the cleaned prompt, zero past its tokens, 512 long (module docstring)."""
+class WanText(PaddedText):
+    """UMT5 last hidden state of the cleaned prompt, zero past its tokens, 512 long (module docstring).
+    `mmalign cache` stores each row at its prompt's real length (ragged.py), not 512."""
+
+    padded = ("encoder_hidden_states",)
+
+    def real_lengths(self, ids: dict[str, Tensor], cond: dict[str, Tensor]) -> Tensor:
+        """(n,): each prompt's tokens (the tokenizer mask's count, at most 512)."""
+        return ids[MASK].gt(0).sum(dim=1)
 
     def __init__(self, text_encoders: list[Any], tokenizers: list[Any],
                  max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> None:
@@ -92,10 +105,11 @@ class WanText:
 
 class WanTransformer(UNetCall):
     """The Wan transformer call of the pipeline's denoising loop (module docstring).
-    expand_timesteps: Wan 2.2 TI2V's per-token timestep (model_index.json)."""
+    expand_timesteps: Wan 2.2 TI2V's per-token timestep (model_index.json); image_to_video: the
+    WanImageToVideoPipeline call, [x_t, condition] along channels (+ image_embeds) (_wan_i2v.py)."""
 
-    def __init__(self, expand_timesteps: bool = False) -> None:
-        self.expand_timesteps = expand_timesteps
+    def __init__(self, expand_timesteps: bool = False, image_to_video: bool = False) -> None:
+        self.expand_timesteps, self.image_to_video = expand_timesteps, image_to_video
 
     def predict(self, model: torch.nn.Module, noisy: Tensor, values: dict[str, Tensor]) -> Tensor:
         """v_θ (N, C, f, h, w) float32 of x_t (N, C, f, h, w)."""
@@ -104,8 +118,13 @@ class WanTransformer(UNetCall):
         if self.expand_timesteps:
             n, _, f, h, w = noisy.shape
             t = t[:, None].expand(n, f * (h // 2) * (w // 2))
+        extra = {}
+        if self.image_to_video:
+            noisy = torch.cat([noisy, values["condition"].to(noisy.device)], dim=1)
+            if "image_embeds" in values:  # Wan 2.1 I2V's CLIP image states (none in Wan 2.2 I2V)
+                extra["encoder_hidden_states_image"] = values["image_embeds"].to(dtype)
         return model(hidden_states=noisy.to(dtype), timestep=t, encoder_hidden_states=values[
-            "encoder_hidden_states"].to(dtype), return_dict=False)[0].float()
+            "encoder_hidden_states"].to(dtype), return_dict=False, **extra)[0].float()
 
 
 class VideoLatents(ImageLatents):
@@ -280,6 +299,15 @@ def load_experts(cfg: Any, high: torch.nn.Module, options: dict[str, Any], sched
     return TwoExperts(high, low, ratio * int(scheduler.config.num_train_timesteps), ratio, tuple(d.train_experts))
 
 
+def i2v_likelihood(cfg: Any, parts: dict[str, Any], text: WanText, denoiser: WanTransformer, objective: Any,
+                   latents: VideoLatents) -> DiffusionLikelihood:
+    """The image-to-video likelihood: the prompt and each record's source image (_wan_i2v.py)."""
+    image = WanImageSource(parts["vae"], *load_image_encoder(cfg, family_folder(cfg, FAMILY)), cfg.diffusion,
+                           data_roots(cfg))
+    conditioning = WanI2VConditioning(TextConditioning(text, cfg.diffusion.null_prompt), image)
+    return DiffusionLikelihood(FAMILY, objective, latents, conditioning, denoiser, cfg.diffusion)
+
+
 def check_frames(cfg: Any) -> None:
     """`diffusion.num_frames` must be 4k + 1 (the causal VAE's first frame plus groups of 4)."""
     from mmalign.errors import ConfigError
@@ -297,7 +325,10 @@ def build(cfg: Any, use_cache: bool = True, trained: bool = True) -> tuple[Any, 
     d = cfg.diffusion
     check_frames(cfg)
     options = pipeline_options(cfg)
-    denoiser = WanTransformer(bool(options.get("expand_timesteps", False)))
+    i2v = options.get("_class_name") == "WanImageToVideoPipeline"
+    if i2v:
+        check_i2v(cfg, options)
+    denoiser = WanTransformer(bool(options.get("expand_timesteps", False)), i2v)
     objective = wan_objective(d.prediction_type, denoiser_config(cfg, FAMILY).patch_size)
     if from_cache(cfg, use_cache):
         model, likelihood, _ = build_cached(cfg, FAMILY, denoiser, trained, objective, video_cache_settings(cfg))
@@ -305,7 +336,12 @@ def build(cfg: Any, use_cache: bool = True, trained: bool = True) -> tuple[Any, 
         parts = load_parts(cfg, FAMILY, unet=trained)
         text = WanText(parts["text_encoders"], parts["tokenizers"])
         latents = VideoLatents(parts["vae"], d, data_roots(cfg))
-        model, likelihood = parts["unet"], image_likelihood(cfg, FAMILY, parts, text, denoiser, objective, latents)
+        if i2v:
+            likelihood = i2v_likelihood(cfg, parts, text, denoiser, objective(parts["scheduler"], latents.latent_shape()),
+                                        latents)
+        else:
+            likelihood = image_likelihood(cfg, FAMILY, parts, text, denoiser, objective, latents)
+        model = parts["unet"]
     if trained and two_experts(options):
         model = load_experts(cfg, model, options, likelihood.scheduler)
     return model, likelihood, None

@@ -149,7 +149,10 @@ class LatentCache:
         self._key_table: dict[int, tuple[str, int, int]] | None = None
         from safetensors.torch import load_file
 
-        self.null = {k: _as_read(v) for k, v in load_file(str(self.dir / self.index["text"]["null"])).items()}
+        from mmalign.modalities.ragged import unpack
+
+        null = unpack(load_file(str(self.dir / self.index["text"]["null"])))
+        self.null = {k: _as_read(v) for k, v in null.items()}
 
     def file(self, relative: str) -> Any:
         """An open safetensors handle (LRU of MAX_OPEN)."""
@@ -220,14 +223,18 @@ class LatentCache:
         """Text tensors (n, ...) of caption rows (the text table's rows): float32, integer ones
         (attention masks, per-row lengths `length/<name>`) as stored. A variable-length table
         (audio: each shard padded to its longest caption, with `length/<name>`) has rows of
-        several lengths: they are right-padded with zeros to the longest of `caption_rows`."""
+        several lengths: they are right-padded with zeros to the longest of `caption_rows`. Tensors
+        stored at each prompt's real length (`ragged/<name>`, mmalign/modalities/ragged.py) come back
+        padded with zeros to their stored width, as the live encoder gives them."""
+        from mmalign.modalities.ragged import read_row
+
         size, files = self.index["text"]["shard_size"], self.index["text"]["files"]
         out: dict[str, list[Tensor]] = {}
         for row in caption_rows:
             shard, offset = divmod(row, size)
             f = self.file(files[shard])
-            for name in f.keys():
-                out.setdefault(name, []).append(f.get_slice(name)[offset : offset + 1])
+            for name, value in read_row(f.get_slice, list(f.keys()), offset).items():
+                out.setdefault(name, []).append(value)
         return {k: _as_read(right_pad_cat(v)) for k, v in out.items()}
 
     def check(self, cfg: Any, num_records: dict[str, int], channels: int | None = None,

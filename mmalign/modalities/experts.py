@@ -46,6 +46,18 @@ class TwoExperts(torch.nn.Module):
             else:
                 self._frozen[NAMES[expert]] = module.requires_grad_(False).eval()
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> "TwoExperts":
+        """A copy whose trained experts are copies and whose frozen expert is the same module (a frozen
+        reference copy of the policy must not duplicate an expert that never changes)."""
+        import copy
+
+        for module in self._frozen.values():
+            memo[id(module)] = module
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update({key: copy.deepcopy(value, memo) for key, value in self.__dict__.items()})
+        return new
+
     def components(self) -> dict[str, torch.nn.Module]:
         """{"transformer": high, "transformer_2": low}, trained or frozen (peft-injected in place)."""
         modules = dict(self.named_children())
@@ -64,9 +76,10 @@ class TwoExperts(torch.nn.Module):
     def forward(self, hidden_states: Tensor, timestep: Tensor, encoder_hidden_states: Tensor,
                 return_dict: bool = False, **kwargs: Any) -> tuple[Tensor]:
         """(v (N, C, f, h, w),): row i through `transformer` when timestep[i] >= boundary, else
-        `transformer_2`. timestep (N,). A trained expert that gets no row adds 0·(its parameters),
-        so it always has a (zero) gradient: every process of a data-parallel run reduces the same
-        parameters and one process steps its optimizer as two do."""
+        `transformer_2`. timestep (N,); tensor keyword arguments (I2V image states) are split by row
+        too. A trained expert that gets no row adds 0·(its parameters), so it always has a (zero)
+        gradient: every process of a data-parallel run reduces the same parameters and one process
+        steps its optimizer as two do."""
         high = timestep >= self.boundary
         out: Tensor | None = None
         experts = self.components()
@@ -74,9 +87,10 @@ class TwoExperts(torch.nn.Module):
             index = rows.nonzero().squeeze(1)
             if index.numel() == 0:
                 continue
+            rows_kwargs = {k: v[index] if isinstance(v, Tensor) else v for k, v in kwargs.items()}  # I2V image_embeds
             pred = module(hidden_states=hidden_states[index], timestep=timestep[index],
-                          encoder_hidden_states=encoder_hidden_states[index], return_dict=False, **kwargs)[0]
-            out = pred.new_zeros(hidden_states.shape) if out is None else out
+                          encoder_hidden_states=encoder_hidden_states[index], return_dict=False, **rows_kwargs)[0]
+            out = pred.new_zeros((hidden_states.shape[0], *pred.shape[1:])) if out is None else out
             out = out.index_copy(0, index, pred)
         assert out is not None  # N >= 1 rows go to one expert or the other
         for expert, rows in (("high", high), ("low", ~high)):
