@@ -115,6 +115,10 @@ def test_train_experts_picks_what_trains(pipeline):
     assert not any(p.requires_grad for p in low.parameters())
     names = {n.split(".")[0] for n, _ in model.named_parameters()}
     assert names == {"transformer"}
+    from mmalign.train.setup import enable_checkpointing
+
+    enable_checkpointing(model)  # model.gradient_checkpointing reaches both experts
+    assert model.transformer.gradient_checkpointing and low.gradient_checkpointing
     model.to(torch.float64)
     assert next(low.parameters()).dtype == torch.float64
     copied = copy.deepcopy(model)  # a frozen reference: the trained expert copied, the frozen one shared

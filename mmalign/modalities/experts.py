@@ -67,6 +67,11 @@ class TwoExperts(torch.nn.Module):
         """The WanPipeline keyword arguments of this denoiser: both experts and boundary_ratio."""
         return {**self.components(), "boundary_ratio": self.boundary_ratio}
 
+    def enable_gradient_checkpointing(self) -> None:
+        """`model.gradient_checkpointing`: each expert recomputes its activations in backward."""
+        for module in self.components().values():
+            module.enable_gradient_checkpointing()
+
     def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> "TwoExperts":
         """`.to` / `.cuda` / `.half` reach the frozen expert too."""
         for module in self._frozen.values():
