@@ -11,7 +11,7 @@ import pytest
 import torch
 from wan_fixtures import copy_video_sample, save_tiny_wan_pipeline
 
-from mmalign.modalities.ragged import merge, pack, read_row, unpack
+from mmalign.modalities.ragged import merge, pack, prefix_lengths, read_row, unpack
 
 
 def test_pack_keeps_the_real_rows_and_reads_back_the_padded_tensor():
@@ -35,6 +35,8 @@ def test_pack_keeps_the_real_rows_and_reads_back_the_padded_tensor():
     assert torch.equal(whole["x"], x) and torch.equal(whole["mask"], mask)
     with pytest.raises(ValueError, match="x is not zero past each prompt's real length"):
         pack({"x": x}, ("x",), torch.tensor([1, 0, 3]))
+    assert prefix_lengths(mask).tolist() == [2, 0, 3]
+    assert prefix_lengths(torch.tensor([[0, 1, 1, 1], [1, 0, 1, 0]])).tolist() == [4, 4]  # not a prefix: stored whole
 
 
 def test_the_wan_cache_stores_each_caption_at_its_token_count(tmp_path):

@@ -14,6 +14,9 @@ exactly as diffusers 0.42.1 WanImageToVideoPipeline (pipelines/wan/pipeline_wan_
   = σ·1000, encoder_hidden_states = the prompt's UMT5 states (512), encoder_hidden_states_image =
   image_embeds), as the loop's `torch.cat([latents, condition], dim=1)`.
 
+The pipeline squashes the source image to res x res while the clips are resized (shortest side) and
+square-cropped: give square source images (e.g. the clip's first frame, cropped as `diffusion.crop`
+crops it) so that the condition is the first frame the transformer learns to continue.
 A pair's chosen and rejected share its source image (one condition per group, like the prompt). Caption
 dropout drops the prompt only (the pipeline's negative branch keeps the image condition). Not supported
 yet (ConfigError): `diffusion.random_flip` (a mirrored clip would need the mirrored source image), the

@@ -11,8 +11,8 @@ What is cached (METHODS.md §2: "cache the distribution's mean and std, not one 
   `encoder_hidden_states` + pooled `text_embeds`; SD3 / FLUX: the T5 (+ CLIP) sequence and
   `pooled_projections`; Z-Image: the Qwen3 states and their mask), plus the null prompt
   `encode("")`; the flow families' objective takes its shift from the cached latents' size.
-  Conditioning that is zeros past each prompt (Wan's 512 UMT5 states, Qwen-Image's 512 states +
-  mask) is stored at each prompt's real length and rebuilt on read (mmalign/modalities/ragged.py);
+  Conditioning that is zeros past each prompt (Wan's 512 UMT5 states; Qwen-Image's and Z-Image's
+  states + mask) is stored at each prompt's real length and rebuilt on read (modalities/ragged.py);
 - audio (`tango`, `audioldm2`; hooks on the likelihood, reader classes in `audio_cache.py`): per
   clip the mel-VAE posterior of its log-mel (no flip, no crop); per unique prompt its own-length
   conditioning with the attention mask (int64) and `length/<name>`, padded per batch at train time.

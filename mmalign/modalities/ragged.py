@@ -2,7 +2,8 @@
 
 Long-prompt families pad their conditioning to a fixed length with ZEROS past each prompt's real
 tokens (Wan: UMT5 states (n, 512, 4096), zeros past the prompt, as WanPipeline feeds them;
-Qwen-Image: (n, 512, 3584) + a bool mask, zeros / False past the prompt). Their prompt encoder
+Qwen-Image: (n, 512, 3584) + a bool mask, zeros / False past the prompt; Z-Image: the Qwen3 states
+zeroed past the mask, which its call never reads). Their prompt encoder
 subclasses `PaddedText`, naming those tensors and giving each row's real length ℓ_i; the cache then
 stores, per padded tensor x (n, W, ...):
 
@@ -33,6 +34,15 @@ class PaddedText:
     def real_lengths(self, ids: dict[str, Tensor], cond: dict[str, Tensor]) -> Tensor:
         """(n,) long: each row's real length ℓ_i <= W of the `padded` tensors."""
         raise NotImplementedError
+
+
+def prefix_lengths(mask: Tensor) -> Tensor:
+    """(n,) long of a mask (n, W): row i's count of real tokens when they come first (right padding),
+    else W (a left-padded row is stored whole: correct, only not smaller)."""
+    mask = mask.bool()
+    count = mask.sum(dim=1)
+    prefix = torch.arange(mask.shape[1], device=mask.device)[None, :] < count[:, None]
+    return torch.where(prefix.eq(mask).all(dim=1), count, torch.full_like(count, mask.shape[1]))
 
 
 def pack(cond: dict[str, Tensor], names: tuple[str, ...], lengths: Tensor) -> dict[str, Tensor]:
