@@ -126,3 +126,47 @@ def test_i2v_refusals(folders, tmp_path):
     for key, value in (("random_flip", True), ("cache_dir", str(tmp_path / "c"))):
         with pytest.raises(ConfigError, match=f"Wan image-to-video: diffusion.{key} .*not supported yet"):
             build_for(folders["2.1"], DATA, "wan", num_frames=5, **{key: value})
+
+
+def test_i2v_pairs_file_trains_and_exports_to_wan_image_to_video_pipeline(folders, tmp_path):
+    """`mmalign train` on a pairs file with relative `source_image` paths (2 LoRA steps, log 2 at step 0);
+    `--format merged` loads as WanImageToVideoPipeline (with its image encoder) and `--format lora` into it,
+    both giving the trained transformer's output."""
+    import json
+
+    from diffusers import WanImageToVideoPipeline
+    from wan_fixtures import copy_video_sample
+
+    from mmalign.cli import main
+    from mmalign.export import find_run, load_trained
+
+    train = copy_video_sample(tmp_path / "pairs")
+    rows = [dict(json.loads(line), source_image=f"sources/{i}.png") for i, line in enumerate(train.read_text().splitlines())]
+    (tmp_path / "pairs" / "sources").mkdir()
+    for i, record in enumerate(folders["records"]):
+        Image.open(record["source_image"]).save(tmp_path / "pairs" / "sources" / f"{i}.png")
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    assert main(["train", str(SAMPLE.parents[1] / "configs" / "tiny" / "wan_dpo.yaml"), f"model.path={folders['2.1']}",
+                 f"data.train={train}", "train.max_steps=2", f"train.output_dir={run}", "train.progress=false",
+                 "train.tensorboard=false", "train.log_every=1", "diffusion.random_flip=false", "optim.lr=1e-2"]) == 0
+    losses = [r["loss"] for r in map(json.loads, open(run / "metrics.jsonl")) if "loss" in r]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-4)
+    trained, _ = load_trained(find_run(run))
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 12, 2, 4, 4, generator=g), timestep=torch.tensor([700.0]),
+                  encoder_hidden_states=torch.randn(1, 512, 32, generator=g),
+                  encoder_hidden_states_image=torch.randn(1, 17, CLIP_WIDTH, generator=g), return_dict=False)
+    with torch.no_grad():
+        expected = trained(**inputs)[0]
+        base = WanImageToVideoPipeline.from_pretrained(folders["2.1"]).transformer(**inputs)[0]
+    assert (expected - base).abs().max() > 1e-5  # training moved it
+    for fmt in ("merged", "lora"):
+        assert main(["export", str(run), "--to", str(tmp_path / fmt), "--format", fmt]) == 0
+    merged = WanImageToVideoPipeline.from_pretrained(tmp_path / "merged")
+    lora = WanImageToVideoPipeline.from_pretrained(folders["2.1"])
+    lora.load_lora_weights(tmp_path / "lora")
+    assert merged.image_encoder is not None
+    with torch.no_grad():
+        for pipe in (merged, lora):
+            torch.testing.assert_close(pipe.transformer(**inputs)[0], expected, rtol=1e-4, atol=1e-5)
