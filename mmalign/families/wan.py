@@ -348,7 +348,8 @@ def build(cfg: Any, use_cache: bool = True, trained: bool = True) -> tuple[Any, 
 
 
 FAMILY = Family(
-    name="wan", summary="Wan 2.1/2.2 text-to-video DiT: UMT5 prompt, causal 3-D VAE, Flow-DPO over video latents",
+    name="wan", summary="Wan 2.1/2.2 text- and image-to-video DiT (A14B: two experts): UMT5 prompt, causal 3-D VAE, "
+                "Flow-DPO over video latents",
     kind="video", build=build, trained="transformer",
     layout=PipelineLayout("transformer", "WanTransformer3DModel", "UniPCMultistepScheduler", "video pipeline",
                           vae_class="AutoencoderKLWan"),
