@@ -127,8 +127,10 @@ def find_run(target: str | Path, source: str = "auto", overrides: list[str] | No
 
 # -- loading the trained model ---------------------------------------------------------------
 def _is_diffusers(model: torch.nn.Module) -> bool:
+    from mmalign.modalities.experts import TwoExperts
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return type(base).__module__.startswith("diffusers")
+    return isinstance(base, TwoExperts) or type(base).__module__.startswith("diffusers")
 
 
 def load_trained(run: TrainedRun) -> tuple[torch.nn.Module, Any]:
@@ -211,11 +213,15 @@ def write_component_folder(model: torch.nn.Module, cfg: Config, family: Family, 
     """The base folder with the trained (merged) denoiser in `family.trained` (and
     `diffusion.vae_path`'s VAE when set). With a pipeline class it is a pipeline folder: a
     `model_index.json` is written if the base lacks one, and the family's `index_update` applied."""
-    component, vae_path = family.trained, cfg.diffusion.vae_path
-    _copy_tree(Path(resolve_path(cfg.model.path)), out, {component} | ({"vae"} if vae_path else set()))
+    from mmalign.modalities.experts import denoiser_components
+
+    vae_path = cfg.diffusion.vae_path
+    components = denoiser_components(_merged(model, dtype), family.trained)  # two for Wan 2.2 A14B
+    _copy_tree(Path(resolve_path(cfg.model.path)), out, set(components) | ({"vae"} if vae_path else set()))
     if vae_path:
         shutil.copytree(vae_path, out / "vae")
-    _merged(model, dtype).save_pretrained(str(out / component))
+    for component, module in components.items():
+        module.save_pretrained(str(out / component))
     if family.pipeline is None:
         return
     index_path = out / "model_index.json"
@@ -251,10 +257,15 @@ def write_diffusers_lora(model: torch.nn.Module, family: Family, out: Path, dtyp
     `pipeline.load_lora_weights(out)` and `denoiser.load_lora_adapter(out, prefix=component)` load."""
     from diffusers.loaders.lora_base import LoraBaseMixin
 
+    from mmalign.modalities.experts import lora_file, split_lora_state
+
     prefix = f"{family.trained}."
-    state = {prefix + k: v for k, v in diffusers_lora_state_dict(model, dtype).items()}
-    metadata = {prefix + k: v for k, v in model.peft_config[model.active_adapter].to_dict().items()}
-    LoraBaseMixin.write_lora_layers(state, str(out), True, LORA_WEIGHTS, None, True, metadata)
+    config = model.peft_config[model.active_adapter].to_dict()
+    for component, part in split_lora_state(diffusers_lora_state_dict(model, dtype), model.get_base_model()).items():
+        state = {prefix + k: v for k, v in part.items()}  # each expert's file loads into a "transformer"
+        metadata = {prefix + k: v for k, v in config.items()}
+        LoraBaseMixin.write_lora_layers(state, str(out), True, lora_file(component, LORA_WEIGHTS), None, True,
+                                        metadata)
 
 
 def write_transformers(model: torch.nn.Module, processor: Any, out: Path, merged: bool,
@@ -311,6 +322,10 @@ def load_hint(family: Family, fmt: str, model_class: str) -> str:
     if fmt == "merged":
         return (f"{family.pipeline}.from_pretrained(OUT)" if family.pipeline
                 else f"{model_class}.from_pretrained(OUT, subfolder='{sub}')")
+    if model_class == "TwoExperts":  # Wan 2.2 A14B: one file per expert
+        from mmalign.modalities.experts import LORA_HINT
+
+        return LORA_HINT
     if family.pipeline:
         return f"{family.pipeline}.from_pretrained(BASE).load_lora_weights(OUT)"
     return (f"{model_class}.from_pretrained(BASE, subfolder='{sub}')"

@@ -80,8 +80,8 @@ def modality_config(tmp_path, modality: str) -> str:
         return _write(tmp_path, spo_config(tmp_path))
     if modality == "sd3_grpo":
         return _write(tmp_path, grpo_config(tmp_path))
-    if modality == "wan":
-        return _write(tmp_path, wan_config(tmp_path))
+    if modality in ("wan", "wan22"):
+        return _write(tmp_path, wan_config(tmp_path, two_experts=modality == "wan22"))
     from test_diffusion_families import family_config
 
     path = family_config(tmp_path, modality)  # dpo on 4 image pairs, LoRA, 12 steps of 4
@@ -110,13 +110,15 @@ def audio_config(tmp_path, modality: str) -> dict:
             "train": dict(TRAIN, output_dir=str(tmp_path / "run"))}
 
 
-def wan_config(tmp_path) -> dict:
+def wan_config(tmp_path, two_experts: bool = False) -> dict:
     """configs/tiny/wan_dpo.yaml (video Flow-DPO, LoRA on attention and FFN) on the shipped 4 video
-    pairs (3 mp4 files and a frame folder among them), flips and caption dropout in play."""
-    from wan_fixtures import copy_video_sample, save_tiny_wan_pipeline
+    pairs (3 mp4 files and a frame folder among them), flips and caption dropout in play; two_experts:
+    a Wan 2.2 A14B-shaped folder (boundary_ratio 0.75: each process's rows reach one or both experts)."""
+    from wan_fixtures import copy_video_sample, save_tiny_wan22_pipeline, save_tiny_wan_pipeline
 
     cfg = yaml.safe_load(open(ROOT / "configs" / "tiny" / "wan_dpo.yaml"))
-    cfg["model"]["path"] = str(save_tiny_wan_pipeline(tmp_path / "pipeline"))
+    save = (lambda path: save_tiny_wan22_pipeline(path, boundary_ratio=0.75)) if two_experts else save_tiny_wan_pipeline
+    cfg["model"]["path"] = str(save(tmp_path / "pipeline"))
     cfg["data"]["train"] = str(copy_video_sample(tmp_path / "pairs"))
     cfg["diffusion"].update({"random_flip": True, "caption_dropout": 0.5})
     cfg["optim"] = {"name": "sgd", "lr": 1.0}
@@ -184,7 +186,7 @@ def assert_same_rounds(one: Path, two: Path) -> None:
 
 @needs_torchrun
 @pytest.mark.parametrize("modality", ["sdxl", "sd3", "llava", "tango", "audioldm2", "sdxl_spo", "sd3_grpo",
-                                      "wan"])
+                                      "wan", "wan22"])
 def test_every_modality_trains_the_same_in_two_processes(tmp_path, modality):
     """Each modality's tiny config: 2 processes x batch 2 == 1 process x batch 4. For the
     diffusion families (images and audio) this holds because every draw (t or σ, ε, flip, dropped

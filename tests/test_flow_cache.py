@@ -54,6 +54,9 @@ def test_cached_flow_likelihood_equals_the_uncached_one(modality, data, tmp_path
     model_c, cached, _ = build_modality(cfg)
     assert cached.vae is None and cached.text_encoders == [] and type(cached.latents).__name__ == "CachedLatents"
     assert cached.objective.shift == plain.objective.shift  # the shift of the cached latents' token count
+    stored = set(cached.latents.cache.file(cached.latents.cache.index["text"]["files"][0]).keys())
+    # Z-Image's 512-padded states are stored at each prompt's real length (modalities/ragged.py)
+    assert ("ragged/prompt_embeds" in stored) == (modality == "zimage") and "prompt_embeds" not in stored
     batch, batch_c = plain.collate(records, "pair"), cached.collate(records, "pair")
     policy = perturbed(model)
     dropped = set()

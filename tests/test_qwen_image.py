@@ -238,6 +238,8 @@ def test_cached_likelihood_equals_the_uncached_one(pipeline, tmp_path):
     cw.write_cache(cfg, plain)
     model_c, cached, _ = build_modality(cfg)
     assert cached.vae is None and cached.text_encoders == [] and type(cached.latents).__name__ == "CachedLatents"
+    stored = set(cached.latents.cache.file(cached.latents.cache.index["text"]["files"][0]).keys())
+    assert {"ragged/prompt_embeds", "ragged/prompt_mask"} <= stored and "prompt_embeds" not in stored  # real lengths
     assert cached.objective.shift == plain.objective.shift
     batch, batch_c = plain.collate(records, "pair"), cached.collate(records, "pair")
     policy, dropped = perturbed(model), set()

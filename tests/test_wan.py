@@ -292,12 +292,16 @@ def test_refusals(pipeline, tmp_path):
         build_for(pipeline, DATA, "wan", num_frames=5, null_prompt="zeros")
     with pytest.raises(ConfigError, match="not divisible"):
         build_for(pipeline, DATA, "wan", num_frames=5, resolution=12)
+    with pytest.raises(ConfigError, match=r"train_experts \['low'\]: model.path .* has one transformer"):
+        build_for(pipeline, DATA, "wan", num_frames=5, train_experts=["low"])
     two = tmp_path / "two"
     two.mkdir()
     (two / "transformer").symlink_to(pipeline / "transformer")
     (two / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline", "boundary_ratio": 0.875,
+                                                      "expand_timesteps": True,
+                                                      "transformer": ["diffusers", "WanTransformer3DModel"],
                                                       "transformer_2": ["diffusers", "WanTransformer3DModel"]}))
-    with pytest.raises(ConfigError, match="two-expert Wan 2.2"):
+    with pytest.raises(ConfigError, match="two experts .* with expand_timesteps"):
         build_for(two, DATA, "wan", num_frames=5)
 
 

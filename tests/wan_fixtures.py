@@ -79,6 +79,75 @@ def save_tiny_wan_pipeline(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def save_tiny_wan22_pipeline(path: Path, boundary_ratio: float = 0.875) -> Path:
+    """A two-expert Wan 2.2 A14B-shaped folder: the tiny pipeline, a second tiny transformer (other
+    weights) in transformer_2/, and model_index.json with boundary_ratio (A14B T2V's 0.875)."""
+    from mmalign.export import write_model_index
+
+    save_tiny_wan_pipeline(path)
+    torch.manual_seed(1)
+    tiny_wan_transformer().save_pretrained(path / "transformer_2")
+    write_model_index(path, "WanPipeline")
+    index = json.loads((path / "model_index.json").read_text())
+    (path / "model_index.json").write_text(json.dumps(dict(index, boundary_ratio=boundary_ratio), indent=2))
+    return path
+
+
+CLIP_WIDTH = 16
+
+
+def tiny_wan_i2v_transformer(image_dim: int | None = CLIP_WIDTH):
+    """The tiny transformer of an I2V folder: in_channels z + 4 + z = 12 ([x_t, mask, first-frame latents]);
+    with image_dim, Wan 2.1 I2V's CLIP image projection and added k/v (added_kv_proj_dim = inner dim 24)."""
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=12,
+                                 out_channels=4, text_dim=WIDTH, freq_dim=32, ffn_dim=32, num_layers=1,
+                                 cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+                                 image_dim=image_dim, added_kv_proj_dim=24 if image_dim else None)
+
+
+def save_tiny_wan_i2v_pipeline(path: Path, clip: bool = True, boundary_ratio: float | None = None) -> Path:
+    """A tiny WanImageToVideoPipeline folder: clip=True is Wan 2.1 I2V (a 2-layer CLIPVisionModel, 32 px,
+    patch 8: 17 tokens of width 16, and its CLIPImageProcessor); clip=False with boundary_ratio is Wan 2.2
+    I2V A14B (no image encoder, transformer_2)."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    from mmalign.export import write_model_index
+
+    save_tiny_wan_pipeline(path)
+    torch.manual_seed(2)
+    tiny_wan_i2v_transformer(CLIP_WIDTH if clip else None).save_pretrained(path / "transformer")
+    if boundary_ratio is not None:
+        tiny_wan_i2v_transformer(CLIP_WIDTH if clip else None).save_pretrained(path / "transformer_2")
+    if clip:
+        CLIPVisionModel(CLIPVisionConfig(hidden_size=CLIP_WIDTH, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, image_size=32, patch_size=8)).save_pretrained(
+            path / "image_encoder")
+        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+            path / "image_processor")
+    write_model_index(path, "WanImageToVideoPipeline")
+    index = json.loads((path / "model_index.json").read_text())
+    index.update(boundary_ratio=boundary_ratio, expand_timesteps=False)
+    if clip:
+        index["image_processor"] = ["transformers", "CLIPImageProcessor"]
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    return path
+
+
+def i2v_records(out: Path) -> list[dict]:
+    """The shipped pairs with a `source_image`: each pair's chosen first frame as a PNG in `out`."""
+    from mmalign.data.video import load_video
+
+    out.mkdir(parents=True, exist_ok=True)
+    records = sample_records()
+    for r in records:
+        frame = load_video(r["chosen"], "fixture", SAMPLE, num_frames=1)[0]
+        frame.save(out / f"{r['_index']}.png")
+        r["source_image"] = str(out / f"{r['_index']}.png")
+    return records
+
+
 def copy_video_sample(out: Path) -> Path:
     """The shipped video pairs (datasets/video_pairs: train.jsonl, videos/, frames/) copied to `out`;
     returns its train.jsonl."""

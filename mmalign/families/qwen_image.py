@@ -46,6 +46,7 @@ from mmalign.modalities.diffusion import ImageLatents, UNetCall, data_roots, ima
 from mmalign.modalities.diffusion_cache import build_cached
 from mmalign.modalities.flow import flow_objective, pack_latents
 from mmalign.modalities.loading import denoiser_config, from_cache, load_parts
+from mmalign.modalities.ragged import PaddedText, prefix_lengths
 from mmalign.modalities.text import MASK
 
 # QwenImagePipeline.__init__: the prompt template, the template tokens dropped, the tokenizer length
@@ -56,8 +57,15 @@ DROP = 34
 TOKENIZER_MAX = 1024
 
 
-class QwenImageText:
-    """Qwen2.5-VL last hidden state of the templated prompt, minus the 34 template tokens (module docstring)."""
+class QwenImageText(PaddedText):
+    """Qwen2.5-VL last hidden state of the templated prompt, minus the 34 template tokens (module docstring).
+    `mmalign cache` stores prompt_embeds / prompt_mask at each prompt's real length (ragged.py)."""
+
+    padded = ("prompt_embeds", "prompt_mask")
+
+    def real_lengths(self, ids: dict[str, Tensor], cond: dict[str, Tensor]) -> Tensor:
+        """(n,): each prompt's real tokens, the mask's count (embeds and mask are zero / False after)."""
+        return prefix_lengths(cond["prompt_mask"])
 
     def __init__(self, text_encoders: list[Any], tokenizers: list[Any], max_sequence_length: int = 512) -> None:
         self.text_encoders, self.tokenizers = list(text_encoders), list(tokenizers)

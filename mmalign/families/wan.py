@@ -27,8 +27,17 @@ Videos: a record's chosen / rejected is a video file or a folder of frames (mmal
 `diffusion.num_frames` frames sampled evenly over the clip, each frame resized (shortest side
 `diffusion.resolution`) and square-cropped, one crop and one flip per pair as for images.
 Dropped captions become encode("") (the pipeline's default negative prompt ""); `null_prompt:
-zeros` is refused. Wan 2.2 A14B (two experts switched at `boundary_ratio`) is refused: one
-trained transformer cannot stand for both.
+zeros` is refused.
+
+Wan 2.2 A14B (model_index.json: `boundary_ratio`, `transformer_2`): the trained model is a
+`TwoExperts` (mmalign/modalities/experts.py): a drawn σ goes to `transformer` when σ·1000 >=
+boundary_ratio · num_train_timesteps, else to `transformer_2`, as the pipeline's loop switches, for
+the policy and the reference alike; `diffusion.train_experts` ([high, low] by default) names the
+experts that train (LoRA or full), the others stay frozen; exports write both.
+
+Image-to-video (model_index.json `_class_name: WanImageToVideoPipeline`: Wan 2.1 I2V with its CLIP image
+encoder, Wan 2.2 I2V A14B without): records `{source_image, prompt, chosen, rejected}`, the transformer
+fed [x_t, first-frame condition] (+ CLIP image states) as that pipeline's loop (mmalign/families/_wan_i2v.py).
 """
 
 from __future__ import annotations
@@ -41,18 +50,28 @@ import torch
 from torch import Tensor
 
 from mmalign.families import Family, PipelineLayout, TextEncoderSpec
-from mmalign.modalities.diffusion import (ImageLatents, UNetCall, _output_names, crop_offsets, data_roots,
-                                          image_likelihood, resize_shortest, to_pixels)
+from mmalign.families._wan_i2v import WanI2VConditioning, WanImageSource, check_i2v, load_image_encoder
+from mmalign.modalities.diffusion import (DiffusionLikelihood, ImageLatents, UNetCall, _output_names, crop_offsets,
+                                          data_roots, image_likelihood, resize_shortest, to_pixels)
 from mmalign.modalities.diffusion_cache import build_cached
+from mmalign.modalities.experts import NAMES, TwoExperts
 from mmalign.modalities.flow import FlowObjective, flow_shift
 from mmalign.modalities.loading import denoiser_config, family_folder, from_cache, load_parts
-from mmalign.modalities.text import MASK
+from mmalign.modalities.ragged import PaddedText
+from mmalign.modalities.text import MASK, TextConditioning
 
 MAX_SEQUENCE_LENGTH = 512  # WanPipeline.__call__'s default
 
 
-class WanText:
-    """UMT5 last hidden state of the cleaned prompt, zero past its tokens, 512 long (module docstring)."""
+class WanText(PaddedText):
+    """UMT5 last hidden state of the cleaned prompt, zero past its tokens, 512 long (module docstring).
+    `mmalign cache` stores each row at its prompt's real length (ragged.py), not 512."""
+
+    padded = ("encoder_hidden_states",)
+
+    def real_lengths(self, ids: dict[str, Tensor], cond: dict[str, Tensor]) -> Tensor:
+        """(n,): each prompt's tokens (the tokenizer mask's count, at most 512)."""
+        return ids[MASK].gt(0).sum(dim=1)
 
     def __init__(self, text_encoders: list[Any], tokenizers: list[Any],
                  max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> None:
@@ -86,10 +105,11 @@ class WanText:
 
 class WanTransformer(UNetCall):
     """The Wan transformer call of the pipeline's denoising loop (module docstring).
-    expand_timesteps: Wan 2.2 TI2V's per-token timestep (model_index.json)."""
+    expand_timesteps: Wan 2.2 TI2V's per-token timestep (model_index.json); image_to_video: the
+    WanImageToVideoPipeline call, [x_t, condition] along channels (+ image_embeds) (_wan_i2v.py)."""
 
-    def __init__(self, expand_timesteps: bool = False) -> None:
-        self.expand_timesteps = expand_timesteps
+    def __init__(self, expand_timesteps: bool = False, image_to_video: bool = False) -> None:
+        self.expand_timesteps, self.image_to_video = expand_timesteps, image_to_video
 
     def predict(self, model: torch.nn.Module, noisy: Tensor, values: dict[str, Tensor]) -> Tensor:
         """v_θ (N, C, f, h, w) float32 of x_t (N, C, f, h, w)."""
@@ -98,8 +118,13 @@ class WanTransformer(UNetCall):
         if self.expand_timesteps:
             n, _, f, h, w = noisy.shape
             t = t[:, None].expand(n, f * (h // 2) * (w // 2))
+        extra = {}
+        if self.image_to_video:
+            noisy = torch.cat([noisy, values["condition"].to(noisy.device)], dim=1)
+            if "image_embeds" in values:  # Wan 2.1 I2V's CLIP image states (none in Wan 2.2 I2V)
+                extra["encoder_hidden_states_image"] = values["image_embeds"].to(dtype)
         return model(hidden_states=noisy.to(dtype), timestep=t, encoder_hidden_states=values[
-            "encoder_hidden_states"].to(dtype), return_dict=False)[0].float()
+            "encoder_hidden_states"].to(dtype), return_dict=False, **extra)[0].float()
 
 
 class VideoLatents(ImageLatents):
@@ -232,16 +257,55 @@ def wan_objective(prediction_type: str, patch: Sequence[int]) -> Callable[[Any, 
 
 
 def pipeline_options(cfg: Any) -> dict[str, Any]:
-    """model_index.json's WanPipeline settings of model.path ({} without one): a two-expert folder
-    (Wan 2.2 A14B: boundary_ratio / transformer_2) is a ConfigError."""
+    """model_index.json's WanPipeline settings of model.path ({} without one); `diffusion.train_experts`
+    checked against it (two experts: a non-empty subset of [high, low]; one transformer: the default)."""
     from mmalign.errors import ConfigError
 
     index = Path(family_folder(cfg, FAMILY)) / "model_index.json"
     options = json.loads(index.read_text()) if index.is_file() else {}
-    if options.get("boundary_ratio") is not None or (options.get("transformer_2") or [None])[0] is not None:
-        raise ConfigError(f"model.path {index.parent} is a two-expert Wan 2.2 pipeline (boundary_ratio, "
-                          "transformer_2): not supported yet; train a single-transformer Wan folder")
+    experts = list(cfg.diffusion.train_experts)
+    if not two_experts(options):
+        if sorted(experts) != ["high", "low"]:
+            raise ConfigError(f"diffusion.train_experts {experts}: model.path {index.parent} has one transformer "
+                              "(no boundary_ratio / transformer_2); the key is for two-expert Wan 2.2 folders")
+        return options
+    if not experts or len(set(experts)) != len(experts) or not set(experts) <= set(NAMES):
+        raise ConfigError(f"diffusion.train_experts {experts}: give a non-empty subset of [high, low] "
+                          "(high: transformer, low: transformer_2)")
+    if options.get("expand_timesteps", False):
+        raise ConfigError(f"model.path {index.parent}: two experts (boundary_ratio) with expand_timesteps, which no "
+                          "Wan pipeline publishes; not supported")
+    if (options.get("transformer") or [None])[0] is None:
+        raise ConfigError(f"model.path {index.parent}: boundary_ratio without a high-noise transformer")
     return options
+
+
+def two_experts(options: dict[str, Any]) -> bool:
+    """A two-expert Wan 2.2 folder (A14B): boundary_ratio set and a transformer_2 (model_index.json)."""
+    return options.get("boundary_ratio") is not None and (options.get("transformer_2") or [None])[0] is not None
+
+
+def load_experts(cfg: Any, high: torch.nn.Module, options: dict[str, Any], scheduler: Any) -> TwoExperts:
+    """`TwoExperts` of the loaded `transformer` (high noise) and model.path's `transformer_2`, the
+    boundary b = boundary_ratio · num_train_timesteps as WanPipeline computes it; the experts of
+    `diffusion.train_experts` train."""
+    from diffusers import WanTransformer3DModel
+
+    d = cfg.diffusion
+    low = WanTransformer3DModel.from_pretrained(family_folder(cfg, FAMILY), subfolder="transformer_2",
+                                                torch_dtype=getattr(torch, cfg.model.dtype),
+                                                **({"variant": d.variant} if d.variant else {}))
+    ratio = float(options["boundary_ratio"])
+    return TwoExperts(high, low, ratio * int(scheduler.config.num_train_timesteps), ratio, tuple(d.train_experts))
+
+
+def i2v_likelihood(cfg: Any, parts: dict[str, Any], text: WanText, denoiser: WanTransformer, objective: Any,
+                   latents: VideoLatents) -> DiffusionLikelihood:
+    """The image-to-video likelihood: the prompt and each record's source image (_wan_i2v.py)."""
+    image = WanImageSource(parts["vae"], *load_image_encoder(cfg, family_folder(cfg, FAMILY)), cfg.diffusion,
+                           data_roots(cfg))
+    conditioning = WanI2VConditioning(TextConditioning(text, cfg.diffusion.null_prompt), image)
+    return DiffusionLikelihood(FAMILY, objective, latents, conditioning, denoiser, cfg.diffusion)
 
 
 def check_frames(cfg: Any) -> None:
@@ -254,24 +318,38 @@ def check_frames(cfg: Any) -> None:
 
 
 def build(cfg: Any, use_cache: bool = True, trained: bool = True) -> tuple[Any, Any, None]:
-    """(trainable WanTransformer3DModel, likelihood owning the Wan VAE and the UMT5 encoder, None); from
-    `diffusion.cache_dir` when set and use_cache (neither is loaded then)."""
+    """(trainable WanTransformer3DModel, or `TwoExperts` of a Wan 2.2 A14B folder; likelihood owning the
+    Wan VAE and the UMT5 encoder; None); from `diffusion.cache_dir` when set and use_cache (neither is
+    loaded then)."""
 
     d = cfg.diffusion
     check_frames(cfg)
     options = pipeline_options(cfg)
-    denoiser = WanTransformer(bool(options.get("expand_timesteps", False)))
+    i2v = options.get("_class_name") == "WanImageToVideoPipeline"
+    if i2v:
+        check_i2v(cfg, options)
+    denoiser = WanTransformer(bool(options.get("expand_timesteps", False)), i2v)
     objective = wan_objective(d.prediction_type, denoiser_config(cfg, FAMILY).patch_size)
     if from_cache(cfg, use_cache):
-        return build_cached(cfg, FAMILY, denoiser, trained, objective, video_cache_settings(cfg))
-    parts = load_parts(cfg, FAMILY, unet=trained)
-    text = WanText(parts["text_encoders"], parts["tokenizers"])
-    latents = VideoLatents(parts["vae"], d, data_roots(cfg))
-    return parts["unet"], image_likelihood(cfg, FAMILY, parts, text, denoiser, objective, latents), None
+        model, likelihood, _ = build_cached(cfg, FAMILY, denoiser, trained, objective, video_cache_settings(cfg))
+    else:
+        parts = load_parts(cfg, FAMILY, unet=trained)
+        text = WanText(parts["text_encoders"], parts["tokenizers"])
+        latents = VideoLatents(parts["vae"], d, data_roots(cfg))
+        if i2v:
+            likelihood = i2v_likelihood(cfg, parts, text, denoiser, objective(parts["scheduler"], latents.latent_shape()),
+                                        latents)
+        else:
+            likelihood = image_likelihood(cfg, FAMILY, parts, text, denoiser, objective, latents)
+        model = parts["unet"]
+    if trained and two_experts(options):
+        model = load_experts(cfg, model, options, likelihood.scheduler)
+    return model, likelihood, None
 
 
 FAMILY = Family(
-    name="wan", summary="Wan 2.1/2.2 text-to-video DiT: UMT5 prompt, causal 3-D VAE, Flow-DPO over video latents",
+    name="wan", summary="Wan 2.1/2.2 text- and image-to-video DiT (A14B: two experts): UMT5 prompt, causal 3-D VAE, "
+                "Flow-DPO over video latents",
     kind="video", build=build, trained="transformer",
     layout=PipelineLayout("transformer", "WanTransformer3DModel", "UniPCMultistepScheduler", "video pipeline",
                           vae_class="AutoencoderKLWan"),

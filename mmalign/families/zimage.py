@@ -6,7 +6,7 @@ encodes and calls it:
   tokenizer's chat template (add_generation_prompt=True, enable_thinking=True), padded to
   max_sequence_length 512 with its attention mask; the Qwen3 text encoder's hidden_states[-2]
   (n, L, D). The pipeline keeps each prompt's real tokens only (a list of (L_i, D)); here the
-  padded (n, L, D) and the mask (n, L) are kept and split per item at the call;
+  padded (n, L, D) (zeros past the mask) and the mask (n, L) are kept and split per item at the call;
 - the call (the denoising loop): transformer([x_t[i] as (C, 1, h, w)], (1000 - t)/1000 with
   t = σ·1000, i.e. 1 - σ, [prompt_embeds[i][mask[i]]], return_dict=False)[0], a list of
   (C, 1, h, w); the 2×2 patchify and the position ids (caption 1..L', image from L'+1, L' the
@@ -33,11 +33,19 @@ from mmalign.modalities.diffusion import UNetCall, image_likelihood
 from mmalign.modalities.diffusion_cache import build_cached
 from mmalign.modalities.flow import flow_objective
 from mmalign.modalities.loading import from_cache, load_parts
+from mmalign.modalities.ragged import PaddedText, prefix_lengths
 from mmalign.modalities.text import MASK, chat_tokens
 
 
-class ZImageText:
-    """Qwen3 hidden_states[-2] of the chat-templated prompt (module docstring)."""
+class ZImageText(PaddedText):
+    """Qwen3 hidden_states[-2] of the chat-templated prompt (module docstring), zeros past the mask (the
+    call reads only the masked rows); `mmalign cache` stores each prompt at its real length (ragged.py)."""
+
+    padded = ("prompt_embeds", "prompt_mask")
+
+    def real_lengths(self, ids: dict[str, Tensor], cond: dict[str, Tensor]) -> Tensor:
+        """(n,): each prompt's real tokens (the mask's, when they come first)."""
+        return prefix_lengths(cond["prompt_mask"])
 
     def __init__(self, text_encoders: list[Any], tokenizers: list[Any], max_sequence_length: int = 512) -> None:
         self.text_encoders, self.tokenizers = list(text_encoders), list(tokenizers)
@@ -55,7 +63,7 @@ class ZImageText:
         tokens, mask = ids["input_ids"].to(encoder.device), ids[MASK].to(encoder.device).bool()
         with torch.autocast(tokens.device.type, enabled=False):
             hidden = encoder(input_ids=tokens, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
-        return {"prompt_embeds": hidden.float(), "prompt_mask": mask}
+        return {"prompt_embeds": hidden.float() * mask[..., None], "prompt_mask": mask}
 
 
 def caption_list(values: dict[str, Tensor], dtype: torch.dtype) -> list[Tensor]:

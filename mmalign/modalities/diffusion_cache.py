@@ -10,7 +10,9 @@ What is cached (METHODS.md §2: "cache the distribution's mean and std, not one 
 - per UNIQUE caption: every tensor the denoiser needs (SD1.5/SD2: `encoder_hidden_states`; SDXL:
   `encoder_hidden_states` + pooled `text_embeds`; SD3 / FLUX: the T5 (+ CLIP) sequence and
   `pooled_projections`; Z-Image: the Qwen3 states and their mask), plus the null prompt
-  `encode("")`; the flow families' objective takes its shift from the cached latents' size;
+  `encode("")`; the flow families' objective takes its shift from the cached latents' size.
+  Conditioning that is zeros past each prompt (Wan's 512 UMT5 states; Qwen-Image's and Z-Image's
+  states + mask) is stored at each prompt's real length and rebuilt on read (modalities/ragged.py);
 - audio (`tango`, `audioldm2`; hooks on the likelihood, reader classes in `audio_cache.py`): per
   clip the mel-VAE posterior of its log-mel (no flip, no crop); per unique prompt its own-length
   conditioning with the attention mask (int64) and `length/<name>`, padded per batch at train time.
@@ -149,7 +151,10 @@ class LatentCache:
         self._key_table: dict[int, tuple[str, int, int]] | None = None
         from safetensors.torch import load_file
 
-        self.null = {k: _as_read(v) for k, v in load_file(str(self.dir / self.index["text"]["null"])).items()}
+        from mmalign.modalities.ragged import unpack
+
+        null = unpack(load_file(str(self.dir / self.index["text"]["null"])))
+        self.null = {k: _as_read(v) for k, v in null.items()}
 
     def file(self, relative: str) -> Any:
         """An open safetensors handle (LRU of MAX_OPEN)."""
@@ -220,14 +225,18 @@ class LatentCache:
         """Text tensors (n, ...) of caption rows (the text table's rows): float32, integer ones
         (attention masks, per-row lengths `length/<name>`) as stored. A variable-length table
         (audio: each shard padded to its longest caption, with `length/<name>`) has rows of
-        several lengths: they are right-padded with zeros to the longest of `caption_rows`."""
+        several lengths: they are right-padded with zeros to the longest of `caption_rows`. Tensors
+        stored at each prompt's real length (`ragged/<name>`, mmalign/modalities/ragged.py) come back
+        padded with zeros to their stored width, as the live encoder gives them."""
+        from mmalign.modalities.ragged import read_row
+
         size, files = self.index["text"]["shard_size"], self.index["text"]["files"]
         out: dict[str, list[Tensor]] = {}
         for row in caption_rows:
             shard, offset = divmod(row, size)
             f = self.file(files[shard])
-            for name in f.keys():
-                out.setdefault(name, []).append(f.get_slice(name)[offset : offset + 1])
+            for name, value in read_row(f.get_slice, list(f.keys()), offset).items():
+                out.setdefault(name, []).append(value)
         return {k: _as_read(right_pad_cat(v)) for k, v in out.items()}
 
     def check(self, cfg: Any, num_records: dict[str, int], channels: int | None = None,

@@ -115,6 +115,15 @@ class TextConditioning(LiveEncoders):
         return {k: v[groups.to(v.device)] for k, v in cond.items()}
 
     def cache_text(self, prompts: list[str], batch: int = 64) -> dict[str, Tensor]:
-        """What `mmalign cache` stores for `prompts`: `encode_text` in chunks of `batch`, (n, ...)."""
-        outs = [self.encode_text(prompts[i : i + batch]) for i in range(0, len(prompts), batch)]
-        return {k: torch.cat([o[k].cpu() for o in outs]) for k in outs[0]}
+        """What `mmalign cache` stores for `prompts`: `encode_text` in chunks of `batch`, (n, ...);
+        a `PaddedText` encoder's padded tensors at each prompt's real length (mmalign/modalities/ragged.py)."""
+        from mmalign.modalities.ragged import PaddedText, merge, pack
+
+        outs = []
+        for i in range(0, len(prompts), batch):
+            ids = self.encoder.tokenize(prompts[i : i + batch])
+            cond = {k: v.cpu() for k, v in self.encoder.encode(ids).items()}
+            if isinstance(self.encoder, PaddedText):
+                cond = pack(cond, self.encoder.padded, self.encoder.real_lengths(ids, cond))
+            outs.append(cond)
+        return merge(outs)

@@ -77,8 +77,10 @@ def sampling_pipeline(likelihood: Any, unet: torch.nn.Module) -> Any:
     family = likelihood.family
     if likelihood.vae is None or not likelihood.text_encoders:
         raise ValueError("validation images need the VAE and text encoders (a run from diffusion.cache_dir has none)")
+    from mmalign.modalities.experts import TwoExperts
+
     base = unet.get_base_model() if hasattr(unet, "get_base_model") else unet
-    denoiser = {family.layout.denoiser: base}
+    denoiser = base.pipeline_parts() if isinstance(base, TwoExperts) else {family.layout.denoiser: base}
     if family.null_prompt_zeros_flag:
         # Sample with the null prompt training used: SDXL's default feeds zeros for an empty
         # negative prompt, training drops captions to encode("") unless null_prompt is "zeros".
