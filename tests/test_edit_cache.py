@@ -29,7 +29,8 @@ from mmalign.modalities.edit_cache import write_edit_cache
 from mmalign.types import Draw
 
 ROOT = Path(__file__).resolve().parents[1]
-SAVERS = {"qwen_image_edit": save_tiny_qwen_image_edit_pipeline, "flux_kontext": save_tiny_flux_kontext_pipeline}
+SAVERS = {"qwen_image_edit": save_tiny_qwen_image_edit_pipeline, "flux_kontext": save_tiny_flux_kontext_pipeline,
+          "qwen_image_edit_plus": lambda path: save_tiny_qwen_image_edit_pipeline(path, pipeline="QwenImageEditPlusPipeline")}
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,16 @@ def pairs(tmp_path_factory):
     root = tmp_path_factory.mktemp("edit_pairs")
     path = write_edit_pairs(root, 4)
     write_image(root / "images" / "1_source.png", 96, 32, seed=99)
+    return path
+
+
+@pytest.fixture(scope="module")
+def plus_pairs(tmp_path_factory):
+    """4 edit pairs of 64×64 PNGs; record 1 edits two sources (source_images)."""
+    path = write_edit_pairs(tmp_path_factory.mktemp("plus_pairs"), 4, size=(64, 64))
+    records = [json.loads(line) for line in open(path)]
+    records[1]["source_images"] = [records[1].pop("source_image"), records[0]["source_image"]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
 
 
@@ -62,10 +73,12 @@ def dpo_and_grads(likelihood, policy, reference, batch, draw):
     return loss.detach(), {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("modality", ["qwen_image_edit", "flux_kontext"])
-def test_cached_edit_likelihood_equals_the_uncached_one(modality, pairs, tmp_path):
+@pytest.mark.parametrize("modality", ["qwen_image_edit", "flux_kontext", "qwen_image_edit_plus"])
+def test_cached_edit_likelihood_equals_the_uncached_one(modality, pairs, plus_pairs, tmp_path):
     pipeline = SAVERS[modality](tmp_path / "pipeline")
-    cfg = config(modality, pipeline, pairs, tmp_path / "cache")
+    plus = modality == "qwen_image_edit_plus"  # 64 px: Plus's VL area is resolution²·(384/1024)²
+    pairs, resolution = (plus_pairs, 64) if plus else (pairs, 32)
+    cfg = config(modality, pipeline, pairs, tmp_path / "cache", resolution=resolution)
     model, plain = uncached(cfg)
     stats = write_edit_cache(cfg, plain)
     assert stats["written"] == 2 and stats["reused"] == 0  # 4 records, 2 per shard
@@ -87,7 +100,7 @@ def test_cached_edit_likelihood_equals_the_uncached_one(modality, pairs, tmp_pat
             assert v[key].shape == w[key].shape, key  # the same padding as the live batch
             torch.testing.assert_close(w[key], v[key], rtol=0, atol=1e-5, msg=key)
         dropped.update(v["caption_dropped"].tolist())
-        shapes.update(tuple(s) for s in v["source_shapes"][:, 0].tolist())
+        shapes.update(tuple(map(tuple, s)) for s in v["source_shapes"].tolist())
         ref, ref_c = plain.logps(model, batch, Draw(v)), cached.logps(model_c, batch_c, Draw(w))
         torch.testing.assert_close(ref_c.logps, ref.logps, rtol=0, atol=1e-6)
         loss, grads = dpo_and_grads(plain, policy, model, batch, Draw(v))
@@ -97,7 +110,7 @@ def test_cached_edit_likelihood_equals_the_uncached_one(modality, pairs, tmp_pat
         assert grads.keys() == grads_c.keys() and grads
         for name, grad in grads.items():
             torch.testing.assert_close(grads_c[name], grad, rtol=1e-3, atol=1e-5, msg=name)
-    assert dropped == {True, False} and len(shapes) == 2  # the 32×32 and the 96×32 sources' grids
+    assert dropped == {True, False} and len(shapes) == 2  # two source grids (sizes, or Plus: 1 and 2 sources)
 
 
 def test_a_killed_cache_run_resumes_to_the_uninterrupted_cache(pairs, tmp_path, monkeypatch):
@@ -110,7 +123,8 @@ def test_a_killed_cache_run_resumes_to_the_uninterrupted_cache(pairs, tmp_path, 
     with pytest.raises(Killed):
         write_edit_cache(cfg, plain)
     monkeypatch.undo()
-    assert not (tmp_path / "killed" / "index.json").exists() and (tmp_path / "killed" / "edit" / "train-00000.safetensors").is_file()
+    killed = tmp_path / "killed"
+    assert not (killed / "index.json").exists() and (killed / "edit" / "train-00000.safetensors").is_file()
     with pytest.raises(CacheError, match="did not finish"):
         build_modality(cfg)
     stats = write_edit_cache(cfg, plain)
@@ -118,7 +132,7 @@ def test_a_killed_cache_run_resumes_to_the_uninterrupted_cache(pairs, tmp_path, 
     whole = dataclasses.replace(cfg, diffusion=dataclasses.replace(cfg.diffusion, cache_dir=str(tmp_path / "whole")))
     write_edit_cache(whole, plain)
     names = sorted(str(p.relative_to(tmp_path / "whole")) for p in (tmp_path / "whole").rglob("*.safetensors"))
-    assert names == sorted(str(p.relative_to(tmp_path / "killed")) for p in (tmp_path / "killed").rglob("*.safetensors"))
+    assert names == sorted(str(p.relative_to(killed)) for p in killed.rglob("*.safetensors"))
     for name in names:
         a, b = load_file(str(tmp_path / "killed" / name)), load_file(str(tmp_path / "whole" / name))
         assert a.keys() == b.keys(), name

@@ -121,7 +121,8 @@ class KontextTransformer(FluxTransformer):
 
 
 def build(cfg: Any, use_cache: bool = True, trained: bool = True) -> tuple[Any, Any, None]:
-    """(trainable FluxTransformer2DModel, edit likelihood owning the VAE, CLIP and T5, None)."""
+    """(trainable FluxTransformer2DModel, edit likelihood owning the VAE, CLIP and T5, None); from
+    `diffusion.cache_dir` when set and use_cache (none of them loaded then)."""
     check_edit_settings(cfg, FAMILY.name)
     d = cfg.diffusion
     denoiser = KontextTransformer(bool(denoiser_config(cfg, FAMILY).guidance_embeds))

@@ -226,8 +226,7 @@ class CachedEdit:
                 prefix, key = name.split("/", 1)
                 out[f"edit/{prefix}/{key}"], out[f"edit/{prefix}_length/{key}"] = pad_rows([it[name] for it in items])
         out["source_latents"] = pad_rows([it["source_latents"] for it in items])[0]
-        shapes = pad_rows([it["source_shapes"] for it in items])[0]
-        out["source_shapes"] = shapes
+        out["source_shapes"] = pad_rows([it["source_shapes"] for it in items])[0]
         return out
 
     def per_item(self, inputs: dict[str, Any], groups: Tensor, dropped: Tensor) -> dict[str, Tensor]:
