@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
                   progress=cfg.train.progress and state.is_main_process)
     if state.is_main_process:
         records = ", ".join(f"{n} {name} records" for name, n in stats["records"].items())
-        print(f"[mmalign] cache: {records}, {stats['captions']} unique captions; shards of this process: "
+        text = "text per record" if stats.get("per_record") else f"{stats['captions']} unique captions"
+        print(f"[mmalign] cache: {records}, {text}; shards of this process: "
               f"{stats['written']} written, {stats['reused']} already there; {state.num_processes} process(es); "
               f"{cache_size(cfg.diffusion.cache_dir):.1f} MiB in {cfg.diffusion.cache_dir} (index {stats['index']})")
     return 0

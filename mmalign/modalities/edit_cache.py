@@ -120,7 +120,8 @@ def write_edit_cache(cfg: Any, likelihood: DiffusionLikelihood, rank: int = 0, w
                      barrier: Callable[[], None] = lambda: None, progress: bool = False) -> dict[str, Any]:
     """`cache_writer.write_cache` of an edit family (module docstring): process `rank` of `world`
     encodes tasks rank, rank + world, ...; finished shards are kept (resume); rank 0 writes the index.
-    Returns this process's {"written", "reused"} tasks, "captions" (0), "records", "index"."""
+    Returns this process's {"written", "reused"} tasks, "captions" (0: no caption table), "per_record"
+    (True), "records", "index"."""
     cache_dir = Path(cfg.diffusion.cache_dir)
     splits = cache_splits(cfg)
     plan = cw.make_plan(cfg, splits, {**likelihood.latents.cache_settings(cfg), **EDIT_SETTINGS})
@@ -145,7 +146,7 @@ def write_edit_cache(cfg: Any, likelihood: DiffusionLikelihood, rank: int = 0, w
         cw.save_atomic({}, cache_dir / NULL_FILE, None)
         cw.write_json_atomic(make_edit_index(cache_dir, plan, likelihood), cache_dir / "index.json")
     barrier()
-    return {"written": written, "reused": reused, "captions": 0,
+    return {"written": written, "reused": reused, "captions": 0, "per_record": True,
             "records": {name: len(records) for name, (records, _) in splits.items()},
             "index": str(cache_dir / "index.json")}
 

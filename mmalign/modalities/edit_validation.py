@@ -7,7 +7,9 @@ Each image is one call of the family's edit pipeline (QwenImageEditPipeline, Qwe
 FluxKontextPipeline) built in memory from the policy transformer and the likelihood's frozen parts
 (`validation.sampling_pipeline`, plus the encoder's `pipeline_parts`: Qwen's processor), with
 prompt = the instruction, the sources as `EditEncoder.pipeline_inputs` feeds them (Kontext: sized as
-training, `_auto_resize` off, max_area = resolution²), height = width = resolution, guidance as the
+training, `_auto_resize` off, max_area = resolution²; the Qwen pipelines size sources to their own
+fixed areas, 1024² (and 384² for Plus's VL images), as in `mmalign generate`), height = width =
+resolution, guidance as the
 other flow families (`validation.guidance_arguments`: true CFG with the empty negative prompt for
 Qwen) and a CPU generator seeded with the column's seed: the same weights give the same pixels.
 """
