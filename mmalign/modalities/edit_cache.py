@@ -66,7 +66,9 @@ def encode_edit_record(conditioning: EditConditioning, record: dict[str, Any], w
     encoder = conditioning.encoder
     values = record_sources(record, where)
     if len(values) > encoder.max_sources:
-        raise CacheError(f"{where}: {len(values)} source images; this model takes at most {encoder.max_sources}")
+        from mmalign.errors import DataError
+
+        raise DataError(f"{where}: {len(values)} source images; this model takes at most {encoder.max_sources}")
     prepared = [encoder.prepare(conditioning.images.image(v, f"{where}, {SOURCE}", record.get("_root")))
                 for v in values]
     seen = [p[0] for p in prepared]
