@@ -21,7 +21,7 @@ from qwen_image_edit_fixtures import save_tiny_qwen_image_edit_pipeline, write_e
 
 from mmalign.cli import main
 from mmalign.config import ConfigError
-from mmalign.errors import DataError
+from mmalign.errors import CacheError, DataError
 from mmalign.losses import dpo_loss
 from mmalign.modalities.flow import pack_latents
 from mmalign.types import Draw
@@ -240,7 +240,7 @@ def test_sources_of_mixed_sizes_score_as_they_score_alone(built, pairs, tmp_path
 def test_refusals(pipeline, pairs, built, tmp_path):
     with pytest.raises(ConfigError, match="random_flip"):
         build_for(pipeline, pairs["path"], "qwen_image_edit", resolution=RES, random_flip=True)
-    with pytest.raises(ConfigError, match="cache_dir: caching is not implemented yet"):
+    with pytest.raises(CacheError, match="no complete cache"):  # the cache: tests/test_edit_cache.py
         build_for(pipeline, pairs["path"], "qwen_image_edit", resolution=RES, cache_dir=str(tmp_path))
     with pytest.raises(ConfigError, match="null_prompt: zeros"):
         build_for(pipeline, pairs["path"], "qwen_image_edit", resolution=RES, null_prompt="zeros")

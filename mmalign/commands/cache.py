@@ -2,7 +2,8 @@
 `diffusion.cache_dir` (VAE latent distributions with flips, deduplicated text embeddings, for the
 UNet and the flow families alike; for the
 audio modalities `tango` and `audioldm2`: mel-VAE latent distributions of the clips' log-mels, no
-flips, and each unique prompt's conditioning with its attention mask, mmalign/modalities/audio_cache.py).
+flips, and each unique prompt's conditioning with its attention mask, mmalign/modalities/audio_cache.py;
+for the edit families: each record's conditioning about its sources, mmalign/modalities/edit_cache.py).
 
 Several processes split the shards: `accelerate launch -m mmalign.cli cache CONFIG` (or
 torchrun). A killed run continues where it stopped when started again with the same config.
@@ -29,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from mmalign.config import load_config
     from mmalign.errors import ConfigError
     from mmalign.families import all_families, get_family
-    from mmalign.modalities.cache_writer import write_cache
+    from mmalign.modalities.edit_cache import cache_writer_for
 
     cfg = load_config(args.config, args.overrides)
     if not cfg.diffusion.cache_dir:
@@ -43,11 +44,13 @@ def run(args: argparse.Namespace) -> int:
     state = PartialState(cpu=cfg.train.cpu or not torch.cuda.is_available())
     _, likelihood, _ = family.build(cfg, use_cache=False, trained=False)  # VAE + text encoders, no UNet
     likelihood.to(state.device)
-    stats = write_cache(cfg, likelihood, state.process_index, state.num_processes, state.wait_for_everyone,
-                        progress=cfg.train.progress and state.is_main_process)
+    write = cache_writer_for(likelihood)
+    stats = write(cfg, likelihood, state.process_index, state.num_processes, state.wait_for_everyone,
+                  progress=cfg.train.progress and state.is_main_process)
     if state.is_main_process:
         records = ", ".join(f"{n} {name} records" for name, n in stats["records"].items())
-        print(f"[mmalign] cache: {records}, {stats['captions']} unique captions; shards of this process: "
+        text = "text per record" if stats.get("per_record") else f"{stats['captions']} unique captions"
+        print(f"[mmalign] cache: {records}, {text}; shards of this process: "
               f"{stats['written']} written, {stats['reused']} already there; {state.num_processes} process(es); "
               f"{cache_size(cfg.diffusion.cache_dir):.1f} MiB in {cfg.diffusion.cache_dir} (index {stats['index']})")
     return 0

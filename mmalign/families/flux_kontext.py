@@ -17,7 +17,9 @@ diffusers' FluxKontextPipeline (pipelines/flux/pipeline_flux_kontext.py, diffuse
 
 Targets are resized and cropped to resolution×resolution; `mmalign generate` samples the edit with
 height = width = resolution and max_area = resolution² (the pipeline rescales its target to max_area,
-1024² by default). A random flip is refused; no cache or validation grids yet.
+1024² by default). A random flip is refused. `mmalign cache` stores each record's conditioning and source latents
+(mmalign/modalities/edit_cache.py); validation grids edit the first training records' sources
+(mmalign/modalities/edit_validation.py).
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ from mmalign.families import Family, PipelineLayout, TextEncoderSpec
 from mmalign.families.flux import FluxText, FluxTransformer
 from mmalign.modalities.diffusion import DiffusionLikelihood, ImageLatents, data_roots, vae_posterior
 from mmalign.modalities.edit import EditConditioning, check_edit_settings, rows_by_shape
+from mmalign.modalities.edit_cache import build_edit_cached
+from mmalign.modalities.edit_validation import validation_records
 from mmalign.modalities.flow import flow_objective, latent_image_ids, pack_latents
-from mmalign.modalities.loading import denoiser_config, load_parts
+from mmalign.modalities.loading import denoiser_config, from_cache, load_parts
 
 
 def kontext_size(width: int, height: int, resolution: int, multiple: int) -> tuple[int, int]:
@@ -59,12 +63,24 @@ class KontextText(FluxText):
         self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.factor * 2)
 
-    def prepare(self, image: Any) -> tuple[Any, Tensor]:
-        """(None: the text encoders read no image, pixels (3, h, w) in [-1, 1])."""
+    def resized(self, image: Any) -> Any:
+        """The source as the pipeline's `_auto_resize` sizes it, scaled to the resolution (`kontext_size`)."""
         height, width = self.image_processor.get_default_height_width(image)
         width, height = kontext_size(width, height, self.resolution, self.factor * 2)
-        resized = self.image_processor.resize(image, height, width)
-        return None, self.image_processor.preprocess(resized, height, width)[0]
+        return self.image_processor.resize(image, height, width)
+
+    def prepare(self, image: Any) -> tuple[Any, Tensor]:
+        """(None: the text encoders read no image, pixels (3, h, w) in [-1, 1])."""
+        resized = self.resized(image)
+        return None, self.image_processor.preprocess(resized, resized.height, resized.width)[0]
+
+    def pipeline_parts(self) -> dict[str, Any]:
+        return {}
+
+    def pipeline_inputs(self, images: list[Any]) -> dict[str, Any]:
+        """The source already sized as training sizes it, `_auto_resize` off (the pipeline keeps that
+        size), and max_area = resolution² (the pipeline's target size)."""
+        return {"image": self.resized(images[0]), "_auto_resize": False, "max_area": self.resolution ** 2}
 
     def encode(self, prompts: list[str], images: list[list[Any]]) -> dict[str, Tensor]:
         """FLUX's {"encoder_hidden_states", "pooled_projections"} of the prompts (`FluxText.encode`)."""
@@ -105,15 +121,20 @@ class KontextTransformer(FluxTransformer):
 
 
 def build(cfg: Any, use_cache: bool = True, trained: bool = True) -> tuple[Any, Any, None]:
-    """(trainable FluxTransformer2DModel, edit likelihood owning the VAE, CLIP and T5, None)."""
+    """(trainable FluxTransformer2DModel, edit likelihood owning the VAE, CLIP and T5, None); from
+    `diffusion.cache_dir` when set and use_cache (none of them loaded then)."""
     check_edit_settings(cfg, FAMILY.name)
     d = cfg.diffusion
     denoiser = KontextTransformer(bool(denoiser_config(cfg, FAMILY).guidance_embeds))
+    objective_of = flow_objective(d.prediction_type, 2)
+    if from_cache(cfg, use_cache):
+        return build_edit_cached(cfg, FAMILY, denoiser, trained, objective_of)
     parts = load_parts(cfg, FAMILY, unet=trained)
     latents = ImageLatents(parts["vae"], d, data_roots(cfg))
     text = KontextText(parts["text_encoders"], parts["tokenizers"], parts["vae"], d.resolution)
-    objective = flow_objective(d.prediction_type, 2)(parts["scheduler"], latents.latent_shape())
-    likelihood = DiffusionLikelihood(FAMILY, objective, latents, EditConditioning(text, latents), denoiser, d)
+    objective = objective_of(parts["scheduler"], latents.latent_shape())
+    conditioning = EditConditioning(text, latents, validation_records(cfg))
+    likelihood = DiffusionLikelihood(FAMILY, objective, latents, conditioning, denoiser, d)
     return parts["unet"], likelihood, None
 
 
@@ -123,5 +144,5 @@ FAMILY = Family(
     layout=PipelineLayout("transformer", "FluxTransformer2DModel", "FlowMatchEulerDiscreteScheduler", "flow pipeline"),
     text_encoders=(TextEncoderSpec("text_encoder", "tokenizer", "transformers:CLIPTextModel"),
                    TextEncoderSpec("text_encoder_2", "tokenizer_2", "transformers:T5EncoderModel")),
-    pipeline="FluxKontextPipeline", export_formats=("merged", "unet", "lora"), cache=False, validation=False,
+    pipeline="FluxKontextPipeline", export_formats=("merged", "unet", "lora"), cache=True, validation=True,
     sample="images")

@@ -23,8 +23,9 @@ feeds it:
 Targets are resized (shortest side) and cropped to resolution×resolution (`QwenLatents`); the
 pipeline samples such a target with height = width = resolution, which `mmalign generate` passes.
 A random flip would mirror the target and not the source: refused. Dropped captions become the
-empty instruction about the same source (the pipeline's negative prompt). Not yet: `mmalign cache`
-(the conditioning depends on the source image), validation grids.
+empty instruction about the same source (the pipeline's negative prompt). `mmalign cache` stores
+each record's conditioning and source latents (mmalign/modalities/edit_cache.py); validation grids
+edit the first training records' sources (mmalign/modalities/edit_validation.py).
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ from mmalign.families import Family, PipelineLayout, TextEncoderSpec
 from mmalign.families.qwen_image import QwenImageTransformer, QwenLatents, prompt_inputs
 from mmalign.modalities.diffusion import DiffusionLikelihood, data_roots
 from mmalign.modalities.edit import EditConditioning, check_edit_settings, rows_by_shape
+from mmalign.modalities.edit_cache import build_edit_cached
+from mmalign.modalities.edit_validation import validation_records
 from mmalign.modalities.flow import flow_objective, pack_latents
-from mmalign.modalities.loading import denoiser_config, family_folder, load_parts
+from mmalign.modalities.loading import denoiser_config, family_folder, from_cache, load_parts
 
 # QwenImageEditPipeline.__init__: the prompt template and the template tokens dropped
 TEMPLATE = ("<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
@@ -116,6 +119,14 @@ class QwenEditText:
         """(n, z, h, w): the normalised posterior mode ((mean - μ) / σ, `QwenLatents.latent_dist`)."""
         return self.latents.latent_dist(pixels, pixels.shape[0])[0]
 
+    def pipeline_parts(self) -> dict[str, Any]:
+        """{"processor": the Qwen2VLProcessor} (the edit pipeline reads the source with it)."""
+        return {"processor": self.processor}
+
+    def pipeline_inputs(self, images: list[Any]) -> dict[str, Any]:
+        """{"image": the source} (the pipeline resizes it to its own area, 1024²)."""
+        return {"image": images[0]}
+
 
 class QwenImageEditTransformer(QwenImageTransformer):
     """The edit pipeline's transformer call: [x_t packed; source packed] with both grids in img_shapes,
@@ -142,11 +153,13 @@ class QwenImageEditTransformer(QwenImageTransformer):
 def build(cfg: Any, use_cache: bool = True, trained: bool = True) -> tuple[Any, Any, None]:
     """(trainable QwenImageTransformer2DModel, edit likelihood owning the Qwen VAE, the Qwen2.5-VL
     text encoder and its processor, None)."""
-    return build_qwen_edit(cfg, FAMILY, QwenEditText, trained)
+    return build_qwen_edit(cfg, FAMILY, QwenEditText, trained, use_cache)
 
 
-def build_qwen_edit(cfg: Any, family: Family, text_class: type, trained: bool) -> tuple[Any, Any, None]:
-    """`build` of a Qwen-Image edit family whose conditioning is `text_class` (a `QwenEditText`)."""
+def build_qwen_edit(cfg: Any, family: Family, text_class: type, trained: bool,
+                    use_cache: bool = True) -> tuple[Any, Any, None]:
+    """`build` of a Qwen-Image edit family whose conditioning is `text_class` (a `QwenEditText`); from
+    `diffusion.cache_dir` when set and use_cache (no VAE, Qwen2.5-VL or processor loaded then)."""
     from transformers import Qwen2VLProcessor
 
     from mmalign.errors import ConfigError
@@ -156,13 +169,16 @@ def build_qwen_edit(cfg: Any, family: Family, text_class: type, trained: bool) -
     if getattr(denoiser_config(cfg, family), "guidance_embeds", False):
         raise ConfigError("this QwenImageTransformer2DModel config has guidance_embeds, which diffusers' "
                           "transformer cannot feed (no guidance embedder)")
+    objective_of = flow_objective(d.prediction_type, 2)
+    if from_cache(cfg, use_cache):
+        return build_edit_cached(cfg, family, QwenImageEditTransformer(), trained, objective_of)
     parts = load_parts(cfg, family, unet=trained)
     processor = Qwen2VLProcessor.from_pretrained(family_folder(cfg, family), subfolder="processor")
     latents = QwenLatents(parts["vae"], d, data_roots(cfg))
     text = text_class(parts["text_encoders"], parts["tokenizers"], processor, latents, d.resolution ** 2)
-    objective = flow_objective(d.prediction_type, 2)(parts["scheduler"], latents.latent_shape())
-    likelihood = DiffusionLikelihood(family, objective, latents, EditConditioning(text, latents),
-                                     QwenImageEditTransformer(), d)
+    objective = objective_of(parts["scheduler"], latents.latent_shape())
+    conditioning = EditConditioning(text, latents, validation_records(cfg))
+    likelihood = DiffusionLikelihood(family, objective, latents, conditioning, QwenImageEditTransformer(), d)
     return parts["unet"], likelihood, None
 
 
@@ -173,5 +189,5 @@ FAMILY = Family(
     layout=PipelineLayout("transformer", "QwenImageTransformer2DModel", "FlowMatchEulerDiscreteScheduler",
                           "flow pipeline", vae_class="AutoencoderKLQwenImage"),
     text_encoders=(TextEncoderSpec("text_encoder", "tokenizer", "transformers:Qwen2_5_VLForConditionalGeneration"),),
-    pipeline="QwenImageEditPipeline", export_formats=("merged", "unet", "lora"), cache=False, validation=False,
+    pipeline="QwenImageEditPipeline", export_formats=("merged", "unet", "lora"), cache=True, validation=True,
     sample="images", zeros_null_prompt=False, true_cfg=True)

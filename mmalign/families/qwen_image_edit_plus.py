@@ -47,6 +47,10 @@ class QwenEditPlusText(QwenEditText):
         return (self.image_processor.resize(image, cond_h, cond_w),
                 self.image_processor.preprocess(image, vae_h, vae_w)[0])
 
+    def pipeline_inputs(self, images: list[Any]) -> dict[str, Any]:
+        """{"image": every source, in order}."""
+        return {"image": list(images)}
+
     def texts(self, prompts: list[str], images: list[list[Any]]) -> list[str]:
         """The Plus template around "Picture 1: ...Picture K: " + the instruction."""
         return [TEMPLATE.format("".join(PICTURE.format(k + 1) for k in range(len(item))) + p)
@@ -55,7 +59,7 @@ class QwenEditPlusText(QwenEditText):
 
 def build(cfg: Any, use_cache: bool = True, trained: bool = True) -> tuple[Any, Any, None]:
     """(trainable QwenImageTransformer2DModel, multi-source edit likelihood, None)."""
-    return build_qwen_edit(cfg, FAMILY, QwenEditPlusText, trained)
+    return build_qwen_edit(cfg, FAMILY, QwenEditPlusText, trained, use_cache)
 
 
 FAMILY = Family(
@@ -65,5 +69,5 @@ FAMILY = Family(
     layout=PipelineLayout("transformer", "QwenImageTransformer2DModel", "FlowMatchEulerDiscreteScheduler",
                           "flow pipeline", vae_class="AutoencoderKLQwenImage"),
     text_encoders=(TextEncoderSpec("text_encoder", "tokenizer", "transformers:Qwen2_5_VLForConditionalGeneration"),),
-    pipeline="QwenImageEditPlusPipeline", export_formats=("merged", "unet", "lora"), cache=False, validation=False,
+    pipeline="QwenImageEditPlusPipeline", export_formats=("merged", "unet", "lora"), cache=True, validation=True,
     sample="images", zeros_null_prompt=False, true_cfg=True)

@@ -35,13 +35,10 @@ SOURCE, SOURCES = "source_image", "source_images"
 
 
 def check_edit_settings(cfg: Any, name: str) -> None:
-    """An edit family trains from live encoders on unflipped pairs: `diffusion.cache_dir` (not
-    implemented yet for edits) and `diffusion.random_flip` are ConfigErrors."""
+    """An edit family trains on unflipped pairs: `diffusion.random_flip` is a ConfigError (the cache,
+    `diffusion.cache_dir`, is per record: mmalign/modalities/edit_cache.py)."""
     from mmalign.errors import ConfigError
 
-    if cfg.diffusion.cache_dir:
-        raise ConfigError(f"diffusion.cache_dir: caching is not implemented yet for modality '{name}' (its "
-                          "conditioning depends on the source image); train without it")
     if cfg.diffusion.random_flip:
         raise ConfigError(f"diffusion.random_flip would mirror the edited image and not its source (modality "
                           f"'{name}'); set it false")
@@ -84,6 +81,16 @@ class EditEncoder(Protocol):
         `_encode_vae_image` (the posterior mode, normalised)."""
         ...
 
+    def pipeline_parts(self) -> dict[str, Any]:
+        """The edit pipeline's constructor arguments beyond the VAE, scheduler, denoiser and text
+        encoders (Qwen: its processor): validation builds the pipeline in memory."""
+        ...
+
+    def pipeline_inputs(self, images: list[Any]) -> dict[str, Any]:
+        """The edit pipeline's `__call__` arguments that feed it a record's source images (loaded PIL)
+        so that it conditions on them as training does (validation grids)."""
+        ...
+
 
 def pack_sources(latents: list[list[Tensor]]) -> tuple[Tensor, Tensor]:
     """Per item, its sources' latents [(C, h_k, w_k), ...] -> packed (n, S_max, 4C) (each item's
@@ -117,11 +124,12 @@ class EditConditioning(LiveEncoders):
     (`EditEncoder.prepare`); the draw encodes each group's instruction with its images once (the
     empty instruction where the caption is dropped) and its sources' latents.
 
-    images: the likelihood's latent source, whose `image(value, where, root)` loads a record's image."""
+    images: the likelihood's latent source, whose `image(value, where, root)` loads a record's image;
+    validation: the records whose sources and instructions the validation grid edits (edit_validation.py)."""
 
-    def __init__(self, encoder: EditEncoder, images: Any) -> None:
+    def __init__(self, encoder: EditEncoder, images: Any, validation: list[dict[str, Any]] | None = None) -> None:
         super().__init__(encoder)
-        self.images = images
+        self.images, self.validation = images, list(validation or [])
 
     def collate(self, records: list[dict[str, Any]], kind: str) -> dict[str, Any]:
         """edit_prompts: N instructions; edit_images: per item, the text encoder's images; edit_pixels:

@@ -66,9 +66,10 @@ def text_parts(likelihood: Any) -> dict[str, Any]:
     return parts
 
 
-def sampling_pipeline(likelihood: Any, unet: torch.nn.Module) -> Any:
-    """The family's pipeline (`Family.pipeline`) of `likelihood`'s frozen parts and `unet` (the
-    denoiser: a UNet, or the flow transformer) in memory, nothing copied.
+def sampling_pipeline(likelihood: Any, unet: torch.nn.Module, **extra: Any) -> Any:
+    """The family's pipeline (`Family.pipeline`) of `likelihood`'s frozen parts, `unet` (the
+    denoiser: a UNet, or the flow transformer) and `extra` constructor arguments (an edit
+    pipeline's processor) in memory, nothing copied.
 
     A peft-wrapped UNet goes in as its base model: the LoRA layers are injected in place, so
     the pipeline samples with the adapters active."""
@@ -86,7 +87,7 @@ def sampling_pipeline(likelihood: Any, unet: torch.nn.Module) -> Any:
         # negative prompt, training drops captions to encode("") unless null_prompt is "zeros".
         denoiser["force_zeros_for_empty_prompt"] = likelihood.settings.null_prompt == "zeros"
     pipe = getattr(diffusers, family.pipeline)(vae=likelihood.vae, scheduler=sampling_scheduler(likelihood),
-                                               **denoiser, **text_parts(likelihood))
+                                               **denoiser, **text_parts(likelihood), **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -154,6 +155,12 @@ def validate_images(likelihood: Any, unet: torch.nn.Module, step: int, folder: s
     if not likelihood.family.validation:
         warnings.warn(f"validation images are not implemented for modality '{likelihood.family.name}'; skipped")
         return {}
+    from mmalign.modalities.edit import EditConditioning
+
+    if isinstance(likelihood.conditioning, EditConditioning):  # edits of training sources (edit_validation.py)
+        from mmalign.modalities.edit_validation import validate_edits
+
+        return validate_edits(likelihood, unet, step, folder, seeds, steps, guidance)
     if likelihood.family.sample == "videos":  # a video grid (validation_video.py)
         from mmalign.modalities.validation_video import validate_videos
 
