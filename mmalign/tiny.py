@@ -10,16 +10,16 @@ launch) never read half a fixture; a builder change (its source hash) builds a f
 
 | NAME            | builder                                              | holds                              |
 |-----------------|------------------------------------------------------|------------------------------------|
-| sd              | tests/diffusion_fixtures.py write_tiny_run           | pipeline/, pairs/train.jsonl       |
-| sd3             | tests/flow_fixtures.py write_tiny_flow_run           | pipeline/, pairs/train.jsonl       |
-| flux2           | tests/flux2_fixtures.py write_tiny_flux2_run         | pipeline/, pairs/train.jsonl       |
-| qwen_image      | tests/qwen_image_fixtures.py write_tiny_qwen_image_run | pipeline/, pairs/train.jsonl     |
-| zimage          | tests/zimage_fixtures.py write_tiny_zimage_run       | pipeline/, pairs/train.jsonl       |
-| wan             | tests/wan_fixtures.py save_tiny_wan_pipeline         | pipeline/                          |
-| qwen_image_edit | tests/qwen_image_edit_fixtures.py save_tiny_qwen_image_edit_pipeline | pipeline/          |
-| flux_kontext    | tests/flux_kontext_fixtures.py save_tiny_flux_kontext_pipeline | pipeline/                |
+| sd_run          | tests/diffusion_fixtures.py write_tiny_run           | pipeline/, pairs/train.jsonl       |
+| sd3_run         | tests/flow_fixtures.py write_tiny_flow_run           | pipeline/, pairs/train.jsonl       |
+| flux2_run       | tests/flux2_fixtures.py write_tiny_flux2_run         | pipeline/, pairs/train.jsonl       |
+| qwen_image_run  | tests/qwen_image_fixtures.py write_tiny_qwen_image_run | pipeline/, pairs/train.jsonl     |
+| zimage_run      | tests/zimage_fixtures.py write_tiny_zimage_run       | pipeline/, pairs/train.jsonl       |
+| wan_pipeline    | tests/wan_fixtures.py save_tiny_wan_pipeline         | pipeline/                          |
+| qwen_image_edit_pipeline | tests/qwen_image_edit_fixtures.py save_tiny_qwen_image_edit_pipeline | pipeline/          |
+| flux_kontext_pipeline | tests/flux_kontext_fixtures.py save_tiny_flux_kontext_pipeline | pipeline/                |
 | audio           | tests/audio_fixtures.py write_tiny_audio_run         | pipeline/, clap/, pairs/train.jsonl |
-| llava           | mmalign.toyvlm save_tiny_llava                       | a LLaVA model + processor folder   |
+| llava_model     | mmalign.toyvlm save_tiny_llava                       | a LLaVA model + processor folder   |
 | toy_shapes      | mmalign.toyvlm make_shape_pairs(256, seed 0)         | pairs.jsonl, images/               |
 | toy_shapes_eval | mmalign.toyvlm make_shape_pairs(64, seed 1)          | pairs.jsonl, images/               |
 | toy_scenes      | mmalign.toyworld.world write_world(32 train scenes, seed 0) | train.jsonl, images, annotations |
@@ -61,17 +61,17 @@ class Fixture:
 
 
 FIXTURES: dict[str, Fixture] = {
-    "sd": Fixture("tests/diffusion_fixtures.py:write_tiny_run"),
-    "sd3": Fixture("tests/flow_fixtures.py:write_tiny_flow_run", kwargs={"count": 32}),
-    "flux2": Fixture("tests/flux2_fixtures.py:write_tiny_flux2_run", kwargs={"count": 32}),
-    "qwen_image": Fixture("tests/qwen_image_fixtures.py:write_tiny_qwen_image_run", kwargs={"count": 32}),
-    "zimage": Fixture("tests/zimage_fixtures.py:write_tiny_zimage_run", kwargs={"count": 32}),
-    "wan": Fixture("tests/wan_fixtures.py:save_tiny_wan_pipeline", subfolder="pipeline"),
-    "qwen_image_edit": Fixture("tests/qwen_image_edit_fixtures.py:save_tiny_qwen_image_edit_pipeline",
+    "sd_run": Fixture("tests/diffusion_fixtures.py:write_tiny_run"),
+    "sd3_run": Fixture("tests/flow_fixtures.py:write_tiny_flow_run", kwargs={"count": 32}),
+    "flux2_run": Fixture("tests/flux2_fixtures.py:write_tiny_flux2_run", kwargs={"count": 32}),
+    "qwen_image_run": Fixture("tests/qwen_image_fixtures.py:write_tiny_qwen_image_run", kwargs={"count": 32}),
+    "zimage_run": Fixture("tests/zimage_fixtures.py:write_tiny_zimage_run", kwargs={"count": 32}),
+    "wan_pipeline": Fixture("tests/wan_fixtures.py:save_tiny_wan_pipeline", subfolder="pipeline"),
+    "qwen_image_edit_pipeline": Fixture("tests/qwen_image_edit_fixtures.py:save_tiny_qwen_image_edit_pipeline",
                                subfolder="pipeline"),
-    "flux_kontext": Fixture("tests/flux_kontext_fixtures.py:save_tiny_flux_kontext_pipeline", subfolder="pipeline"),
+    "flux_kontext_pipeline": Fixture("tests/flux_kontext_fixtures.py:save_tiny_flux_kontext_pipeline", subfolder="pipeline"),
     "audio": Fixture("tests/audio_fixtures.py:write_tiny_audio_run"),
-    "llava": Fixture("mmalign.toyvlm:save_tiny_llava"),
+    "llava_model": Fixture("mmalign.toyvlm:save_tiny_llava"),
     "toy_shapes": Fixture("mmalign.toyvlm:make_shape_pairs", (256, 0), folder_last=True),
     "toy_shapes_eval": Fixture("mmalign.toyvlm:make_shape_pairs", (64, 1), folder_last=True),
     "toy_scenes": Fixture("mmalign.toyworld.world:write_world", (32, 0, "train", "scenes")),

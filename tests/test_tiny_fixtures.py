@@ -31,8 +31,8 @@ def _losses(out: Path) -> list[float]:
 
 
 @pytest.mark.parametrize("config,fixtures,again", [
-    ("sd_dpo", ["sd"], False), ("flow_dpo", ["sd3"], True), ("audio_dpo", ["audio"], False),
-    ("llava_dpo", ["llava", "toy_shapes", "toy_shapes_eval"], False),
+    ("sd_dpo", ["sd_run"], False), ("flow_dpo", ["sd3_run"], True), ("audio_dpo", ["audio"], False),
+    ("llava_dpo", ["llava_model", "toy_shapes", "toy_shapes_eval"], False),
 ])
 def test_tiny_config_builds_its_fixture_and_trains(fresh, capsys, config, fixtures, again):
     from mmalign.cli import main
@@ -57,12 +57,12 @@ def test_fixture_builds_are_deterministic_and_unknown_names_are_one_line(fresh, 
 
     from mmalign.hub import resolve_path
 
-    first = Path(resolve_path("pkg://tiny/llava"))
+    first = Path(resolve_path("pkg://tiny/llava_model"))
     monkeypatch.setenv("MMALIGN_CACHE", str(tmp_path / "other"))
-    second = Path(resolve_path("pkg://tiny/llava"))
+    second = Path(resolve_path("pkg://tiny/llava_model"))
     assert first != second and first.name == second.name  # same builder hash
     a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
-    assert resolve_path("pkg://tiny/llava/config.json") == str(second / "config.json")
-    with pytest.raises(ConfigError, match=r"pkg://tiny/nope: no such tiny fixture; known: sd, sd3"):
+    assert resolve_path("pkg://tiny/llava_model/config.json") == str(second / "config.json")
+    with pytest.raises(ConfigError, match=r"pkg://tiny/nope: no such tiny fixture; known: sd_run, sd3_run"):
         resolve_path("pkg://tiny/nope/pipeline")
