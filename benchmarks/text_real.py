@@ -16,11 +16,11 @@ the first batch). Nothing is truncated on either side (mmalign `data.max_length`
 `max_length` None): both score every token.
 
 Sides (each in a fresh interpreter, as `python -m benchmarks`): `mmalign` (its defaults: the
-chunked LM head), `mmalign_packed` (plus `data.padding_free`), `mmalign_full_logits`
+chunked LM head, `model.lm_head_chunk` 256), `mmalign_packed` (plus `data.padding_free`), `mmalign_full_logits`
 (`model.lm_head_chunk: 0`, the path before issue 20), `trl` (DPOTrainer with every
 default that differs from mmalign's matched: fp32, torch AdamW, constant lr, no gradient
-checkpointing, sequential order) and `trl_gc` (the same with TRL's default gradient
-checkpointing on: its memory option). Rates are pairs/s after the warm-up steps; memory is the
+checkpointing, sequential order) and `trl_gc` (TRL with its best memory options on this setup:
+gradient checkpointing and precomputed reference log-probs, no reference model kept: `run_trl`). Rates are pairs/s after the warm-up steps; memory is the
 peak RSS growth of the process over its baseline after imports.
 
     python -m benchmarks.text_real                     # all sides, prints the table, writes JSON
@@ -127,15 +127,22 @@ def load_settings(workdir: Path) -> Settings:
     return Settings(**{f.name: data[f.name] for f in fields(Settings)})
 
 
-def run_mmalign(workdir: Path, s: Settings, padding_free: bool = False, chunk: int = 1024) -> dict[str, Any]:
+def run_mmalign(workdir: Path, s: Settings, padding_free: bool = False, chunk: int | None = None) -> dict[str, Any]:
+    """mmalign's trainer; `chunk` None: mmalign's default `model.lm_head_chunk`."""
     from benchmarks.text_dpo import mmalign_steps
 
+    model = {"path": str(workdir / "model"), "dtype": "float32", **({} if chunk is None else {"lm_head_chunk": chunk})}
     return mmalign_steps(workdir, s, data={"train": str(workdir / "pairs.jsonl"), "max_length": s.max_length,
-                                           "padding_free": padding_free},
-                         model={"path": str(workdir / "model"), "dtype": "float32", "lm_head_chunk": chunk})
+                                           "padding_free": padding_free}, model=model)
 
 
-def run_trl(workdir: Path, s: Settings, checkpointing: bool = False) -> dict[str, Any]:
+def run_trl(workdir: Path, s: Settings, memory_options: bool = False) -> dict[str, Any]:
+    """TRL's DPOTrainer; `memory_options`: the memory savers TRL 1.16 offers on this setup on top of
+    its fused LM head (on by default): gradient checkpointing, and the reference log-probs
+    precomputed before training (`precompute_ref_log_probs`, no reference model kept; the
+    precompute pass is in setup_s, not in the rate). Its padding-free path is disabled in 1.16,
+    Liger kernels need Triton (a GPU), and activation offloading moves activations to the CPU,
+    where they already are."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -148,8 +155,11 @@ def run_trl(workdir: Path, s: Settings, checkpointing: bool = False) -> dict[str
     path = str(workdir / "model")
     tokenizer = AutoTokenizer.from_pretrained(path)
     policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if memory_options:
+        return train_trl(workdir, s, policy, None, tokenizer, ordered, tic, gradient_checkpointing=True,
+                         precompute_ref_log_probs=True)
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return train_trl(workdir, s, policy, reference, tokenizer, ordered, tic, gradient_checkpointing=checkpointing)
+    return train_trl(workdir, s, policy, reference, tokenizer, ordered, tic)
 
 
 SIDES = {
@@ -157,7 +167,7 @@ SIDES = {
     "mmalign_packed": lambda w, s: run_mmalign(w, s, padding_free=True),
     "mmalign_full_logits": lambda w, s: run_mmalign(w, s, chunk=0),
     "trl": run_trl,
-    "trl_gc": lambda w, s: run_trl(w, s, checkpointing=True),
+    "trl_gc": lambda w, s: run_trl(w, s, memory_options=True),
 }
 
 
