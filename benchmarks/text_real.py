@@ -6,7 +6,7 @@ untied output head (Llama 3 8B's), at small depth and width so it fits this CPU 
 are exactly word counts and no tokenizer merges differ between the two sides.
 
 Length mix (per pair, drawn with numpy seed `seed`): prompt words ~ round(LogNormal(μ=log 96,
-σ=0.8)) clipped to [8, 512]; each answer independently ~ round(LogNormal(μ=log 128, σ=0.9))
+σ=0.8)) clipped to [8, min(512, max_length // 2)]; each answer independently ~ round(LogNormal(μ=log 128, σ=0.9))
 clipped to [4, 1023 − prompt]; words Zipf(1.1)-distributed over the vocabulary. So sequences
 are long-tailed up to 1,024 tokens (the EOS included) and chosen/rejected lengths differ, as in
 real preference data. Completions start with a space: TRL 1.16 tokenises prompt + completion as
@@ -88,7 +88,7 @@ def length_mix(s: Settings) -> list[dict[str, str]]:
 
     pairs = []
     for _ in range(s.num_pairs):
-        p = int(np.clip(round(rng.lognormal(np.log(96), 0.8)), 8, 512))
+        p = int(np.clip(round(rng.lognormal(np.log(96), 0.8)), 8, min(512, s.max_length // 2)))
         c, r = (int(np.clip(round(rng.lognormal(np.log(128), 0.9)), 4, s.max_length - 1 - p)) for _ in range(2))
         # completions start with a space: TRL 1.16 tokenises prompt + completion as ONE string for
         # text data, so without it the prompt's last word and the answer's first would merge into one
