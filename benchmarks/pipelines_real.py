@@ -246,11 +246,11 @@ def table(rows: dict[str, dict[str, Any]], s: Settings) -> str:
              f"{s.steps} steps ({s.warmup} warm-up), {s.threads} threads"]
     for row, r in rows.items():
         lines.append(f"{row}: {what[row]}")
-        lines.append(f"  {'side':<10}{'pairs/s':>9}{'peak RSS +MiB':>15}  ms/step by phase")
+        lines.append(f"  {'side':<10}{'pairs/s':>9}{'peak RSS +MiB':>15}{'CPU s':>8}  ms/step by phase")
         for name in ROWS[row]:
             x = r["sides"][name]
             ms = ", ".join(f"{k} {v:.0f}" for k, v in x["ms_per_step"].items() if abs(v) >= 0.5)
-            lines.append(f"  {name:<10}{x['pairs_per_s']:>9.3f}{x['rss_growth_mib']:>15.0f}  {ms}")
+            lines.append(f"  {name:<10}{x['pairs_per_s']:>9.3f}{x['rss_growth_mib']:>15.0f}{x['process_cpu_s']:>8.0f}  {ms}")
         c = r["cache"]
         lines.append(f"  {ROWS[row][1]}/{ROWS[row][0]}: pairs/s x{r['speedup']:.2f}, peak memory x{r['memory_ratio']:.2f}; "
                      f"one-off cache {c['cache_seconds']:.1f} s / {c['cache_mib']:.1f} MiB; losses max |Δ| "
@@ -283,7 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     with tempfile.TemporaryDirectory(prefix="mmalign_bench_pipelines_") as tmp:
         work = Path(tmp)
+        tic = time.perf_counter()
         caches = prepare(work, s)
+        prepare_s = time.perf_counter() - tic  # random weights built and saved, pairs, caches
         for row in s.rows.split(","):
             sides = {}
             for name in ROWS[row]:
@@ -297,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "pipelines_real", "date": datetime.date.today().isoformat(),
         "command": "python -m benchmarks.pipelines_real " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "settings": dataclasses.asdict(s),
-        "table": text, "rows": rows}, indent=1))
+        "prepare_s": prepare_s, "table": text, "rows": rows}, indent=1))
     print(f"\n[bench] wrote {out}")
     return 0 if all(r["losses_agree"] for r in rows.values()) else 1
 

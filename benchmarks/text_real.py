@@ -187,12 +187,15 @@ def orchestrate(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.text_real", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=Settings.steps)
+    p.add_argument("--warmup", type=int, default=Settings.warmup, help="first steps left out of the rate")
     p.add_argument("--vocab", type=int, default=VOCAB, help="vocabulary size (default Llama 3's %(default)s)")
     p.add_argument("--sides", nargs="+", choices=sorted(SIDES), default=list(SIDES))
     p.add_argument("--loss-tol", type=float, default=1e-4)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "text_real.json")
     a = p.parse_args(argv)
-    s = Settings(steps=a.steps, vocab=a.vocab)
+    s = Settings(steps=a.steps, warmup=a.warmup, vocab=a.vocab)
+    if not 0 <= s.warmup < s.steps:
+        p.error("need 0 <= --warmup < --steps")
     runs, tol = {}, a.loss_tol
     with tempfile.TemporaryDirectory(prefix="mmalign_bench_real_") as tmp:
         stats = prepare(Path(tmp), s)
@@ -207,14 +210,17 @@ def orchestrate(argv: list[str] | None = None) -> int:
              f"head), batch {s.batch_size} pairs, {s.steps} steps ({s.warmup} warm-up), fp32, {s.threads} threads; "
              f"sequence tokens median {stats['sequence_tokens_median']:.0f}, p90 {stats['sequence_tokens_p90']:.0f}, "
              f"max {stats['sequence_tokens_max']}",
-             f"{'side':<16}{'pairs/s':>10}{'peak RSS +MiB':>15}{'vs TRL rate':>13}{'vs TRL mem':>12}{'max |Δloss| 10':>16}"]
+             f"{'side':<16}{'pairs/s':>10}{'peak RSS +MiB':>15}{'vs TRL rate':>13}{'vs TRL mem':>12}{'max |Δloss| 10':>16}"
+             f"{'CPU s':>8}"]
     ok = True
     for side, run in runs.items():
         rate, mem = run["pairs_per_s"], run["rss_growth_mib"]
         diff = max(abs(x - y) for x, y in zip(run["losses"][:10], base["losses"][:10])) if base else float("nan")
         ok = ok and (diff <= tol or base is None)
         ratios = (f"{rate / base['pairs_per_s']:>13.2f}{mem / base['rss_growth_mib']:>12.2f}" if base else "")
-        lines.append(f"{side:<16}{rate:>10.3f}{mem:>15.0f}{ratios}{diff:>16.1e}")
+        lines.append(f"{side:<16}{rate:>10.3f}{mem:>15.0f}{ratios}{diff:>16.1e}{run['process_cpu_s']:>8.0f}")
+    lines.append("CPU s: CPU seconds of the side's whole process (imports, setup, steps); / threads ~ its wall time "
+                 "on idle cores")
     table = "\n".join(lines)
     print("\n" + table)
     a.out.parent.mkdir(parents=True, exist_ok=True)

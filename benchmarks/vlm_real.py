@@ -157,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         f"tokens, vocabulary {s.vocab:,}, hidden {s.vision_hidden}/{s.text_hidden}, 2+2 layers), batch "
         f"{s.batch_size} pairs, {s.steps} steps ({s.warmup} warm-up), fp32, {s.threads} threads; text tokens per "
         f"sequence median {check['text_tokens']['median']:.0f}, max {check['text_tokens']['max']}",
-        f"{'side':<12}{'pairs/s':>10}{'peak RSS +MiB':>15}",
-        *(f"{k:<12}{r['pairs_per_s']:>10.3f}{r['rss_growth_mib']:>15.0f}" for k, r in runs.items()),
+        f"{'side':<12}{'pairs/s':>10}{'peak RSS +MiB':>15}{'CPU s':>8}",
+        *(f"{k:<12}{r['pairs_per_s']:>10.3f}{r['rss_growth_mib']:>15.0f}{r['process_cpu_s']:>8.0f}" for k, r in runs.items()),
         f"mmalign/TRL: pairs/s x{mm['pairs_per_s'] / trl['pairs_per_s']:.2f}, peak memory "
         f"x{mm['rss_growth_mib'] / trl['rss_growth_mib']:.2f}; tokens "
         f"{'identical' if check['identical'] else 'DIFFER'}; losses max |Δ| {diff:.1e} "
