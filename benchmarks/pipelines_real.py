@@ -242,7 +242,8 @@ def table(rows: dict[str, dict[str, Any]], s: Settings) -> str:
             "flux": (f"Flow-DPO, FLUX.1-shaped ({s.flux_heads} x 128 heads, {s.flux_blocks} + {s.flux_blocks} blocks), "
                      f"T5 d_model 4096 x {s.t5_layers} layer(s), {s.t5_tokens} T5 tokens" if not s.tiny else
                      "Flow-DPO, FLUX (tiny)")}
-    lines = [f"image rows at real architecture on CPU: {resolution(s)}px, batch {s.batch_size} pair(s), LoRA r{s.lora_rank}, fp32, "
+    lines = [f"image rows at real architecture on CPU: {resolution(s)}px, batch {s.batch_size} pair(s), "
+             f"LoRA r{s.lora_rank}, fp32, "
              f"{s.steps} steps ({s.warmup} warm-up), {s.threads} threads"]
     for row, r in rows.items():
         lines.append(f"{row}: {what[row]}")
@@ -250,9 +251,11 @@ def table(rows: dict[str, dict[str, Any]], s: Settings) -> str:
         for name in ROWS[row]:
             x = r["sides"][name]
             ms = ", ".join(f"{k} {v:.0f}" for k, v in x["ms_per_step"].items() if abs(v) >= 0.5)
-            lines.append(f"  {name:<10}{x['pairs_per_s']:>9.3f}{x['rss_growth_mib']:>15.0f}{x['process_cpu_s']:>8.0f}  {ms}")
+            lines.append(f"  {name:<10}{x['pairs_per_s']:>9.3f}{x['rss_growth_mib']:>15.0f}"
+                         f"{x['process_cpu_s']:>8.0f}  {ms}")
         c = r["cache"]
-        lines.append(f"  {ROWS[row][1]}/{ROWS[row][0]}: pairs/s x{r['speedup']:.2f}, peak memory x{r['memory_ratio']:.2f}; "
+        lines.append(f"  {ROWS[row][1]}/{ROWS[row][0]}: pairs/s x{r['speedup']:.2f}, "
+                     f"peak memory x{r['memory_ratio']:.2f}; "
                      f"one-off cache {c['cache_seconds']:.1f} s / {c['cache_mib']:.1f} MiB; losses max |Δ| "
                      f"{r['max_loss_diff']:.1e} ({'agree' if r['losses_agree'] else 'DISAGREE'}, tol {s.loss_tol:g}); "
                      f"text encoders loaded in the step: "

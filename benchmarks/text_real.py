@@ -16,11 +16,12 @@ the first batch). Nothing is truncated on either side (mmalign `data.max_length`
 `max_length` None): both score every token.
 
 Sides (each in a fresh interpreter, as `python -m benchmarks`): `mmalign` (its defaults: the
-chunked LM head, `model.lm_head_chunk` 256), `mmalign_packed` (plus `data.padding_free`), `mmalign_full_logits`
-(`model.lm_head_chunk: 0`, the path before issue 20), `trl` (DPOTrainer with every
+chunked LM head, `model.lm_head_chunk` 256), `mmalign_packed` (plus `data.padding_free`),
+`mmalign_full_logits` (`model.lm_head_chunk: 0`, the path before issue 20), `trl` (DPOTrainer with every
 default that differs from mmalign's matched: fp32, torch AdamW, constant lr, no gradient
 checkpointing, sequential order) and `trl_gc` (TRL with its best memory options on this setup:
-gradient checkpointing and precomputed reference log-probs, no reference model kept: `run_trl`). Rates are pairs/s after the warm-up steps; memory is the
+gradient checkpointing and precomputed reference log-probs, no reference model kept: `run_trl`).
+Rates are pairs/s after the warm-up steps; memory is the
 peak RSS growth of the process over its baseline after imports.
 
     python -m benchmarks.text_real                     # all sides, prints the table, writes JSON

@@ -16,7 +16,8 @@ Sides (each in a fresh interpreter): `mmalign` (its defaults: the chunked LM hea
 modality, full fine-tune, frozen reference, no checkpointing) and `trl` (DPOTrainer in VLM mode
 with mmalign's optimizer settings, as `benchmarks.vlm_dpo`). Before timing, the first batches
 are collated by both (`vlm_dpo.token_check`): ids, masks, answer masks and pixel values must be
-identical (ids where the attention mask is set: `vlm_dpo.token_check`), and the first losses must agree (`--loss-tol`), else exit 1.
+identical (ids where the attention mask is set: `vlm_dpo.token_check`), and the first losses
+must agree (`--loss-tol`), else exit 1.
 
     python -m benchmarks.vlm_real                      # ~3 minutes on 2 idle CPU cores
     python -m benchmarks.vlm_real --steps 3 --warmup 1 --num-pairs 8 --vocab 512   # the CI size
@@ -158,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{s.batch_size} pairs, {s.steps} steps ({s.warmup} warm-up), fp32, {s.threads} threads; text tokens per "
         f"sequence median {check['text_tokens']['median']:.0f}, max {check['text_tokens']['max']}",
         f"{'side':<12}{'pairs/s':>10}{'peak RSS +MiB':>15}{'CPU s':>8}",
-        *(f"{k:<12}{r['pairs_per_s']:>10.3f}{r['rss_growth_mib']:>15.0f}{r['process_cpu_s']:>8.0f}" for k, r in runs.items()),
+        *(f"{k:<12}{r['pairs_per_s']:>10.3f}{r['rss_growth_mib']:>15.0f}{r['process_cpu_s']:>8.0f}"
+          for k, r in runs.items()),
         f"mmalign/TRL: pairs/s x{mm['pairs_per_s'] / trl['pairs_per_s']:.2f}, peak memory "
         f"x{mm['rss_growth_mib'] / trl['rss_growth_mib']:.2f}; tokens "
         f"{'identical' if check['identical'] else 'DIFFER'}; losses max |Δ| {diff:.1e} "
