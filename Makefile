@@ -26,6 +26,9 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks --only all
 	$(BIN)/python -m benchmarks.diffusion_cache
 	$(BIN)/python -m benchmarks.scaling
+	$(BIN)/python -m benchmarks.text_real --steps 3 --warmup 1 --sides mmalign mmalign_packed trl trl_gc
+	$(BIN)/python -m benchmarks.vlm_real --steps 4 --warmup 1
+	$(BIN)/python -m benchmarks.pipelines_real --steps 2 --warmup 1 --num-pairs 2
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

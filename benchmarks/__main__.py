@@ -17,9 +17,11 @@ import datetime
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -69,12 +71,17 @@ def run_side(side: str, workdir: Path, threads: int, tag: str, module: str = "be
                TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     cmd = [sys.executable, "-m", module, "--side", side, "--workdir", str(workdir), "--result", str(result)]
+    before, tic = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    after, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter() - tic
     if proc.returncode != 0:
         tail = log.read_text()[-3000:]
         raise RuntimeError(f"{side} run failed (exit {proc.returncode}); end of its log:\n{tail}")
-    return json.loads(result.read_text())
+    # the whole child process (imports, setup, steps): CPU seconds do not grow with the machine's
+    # load as wall time does, so cpu_s / threads estimates the wall time on idle cores
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return {**json.loads(result.read_text()), "process_wall_s": wall, "process_cpu_s": cpu}
 
 
 def settings_from_args(a: argparse.Namespace, bench: str = "text") -> Any:

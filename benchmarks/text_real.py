@@ -6,7 +6,7 @@ untied output head (Llama 3 8B's), at small depth and width so it fits this CPU 
 are exactly word counts and no tokenizer merges differ between the two sides.
 
 Length mix (per pair, drawn with numpy seed `seed`): prompt words ~ round(LogNormal(μ=log 96,
-σ=0.8)) clipped to [8, 512]; each answer independently ~ round(LogNormal(μ=log 128, σ=0.9))
+σ=0.8)) clipped to [8, min(512, max_length // 2)]; each answer independently ~ round(LogNormal(μ=log 128, σ=0.9))
 clipped to [4, 1023 − prompt]; words Zipf(1.1)-distributed over the vocabulary. So sequences
 are long-tailed up to 1,024 tokens (the EOS included) and chosen/rejected lengths differ, as in
 real preference data. Completions start with a space: TRL 1.16 tokenises prompt + completion as
@@ -16,11 +16,12 @@ the first batch). Nothing is truncated on either side (mmalign `data.max_length`
 `max_length` None): both score every token.
 
 Sides (each in a fresh interpreter, as `python -m benchmarks`): `mmalign` (its defaults: the
-chunked LM head), `mmalign_packed` (plus `data.padding_free`), `mmalign_full_logits`
-(`model.lm_head_chunk: 0`, the path before issue 20), `trl` (DPOTrainer with every
+chunked LM head, `model.lm_head_chunk` 256), `mmalign_packed` (plus `data.padding_free`),
+`mmalign_full_logits` (`model.lm_head_chunk: 0`, the path before issue 20), `trl` (DPOTrainer with every
 default that differs from mmalign's matched: fp32, torch AdamW, constant lr, no gradient
-checkpointing, sequential order) and `trl_gc` (the same with TRL's default gradient
-checkpointing on: its memory option). Rates are pairs/s after the warm-up steps; memory is the
+checkpointing, sequential order) and `trl_gc` (TRL with its best memory options on this setup:
+gradient checkpointing and precomputed reference log-probs, no reference model kept: `run_trl`).
+Rates are pairs/s after the warm-up steps; memory is the
 peak RSS growth of the process over its baseline after imports.
 
     python -m benchmarks.text_real                     # all sides, prints the table, writes JSON
@@ -88,7 +89,7 @@ def length_mix(s: Settings) -> list[dict[str, str]]:
 
     pairs = []
     for _ in range(s.num_pairs):
-        p = int(np.clip(round(rng.lognormal(np.log(96), 0.8)), 8, 512))
+        p = int(np.clip(round(rng.lognormal(np.log(96), 0.8)), 8, min(512, s.max_length // 2)))
         c, r = (int(np.clip(round(rng.lognormal(np.log(128), 0.9)), 4, s.max_length - 1 - p)) for _ in range(2))
         # completions start with a space: TRL 1.16 tokenises prompt + completion as ONE string for
         # text data, so without it the prompt's last word and the answer's first would merge into one
@@ -127,15 +128,22 @@ def load_settings(workdir: Path) -> Settings:
     return Settings(**{f.name: data[f.name] for f in fields(Settings)})
 
 
-def run_mmalign(workdir: Path, s: Settings, padding_free: bool = False, chunk: int = 1024) -> dict[str, Any]:
+def run_mmalign(workdir: Path, s: Settings, padding_free: bool = False, chunk: int | None = None) -> dict[str, Any]:
+    """mmalign's trainer; `chunk` None: mmalign's default `model.lm_head_chunk`."""
     from benchmarks.text_dpo import mmalign_steps
 
+    model = {"path": str(workdir / "model"), "dtype": "float32", **({} if chunk is None else {"lm_head_chunk": chunk})}
     return mmalign_steps(workdir, s, data={"train": str(workdir / "pairs.jsonl"), "max_length": s.max_length,
-                                           "padding_free": padding_free},
-                         model={"path": str(workdir / "model"), "dtype": "float32", "lm_head_chunk": chunk})
+                                           "padding_free": padding_free}, model=model)
 
 
-def run_trl(workdir: Path, s: Settings, checkpointing: bool = False) -> dict[str, Any]:
+def run_trl(workdir: Path, s: Settings, memory_options: bool = False) -> dict[str, Any]:
+    """TRL's DPOTrainer; `memory_options`: the memory savers TRL 1.16 offers on this setup on top of
+    its fused LM head (on by default): gradient checkpointing, and the reference log-probs
+    precomputed before training (`precompute_ref_log_probs`, no reference model kept; the
+    precompute pass is in setup_s, not in the rate). Its padding-free path is disabled in 1.16,
+    Liger kernels need Triton (a GPU), and activation offloading moves activations to the CPU,
+    where they already are."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -148,8 +156,11 @@ def run_trl(workdir: Path, s: Settings, checkpointing: bool = False) -> dict[str
     path = str(workdir / "model")
     tokenizer = AutoTokenizer.from_pretrained(path)
     policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if memory_options:
+        return train_trl(workdir, s, policy, None, tokenizer, ordered, tic, gradient_checkpointing=True,
+                         precompute_ref_log_probs=True)
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return train_trl(workdir, s, policy, reference, tokenizer, ordered, tic, gradient_checkpointing=checkpointing)
+    return train_trl(workdir, s, policy, reference, tokenizer, ordered, tic)
 
 
 SIDES = {
@@ -157,7 +168,7 @@ SIDES = {
     "mmalign_packed": lambda w, s: run_mmalign(w, s, padding_free=True),
     "mmalign_full_logits": lambda w, s: run_mmalign(w, s, chunk=0),
     "trl": run_trl,
-    "trl_gc": lambda w, s: run_trl(w, s, checkpointing=True),
+    "trl_gc": lambda w, s: run_trl(w, s, memory_options=True),
 }
 
 
@@ -177,12 +188,15 @@ def orchestrate(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.text_real", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=Settings.steps)
+    p.add_argument("--warmup", type=int, default=Settings.warmup, help="first steps left out of the rate")
     p.add_argument("--vocab", type=int, default=VOCAB, help="vocabulary size (default Llama 3's %(default)s)")
     p.add_argument("--sides", nargs="+", choices=sorted(SIDES), default=list(SIDES))
     p.add_argument("--loss-tol", type=float, default=1e-4)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "text_real.json")
     a = p.parse_args(argv)
-    s = Settings(steps=a.steps, vocab=a.vocab)
+    s = Settings(steps=a.steps, warmup=a.warmup, vocab=a.vocab)
+    if not 0 <= s.warmup < s.steps:
+        p.error("need 0 <= --warmup < --steps")
     runs, tol = {}, a.loss_tol
     with tempfile.TemporaryDirectory(prefix="mmalign_bench_real_") as tmp:
         stats = prepare(Path(tmp), s)
@@ -197,14 +211,17 @@ def orchestrate(argv: list[str] | None = None) -> int:
              f"head), batch {s.batch_size} pairs, {s.steps} steps ({s.warmup} warm-up), fp32, {s.threads} threads; "
              f"sequence tokens median {stats['sequence_tokens_median']:.0f}, p90 {stats['sequence_tokens_p90']:.0f}, "
              f"max {stats['sequence_tokens_max']}",
-             f"{'side':<16}{'pairs/s':>10}{'peak RSS +MiB':>15}{'vs TRL rate':>13}{'vs TRL mem':>12}{'max |Δloss| 10':>16}"]
+             f"{'side':<16}{'pairs/s':>10}{'peak RSS +MiB':>15}{'vs TRL rate':>13}{'vs TRL mem':>12}{'max |Δloss| 10':>16}"
+             f"{'CPU s':>8}"]
     ok = True
     for side, run in runs.items():
         rate, mem = run["pairs_per_s"], run["rss_growth_mib"]
         diff = max(abs(x - y) for x, y in zip(run["losses"][:10], base["losses"][:10])) if base else float("nan")
         ok = ok and (diff <= tol or base is None)
         ratios = (f"{rate / base['pairs_per_s']:>13.2f}{mem / base['rss_growth_mib']:>12.2f}" if base else "")
-        lines.append(f"{side:<16}{rate:>10.3f}{mem:>15.0f}{ratios}{diff:>16.1e}")
+        lines.append(f"{side:<16}{rate:>10.3f}{mem:>15.0f}{ratios}{diff:>16.1e}{run['process_cpu_s']:>8.0f}")
+    lines.append("CPU s: CPU seconds of the side's whole process (imports, setup, steps); / threads ~ its wall time "
+                 "on idle cores")
     table = "\n".join(lines)
     print("\n" + table)
     a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -91,10 +91,12 @@ def trl_rows(workdir: Path, s: Settings, eos_token: str) -> list[dict[str, Any]]
             for i in mmalign_order(s)]
 
 
-def token_check(workdir: Path, s: Settings, batches: int = 3) -> dict[str, Any]:
+def token_check(workdir: Path, s: Settings, batches: int = 3, ids_on_mask: bool = False) -> dict[str, Any]:
     """Collate the first `batches` steps' pairs with mmalign's `LlavaLikelihood.collate` and
     TRL's `DataCollatorForVisionPreference`; are ids, attention masks, answer masks and
-    pixel values identical?"""
+    pixel values identical? `ids_on_mask`: compare the ids where the attention mask is set only
+    (TRL 1.16 pads answers with `pad_token_id or eos_token_id`, so a pad id of 0 becomes EOS in
+    padding that no attention and no loss sees)."""
     import torch
     from transformers import AutoConfig, AutoProcessor
     from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
@@ -110,8 +112,11 @@ def token_check(workdir: Path, s: Settings, batches: int = 3) -> dict[str, Any]:
     checks = []
     for b in range(batches):
         idx = order[b * s.batch_size:(b + 1) * s.batch_size]
-        ours = likelihood.collate([dict(pairs[i], _index=i) for i in idx], "pair").inputs
+        ours = dict(likelihood.collate([dict(pairs[i], _index=i) for i in idx], "pair").inputs)
         theirs = collator([json.loads(json.dumps(r)) for r in rows[b * s.batch_size:(b + 1) * s.batch_size]])
+        if ids_on_mask and ours["input_ids"].shape == theirs["input_ids"].shape:
+            ours["input_ids"] = ours["input_ids"] * ours["attention_mask"]
+            theirs["input_ids"] = theirs["input_ids"] * theirs["attention_mask"]
         same = {k: bool(ours[a].shape == theirs[k].shape and torch.equal(ours[a], theirs[k]))
                 for k, a in (("input_ids", "input_ids"), ("attention_mask", "attention_mask"),
                              ("completion_mask", "loss_mask"), ("pixel_values", "pixel_values"))}

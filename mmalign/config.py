@@ -27,8 +27,10 @@ class ModelConfig:
     dtype: str = "float32"  # weights dtype: float32, bfloat16, float16
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
-    # text LMs: answer tokens per LM-head chunk, so no (B, T, V) logits are built (0: full logits)
-    lm_head_chunk: int = 1024
+    # text LMs: answer tokens per LM-head chunk, so no (B, T, V) logits are built (0: full logits).
+    # 256: a chunk's backward holds ~5 (chunk, V) float32 tensors (2.6 GB at 1024 x 128,256; 0.6 GB
+    # at 256), measured by `python -m benchmarks.text_memory`; same log-probs at any chunk size.
+    lm_head_chunk: int = 256
 
 
 @dataclass

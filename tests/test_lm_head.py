@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 
+from mmalign.config import ModelConfig
 from mmalign.modalities.causal_lm import CausalLMLikelihood
 from mmalign.modalities.lm_head import LogitTransform, captured_hidden, chunked_token_logps, logit_transform
 
@@ -62,7 +63,7 @@ def logps_and_grads(model, lik, b):
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gemma3], ids=["llama", "gemma3_softcap"])
-@pytest.mark.parametrize("chunk", [1, 4, 1000])
+@pytest.mark.parametrize("chunk", [1, 4, ModelConfig().lm_head_chunk, 1000])
 def test_chunked_equals_full_logits_and_gradients(make, chunk):
     model, b = make(), batch()
     full, g_full = logps_and_grads(model, CausalLMLikelihood(Tok(), lm_head_chunk=0), b)
@@ -137,3 +138,25 @@ def test_transforms_from_configs_and_hand_values():
     h = torch.tensor([[[0.0, 1.0, 2.0]]])
     lp, _ = chunked_token_logps(h, torch.nn.Identity(), torch.tensor([[2]]), torch.tensor([[1]]), 1)
     assert abs(lp.item() - (2 - torch.log(torch.tensor(1 + 2.718281828 + 7.389056099)).item())) < 1e-6
+
+
+def test_default_chunk_over_many_answer_tokens_equals_float64_reference():
+    """The default `model.lm_head_chunk` (256) splits 2 x 400 answer tokens into 4 chunks; the
+    log-probs and the gradients of the hidden states and the head equal a float64 log-softmax."""
+    chunk = ModelConfig().lm_head_chunk
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 401, 16, generator=gen, requires_grad=True)
+    head = torch.nn.Linear(16, 97, bias=False)
+    labels = torch.randint(0, 97, (2, 401), generator=gen)
+    mask = torch.ones(2, 401)
+    mask[0, :1] = 0  # 400 + 401 = 801 answer tokens: 4 chunks, the last one short
+    lp, _ = chunked_token_logps(hidden, head, labels, mask, chunk)
+    assert mask.sum() > 3 * chunk
+    (lp.sum() + lp.pow(2).sum()).backward()
+    h64 = hidden.detach().double().requires_grad_()
+    w64 = head.weight.detach().double().requires_grad_()
+    ref = (h64 @ w64.T).log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1) * mask.double()
+    (ref.sum() + ref.pow(2).sum()).backward()
+    torch.testing.assert_close(lp.double(), ref.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(hidden.grad.double(), h64.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(head.weight.grad.double(), w64.grad, atol=1e-5, rtol=1e-4)
