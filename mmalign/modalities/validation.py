@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -83,10 +84,29 @@ def sampling_pipeline(likelihood: Any, unet: torch.nn.Module) -> Any:
         # Sample with the null prompt training used: SDXL's default feeds zeros for an empty
         # negative prompt, training drops captions to encode("") unless null_prompt is "zeros".
         denoiser["force_zeros_for_empty_prompt"] = likelihood.settings.null_prompt == "zeros"
+    decode_in_vae_dtype(likelihood.vae)
     pipe = getattr(diffusers, family.pipeline)(vae=likelihood.vae, scheduler=sampling_scheduler(likelihood),
                                                **denoiser, **text_parts(likelihood))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+_CASTING: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def decode_in_vae_dtype(vae: Any) -> None:
+    """Make `vae.decode` cast its latents to the VAE's own dtype first (once per VAE). The FLUX.2
+    pipelines hand the VAE latents in the transformer's dtype, so a bfloat16 transformer beside a
+    float32 VAE (`diffusion.vae_dtype`, the recipes' setting) failed in the VAE's first conv."""
+    if vae in _CASTING:
+        return
+    decode = vae.decode
+
+    def cast(latents: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return decode(latents.to(vae.dtype), *args, **kwargs)
+
+    vae.decode = cast
+    _CASTING.add(vae)
 
 
 @torch.no_grad()
