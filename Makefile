@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks --only all
 	$(BIN)/python -m benchmarks.diffusion_cache
 	$(BIN)/python -m benchmarks.scaling
+	$(BIN)/python -m benchmarks.real_shapes
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -6,11 +6,13 @@ a text encoder of the published hidden width, runs on CPU through the family's o
 - the folder is written with `save_pretrained` and loaded by the family's `build(cfg)` from its
   shipped recipe (configs/<family>/flow_dpo_lora*.yaml: its LoRA targets, loss, beta), model.dtype
   bfloat16;
-- one LoRA Flow-DPO step on one pair: the reference (adapters off) and the policy score the same
-  draw, dpo loss (= log 2: LoRA B starts at 0), backward, AdamW; then the policy is scored again
-  (the loss moved: gradients reached the adapters through every real-width layer);
-- one sampling step through the family's pipeline (`validation.sampling_pipeline`, 1 inference step,
-  guidance 1) decoding an image / a video of the run's resolution.
+- one LoRA Flow-DPO step on one pair, under the recipe's mixed precision (bf16 autocast) as the
+  trainer runs it: the reference (adapters off) and the policy score the same draw, dpo loss
+  (= log 2: LoRA B starts at 0), backward, AdamW; then the policy is scored again (the loss moved:
+  gradients reached the adapters through every real-width layer);
+- sampling through the family's pipeline (`validation.sampling_pipeline`, guidance 1): 2 inference
+  steps (Qwen-Image's shift_terminal stretch divides by zero at 1 step), decoding an image / a video
+  of the run's resolution.
 
 Reductions (the same in CI and `make bench`; everything else is the published value):
 - depth: 1 double- + 1 single-stream block (FLUX.2), 1 block (Qwen-Image, Wan), 1 main + 1 refiner
@@ -83,15 +85,17 @@ def dpo_step(cfg: Any, model: torch.nn.Module, likelihood: Any, records: list[di
 
     batch = likelihood.collate(records, "pair")
     draw = likelihood.draw(batch, torch.Generator().manual_seed(0))
-    with torch.no_grad(), model.disable_adapter():
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.mixed_precision == "bf16")
+    with torch.no_grad(), model.disable_adapter(), autocast:  # as the trainer: the recipe's mixed precision
         reference = likelihood.logps(model, batch, draw)
-    policy = likelihood.logps(model, batch, draw)
+    with autocast:
+        policy = likelihood.logps(model, batch, draw)
     loss = dpo_loss(policy.pairs(), reference.pairs(), beta=cfg.loss.beta).mean()
     loss.backward()
     trained = [p for p in model.parameters() if p.requires_grad]
     grad_norm = torch.sqrt(sum(p.grad.float().pow(2).sum() for p in trained if p.grad is not None))
     torch.optim.AdamW(trained, lr=1e-3).step()
-    with torch.no_grad():
+    with torch.no_grad(), autocast:
         after = dpo_loss(likelihood.logps(model, batch, draw).pairs(), reference.pairs(), beta=cfg.loss.beta).mean()
     widths = {k: int(v.shape[-1]) for k, v in draw.values.items() if k in parts.TEXT_KEYS}
     return {"loss": loss.item(), "loss_after": after.item(), "grad_norm": grad_norm.item(),
@@ -100,14 +104,14 @@ def dpo_step(cfg: Any, model: torch.nn.Module, likelihood: Any, records: list[di
 
 def sampling_step(likelihood: Any, model: torch.nn.Module, resolution: int, frames: int,
                   text_length: int) -> list[int]:
-    """One inference step of the family's pipeline (guidance 1, no CFG): the decoded output's shape."""
+    """Two inference steps of the family's pipeline (guidance 1, no CFG): the decoded output's shape."""
     from mmalign.modalities.validation import guidance_arguments, sampling_pipeline
 
     pipe = sampling_pipeline(likelihood, model)
     extra = {"num_frames": frames, "output_type": "np"} if likelihood.family.sample == "videos" else {
         "output_type": "pt"}
     with torch.no_grad():
-        out = pipe(prompt=["a red circle"], num_inference_steps=1, height=resolution, width=resolution,
+        out = pipe(prompt=["a red circle"], num_inference_steps=2, height=resolution, width=resolution,
                    max_sequence_length=text_length, generator=torch.Generator().manual_seed(0),
                    **guidance_arguments(likelihood.family, 1.0), **extra)
     sample = torch.as_tensor(out.frames if "num_frames" in extra else out.images)
