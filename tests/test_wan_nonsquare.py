@@ -146,3 +146,18 @@ def test_validation_videos_are_16_by_32(built, tmp_path):
     sheet = np.asarray(Image.open(tmp_path / "grid.png"))
     assert sheet.shape == (2 * HEIGHT, 5 * WIDTH, 3)  # two videos, their 5 frames left to right
     assert json.loads((tmp_path / "grid.json").read_text())["width"] == WIDTH
+
+
+def test_validation_samples_a_ti2v_folder_with_expand_timesteps(pipeline, tmp_path):
+    """Wan 2.2 TI2V (model_index.json expand_timesteps): the in-memory validation pipeline gets the
+    option too (it has no model_index.json to read), so it samples with per-token timesteps as trained."""
+    import shutil
+
+    from mmalign.modalities.validation import sampling_pipeline
+
+    ti2v = shutil.copytree(pipeline, tmp_path / "ti2v")
+    (ti2v / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline", "expand_timesteps": True}))
+    transformer, likelihood, _ = build_for(ti2v, DATA, "wan", num_frames=5, width=WIDTH)
+    assert sampling_pipeline(likelihood, transformer).config.expand_timesteps is True
+    plain_transformer, plain, _ = build_for(pipeline, DATA, "wan", num_frames=5)
+    assert sampling_pipeline(plain, plain_transformer).config.expand_timesteps is False

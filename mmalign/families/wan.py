@@ -95,6 +95,10 @@ class WanTransformer(UNetCall):
     def __init__(self, expand_timesteps: bool = False) -> None:
         self.expand_timesteps = expand_timesteps
 
+    def pipeline_options(self) -> dict[str, Any]:
+        """WanPipeline's constructor option (`validation.PipelineOptions`): validation samples with it."""
+        return {"expand_timesteps": self.expand_timesteps}
+
     def predict(self, model: torch.nn.Module, noisy: Tensor, values: dict[str, Tensor]) -> Tensor:
         """v_θ (N, C, f, h, w) float32 of x_t (N, C, f, h, w)."""
         dtype = next(model.parameters()).dtype

@@ -23,7 +23,7 @@ import time
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -67,6 +67,15 @@ def text_parts(likelihood: Any) -> dict[str, Any]:
     return parts
 
 
+@runtime_checkable
+class PipelineOptions(Protocol):
+    """A denoiser call whose pipeline needs constructor options beyond its components (the ones the
+    folder's model_index.json gives `from_pretrained`), so an in-memory pipeline samples as trained."""
+
+    def pipeline_options(self) -> dict[str, Any]:
+        ...
+
+
 def sampling_pipeline(likelihood: Any, unet: torch.nn.Module) -> Any:
     """The family's pipeline (`Family.pipeline`) of `likelihood`'s frozen parts and `unet` (the
     denoiser: a UNet, or the flow transformer) in memory, nothing copied.
@@ -84,6 +93,8 @@ def sampling_pipeline(likelihood: Any, unet: torch.nn.Module) -> Any:
         # Sample with the null prompt training used: SDXL's default feeds zeros for an empty
         # negative prompt, training drops captions to encode("") unless null_prompt is "zeros".
         denoiser["force_zeros_for_empty_prompt"] = likelihood.settings.null_prompt == "zeros"
+    if isinstance(likelihood.denoiser, PipelineOptions):  # e.g. Wan 2.2 TI2V's expand_timesteps
+        denoiser.update(likelihood.denoiser.pipeline_options())
     decode_in_vae_dtype(likelihood.vae)
     pipe = getattr(diffusers, family.pipeline)(vae=likelihood.vae, scheduler=sampling_scheduler(likelihood),
                                                **denoiser, **text_parts(likelihood))
