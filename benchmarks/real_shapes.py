@@ -40,6 +40,7 @@ import argparse
 import json
 import math
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -120,8 +121,17 @@ def sampling_step(likelihood: Any, model: torch.nn.Module, resolution: int, fram
     return list(sample.shape)
 
 
+def write_family(name: str, work: Path) -> dict[str, Any]:
+    """Write the real-shape folder of family `name` into work/pipeline (its own process: the random
+    transformer is freed before the run loads it)."""
+    tic = time.perf_counter()
+    parts.write_folder(parts.SHAPES[name], work / "pipeline")
+    return {"seconds": time.perf_counter() - tic, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
 def run_family(name: str, tokens: int, text_length: int, work: Path) -> dict[str, Any]:
-    """Write the real-shape folder of family `name`, then the DPO step and the sampling step."""
+    """Load family `name`'s folder (`write_family`) through its recipe, then the DPO step and the
+    sampling step."""
     from mmalign.data.preference import load_split
     from mmalign.modalities import build_modality
     from mmalign.train.setup import apply_lora
@@ -129,7 +139,7 @@ def run_family(name: str, tokens: int, text_length: int, work: Path) -> dict[str
     shape = parts.SHAPES[name]
     resolution, frames = shape.unit * tokens, 5
     tic = time.perf_counter()
-    folder = parts.write_folder(shape, work / "pipeline")
+    folder = work / "pipeline"
     data = records_for(shape, work, resolution)
     cfg = load(shape, folder, data, resolution, frames)
     model, likelihood, _ = build_modality(cfg)
@@ -149,39 +159,51 @@ def run_family(name: str, tokens: int, text_length: int, work: Path) -> dict[str
 
 
 def child(argv: list[str]) -> None:
-    """`--child NAME TOKENS TEXT_LENGTH WORK OUT`: run one family, write its JSON row to OUT."""
-    name, tokens, text_length, work, out = argv
+    """`--child write NAME WORK OUT` or `--child run NAME WORK OUT TOKENS TEXT_LENGTH`: one phase of
+    one family, its JSON to OUT."""
+    phase, name, work, out, *sizes = argv
     torch.manual_seed(0)
-    row = run_family(name, int(tokens), int(text_length), Path(work))
+    if phase == "write":
+        row = write_family(name, Path(work))
+    else:
+        row = run_family(name, int(sizes[0]), int(sizes[1]), Path(work))
     Path(out).write_text(json.dumps(row))
 
 
+def in_process(args: list[str], env: dict[str, str]) -> dict[str, Any]:
+    """`python -m benchmarks.real_shapes --child ARGS` in a fresh process; the JSON it wrote."""
+    done = subprocess.run([sys.executable, "-m", "benchmarks.real_shapes", "--child", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"real shapes: {' '.join(args[:2])} failed:\n{done.stderr[-4000:]}")
+    return json.loads(Path(args[3]).read_text())
+
+
 def run_all(names: list[str], tokens: int, text_length: int, work: Path, threads: int) -> list[dict[str, Any]]:
-    """Each family in a fresh `python -m benchmarks.real_shapes --child` process; its JSON row."""
+    """Each family in two fresh processes (write the folder, then run); its JSON row."""
     import os
 
     rows = []
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1")
     for name in names:
-        out = work / f"{name}.json"
-        cmd = [sys.executable, "-m", "benchmarks.real_shapes", "--child", name, str(tokens), str(text_length),
-               str(work / name), str(out)]
-        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"real shapes: family {name} failed:\n{done.stderr[-4000:]}")
-        rows.append(json.loads(out.read_text()))
+        written = in_process(["write", name, str(work / name), str(work / f"{name}.write.json")], env)
+        row = in_process(["run", name, str(work / name), str(work / f"{name}.json"), str(tokens), str(text_length)], env)
+        row["seconds"]["write"], row["write_peak_rss_gb"] = written["seconds"], written["peak_rss_gb"]
+        rows.append(row)
+        shutil.rmtree(work / name / "pipeline")  # gigabytes of random weights
     return rows
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = "| family | transformer params (reduced) | text width | loss -> after | build s | step s | sample s | peak RSS GB |"
-    lines = [head, "|" + "---|" * 8]
+    head = ("| family | transformer params (reduced) | text width | loss -> after | write s | load s | step s | "
+            "sample s | peak RSS GiB (write, run) |")
+    lines = [head, "|" + "---|" * 9]
     for r in rows:
         s = r["seconds"]
         lines.append(f"| {r['family']} | {r['transformer_params'] / 1e6:.0f} M | {list(r['text_width'].values())} | "
-                     f"{r['loss']:.4f} -> {r['loss_after']:.4f} | {s['build']:.0f} | {s['dpo_step']:.0f} | "
-                     f"{s['sample']:.0f} | {r['peak_rss_gb']:.2f} |")
+                     f"{r['loss']:.4f} -> {r['loss_after']:.4f} | {s['write']:.0f} | {s['build']:.0f} | "
+                     f"{s['dpo_step']:.0f} | {s['sample']:.0f} | {r['write_peak_rss_gb']:.2f}, {r['peak_rss_gb']:.2f} |")
     return "\n".join(lines)
 
 
@@ -206,7 +228,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"tokens": a.tokens, "text_length": a.text_length, "rows": rows}, indent=2))
     print(table(rows))
-    bad = [r["family"] for r in rows if r["peak_rss_gb"] > MAX_RSS_GB or not math.isfinite(r["loss_after"])]
+    bad = [r["family"] for r in rows if max(r["peak_rss_gb"], r["write_peak_rss_gb"]) > MAX_RSS_GB
+           or not math.isfinite(r["loss_after"])]
     if bad:
         raise SystemExit(f"real shapes: over {MAX_RSS_GB} GB or non-finite: {bad}")
     return rows
