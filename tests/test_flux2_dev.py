@@ -201,3 +201,18 @@ def test_validation_grid_is_the_pipelines_own_images(built, tmp_path):
                       height=16, width=16, output_type="np").images
     direct = np.concatenate([(im * 255).round().astype(np.int16) for im in images], axis=1)
     assert out["validation/images"] == 2 and np.abs(grid - direct).max() <= 1
+
+
+def test_validation_samples_a_bf16_transformer_beside_a_float32_vae(pipeline, pairs, tmp_path):
+    """The recipes' model.dtype bfloat16 with diffusion.vae_dtype float32: Flux2Pipeline hands the VAE
+    bf16 latents; validation decodes them in the VAE's float32 (it raised a dtype error before)."""
+    from mmalign.config import Config, from_dict
+    from mmalign.modalities.validation import validate_images
+
+    cfg = from_dict(Config, {"modality": "flux2_dev", "model": {"path": str(pipeline), "dtype": "bfloat16"},
+                             "data": {"train": str(pairs["path"])},
+                             "diffusion": {"resolution": 16, "vae_dtype": "float32"}})
+    transformer, likelihood, _ = build_modality(cfg)
+    assert transformer.dtype == torch.bfloat16 and likelihood.vae.dtype == torch.float32
+    out = validate_images(likelihood, transformer, 1, tmp_path, ["a red circle"], [0], 1, 4.0)
+    assert out["validation/images"] == 1 and (tmp_path / "grid.png").is_file()
