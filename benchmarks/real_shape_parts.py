@@ -53,11 +53,6 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(before)
 
 
-def save(module: Any, path: Path) -> None:
-    module.save_pretrained(path)
-    del module
-
-
 # -- text encoders of the published hidden width ----------------------------------------------------
 def qwen3(config: str, layers: int, full_width_layers: bool, causal_lm: bool) -> Any:
     """Qwen3 of configs/<config>'s hidden size: `layers` deep; the published heads and MLP when
@@ -88,8 +83,8 @@ def qwen25_vl() -> Any:
     t = published("qwen_image/text_encoder.json")["text_config"]
     text = dict(vocab_size=64, hidden_size=t["hidden_size"], intermediate_size=t["intermediate_size"],
                 num_hidden_layers=1, num_attention_heads=t["num_attention_heads"],
-                num_key_value_heads=t["num_key_value_heads"], max_position_embeddings=2048, rms_norm_eps=t["rms_norm_eps"],
-                pad_token_id=0, bos_token_id=0, eos_token_id=2, rope_scaling=t["rope_scaling"])
+                num_key_value_heads=t["num_key_value_heads"], max_position_embeddings=2048,
+                rms_norm_eps=t["rms_norm_eps"], pad_token_id=0, bos_token_id=0, eos_token_id=2, rope_scaling=t["rope_scaling"])
     vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=t["hidden_size"],
                   fullatt_block_indexes=[0])
     return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision))
@@ -100,8 +95,8 @@ def umt5() -> Any:
     from transformers import UMT5Config, UMT5EncoderModel
 
     c = published("wan/text_encoder.json")
-    return UMT5EncoderModel(UMT5Config(vocab_size=64, d_model=c["d_model"], d_kv=c["d_kv"], d_ff=c["d_ff"], num_layers=1,
-                                       num_heads=c["num_heads"], feed_forward_proj=c["feed_forward_proj"],
+    return UMT5EncoderModel(UMT5Config(vocab_size=64, d_model=c["d_model"], d_kv=c["d_kv"], d_ff=c["d_ff"],
+                                       num_layers=1, num_heads=c["num_heads"], feed_forward_proj=c["feed_forward_proj"],
                                        relative_attention_num_buckets=c["relative_attention_num_buckets"],
                                        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
 
@@ -171,8 +166,8 @@ def write_flux2(path: Path, dev: bool) -> None:
     from zimage_fixtures import tiny_qwen_tokenizer
 
     with default_dtype(torch.bfloat16):
-        save(mistral3_dev() if dev else qwen3("flux2/text_encoder_klein_4b.json", 27, False, True),
-             path / "text_encoder")
+        encoder = mistral3_dev() if dev else qwen3("flux2/text_encoder_klein_4b.json", 27, False, True)
+        encoder.save_pretrained(path / "text_encoder")
     (tiny_pixtral_processor() if dev else tiny_qwen_tokenizer()).save_pretrained(path / "tokenizer")
     flux2_vae().save_pretrained(path / "vae")
     flow_scheduler(path, **FLUX_SCHEDULER)
@@ -182,7 +177,7 @@ def write_qwen_image(path: Path) -> None:
     from qwen_image_fixtures import SCHEDULER, tiny_qwen_tokenizer
 
     with default_dtype(torch.bfloat16):
-        save(qwen25_vl(), path / "text_encoder")
+        qwen25_vl().save_pretrained(path / "text_encoder")
     tiny_qwen_tokenizer().save_pretrained(path / "tokenizer")
     qwen_vae().save_pretrained(path / "vae")
     flow_scheduler(path, **{k: v for k, v in SCHEDULER.items() if k != "num_train_timesteps"})
@@ -192,7 +187,7 @@ def write_zimage(path: Path) -> None:
     from zimage_fixtures import tiny_qwen_tokenizer
 
     with default_dtype(torch.bfloat16):
-        save(qwen3("zimage/text_encoder.json", 2, True, False), path / "text_encoder")
+        qwen3("zimage/text_encoder.json", 2, True, False).save_pretrained(path / "text_encoder")
     tiny_qwen_tokenizer().save_pretrained(path / "tokenizer")
     flux1_vae().save_pretrained(path / "vae")
     flow_scheduler(path, shift=3.0, use_dynamic_shifting=False)
@@ -203,7 +198,7 @@ def write_wan(path: Path, ti2v: bool) -> None:
     from wan_fixtures import SCHEDULER, tiny_umt5_tokenizer
 
     with default_dtype(torch.bfloat16):
-        save(umt5(), path / "text_encoder")
+        umt5().save_pretrained(path / "text_encoder")
     tiny_umt5_tokenizer().save_pretrained(path / "tokenizer")
     wan_vae(ti2v).save_pretrained(path / "vae")
     UniPCMultistepScheduler(**dict(SCHEDULER, flow_shift=5.0 if ti2v else 3.0)).save_pretrained(path / "scheduler")
@@ -234,6 +229,8 @@ def write_folder(shape: Shape, path: Path) -> Path:
 
     name = json.loads((ROOT / "configs" / shape.transformer).read_text())["_class_name"]
     with default_dtype(torch.bfloat16):
-        save(getattr(diffusers, name).from_config({**published(shape.transformer), **shape.depth}), path / "transformer")
+        transformer = getattr(diffusers, name).from_config({**published(shape.transformer), **shape.depth})
+        transformer.save_pretrained(path / "transformer")
+        del transformer
     shape.write(path)
     return path

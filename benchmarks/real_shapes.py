@@ -27,7 +27,9 @@ Reductions (the same in CI and `make bench`; everything else is the published va
 - VAEs: the tests' tiny VAEs with the published LATENT channels (FLUX.2 32 -> 128 patchified,
   Qwen-Image / Z-Image / Wan 2.1 16, Wan 2.2 TI2V 48 with its patch 2 and residual blocks);
 - the text length: `--text-length` (the pipelines' max_sequence_length, published 512) for the
-  padded-prompt families (FLUX.2, Wan; Qwen-Image and Z-Image use the prompt's own tokens).
+  padded-prompt families (FLUX.2, Wan; Qwen-Image and Z-Image use the prompt's own tokens);
+- size: `--tokens` latent tokens per image side; Wan videos are 5 frames, twice as wide as high
+  (`diffusion.width`, as Wan's 832 x 480).
 
 `python -m benchmarks.real_shapes` (make bench) runs every family, each in its own process (its own
 peak RSS), at `--tokens 8` latent tokens per side and `--text-length 512`, and writes
@@ -74,8 +76,9 @@ def load(shape: parts.Shape, folder: Path, data: Path, resolution: int, frames: 
     overrides = [f"model.path={folder}", f"data.train={data}", "data.format=auto", "model.dtype=bfloat16",
                  "model.gradient_checkpointing=false", f"diffusion.resolution={resolution}",
                  "diffusion.random_flip=false", "diffusion.caption_dropout=0.0", "train.progress=false"]
-    if shape.video:
-        overrides += [f"diffusion.num_frames={frames}", "diffusion.vae_batch_size=0"]
+    if shape.video:  # non-square, as Wan's 832 x 480: twice as wide as high
+        overrides += [f"diffusion.num_frames={frames}", "diffusion.vae_batch_size=0",
+                      f"diffusion.width={2 * resolution}"]
     return load_config(ROOT / shape.recipe, overrides)
 
 
@@ -111,8 +114,9 @@ def sampling_step(likelihood: Any, model: torch.nn.Module, resolution: int, fram
     pipe = sampling_pipeline(likelihood, model)
     extra = {"num_frames": frames, "output_type": "np"} if likelihood.family.sample == "videos" else {
         "output_type": "pt"}
+    width = likelihood.settings.width or resolution
     with torch.no_grad():
-        out = pipe(prompt=["a red circle"], num_inference_steps=2, height=resolution, width=resolution,
+        out = pipe(prompt=["a red circle"], num_inference_steps=2, height=resolution, width=width,
                    max_sequence_length=text_length, generator=torch.Generator().manual_seed(0),
                    **guidance_arguments(likelihood.family, 1.0), **extra)
     sample = torch.as_tensor(out.frames if "num_frames" in extra else out.images)
@@ -126,7 +130,8 @@ def write_family(name: str, work: Path) -> dict[str, Any]:
     transformer is freed before the run loads it)."""
     tic = time.perf_counter()
     parts.write_folder(parts.SHAPES[name], work / "pipeline")
-    return {"seconds": time.perf_counter() - tic, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {"seconds": time.perf_counter() - tic, "peak_rss_gb": peak}
 
 
 def run_family(name: str, tokens: int, text_length: int, work: Path) -> dict[str, Any]:
@@ -188,7 +193,8 @@ def run_all(names: list[str], tokens: int, text_length: int, work: Path, threads
                OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1")
     for name in names:
         written = in_process(["write", name, str(work / name), str(work / f"{name}.write.json")], env)
-        row = in_process(["run", name, str(work / name), str(work / f"{name}.json"), str(tokens), str(text_length)], env)
+        row = in_process(["run", name, str(work / name), str(work / f"{name}.json"), str(tokens), str(text_length)],
+                         env)
         row["seconds"]["write"], row["write_peak_rss_gb"] = written["seconds"], written["peak_rss_gb"]
         rows.append(row)
         shutil.rmtree(work / name / "pipeline")  # gigabytes of random weights
@@ -203,7 +209,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         s = r["seconds"]
         lines.append(f"| {r['family']} | {r['transformer_params'] / 1e6:.0f} M | {list(r['text_width'].values())} | "
                      f"{r['loss']:.4f} -> {r['loss_after']:.4f} | {s['write']:.0f} | {s['build']:.0f} | "
-                     f"{s['dpo_step']:.0f} | {s['sample']:.0f} | {r['write_peak_rss_gb']:.2f}, {r['peak_rss_gb']:.2f} |")
+                     f"{s['dpo_step']:.0f} | {s['sample']:.0f} | "
+                     f"{r['write_peak_rss_gb']:.2f}, {r['peak_rss_gb']:.2f} |")
     return "\n".join(lines)
 
 

@@ -55,7 +55,8 @@ def tiny_flux2_transformer(guidance_embeds: bool = False):
 
     return Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
                                    attention_head_dim=16, num_attention_heads=2, joint_attention_dim=3 * QWEN_WIDTH,
-                                   timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=guidance_embeds)
+                                   timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
+                                   guidance_embeds=guidance_embeds)
 
 
 MISTRAL_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
