@@ -210,7 +210,7 @@ SHAPES: dict[str, Shape] = {
     "flux2_klein_4b": Shape("flux2", "configs/flux2/flow_dpo_lora.yaml", "flux2/transformer_klein_4b.json",
                             {"num_layers": 1, "num_single_layers": 1}, lambda p: write_flux2(p, False), 4),
     "flux2_dev": Shape("flux2_dev", "configs/flux2/flow_dpo_lora_dev.yaml", "flux2/transformer_dev.json",
-                       {"num_layers": 1, "num_single_layers": 1}, lambda p: write_flux2(p, True), 4),
+                       {"num_layers": 1, "num_single_layers": 0}, lambda p: write_flux2(p, True), 4),
     "qwen_image": Shape("qwen_image", "configs/qwen_image/flow_dpo_lora.yaml", "qwen_image/transformer.json",
                         {"num_layers": 1}, write_qwen_image, 4),
     "zimage": Shape("zimage", "configs/zimage/flow_dpo_lora.yaml", "zimage/transformer.json",

@@ -15,8 +15,10 @@ a text encoder of the published hidden width, runs on CPU through the family's o
   of the run's resolution.
 
 Reductions (the same in CI and `make bench`; everything else is the published value):
-- depth: 1 double- + 1 single-stream block (FLUX.2), 1 block (Qwen-Image, Wan), 1 main + 1 refiner
-  layer each (Z-Image);
+- depth: 1 double- + 1 single-stream block (FLUX.2 [klein]), 1 double-stream block and no
+  single-stream one (FLUX.2 [dev]: 2.3 B parameters with one, whose 512-token run peaked at 6.4 GiB;
+  klein runs the single-stream code), 1 block (Qwen-Image, Wan), 1 main + 1 refiner layer each
+  (Z-Image);
 - text encoders keep the published hidden width (the transformer's text input width): FLUX.2 klein
   Qwen3 (2560) and dev Mistral3 (5120) keep the depth the pipeline reads (layers 9/18/27, 10/20/30:
   27 and 30 layers) with 2 heads of the published head_dim 128, 1 KV head and MLP 256 wide;
@@ -70,11 +72,12 @@ def records_for(shape: parts.Shape, root: Path, resolution: int) -> Path:
 
 
 def load(shape: parts.Shape, folder: Path, data: Path, resolution: int, frames: int) -> Any:
-    """The family's recipe config pointed at `folder` / `data`, bf16 weights, no checkpointing."""
+    """The family's recipe config pointed at `folder` / `data`, bf16 weights (its gradient
+    checkpointing kept: FLUX.2 [dev] at 512 text tokens needs it to stay under 6 GB)."""
     from mmalign.config import load_config
 
     overrides = [f"model.path={folder}", f"data.train={data}", "data.format=auto", "model.dtype=bfloat16",
-                 "model.gradient_checkpointing=false", f"diffusion.resolution={resolution}",
+                 f"diffusion.resolution={resolution}",
                  "diffusion.random_flip=false", "diffusion.caption_dropout=0.0", "train.progress=false"]
     if shape.video:  # non-square, as Wan's 832 x 480: twice as wide as high
         overrides += [f"diffusion.num_frames={frames}", "diffusion.vae_batch_size=0",
