@@ -11,6 +11,7 @@ import copy
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +26,8 @@ from mmalign.families.flux2_dev import GUIDANCE_SCALE
 from mmalign.losses import dpo_loss
 from mmalign.modalities import build_modality
 from mmalign.types import Draw
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +162,7 @@ def test_cli_trains_and_the_exports_load_into_flux2_pipeline(pipeline, pairs, tm
     from mmalign.export import find_run, load_trained, write_model_index
 
     run = tmp_path / "run"
-    assert main(["train", "configs/tiny/flux2_dev_flow_dpo.yaml", f"model.path={pipeline}",
+    assert main(["train", str(ROOT / "configs" / "tiny" / "flux2_dev_flow_dpo.yaml"), f"model.path={pipeline}",
                  f"data.train={pairs['path']}", "train.max_steps=2", "train.batch_size=2", f"train.output_dir={run}",
                  "train.progress=false", "train.tensorboard=false", "train.log_every=1"]) == 0
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
