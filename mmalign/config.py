@@ -197,6 +197,7 @@ class DiffusionConfig:
     num_frames: int = 81  # video families (wan): frames sampled evenly over each clip, 4k + 1 (WanPipeline default)
     # two-expert Wan 2.2 (A14B): the experts trained, of [high, low] (transformer, transformer_2); the others stay frozen
     train_experts: list[str] = field(default_factory=lambda: ["high", "low"])
+    width: int = 0  # video families (wan): crop width in pixels, `resolution` its height (832x480: 832); 0 = square
     # `mmalign cache` writes VAE latent distributions (+ flips) and deduplicated text embeddings here;
     # training then reads them and loads no VAE or text encoder. "" = encode every step.
     cache_dir: str = ""

@@ -54,6 +54,7 @@ def assets(tmp_path_factory) -> dict[str, Any]:
     audio = write_tiny_audio_run(root / "audio", count=4)
     zimage = write_tiny_zimage_run(root / "zimage", count=4)
     flux2 = write_tiny_flux2_run(root / "flux2", count=4)
+    flux2_dev = write_tiny_flux2_run(root / "flux2_dev", count=4, dev=True)
     qwen_image = write_tiny_qwen_image_run(root / "qwen_image", count=4)
     qwen_image_edit = write_tiny_qwen_image_edit_run(root / "qwen_image_edit", count=4)
     flux_kontext = write_tiny_flux_kontext_run(root / "flux_kontext", count=4)
@@ -64,6 +65,7 @@ def assets(tmp_path_factory) -> dict[str, Any]:
                "flux": (flux.parents[1] / "pipeline", flux), "audioldm2": (audio.parents[1] / "pipeline", audio),
                "tango": (save_tiny_tango(root / "tango"), audio), "llava": (llava, shapes),
                "zimage": (zimage.parents[1] / "pipeline", zimage), "flux2": (flux2.parents[1] / "pipeline", flux2),
+               "flux2_dev": (flux2_dev.parents[1] / "pipeline", flux2_dev),
                "qwen_image": (qwen_image.parents[1] / "pipeline", qwen_image),
                "qwen_image_edit": (qwen_image_edit.parents[1] / "pipeline", qwen_image_edit),
                "flux_kontext": (flux_kontext.parents[1] / "pipeline", flux_kontext),
@@ -101,6 +103,7 @@ CASES: dict[str, list[Case]] = {
     "tango": [Case("lora", "audio_dpo.yaml", "tango", ("modality=tango", *LORA, *BATCH))],
     "zimage": [Case("lora", "zimage_flow_dpo.yaml", "zimage", BATCH)],
     "flux2": [Case("lora", "flux2_flow_dpo.yaml", "flux2", BATCH)],
+    "flux2_dev": [Case("lora", "flux2_dev_flow_dpo.yaml", "flux2_dev", BATCH)],
     "qwen_image": [Case("lora", "qwen_image_flow_dpo.yaml", "qwen_image", BATCH)],
     "qwen_image_edit": [Case("lora", "qwen_image_edit_dpo.yaml", "qwen_image_edit", BATCH)],
     "flux_kontext": [Case("lora", "flux_kontext_dpo.yaml", "flux_kontext", BATCH)],

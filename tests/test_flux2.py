@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from diffusion_fixtures import build_for, draw_for, indexed_pairs, perturbed, uncached
-from flux2_fixtures import save_tiny_flux2_pipeline
+from flux2_fixtures import RecordingFlux2, save_tiny_flux2_pipeline
 
 import mmalign.modalities.cache_writer as cw
 from mmalign.cli import main
@@ -42,33 +42,6 @@ def pairs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def built(pipeline, pairs):
     return build_for(pipeline, pairs["path"], "flux2")
-
-
-class RecordingFlux2(torch.nn.Module):
-    """Stands for Flux2Transformer2DModel: records every call's keyword arguments and predicts 0
-    (so the pipeline's Euler step leaves the latents unchanged)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight, self.calls = torch.nn.Parameter(torch.zeros(1)), []
-        self.config = type("Config", (), {"in_channels": 16, "guidance_embeds": False})()
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.weight.device
-
-    def cache_context(self, name):
-        import contextlib
-
-        return contextlib.nullcontext()
-
-    def forward(self, return_dict=True, **kwargs):
-        self.calls.append({k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()})
-        return (torch.zeros_like(kwargs["hidden_states"]),)
 
 
 def pipe_of(likelihood, transformer, scheduler=None):

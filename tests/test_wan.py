@@ -6,18 +6,17 @@ normalisation, the ε - x0 target, the dpo convention, the flow shift, refusals 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from diffusion_fixtures import build_for, draw_for
-from wan_fixtures import SAMPLE, copy_video_sample, sample_records, save_tiny_wan_pipeline
+from wan_fixtures import (SAMPLE, RecordingWan, copy_video_sample, fixed_sigma_scheduler, pipe_of, sample_records,
+                          save_tiny_wan_pipeline)
 
 from mmalign.cli import main
 from mmalign.config import ConfigError
@@ -42,40 +41,6 @@ def built(pipeline):
 @pytest.fixture(scope="module")
 def records():
     return sample_records()
-
-
-class RecordingWan(torch.nn.Module):
-    """Stands for WanTransformer3DModel: records every call's keyword arguments and predicts 0 (so
-    the pipeline's Euler step leaves the latents unchanged)."""
-
-    config = SimpleNamespace(in_channels=4, patch_size=(1, 2, 2))
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight, self.calls = torch.nn.Parameter(torch.zeros(1)), []
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.weight.device
-
-    def cache_context(self, name, **kwargs):
-        return contextlib.nullcontext()
-
-    def forward(self, hidden_states, return_dict=True, **kwargs):
-        self.calls.append(dict(kwargs, hidden_states=hidden_states.clone()))
-        return (torch.zeros_like(hidden_states),)
-
-
-def pipe_of(likelihood, transformer, scheduler=None, **config):
-    from diffusers import WanPipeline
-
-    return WanPipeline(tokenizer=likelihood.tokenizers[0], text_encoder=likelihood.text_encoders[0],
-                       vae=likelihood.vae, scheduler=scheduler or likelihood.scheduler, transformer=transformer,
-                       **config)
 
 
 def prompts_of(records):
@@ -169,17 +134,6 @@ def test_draw_conditioning_equals_the_pipeline_encode_prompt(built, records):
 
 
 # -- (b) the transformer call at the drawn σ --------------------------------------------------------
-def fixed_sigma_scheduler(sigma: float):
-    """A flow Euler scheduler whose schedule is [1, σ] (shift 1): the loop's second call is at σ."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    class Fixed(FlowMatchEulerDiscreteScheduler):
-        def set_timesteps(self, num_inference_steps=None, device=None, **kwargs):
-            super().set_timesteps(sigmas=[1.0, sigma], device=device)
-
-    return Fixed(shift=1.0)
-
-
 def test_transformer_sees_what_the_pipeline_loop_gives_it(built, records):
     """For each pair g: the pipeline (schedule [1, σ_g]; a 0 prediction leaves the latents as they
     are) calls the transformer on x_t at σ_g with the batch's prompts: exactly what the likelihood's

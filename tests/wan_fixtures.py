@@ -13,9 +13,11 @@ saved with `save_pretrained` so tests load it through `build(cfg)`:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from flow_fixtures import WORDS
@@ -146,6 +148,50 @@ def i2v_records(out: Path) -> list[dict]:
         frame.save(out / f"{r['_index']}.png")
         r["source_image"] = str(out / f"{r['_index']}.png")
     return records
+
+class RecordingWan(torch.nn.Module):
+    """Stands for WanTransformer3DModel: records every call's keyword arguments and predicts 0 (so
+    the pipeline's Euler step leaves the latents unchanged)."""
+
+    config = SimpleNamespace(in_channels=4, patch_size=(1, 2, 2))
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight, self.calls = torch.nn.Parameter(torch.zeros(1)), []
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    def cache_context(self, name, **kwargs):
+        return contextlib.nullcontext()
+
+    def forward(self, hidden_states, return_dict=True, **kwargs):
+        self.calls.append(dict(kwargs, hidden_states=hidden_states.clone()))
+        return (torch.zeros_like(hidden_states),)
+
+
+def pipe_of(likelihood, transformer, scheduler=None, **config):
+    from diffusers import WanPipeline
+
+    return WanPipeline(tokenizer=likelihood.tokenizers[0], text_encoder=likelihood.text_encoders[0],
+                       vae=likelihood.vae, scheduler=scheduler or likelihood.scheduler, transformer=transformer,
+                       **config)
+
+
+def fixed_sigma_scheduler(sigma: float):
+    """A flow Euler scheduler whose schedule is [1, σ] (shift 1): the loop's second call is at σ."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    class Fixed(FlowMatchEulerDiscreteScheduler):
+        def set_timesteps(self, num_inference_steps=None, device=None, **kwargs):
+            super().set_timesteps(sigmas=[1.0, sigma], device=device)
+
+    return Fixed(shift=1.0)
 
 
 def copy_video_sample(out: Path) -> Path:

@@ -42,13 +42,15 @@ class PipelineLayout:
 @dataclass(frozen=True)
 class TextEncoderSpec:
     """A frozen text encoder of a diffusers folder: its subfolder, its tokenizer's subfolder,
-    its class as "library:Class" (imported when loaded), and whether the folder must hold it
-    (SD3's T5 is optional: the pipeline feeds zeros without it)."""
+    its class as "library:Class" (imported when loaded), whether the folder must hold it
+    (SD3's T5 is optional: the pipeline feeds zeros without it), and the class that loads the
+    tokenizer folder (FLUX.2 [dev]'s is a PixtralProcessor, as its pipeline loads it)."""
 
     subfolder: str
     tokenizer: str
     cls: str
     required: bool = True
+    tokenizer_cls: str = "transformers:AutoTokenizer"
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ pipeline counterpart and is refused.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -153,18 +153,27 @@ class Flux2Transformer(UNetCall):
 
 
 # -- the family ------------------------------------------------------------------------------------
-def build(cfg: Any, use_cache: bool = True, trained: bool = True) -> tuple[Any, Any, None]:
-    """(trainable Flux2Transformer2DModel, likelihood owning the FLUX.2 VAE and the Qwen3 text
-    encoder, None); from `diffusion.cache_dir` when set and use_cache (neither loaded then)."""
+def build_flux2(cfg: Any, family: Family, text: Callable[[list[Any], list[Any]], Any], guidance_scale: float,
+                use_cache: bool = True, trained: bool = True) -> tuple[Any, Any, None]:
+    """(trainable Flux2Transformer2DModel, likelihood owning the FLUX.2 VAE and `text`(encoders,
+    tokenizers), None) of a FLUX.2 `family` (klein, dev); the guidance embedding, where the
+    transformer config has one, gets `guidance_scale`; from `diffusion.cache_dir` when set and
+    use_cache (no VAE or text encoder loaded then)."""
     d = cfg.diffusion
-    denoiser = Flux2Transformer(bool(denoiser_config(cfg, FAMILY).guidance_embeds))
+    denoiser = Flux2Transformer(bool(denoiser_config(cfg, family).guidance_embeds), guidance_scale)
     objective = flow_objective(d.prediction_type, 1)  # the latents are patchified already: h·w tokens
     if from_cache(cfg, use_cache):
-        return build_cached(cfg, FAMILY, denoiser, trained, objective)
-    parts = load_parts(cfg, FAMILY, unet=trained)
+        return build_cached(cfg, family, denoiser, trained, objective)
+    parts = load_parts(cfg, family, unet=trained)
     latents = Flux2Latents(parts["vae"], d, data_roots(cfg))
-    text = Flux2KleinText(parts["text_encoders"], parts["tokenizers"])
-    return parts["unet"], image_likelihood(cfg, FAMILY, parts, text, denoiser, objective, latents), None
+    encoder = text(parts["text_encoders"], parts["tokenizers"])
+    return parts["unet"], image_likelihood(cfg, family, parts, encoder, denoiser, objective, latents), None
+
+
+def build(cfg: Any, use_cache: bool = True, trained: bool = True) -> tuple[Any, Any, None]:
+    """FLUX.2 [klein]: `build_flux2` with the Qwen3 prompt encoding (a klein transformer config has
+    no guidance embedding; were one there it would get 1.0)."""
+    return build_flux2(cfg, FAMILY, Flux2KleinText, 1.0, use_cache, trained)
 
 
 FAMILY = Family(

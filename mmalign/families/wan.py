@@ -25,7 +25,11 @@ pipeline_wan.py, diffusers 0.42.1) encodes and calls it:
 
 Videos: a record's chosen / rejected is a video file or a folder of frames (mmalign/data/video.py),
 `diffusion.num_frames` frames sampled evenly over the clip, each frame resized (shortest side
-`diffusion.resolution`) and square-cropped, one crop and one flip per pair as for images.
+`diffusion.resolution`) and square-cropped, one crop and one flip per pair as for images. A
+non-square crop (`diffusion.width`: Wan's 832x480 is resolution 480, width 832) resizes each frame
+by the smallest factor that covers resolution x width (`resize_cover`), then crops it; latents
+(z, f, resolution/s, width/s), the patch grid and the TI2V token count follow (the pipeline's
+height / width arguments).
 Dropped captions become encode("") (the pipeline's default negative prompt ""); `null_prompt:
 zeros` is refused.
 
@@ -111,6 +115,10 @@ class WanTransformer(UNetCall):
     def __init__(self, expand_timesteps: bool = False, image_to_video: bool = False) -> None:
         self.expand_timesteps, self.image_to_video = expand_timesteps, image_to_video
 
+    def pipeline_options(self) -> dict[str, Any]:
+        """WanPipeline's constructor option (`validation.PipelineOptions`): validation samples with it."""
+        return {"expand_timesteps": self.expand_timesteps}
+
     def predict(self, model: torch.nn.Module, noisy: Tensor, values: dict[str, Tensor]) -> Tensor:
         """v_θ (N, C, f, h, w) float32 of x_t (N, C, f, h, w)."""
         dtype = next(model.parameters()).dtype
@@ -127,6 +135,26 @@ class WanTransformer(UNetCall):
             "encoder_hidden_states"].to(dtype), return_dict=False, **extra)[0].float()
 
 
+def crop_size(settings: Any) -> tuple[int, int]:
+    """(height, width) of the training crop: (resolution, width), width 0 meaning square."""
+    return settings.resolution, settings.width or settings.resolution
+
+
+def resize_cover(image: Any, height: int, width: int) -> Any:
+    """PIL image resized by the smallest factor that makes it at least height x width (bilinear);
+    a square crop is `resize_shortest` exactly (shortest side = height)."""
+    from PIL import Image
+
+    if height == width:
+        return resize_shortest(image, height)
+    w, h = image.size
+    if width * h >= height * w:  # the width binds: w -> width
+        size = (width, max(height, int(width * h / w)))
+    else:
+        size = (max(width, int(height * w / h)), height)
+    return image if size == (w, h) else image.resize(size, Image.BILINEAR)
+
+
 class VideoLatents(ImageLatents):
     """Clips -> normalised `AutoencoderKLWan` latents, live: collate reads `num_frames` frames per
     clip and resizes them, the draw crops and flips every frame of a clip alike and encodes."""
@@ -137,17 +165,17 @@ class VideoLatents(ImageLatents):
         return load_video(value, where, root or self.roots, self.settings.num_frames)
 
     def collate(self, records: list[dict[str, Any]], kind: str) -> dict[str, Tensor]:
-        """pixel_values (N, 3, F, Hp, Wp) in [-1, 1] (each clip's frames resized, shortest side =
-        resolution, zero-padded to the batch's largest); sizes (N, 2) resized (h, w);
+        """pixel_values (N, 3, F, Hp, Wp) in [-1, 1] (each clip's frames resized to cover the crop,
+        `resize_cover`, zero-padded to the batch's largest); sizes (N, 2) resized (h, w);
         original_sizes (N, 2) as decoded."""
         from mmalign.data.preference import flatten
 
-        res = self.settings.resolution
+        height, width = crop_size(self.settings)
         clips, sizes, originals = [], [], []
         for item, where in zip(flatten(records, kind), _output_names(kind, records)):
             frames = self.video(item["response"], where, item.get("_root"))
             originals.append((frames[0].height, frames[0].width))
-            frames = [resize_shortest(f, res) for f in frames]
+            frames = [resize_cover(f, height, width) for f in frames]
             sizes.append((frames[0].height, frames[0].width))
             clips.append(torch.stack([to_pixels(f) for f in frames], dim=1))
         hp, wp = max(h for h, _ in sizes), max(w for _, w in sizes)
@@ -157,15 +185,16 @@ class VideoLatents(ImageLatents):
         return {"pixel_values": pixels, "sizes": torch.tensor(sizes), "original_sizes": torch.tensor(originals)}
 
     def augment(self, inputs: dict[str, Any], flip: Tensor, crop_fraction: Tensor) -> tuple[Tensor, Tensor]:
-        """Crop (and flip) every frame of clip i alike: (N, 3, F, res, res), crop top-left (N, 2)."""
-        res = self.settings.resolution
+        """Crop (and flip) every frame of clip i alike: (N, 3, F, height, width), crop top-left (N, 2)."""
+        height, width = crop_size(self.settings)
         sizes = inputs["sizes"].cpu()
-        offsets = crop_offsets(sizes, res, crop_fraction if self.settings.crop == "random" else None)
+        crop = torch.tensor([height, width])
+        offsets = crop_offsets(sizes, crop, crop_fraction if self.settings.crop == "random" else None)
         crops = []
         for i, (top, left) in enumerate(offsets.tolist()):
-            crop = inputs["pixel_values"][i, ..., top : top + res, left : left + res]
-            crops.append(crop.flip(-1) if flip[i] else crop)
-        mirrored_left = torch.where(flip, sizes[:, 1] - offsets[:, 1] - res, offsets[:, 1])
+            clip = inputs["pixel_values"][i, ..., top : top + height, left : left + width]
+            crops.append(clip.flip(-1) if flip[i] else clip)
+        mirrored_left = torch.where(flip, sizes[:, 1] - offsets[:, 1] - width, offsets[:, 1])
         return torch.stack(crops), torch.stack([offsets[:, 0], mirrored_left], dim=1)
 
     # -- what `mmalign cache` stores (cache_writer.py) -----------------------------------------
@@ -175,22 +204,24 @@ class VideoLatents(ImageLatents):
 
     def cache_item(self, value: Any, where: str, fraction: Tensor | None,
                    root: str | None = None) -> tuple[Tensor, list[int]]:
-        """One clip read, resized and cropped as the uncached draw does: pixels (3, F, res, res)
+        """One clip read, resized and cropped as the uncached draw does: pixels (3, F, height, width)
         and [orig_h, orig_w, top, left, top, left_flipped] (`ImageLatents.cache_item`'s facts)."""
-        res = self.settings.resolution
+        height, width = crop_size(self.settings)
         frames = self.video(value, where, root)
         original = [frames[0].height, frames[0].width]
-        frames = [resize_shortest(f, res) for f in frames]
+        frames = [resize_cover(f, height, width) for f in frames]
         h, w = frames[0].height, frames[0].width
-        top, left = crop_offsets(torch.tensor([[h, w]]), res, fraction)[0].tolist()
-        pixels = torch.stack([to_pixels(f) for f in frames], dim=1)[..., top : top + res, left : left + res]
-        return pixels, [*original, top, left, top, w - left - res]
+        top, left = crop_offsets(torch.tensor([[h, w]]), torch.tensor([height, width]), fraction)[0].tolist()
+        pixels = torch.stack([to_pixels(f) for f in frames], dim=1)[..., top : top + height, left : left + width]
+        return pixels, [*original, top, left, top, w - left - width]
 
     def latent_shape(self) -> tuple[int, ...]:
-        """(z_dim, (F - 1) / scale_t + 1, res / scale_s, res / scale_s) (the pipeline's prepare_latents)."""
+        """(z_dim, (F - 1) / scale_t + 1, height / scale_s, width / scale_s) (the pipeline's prepare_latents)."""
         c = self.vae.config
-        side = self.settings.resolution // int(c.scale_factor_spatial)
-        return (int(c.z_dim), (self.settings.num_frames - 1) // int(c.scale_factor_temporal) + 1, side, side)
+        height, width = crop_size(self.settings)
+        scale = int(c.scale_factor_spatial)
+        return (int(c.z_dim), (self.settings.num_frames - 1) // int(c.scale_factor_temporal) + 1, height // scale,
+                width // scale)
 
     def latent_scaling(self) -> tuple[float | None, float]:
         """The normalisation is already in `latent_dist`."""
@@ -218,8 +249,10 @@ class VideoLatents(ImageLatents):
 
 
 def video_cache_settings(cfg: Any) -> dict[str, Any]:
-    """Settings a video cache must match beyond the image ones: {"num_frames"}."""
-    return {"num_frames": cfg.diffusion.num_frames}
+    """Settings a video cache must match beyond the image ones: {"num_frames"} (and "width" when set:
+    a square cache keeps its settings)."""
+    width = {"width": cfg.diffusion.width} if cfg.diffusion.width else {}
+    return {"num_frames": cfg.diffusion.num_frames, **width}
 
 
 def wan_shift(scheduler_config: Any, tokens: int) -> float:

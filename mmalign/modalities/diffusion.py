@@ -99,8 +99,9 @@ def to_pixels(image: Any) -> Tensor:
     return array.permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
-def crop_offsets(sizes: Tensor, resolution: int, fraction: Tensor | None) -> Tensor:
-    """Top-left (N, 2) of a resolution×resolution crop of images of `sizes` (N, 2) = (h, w).
+def crop_offsets(sizes: Tensor, resolution: int | Tensor, fraction: Tensor | None) -> Tensor:
+    """Top-left (N, 2) of a resolution×resolution crop (or, `resolution` a (2,) tensor, an h×w crop)
+    of images of `sizes` (N, 2) = (h, w).
 
     fraction None: centre crop, int(round((h - res) / 2)) as torchvision's CenterCrop;
     otherwise fraction (N, 2) in [0, 1) picks floor(f · (h - res + 1)) uniformly. A pair uses

@@ -52,7 +52,6 @@ def load_parts(cfg: Any, family: Family, unet: bool = True, frozen: bool = True)
     VAE, text encoders and tokenizers (training from a cache); a skipped part is None
     (text_encoders/tokenizers: [])."""
     import diffusers
-    from transformers import AutoTokenizer
 
     layout: PipelineLayout = family.layout
     check_null_prompt(cfg, family)
@@ -72,7 +71,8 @@ def load_parts(cfg: Any, family: Family, unet: bool = True, frozen: bool = True)
                                           if e.required or (Path(path) / e.subfolder).is_dir()]
         parts["text_encoders"] = [import_class(e.cls).from_pretrained(path, subfolder=e.subfolder, dtype=dtype,
                                                                       **variant) for e in present]
-        parts["tokenizers"] = [AutoTokenizer.from_pretrained(path, subfolder=e.tokenizer) for e in present]
+        parts["tokenizers"] = [import_class(e.tokenizer_cls).from_pretrained(path, subfolder=e.tokenizer)
+                               for e in present]
     return parts
 
 

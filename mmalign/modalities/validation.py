@@ -21,8 +21,9 @@ from __future__ import annotations
 import json
 import time
 import warnings
+import weakref
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -66,6 +67,15 @@ def text_parts(likelihood: Any) -> dict[str, Any]:
     return parts
 
 
+@runtime_checkable
+class PipelineOptions(Protocol):
+    """A denoiser call whose pipeline needs constructor options beyond its components (the ones the
+    folder's model_index.json gives `from_pretrained`), so an in-memory pipeline samples as trained."""
+
+    def pipeline_options(self) -> dict[str, Any]:
+        ...
+
+
 def sampling_pipeline(likelihood: Any, unet: torch.nn.Module, **extra: Any) -> Any:
     """The family's pipeline (`Family.pipeline`) of `likelihood`'s frozen parts, `unet` (the
     denoiser: a UNet, or the flow transformer) and `extra` constructor arguments (an edit
@@ -86,10 +96,31 @@ def sampling_pipeline(likelihood: Any, unet: torch.nn.Module, **extra: Any) -> A
         # Sample with the null prompt training used: SDXL's default feeds zeros for an empty
         # negative prompt, training drops captions to encode("") unless null_prompt is "zeros".
         denoiser["force_zeros_for_empty_prompt"] = likelihood.settings.null_prompt == "zeros"
+    if isinstance(likelihood.denoiser, PipelineOptions):  # e.g. Wan 2.2 TI2V's expand_timesteps
+        denoiser.update(likelihood.denoiser.pipeline_options())
+    decode_in_vae_dtype(likelihood.vae)
     pipe = getattr(diffusers, family.pipeline)(vae=likelihood.vae, scheduler=sampling_scheduler(likelihood),
                                                **denoiser, **text_parts(likelihood), **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+_CASTING: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def decode_in_vae_dtype(vae: Any) -> None:
+    """Make `vae.decode` cast its latents to the VAE's own dtype first (once per VAE). The FLUX.2
+    pipelines hand the VAE latents in the transformer's dtype, so a bfloat16 transformer beside a
+    float32 VAE (`diffusion.vae_dtype`, the recipes' setting) failed in the VAE's first conv."""
+    if vae in _CASTING:
+        return
+    decode = vae.decode
+
+    def cast(latents: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return decode(latents.to(vae.dtype), *args, **kwargs)
+
+    vae.decode = cast
+    _CASTING.add(vae)
 
 
 @torch.no_grad()

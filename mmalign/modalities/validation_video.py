@@ -50,15 +50,16 @@ def contact_sheet(videos: np.ndarray, frames: Sequence[int]) -> np.ndarray:
 
 @torch.no_grad()
 def sample_videos(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: dict[str, Any],
-                  resolution: int, num_frames: int) -> np.ndarray:
-    """(len(prompts) · len(seeds), F, H, W, 3) uint8: for each prompt, one video per seed."""
+                  resolution: int, num_frames: int, width: int = 0) -> np.ndarray:
+    """(len(prompts) · len(seeds), F, H, W, 3) uint8: for each prompt, one video per seed; H =
+    resolution, W = width (0: square)."""
     from mmalign.generate.video import to_uint8
 
     videos = []
     for prompt in prompts:
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         out = pipe(prompt=[prompt] * len(seeds), generator=generators, num_inference_steps=steps, **guidance,
-                   height=resolution, width=resolution, num_frames=num_frames, output_type="np").frames
+                   height=resolution, width=width or resolution, num_frames=num_frames, output_type="np").frames
         videos.extend(to_uint8(v) for v in out)
     return np.stack(videos)
 
@@ -81,7 +82,7 @@ def validate_videos(likelihood: Any, model: torch.nn.Module, step: int, folder: 
     d = likelihood.settings
     with eval_mode(model):  # LoRA dropout off: the same seeds give the same videos
         videos = sample_videos(sampling_pipeline(likelihood, model), prompts, seeds, steps,
-                               guidance_arguments(likelihood.family, guidance), d.resolution, d.num_frames)
+                               guidance_arguments(likelihood.family, guidance), d.resolution, d.num_frames, d.width)
     write_video(video_grid(videos, len(seeds)), folder / "grid.mp4", fps=FPS)
     shown = frame_indices(videos.shape[1], min(SHEET_FRAMES, videos.shape[1]))
     from PIL import Image
@@ -89,7 +90,8 @@ def validate_videos(likelihood: Any, model: torch.nn.Module, step: int, folder: 
     with atomic_path(folder / "grid.png") as tmp:
         Image.fromarray(contact_sheet(videos, shown)).save(tmp, format="PNG")
     layout = {"step": step, "rows": list(prompts), "columns": [int(s) for s in seeds], "steps": steps,
-              "guidance": guidance, "resolution": d.resolution, "num_frames": d.num_frames, "fps": FPS,
+              "guidance": guidance, "resolution": d.resolution, "width": d.width or d.resolution,
+              "num_frames": d.num_frames, "fps": FPS,
               "sheet_frames": shown}
     with atomic_path(folder / "grid.json") as tmp:
         tmp.write_text(json.dumps(layout, indent=2))

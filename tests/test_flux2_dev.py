@@ -1,0 +1,221 @@
+"""The FLUX.2 [dev] family (`flux2_dev`) on a tiny pipeline saved to disk (tests/flux2_fixtures.py:
+Mistral3 text encoder read at layers 10/20/30 through a PixtralProcessor, guidance embedding) and
+loaded through `build(cfg)`: the prompt against Flux2Pipeline.encode_prompt, the transformer's
+inputs (guidance included) against the pipeline's own denoising loop, logps against the training
+script's formula, the dpo convention, cached == uncached, the folder recognition, the CLI (train,
+export reloaded by Flux2Pipeline) and validation images equal to the pipeline's."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusion_fixtures import build_for, draw_for, indexed_pairs, perturbed, uncached
+from flux2_fixtures import RecordingFlux2, save_tiny_flux2_dev_pipeline, save_tiny_flux2_pipeline
+
+import mmalign.modalities.cache_writer as cw
+from mmalign.cli import main
+from mmalign.config import Config, from_dict
+from mmalign.families.flux2_dev import GUIDANCE_SCALE
+from mmalign.losses import dpo_loss
+from mmalign.modalities import build_modality
+from mmalign.types import Draw
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    return save_tiny_flux2_dev_pipeline(tmp_path_factory.mktemp("flux2_dev") / "pipeline")
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return indexed_pairs(tmp_path_factory.mktemp("pairs"))
+
+
+@pytest.fixture(scope="module")
+def built(pipeline, pairs):
+    return build_for(pipeline, pairs["path"], "flux2_dev")
+
+
+def pipe_of(likelihood, transformer, scheduler=None):
+    from diffusers import Flux2Pipeline
+
+    return Flux2Pipeline(scheduler=scheduler or likelihood.scheduler, vae=likelihood.vae, transformer=transformer,
+                         text_encoder=likelihood.text_encoders[0], tokenizer=likelihood.tokenizers[0])
+
+
+def test_conditioning_equals_the_pipeline_encode_prompt(built, pairs):
+    from transformers import PixtralProcessor
+
+    transformer, likelihood, _ = built
+    assert isinstance(likelihood.tokenizers[0], PixtralProcessor)  # loaded as the pipeline loads it
+    records = pairs["records"][:2]
+    _, draw = draw_for(likelihood, records)
+    embeds = draw.values["prompt_embeds"]
+    assert embeds.shape == (4, 512, 48)  # 512 tokens, layers 10, 20, 30 of width 16 side by side
+    expected, text_ids = pipe_of(likelihood, transformer).encode_prompt([r["prompt"] for r in records] * 2,
+                                                                        device="cpu")
+    torch.testing.assert_close(embeds, expected, rtol=0, atol=0)
+    assert torch.equal(text_ids[0, :, 3], torch.arange(512))
+    null, _ = pipe_of(likelihood, transformer).encode_prompt([""], device="cpu")
+    torch.testing.assert_close(likelihood.encode_text([""])["prompt_embeds"], null, rtol=0, atol=0)
+    # the system turn is there: a prompt's tokens start with [SYSTEM_PROMPT] after <s>
+    ids = likelihood.conditioning.encoder.tokenize(["a red circle"])["input_ids"][0]
+    tok = likelihood.tokenizers[0].tokenizer
+    assert tok.convert_ids_to_tokens(ids[:2].tolist()) == ["<s>", "[SYSTEM_PROMPT]"]
+
+
+def test_transformer_sees_what_the_pipeline_loop_gives_it_guidance_included(built, pairs):
+    """The pipeline started at σ = 1 from x_t and stepped to the drawn σ_g (shift 1, a 0 prediction)
+    calls the transformer on x_t at σ_g with guidance_scale 3.5 embedded: what the likelihood gives it."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    _, likelihood, _ = built
+    records = pairs["records"][:2]
+    batch, draw = draw_for(likelihood, records)
+    ours = RecordingFlux2(guidance_embeds=True)
+    likelihood.logps(ours, batch, draw)
+    seen, v = ours.calls[-1], draw.values
+    sigma = v["sigmas"].view(-1, 1, 1, 1)
+    noisy = (1 - sigma) * v["latents"] + sigma * v["noise"]
+    unshifted = FlowMatchEulerDiscreteScheduler.from_config(likelihood.scheduler.config, shift=1.0,
+                                                            use_dynamic_shifting=False)
+    for g in range(2):
+        rows, theirs = [g, g + 2], RecordingFlux2(guidance_embeds=True)
+        pipe_of(likelihood, theirs, unshifted)(
+            prompt=[records[g]["prompt"]] * 2, latents=noisy[rows], sigmas=[1.0, float(v["sigmas"][g])],
+            height=16, width=16, guidance_scale=GUIDANCE_SCALE, output_type="latent")
+        their = theirs.calls[-1]
+        assert set(their) - {"joint_attention_kwargs"} == set(seen) - {"joint_attention_kwargs"}
+        for key in ("hidden_states", "encoder_hidden_states", "txt_ids", "img_ids", "timestep", "guidance"):
+            torch.testing.assert_close(seen[key][rows], their[key], rtol=0, atol=0, msg=key)
+    assert torch.equal(seen["guidance"], torch.full((4,), 3.5))
+
+
+def test_logps_are_the_training_scripts_loss_and_dpo_is_log_2_at_policy_equals_reference(built, pairs):
+    """train_dreambooth_lora_flux2.py: model_pred = transformer(packed x_t, timesteps / 1000, guidance
+    3.5, ...)[:, :h·w], unpacked; target ε - x0; logp = -0.5 mse."""
+    from diffusers import Flux2Pipeline as P
+
+    transformer, likelihood, _ = built
+    batch, draw = draw_for(likelihood, pairs["records"])
+    v = draw.values
+    x0, eps, sigma = v["latents"], v["noise"], v["sigmas"]
+    out = likelihood.logps(transformer, batch, draw)
+    with torch.no_grad():
+        noisy = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * eps
+        ids, packed = P._prepare_latent_ids(noisy), P._pack_latents(noisy)
+        pred = transformer(hidden_states=packed, timestep=v["timesteps"] / 1000,
+                           guidance=torch.full([1], 3.5).expand(8), encoder_hidden_states=v["prompt_embeds"],
+                           txt_ids=P._prepare_text_ids(v["prompt_embeds"]), img_ids=ids, return_dict=False)[0]
+        pred = P._unpack_latents_with_ids(pred[:, : packed.size(1)], ids)
+    mse = (pred - (eps - x0)).pow(2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(out.diagnostics["mse"], mse, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.logps, -0.5 * mse, rtol=1e-5, atol=1e-6)
+    same = likelihood.logps(copy.deepcopy(transformer), batch, draw)
+    loss = dpo_loss(same.pairs(), out.pairs(), beta=2000.0)
+    torch.testing.assert_close(loss, torch.full((4,), math.log(2)), rtol=0, atol=0)
+
+
+def test_folder_recognition_tells_dev_from_klein(pipeline, tmp_path):
+    from mmalign.families import family_for_folder, family_for_pipeline
+
+    assert family_for_folder(pipeline).name == "flux2_dev"
+    assert family_for_folder(save_tiny_flux2_pipeline(tmp_path / "klein")).name == "flux2"
+    assert family_for_pipeline("Flux2Pipeline").name == "flux2_dev"
+
+
+def test_cached_likelihood_equals_the_uncached_one(pipeline, pairs, tmp_path):
+    records = pairs["records"]
+    cfg = from_dict(Config, {"modality": "flux2_dev", "model": {"path": str(pipeline)},
+                             "data": {"train": str(pairs["path"])},
+                             "diffusion": {"resolution": 16, "caption_dropout": 0.5, "cache_dir": str(tmp_path / "c"),
+                                           "cache_dtype": "float32", "cache_shard_size": 2},
+                             "train": {"progress": False}})
+    model, plain = uncached(cfg)
+    cw.write_cache(cfg, plain)
+    model_c, cached, _ = build_modality(cfg)
+    assert cached.vae is None and cached.text_encoders == []
+    batch, batch_c = plain.collate(records, "pair"), cached.collate(records, "pair")
+    policy = perturbed(model)
+    v = plain.draw(batch, torch.Generator().manual_seed(1)).values
+    w = cached.draw(batch_c, torch.Generator().manual_seed(1)).values
+    assert bool(v["caption_dropped"].any()) and torch.equal(v["caption_dropped"], w["caption_dropped"])
+    torch.testing.assert_close(w["prompt_embeds"], v["prompt_embeds"], rtol=0, atol=1e-6)
+    ref, ref_c = plain.logps(model, batch, Draw(v)), cached.logps(model_c, batch_c, Draw(w))
+    pol, pol_c = plain.logps(policy, batch, Draw(v)), cached.logps(policy, batch_c, Draw(w))
+    torch.testing.assert_close(ref_c.logps, ref.logps, rtol=0, atol=1e-6)
+    torch.testing.assert_close(pol_c.logps, pol.logps, rtol=0, atol=1e-6)
+
+
+def test_cli_trains_and_the_exports_load_into_flux2_pipeline(pipeline, pairs, tmp_path, capsys):
+    from diffusers import Flux2Pipeline
+
+    from mmalign.export import find_run, load_trained, write_model_index
+
+    run = tmp_path / "run"
+    assert main(["train", str(ROOT / "configs" / "tiny" / "flux2_dev_flow_dpo.yaml"), f"model.path={pipeline}",
+                 f"data.train={pairs['path']}", "train.max_steps=2", "train.batch_size=2", f"train.output_dir={run}",
+                 "train.progress=false", "train.tensorboard=false", "train.log_every=1"]) == 0
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4) and math.isfinite(rows[-1]["loss"])
+    merged = copy.deepcopy(load_trained(find_run(run))[0]).merge_and_unload().eval()
+    generator = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 16, 16, generator=generator), timestep=torch.tensor([0.3]),
+                  guidance=torch.tensor([3.5]), encoder_hidden_states=torch.randn(1, 5, 48, generator=generator),
+                  txt_ids=Flux2Pipeline._prepare_text_ids(torch.zeros(1, 5, 48)),
+                  img_ids=Flux2Pipeline._prepare_latent_ids(torch.zeros(1, 16, 4, 4)))
+
+    def output(model):
+        with torch.no_grad():
+            return model.eval()(**inputs, return_dict=False)[0]
+
+    base = shutil.copytree(pipeline, tmp_path / "base")
+    write_model_index(base, "Flux2Pipeline")
+    for fmt in ("merged", "lora"):
+        out = tmp_path / fmt
+        assert main(["export", str(run), "--to", str(out), "--format", fmt]) == 0, capsys.readouterr().err
+        pipe = Flux2Pipeline.from_pretrained(out if fmt == "merged" else base)
+        if fmt == "lora":
+            pipe.load_lora_weights(out)
+        torch.testing.assert_close(output(pipe.transformer), output(merged), rtol=1e-5, atol=1e-5, msg=fmt)
+
+
+def test_validation_grid_is_the_pipelines_own_images(built, tmp_path):
+    from PIL import Image
+
+    from mmalign.modalities.validation import sampling_pipeline, validate_images
+
+    transformer, likelihood, _ = built
+    out = validate_images(likelihood, transformer, 1, tmp_path, ["a red circle"], [0, 1], 2, 4.0)
+    grid = np.asarray(Image.open(tmp_path / "grid.png"), dtype=np.int16)
+    pipe = sampling_pipeline(likelihood, transformer)
+    generators = [torch.Generator().manual_seed(s) for s in (0, 1)]
+    with torch.no_grad():
+        images = pipe(prompt=["a red circle"] * 2, generator=generators, num_inference_steps=2, guidance_scale=4.0,
+                      height=16, width=16, output_type="np").images
+    direct = np.concatenate([(im * 255).round().astype(np.int16) for im in images], axis=1)
+    assert out["validation/images"] == 2 and np.abs(grid - direct).max() <= 1
+
+
+def test_validation_samples_a_bf16_transformer_beside_a_float32_vae(pipeline, pairs, tmp_path):
+    """The recipes' model.dtype bfloat16 with diffusion.vae_dtype float32: Flux2Pipeline hands the VAE
+    bf16 latents; validation decodes them in the VAE's float32 (it raised a dtype error before)."""
+    from mmalign.config import Config, from_dict
+    from mmalign.modalities.validation import validate_images
+
+    cfg = from_dict(Config, {"modality": "flux2_dev", "model": {"path": str(pipeline), "dtype": "bfloat16"},
+                             "data": {"train": str(pairs["path"])},
+                             "diffusion": {"resolution": 16, "vae_dtype": "float32"}})
+    transformer, likelihood, _ = build_modality(cfg)
+    assert transformer.dtype == torch.bfloat16 and likelihood.vae.dtype == torch.float32
+    out = validate_images(likelihood, transformer, 1, tmp_path, ["a red circle"], [0], 1, 4.0)
+    assert out["validation/images"] == 1 and (tmp_path / "grid.png").is_file()
