@@ -82,6 +82,8 @@ def modality_config(tmp_path, modality: str) -> str:
         return _write(tmp_path, grpo_config(tmp_path))
     if modality in ("wan", "wan22"):
         return _write(tmp_path, wan_config(tmp_path, two_experts=modality == "wan22"))
+    if modality == "qwen_image":
+        return _write(tmp_path, qwen_image_config(tmp_path))
     from test_diffusion_families import family_config
 
     path = family_config(tmp_path, modality)  # dpo on 4 image pairs, LoRA, 12 steps of 4
@@ -120,6 +122,20 @@ def wan_config(tmp_path, two_experts: bool = False) -> dict:
     save = (lambda path: save_tiny_wan22_pipeline(path, boundary_ratio=0.75)) if two_experts else save_tiny_wan_pipeline
     cfg["model"]["path"] = str(save(tmp_path / "pipeline"))
     cfg["data"]["train"] = str(copy_video_sample(tmp_path / "pairs"))
+    cfg["diffusion"].update({"random_flip": True, "caption_dropout": 0.5})
+    cfg["optim"] = {"name": "sgd", "lr": 1.0}
+    cfg["train"] = dict(TRAIN, output_dir=str(tmp_path / "run"))
+    return cfg
+
+
+def qwen_image_config(tmp_path) -> dict:
+    """configs/tiny/qwen_image_flow_dpo.yaml (a current image family: Qwen2.5-VL prompts of uneven
+    lengths, packed latents, dynamic shift) on 4 tiny pairs, flips and caption dropout in play."""
+    from qwen_image_fixtures import write_tiny_qwen_image_run
+
+    cfg = yaml.safe_load(open(ROOT / "configs" / "tiny" / "qwen_image_flow_dpo.yaml"))
+    cfg["data"]["train"] = str(write_tiny_qwen_image_run(tmp_path / "fixture", count=4))
+    cfg["model"]["path"] = str(tmp_path / "fixture" / "pipeline")
     cfg["diffusion"].update({"random_flip": True, "caption_dropout": 0.5})
     cfg["optim"] = {"name": "sgd", "lr": 1.0}
     cfg["train"] = dict(TRAIN, output_dir=str(tmp_path / "run"))
@@ -186,7 +202,7 @@ def assert_same_rounds(one: Path, two: Path) -> None:
 
 @needs_torchrun
 @pytest.mark.parametrize("modality", ["sdxl", "sd3", "llava", "tango", "audioldm2", "sdxl_spo", "sd3_grpo",
-                                      "wan", "wan22"])
+                                      "wan", "wan22", "qwen_image"])
 def test_every_modality_trains_the_same_in_two_processes(tmp_path, modality):
     """Each modality's tiny config: 2 processes x batch 2 == 1 process x batch 4. For the
     diffusion families (images and audio) this holds because every draw (t or σ, ε, flip, dropped

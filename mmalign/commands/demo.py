@@ -1,10 +1,10 @@
-"""`mmalign demo [--out DIR] [--quick] [--online | --flow]`: alignment end to end on the shipped toy-world models.
+"""`mmalign demo [--out DIR] [--quick] [--no-online | --flow]`: alignment end to end on the shipped toy-world models.
 
 Image side: generate -> score (learned scorer) -> build-pairs -> Diffusion-DPO (+ an SFT
 control) -> win rate over the base under the exact checker on held-out seeds and prompts;
-with `--online`, also online DPO (rounds sampled by the current model, the same sample budget)
-against offline DPO (off by default until its time on 2 idle cores is measured within the
-demo's 15 minutes).
+then the online rows at the same sample budget (rounds sampled by the current model): online
+DPO and GRPO on the UNet, each against the base and against offline DPO (`--no-online` skips
+them; the whole demo took 6 min 48 s on 2 idle cores with them).
 VLM side: injection + corrupted-image pairs -> plain DPO, DPO + SFT, SFT only -> CHAIR and
 POPE on held-out images. Then an HTML report. Each step is printed as the `mmalign ...`
 command it runs (mmalign/toyworld/demo.py). `--world text` runs the older, smaller demo on
@@ -45,9 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="output folder (default runs/demo); finished steps are skipped on a rerun")
     p.add_argument("--quick", action="store_true", help="a few samples and steps: checks the pipeline, not the numbers")
     p.add_argument("--only", nargs="+", choices=("image", "vlm"), help="run one side only")
-    p.add_argument("--online", action="store_true",
-                   help="also the online image rows at the offline sample budget: online DPO and GRPO on the "
-                        "UNet (rounds sampled by the current model)")
+    p.add_argument("--online", action=argparse.BooleanOptionalAction, default=True,
+                   help="the online image rows at the offline sample budget: online DPO and GRPO on the UNet "
+                        "(rounds sampled by the current model); on by default, --no-online skips them")
     p.add_argument("--flow", action="store_true",
                    help="instead: Flow-DPO vs Flow-GRPO vs DiffusionNFT on the toy flow model "
                         "(default out runs/demo_flow)")
