@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from diffusion_fixtures import write_image_pairs
 from flow_fixtures import FLUX_SCHEDULER, WORDS
+from recording import RecordingTransformer
 from zimage_fixtures import tiny_qwen_tokenizer
 
 QWEN_WIDTH = 16
@@ -118,32 +120,11 @@ def save_tiny_flux2_dev_pipeline(path: Path, seed: int = 0) -> Path:
     return path
 
 
-class RecordingFlux2(torch.nn.Module):
-    """Stands for Flux2Transformer2DModel in a pipeline: records every call's keyword arguments and
-    predicts 0 (so the pipeline's Euler step leaves the latents unchanged)."""
+class RecordingFlux2(RecordingTransformer):
+    """Stands for Flux2Transformer2DModel in a pipeline (tests/recording.py)."""
 
     def __init__(self, guidance_embeds: bool = False) -> None:
-        super().__init__()
-        self.weight, self.calls = torch.nn.Parameter(torch.zeros(1)), []
-        self.config = type("Config", (), {"in_channels": 16, "guidance_embeds": guidance_embeds})()
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.weight.device
-
-    def cache_context(self, name):
-        import contextlib
-
-        return contextlib.nullcontext()
-
-    def forward(self, return_dict=True, **kwargs):
-        self.calls.append({k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()})
-        return (torch.zeros_like(kwargs["hidden_states"]),)
-
+        super().__init__(SimpleNamespace(in_channels=16, guidance_embeds=guidance_embeds))
 
 def save_tiny_flux2_pipeline(path: Path, seed: int = 0) -> Path:
     """Write transformer/, vae/, scheduler/, text_encoder/ and tokenizer/ into `path`."""

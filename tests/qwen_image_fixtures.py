@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from diffusion_fixtures import write_image_pairs
 from flow_fixtures import WORDS
+from recording import RecordingTransformer
 
 WIDTH = 32
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
@@ -94,6 +96,12 @@ def write_tiny_qwen_image_run(root: Path, count: int = 8) -> Path:
     path = root / "pairs" / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+class RecordingQwen(RecordingTransformer):
+    """Stands for QwenImageTransformer2DModel in a pipeline (tests/recording.py)."""
+
+    config = SimpleNamespace(in_channels=16, guidance_embeds=False)
 
 
 if __name__ == "__main__":  # python tests/qwen_image_fixtures.py runs/tiny_qwen_image

@@ -18,6 +18,7 @@ from diffusion_fixtures import build_for, draw_for
 from flow_fixtures import T5_TOKENS
 from flux_kontext_fixtures import save_tiny_flux_kontext_pipeline
 from qwen_image_edit_fixtures import write_edit_pairs
+from recording import RecordingTransformer as RecordingFlux
 
 from mmalign.cli import main
 from mmalign.losses import dpo_loss
@@ -42,26 +43,6 @@ def pairs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def built(pipeline, pairs):
     return build_for(pipeline, pairs["path"], "flux_kontext", resolution=RES)
-
-
-class RecordingFlux(torch.nn.Module):
-    """Stands for FluxTransformer2DModel: records every call's keyword arguments, predicts 0."""
-
-    def __init__(self, config) -> None:
-        super().__init__()
-        self.config, self.weight, self.calls = config, torch.nn.Parameter(torch.zeros(1)), []
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.weight.device
-
-    def forward(self, hidden_states, return_dict=True, **kwargs):
-        self.calls.append(dict(kwargs, hidden_states=hidden_states.clone()))
-        return (torch.zeros_like(hidden_states),)
 
 
 def pipe_of(likelihood, transformer, scheduler=None):

@@ -6,19 +6,17 @@ uncached, and the CLI (train, export in every format)."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from diffusion_fixtures import build_for, draw_for, indexed_pairs, perturbed, uncached, write_image_pairs
-from qwen_image_fixtures import save_tiny_qwen_image_pipeline, tiny_qwen_tokenizer
+from qwen_image_fixtures import RecordingQwen, save_tiny_qwen_image_pipeline, tiny_qwen_tokenizer
 
 from mmalign.cli import main
 from mmalign.config import Config, ConfigError, from_dict
@@ -44,32 +42,6 @@ def pairs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def built(pipeline, pairs):
     return build_for(pipeline, pairs["path"], "qwen_image")
-
-
-class RecordingQwen(torch.nn.Module):
-    """Stands for QwenImageTransformer2DModel: records every call's keyword arguments and predicts
-    0 (so the pipeline's Euler step leaves the latents unchanged)."""
-
-    config = SimpleNamespace(in_channels=16, guidance_embeds=False)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight, self.calls = torch.nn.Parameter(torch.zeros(1)), []
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.weight.device
-
-    def cache_context(self, name):
-        return contextlib.nullcontext()
-
-    def forward(self, hidden_states, return_dict=True, **kwargs):
-        self.calls.append(dict(kwargs, hidden_states=hidden_states.clone()))
-        return (torch.zeros_like(hidden_states),)
 
 
 def pipe_of(likelihood, transformer, scheduler=None):

@@ -7,17 +7,16 @@ at the drawn σ, logp by hand, the dpo convention, sources of mixed sizes, the r
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from diffusion_fixtures import build_for, draw_for, write_image
 from qwen_image_edit_fixtures import save_tiny_qwen_image_edit_pipeline, write_edit_pairs
+from qwen_image_fixtures import RecordingQwen
 
 from mmalign.cli import main
 from mmalign.config import ConfigError
@@ -44,31 +43,6 @@ def pairs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def built(pipeline, pairs):
     return build_for(pipeline, pairs["path"], "qwen_image_edit", resolution=RES)
-
-
-class RecordingQwen(torch.nn.Module):
-    """Stands for QwenImageTransformer2DModel: records every call's keyword arguments, predicts 0."""
-
-    config = SimpleNamespace(in_channels=16, guidance_embeds=False)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight, self.calls = torch.nn.Parameter(torch.zeros(1)), []
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.weight.device
-
-    def cache_context(self, name):
-        return contextlib.nullcontext()
-
-    def forward(self, hidden_states, return_dict=True, **kwargs):
-        self.calls.append(dict(kwargs, hidden_states=hidden_states.clone()))
-        return (torch.zeros_like(hidden_states),)
 
 
 def pipe_of(likelihood, transformer, scheduler=None):

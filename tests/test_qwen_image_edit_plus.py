@@ -7,16 +7,15 @@ the dpo convention."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 from diffusion_fixtures import build_for, draw_for, write_image
 from qwen_image_edit_fixtures import EDITS, save_tiny_qwen_image_edit_pipeline
+from qwen_image_fixtures import RecordingQwen
 
 from mmalign.losses import dpo_loss
 from mmalign.modalities.flow import pack_latents
@@ -58,29 +57,6 @@ def pipeline_areas(monkeypatch):
 
     monkeypatch.setattr(module, "CONDITION_IMAGE_SIZE", round(RES * RES * 384 * 384 / 1024 ** 2))
     monkeypatch.setattr(module, "VAE_IMAGE_SIZE", RES * RES)
-
-
-class RecordingQwen(torch.nn.Module):
-    config = SimpleNamespace(in_channels=16, guidance_embeds=False)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight, self.calls = torch.nn.Parameter(torch.zeros(1)), []
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.weight.device
-
-    def cache_context(self, name):
-        return contextlib.nullcontext()
-
-    def forward(self, hidden_states, return_dict=True, **kwargs):
-        self.calls.append(dict(kwargs, hidden_states=hidden_states.clone()))
-        return (torch.zeros_like(hidden_states),)
 
 
 def pipe_of(likelihood, transformer, scheduler=None):

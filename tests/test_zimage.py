@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusion_fixtures import build_for, draw_for, indexed_pairs
+from recording import RecordingTransformer
 from zimage_fixtures import save_tiny_zimage_pipeline
 
 from mmalign.cli import main
@@ -39,28 +40,15 @@ def built(pipeline, pairs):
     return build_for(pipeline, pairs["path"], "zimage")
 
 
-class RecordingZImage(torch.nn.Module):
+class RecordingZImage(RecordingTransformer):
     """Stands for ZImageTransformer2DModel: records (x, t, cap_feats) of every call and predicts 0
     (so the pipeline's Euler step leaves the latents unchanged)."""
 
     in_channels = 4
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight, self.calls = torch.nn.Parameter(torch.zeros(1)), []
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.weight.device
-
     def forward(self, x, t, cap_feats, return_dict=True, **kwargs):
         self.calls.append(([v.clone() for v in x], t.clone(), [c.clone() for c in cap_feats]))
         return ([torch.zeros_like(v) for v in x],)
-
 
 def pipe_of(likelihood, transformer, scheduler=None):
     from diffusers import ZImagePipeline

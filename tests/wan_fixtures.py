@@ -13,7 +13,6 @@ saved with `save_pretrained` so tests load it through `build(cfg)`:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -21,6 +20,7 @@ from types import SimpleNamespace
 
 import torch
 from flow_fixtures import WORDS
+from recording import RecordingTransformer
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "datasets" / "video_pairs"
@@ -149,31 +149,10 @@ def i2v_records(out: Path) -> list[dict]:
         r["source_image"] = str(out / f"{r['_index']}.png")
     return records
 
-class RecordingWan(torch.nn.Module):
-    """Stands for WanTransformer3DModel: records every call's keyword arguments and predicts 0 (so
-    the pipeline's Euler step leaves the latents unchanged)."""
+class RecordingWan(RecordingTransformer):
+    """Stands for WanTransformer3DModel (tests/recording.py)."""
 
     config = SimpleNamespace(in_channels=4, patch_size=(1, 2, 2))
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight, self.calls = torch.nn.Parameter(torch.zeros(1)), []
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.weight.device
-
-    def cache_context(self, name, **kwargs):
-        return contextlib.nullcontext()
-
-    def forward(self, hidden_states, return_dict=True, **kwargs):
-        self.calls.append(dict(kwargs, hidden_states=hidden_states.clone()))
-        return (torch.zeros_like(hidden_states),)
-
 
 def pipe_of(likelihood, transformer, scheduler=None, **config):
     from diffusers import WanPipeline

@@ -55,6 +55,7 @@ from mmalign.errors import ConfigError, DataError
 from mmalign.layout import batch_slots
 from mmalign.modalities.causal_lm import CausalLMLikelihood, log_square_mass, selective_log_softmax
 from mmalign.modalities.lm_head import captured_hidden, chunked_token_logps, language_model, logit_transform
+from mmalign.modalities.packing import Packed, pack_inputs
 from mmalign.tensors import right_pad_cat
 from mmalign.types import Draw, LogpOutput, PreferenceBatch
 
@@ -82,15 +83,19 @@ class LlavaLikelihood(CausalLMLikelihood):
         True requires one; False uses the plain prompt.
     roots: folders that relative image paths are resolved against, first match wins.
     lm_head_chunk: answer tokens per LM-head chunk (`model.lm_head_chunk`; 0: full logits).
+    padding_free: run each batch as one packed row (`data.padding_free`, `packing.pack_inputs`),
+        once checked per model to give the padded log-probs (else padded, with a warning).
     """
 
     deterministic = True  # no randomness: a precomputed reference is exact
 
     def __init__(self, processor: Any, config: Any = None, max_length: int = 2048, max_prompt_length: int = 0,
-                 chat_template: bool | None = None, roots: Sequence[str | Path] = (), lm_head_chunk: int = 0) -> None:
+                 chat_template: bool | None = None, roots: Sequence[str | Path] = (), lm_head_chunk: int = 0,
+                 padding_free: bool = False) -> None:
         tokenizer = getattr(processor, "tokenizer", processor)
         super().__init__(tokenizer, max_length, max_prompt_length, chat_template=bool(chat_template),
-                         lm_head_chunk=lm_head_chunk)
+                         lm_head_chunk=lm_head_chunk, padding_free=padding_free)
+        self.pack_ok: dict[int, bool] = {}  # id(language model) -> packed forward == padded (checked once)
         self.processor, self.config = processor, config
         self.use_template = chat_template
         self.roots = [Path(r) for r in roots]
@@ -292,21 +297,27 @@ class LlavaLikelihood(CausalLMLikelihood):
         labels = x["input_ids"][:, start + 1:]
         mask = loss_mask[:, start + 1:].to(torch.float32)
         chunked = self.lm_head_chunk > 0 and self._chunk_checked(model, batch, kwargs, width - start, labels, mask)
-        token_logps, square = self._token_logps(model, batch, kwargs, width - start, labels, mask, chunked)
+        packed = None
+        if self.padding_free and self._pack_checked(model, batch, kwargs, width - start, labels, mask):
+            kwargs, packed = pack_inputs(kwargs)
+        token_logps, square = self._token_logps(model, batch, kwargs, width - start, labels, mask, chunked, packed)
         return LogpOutput(logps=token_logps.sum(-1), tokens=mask.sum(-1), token_logps=token_logps, token_mask=mask,
                           token_log_sq_mass=square)
 
     def _token_logps(self, model: torch.nn.Module, batch: PreferenceBatch, kwargs: dict[str, Any], keep: int,
-                     labels: Tensor, mask: Tensor, chunked: bool) -> tuple[Tensor, Tensor | None]:
-        """(token_logps, log square mass or None) of the last `keep` positions, chunked or full."""
+                     labels: Tensor, mask: Tensor, chunked: bool,
+                     packed: Packed | None = None) -> tuple[Tensor, Tensor | None]:
+        """(token_logps, log square mass or None) of the last `keep` positions, chunked or full;
+        `packed`: kwargs are one packed row (`pack_inputs`), outputs go back to the padded layout."""
+        unpack = (lambda v: v) if packed is None else packed.unpack
         try:
             if chunked:
                 with captured_hidden(model) as (capture, head):
                     model(**kwargs, use_cache=False)
-                hidden = capture.hidden[:, -keep:]
+                hidden = unpack(capture.hidden)[:, -keep:]
                 return chunked_token_logps(hidden[:, :-1], head, labels, mask, self.lm_head_chunk, self.transform,
                                            self.square_mass)
-            logits = model(**kwargs, use_cache=False).logits[:, -keep:]
+            logits = unpack(model(**kwargs, use_cache=False).logits)[:, -keep:]
         except ValueError as e:
             if "do not match" not in str(e):
                 raise
@@ -334,6 +345,25 @@ class LlavaLikelihood(CausalLMLikelihood):
                               "a way mmalign does not know; log-probs use the full logits")
             self.checked[key] = (False, ok)
         return self.checked[key][1]
+
+
+    def _pack_checked(self, model: torch.nn.Module, batch: PreferenceBatch, kwargs: dict[str, Any], keep: int,
+                      labels: Tensor, mask: Tensor) -> bool:
+        """Whether one packed row (`pack_inputs`) gives `model`'s padded log-probs, checked once per
+        model on its first whole batch (images cannot be cut); otherwise padded batches, with a warning."""
+        key = id(language_model(model))
+        if key not in self.pack_ok:
+            from mmalign.nn import eval_mode
+
+            packed_kwargs, packed = pack_inputs(kwargs)
+            with torch.no_grad(), eval_mode(model):
+                padded, _ = self._token_logps(model, batch, kwargs, keep, labels, mask, False)
+                mine, _ = self._token_logps(model, batch, packed_kwargs, keep, labels, mask, False, packed)
+            self.pack_ok[key] = bool(torch.allclose(padded, mine, atol=1e-4 * max(1.0, float(mask.sum())), rtol=1e-4))
+            if not self.pack_ok[key]:
+                warnings.warn(f"data.padding_free: {type(language_model(model)).__name__} does not give its padded "
+                              "log-probs on one packed row (e.g. 3-D M-RoPE positions); using padded batches")
+        return self.pack_ok[key]
 
 
 # -- LoRA on the language model only ---------------------------------------------------------
@@ -399,5 +429,6 @@ def build(cfg: Any, parts: Sequence[str] = VISION_PARTS,
     if cfg.lora.enabled:
         restrict_lora_to_language_model(model, cfg.lora, parts)
     likelihood = LlavaLikelihood(processor, model.config, cfg.data.max_length, cfg.data.max_prompt_length,
-                                 True if cfg.data.chat_template else None, data_roots(cfg), cfg.model.lm_head_chunk)
+                                 True if cfg.data.chat_template else None, data_roots(cfg), cfg.model.lm_head_chunk,
+                                 cfg.data.padding_free)
     return model, likelihood, processor

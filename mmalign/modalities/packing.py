@@ -1,4 +1,4 @@
-"""Padding-free forwards for causal LMs (`data.padding_free`, issue 20 item 2).
+"""Padding-free forwards for causal LMs and VLMs (`data.padding_free`, issue 20 item 2).
 
 A padded batch (N, T) with attention mask m becomes ONE packed row (1, S), S = Σ m:
 
@@ -9,6 +9,12 @@ attention mask and restarting positions, transformers (5.x `masking_utils.
 find_packed_sequence_indices`) builds a block-diagonal causal mask: every token attends only to
 its own sequence, so each sequence's logits equal its padded ones while no padding is computed.
 Flash attention reads the same boundaries from the positions.
+
+VLMs (`pack_inputs`): the per-token processor outputs (N, T) are packed the same way and the
+per-image ones (pixel_values, image_sizes, grids) pass unchanged: the image tokens keep their
+row-major order, which is the order the model scatters image features into. Models whose
+positions are not a function of the packed row alone (Qwen2-VL's 3-D M-RoPE from the attention
+mask) fail `LlavaLikelihood`'s once-per-model check and keep padded batches.
 
 The final hidden states go back to the padded layout (`unpack`) so the rest of the likelihood
 (labels, answer mask, the chunked head) is unchanged. `check_packing` verifies once per model that
@@ -69,3 +75,19 @@ def check_packing(model: torch.nn.Module, input_ids: Tensor, attention_mask: Ten
         warnings.warn(f"data.padding_free: {type(model).__name__}'s attention does not keep packed sequences apart; "
                       "using padded batches")
     return ok
+
+
+def pack_inputs(inputs: dict[str, Tensor]) -> tuple[dict[str, Tensor], Packed]:
+    """A VLM's padded forward kwargs -> (packed kwargs, `Packed`): input_ids and every (N, T)
+    per-token tensor packed to (1, S), position_ids restarting per sequence, no attention mask
+    and no `logits_to_keep` (all S positions are real tokens); per-image tensors unchanged."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    packed = pack_rows(ids, mask)
+    out: dict[str, Tensor] = {"input_ids": packed.ids, "position_ids": packed.position_ids}
+    for key, value in inputs.items():
+        if key in out or key in ("attention_mask", "logits_to_keep"):
+            continue
+        per_token = torch.is_tensor(value) and value.shape == ids.shape
+        out[key] = value[packed.where].unsqueeze(0) if per_token else value
+    return out, packed
+
