@@ -63,7 +63,12 @@ def published_params(shape: parts.Shape) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", list(parts.SHAPES))
+# FLUX.2 [dev]'s transformer keeps 1.8 B parameters even at one block (3.6 GB written in bf16, 5.5 GB peak):
+# `make bench` runs it (`python -m benchmarks.real_shapes`); the suite keeps the five that fit a CI disk and budget.
+IN_SUITE = [name for name in parts.SHAPES if name != "flux2_dev"]
+
+
+@pytest.mark.parametrize("name", IN_SUITE)
 def test_published_shapes_run_a_lora_dpo_step_and_sample(name, tmp_path):
     shape = parts.SHAPES[name]
     row = run_all([name], tokens=2, text_length=32, work=tmp_path, threads=1)[0]
