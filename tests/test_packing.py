@@ -95,3 +95,29 @@ def test_a_padding_free_run_trains_to_the_padded_runs_weights(make_config, tmp_p
     assert weights[0].keys() == weights[1].keys() and weights[0]
     for name in weights[0]:
         torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fast_path_checks_run_once_per_model_in_eval_mode_and_warn_on_mismatch():
+    """`fast_paths`: the comparison runs without grad in eval mode (training mode restored after),
+    within atol it agrees, beyond it warns with the given text; `verified_once` computes a key's
+    verdict once."""
+    from mmalign.modalities.fast_paths import paths_agree, verified_once
+
+    model, seen = torch.nn.Linear(2, 2).train(), []
+
+    def values(shift: float):
+        def run():
+            seen.append((model.training, torch.is_grad_enabled()))
+            return torch.tensor([1.0, 2.0]) + shift
+        return run
+
+    assert paths_agree(model, values(0.0), values(9e-5), 1e-4, 0, "never shown")
+    assert seen == [(False, False), (False, False)] and model.training
+    with pytest.warns(UserWarning, match="^data.padding_free: nope$"):
+        assert not paths_agree(model, values(0.0), values(2e-4), lambda ref: 1e-4 * ref.shape[0] / 2, 0,
+                               "data.padding_free: nope")
+    assert model.training
+    cache, calls = {}, []
+    for _ in range(3):
+        assert verified_once(cache, 7, lambda: calls.append(1) or (True, False)) == (True, False)
+    assert calls == [1] and cache == {7: (True, False)}

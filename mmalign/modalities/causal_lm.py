@@ -17,6 +17,7 @@ from mmalign.data.preference import batch_fields, flatten
 from mmalign.errors import DataError
 from mmalign.modalities.lm_head import (LogitTransform, captured_hidden, check_head, chunked_token_logps,
                                         language_model, logit_transform)
+from mmalign.modalities.fast_paths import verified_once
 from mmalign.modalities.packing import Packed, check_packing, pack_rows
 from mmalign.types import Draw, LogpOutput, PreferenceBatch
 
@@ -173,13 +174,12 @@ class CausalLMLikelihood:
         """(the packed row or None, chunked head or not) for `model`: `padding_free` and
         `lm_head_chunk` > 0 as configured, each verified once per model (`check_packing`,
         `check_head`; a model that fails a check uses the padded / full-logits path)."""
-        key = id(language_model(model))
-        if key not in self.checked:
+        def verify() -> tuple[bool, bool]:
             self.transform = logit_transform(language_model(model).config)
             packing = self.padding_free and check_packing(model, inputs["input_ids"], inputs["attention_mask"])
-            head = self.lm_head_chunk > 0 and check_head(model, inputs, self.transform)
-            self.checked[key] = (packing, head)
-        packing, head = self.checked[key]
+            return packing, self.lm_head_chunk > 0 and check_head(model, inputs, self.transform)
+
+        packing, head = verified_once(self.checked, id(language_model(model)), verify)
         return (pack_rows(inputs["input_ids"], inputs["attention_mask"]) if packing else None), head
 
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 import copy
 import inspect
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -54,6 +53,7 @@ from mmalign.data.preference import batch_fields, flatten
 from mmalign.errors import ConfigError, DataError
 from mmalign.layout import batch_slots
 from mmalign.modalities.causal_lm import CausalLMLikelihood, log_square_mass, selective_log_softmax
+from mmalign.modalities.fast_paths import paths_agree, verified_once
 from mmalign.modalities.lm_head import captured_hidden, chunked_token_logps, language_model, logit_transform
 from mmalign.modalities.packing import Packed, pack_inputs
 from mmalign.tensors import right_pad_cat
@@ -329,41 +329,38 @@ class LlavaLikelihood(CausalLMLikelihood):
     def _chunk_checked(self, model: torch.nn.Module, batch: PreferenceBatch, kwargs: dict[str, Any], keep: int,
                        labels: Tensor, mask: Tensor) -> bool:
         """Whether the chunked head gives `model`'s full-logits log-probs, checked once per model on
-        its first batch (eval mode, no grad); a model whose logits go through a transform
+        its first batch (`fast_paths`); a model whose logits go through a transform
         `LogitTransform` does not know uses the full logits, with a warning."""
-        key = id(language_model(model))
-        if key not in self.checked:
-            from mmalign.nn import eval_mode
-
+        def verify() -> tuple[bool, bool]:
             self.transform = logit_transform(language_model(model).config)
-            with torch.no_grad(), eval_mode(model):
-                full, _ = self._token_logps(model, batch, kwargs, keep, labels, mask, False)
-                mine, _ = self._token_logps(model, batch, kwargs, keep, labels, mask, True)
-            ok = bool(torch.allclose(full, mine, atol=1e-4 * max(1.0, float(mask.sum())), rtol=1e-4))
-            if not ok:
-                warnings.warn(f"model.lm_head_chunk: {type(language_model(model)).__name__} transforms its logits in "
-                              "a way mmalign does not know; log-probs use the full logits")
-            self.checked[key] = (False, ok)
-        return self.checked[key][1]
+            ok = paths_agree(model, lambda: self._token_logps(model, batch, kwargs, keep, labels, mask, False)[0],
+                             lambda: self._token_logps(model, batch, kwargs, keep, labels, mask, True)[0],
+                             _atol(mask), 1e-4,
+                             f"model.lm_head_chunk: {type(language_model(model)).__name__} transforms its logits in "
+                             "a way mmalign does not know; log-probs use the full logits")
+            return False, ok
 
+        return verified_once(self.checked, id(language_model(model)), verify)[1]
 
     def _pack_checked(self, model: torch.nn.Module, batch: PreferenceBatch, kwargs: dict[str, Any], keep: int,
                       labels: Tensor, mask: Tensor) -> bool:
         """Whether one packed row (`pack_inputs`) gives `model`'s padded log-probs, checked once per
         model on its first whole batch (images cannot be cut); otherwise padded batches, with a warning."""
-        key = id(language_model(model))
-        if key not in self.pack_ok:
-            from mmalign.nn import eval_mode
-
+        def verify() -> bool:
             packed_kwargs, packed = pack_inputs(kwargs)
-            with torch.no_grad(), eval_mode(model):
-                padded, _ = self._token_logps(model, batch, kwargs, keep, labels, mask, False)
-                mine, _ = self._token_logps(model, batch, packed_kwargs, keep, labels, mask, False, packed)
-            self.pack_ok[key] = bool(torch.allclose(padded, mine, atol=1e-4 * max(1.0, float(mask.sum())), rtol=1e-4))
-            if not self.pack_ok[key]:
-                warnings.warn(f"data.padding_free: {type(language_model(model)).__name__} does not give its padded "
-                              "log-probs on one packed row (e.g. 3-D M-RoPE positions); using padded batches")
-        return self.pack_ok[key]
+            return paths_agree(
+                model, lambda: self._token_logps(model, batch, kwargs, keep, labels, mask, False)[0],
+                lambda: self._token_logps(model, batch, packed_kwargs, keep, labels, mask, False, packed)[0],
+                _atol(mask), 1e-4,
+                f"data.padding_free: {type(language_model(model)).__name__} does not give its padded "
+                "log-probs on one packed row (e.g. 3-D M-RoPE positions); using padded batches")
+
+        return verified_once(self.pack_ok, id(language_model(model)), verify)
+
+
+def _atol(mask: Tensor) -> float:
+    """Absolute tolerance of a per-token log-prob check: 1e-4 per answer token (at least 1e-4)."""
+    return 1e-4 * max(1.0, float(mask.sum()))
 
 
 # -- LoRA on the language model only ---------------------------------------------------------

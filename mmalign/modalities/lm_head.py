@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+
+from mmalign.modalities.fast_paths import paths_agree
 
 
 @dataclass(frozen=True)
@@ -138,21 +139,19 @@ def chunked_token_logps(hidden: Tensor, head: torch.nn.Module, labels: Tensor, m
     return out, sq_out.masked_scatter(where, torch.cat(squares)) if squares else sq_out
 
 
-@torch.no_grad()
 def check_head(model: torch.nn.Module, inputs: dict[str, Tensor], transform: LogitTransform) -> bool:
     """Whether the chunked path gives the model's own log-probs on the first row's first 16
-    tokens (one short forward each way); False (with a warning) when the model transforms its
-    logits in a way `LogitTransform` does not describe."""
-    from mmalign.nn import eval_mode
-
+    tokens (one short forward each way, `fast_paths.paths_agree`, atol 1e-4 · max(1, log V));
+    False (with a warning) when the model transforms its logits in a way `LogitTransform` does
+    not describe."""
     short = {k: v[:1, :16] for k, v in inputs.items()}
-    with eval_mode(model):  # dropout off: both forwards see the same network
-        full = model(**short, use_cache=False).logits.float().log_softmax(-1)
+
+    def chunked() -> Tensor:
         with captured_hidden(model) as (capture, head):
             model(**short, use_cache=False)
-            mine = transform(head(capture.hidden)).float().log_softmax(-1)
-    ok = bool(torch.allclose(full, mine, atol=1e-4 * max(1.0, math.log(full.shape[-1])), rtol=0))
-    if not ok:
-        warnings.warn(f"model.lm_head_chunk: {type(language_model(model)).__name__} transforms its logits in a way "
-                      "mmalign does not know; log-probs use the full logits")
-    return ok
+            return transform(head(capture.hidden)).float().log_softmax(-1)
+
+    return paths_agree(model, lambda: model(**short, use_cache=False).logits.float().log_softmax(-1), chunked,
+                       lambda full: 1e-4 * max(1.0, math.log(full.shape[-1])), 0,
+                       f"model.lm_head_chunk: {type(language_model(model)).__name__} transforms its logits in a way "
+                       "mmalign does not know; log-probs use the full logits")

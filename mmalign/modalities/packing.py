@@ -24,11 +24,12 @@ positions falls back to padded batches with a warning).
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from mmalign.modalities.fast_paths import paths_agree
 
 
 @dataclass(frozen=True)
@@ -54,27 +55,25 @@ def pack_rows(input_ids: Tensor, attention_mask: Tensor) -> Packed:
     return Packed(input_ids[where].unsqueeze(0), positions[where].unsqueeze(0), where)
 
 
-@torch.no_grad()
 def check_packing(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor) -> bool:
     """Whether a packed forward gives the padded forward's log-probs on the first two rows
-    (their first 24 tokens); False, with a warning, when it does not."""
-    from mmalign.nn import eval_mode
-
+    (their first 24 tokens; `fast_paths.paths_agree`, atol 1e-4); False, with a warning, when it does not."""
     ids, mask = input_ids[:2, :24], attention_mask[:2, :24]
     if mask.sum() == 0:
         return True
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    packed = pack_rows(ids, mask)
-    with eval_mode(model):  # dropout off: both forwards see the same network
-        padded = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
-        mine = packed.unpack(model(input_ids=packed.ids, position_ids=packed.position_ids, use_cache=False).logits)
-    where = mask.bool()
-    ok = bool(torch.allclose(padded.float().log_softmax(-1)[where], mine.float().log_softmax(-1)[where],
-                             atol=1e-4, rtol=0))
-    if not ok:
-        warnings.warn(f"data.padding_free: {type(model).__name__}'s attention does not keep packed sequences apart; "
-                      "using padded batches")
-    return ok
+    packed, where = pack_rows(ids, mask), mask.bool()
+
+    def padded() -> Tensor:
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+
+    def mine() -> Tensor:
+        return packed.unpack(model(input_ids=packed.ids, position_ids=packed.position_ids, use_cache=False).logits)
+
+    return paths_agree(model, lambda: padded().float().log_softmax(-1)[where],
+                       lambda: mine().float().log_softmax(-1)[where], 1e-4, 0,
+                       f"data.padding_free: {type(model).__name__}'s attention does not keep packed sequences apart; "
+                       "using padded batches")
 
 
 def pack_inputs(inputs: dict[str, Tensor]) -> tuple[dict[str, Tensor], Packed]:
