@@ -329,7 +329,8 @@ def _section(hint: Any) -> type | None:
     return None
 
 
-MOVED = {"online.adv_clip_max": "loss.adv_clip_max"}  # old key -> where it lives now (one knob, GRPO and NFT)
+# old key -> where it lives now (one knob each, GRPO and NFT)
+MOVED = {"online.adv_clip_max": "loss.adv_clip_max", "online.global_std": "grpo.global_std"}
 
 
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:

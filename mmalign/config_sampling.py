@@ -71,7 +71,9 @@ class GRPOConfig:
     # `mmalign score` specs NAME=PATH[,key=value...], a built-in (redness) or module:function
     scorer: list[str] = field(default_factory=list)
     scorer_weights: list[float] = field(default_factory=list)  # one per scorer ([] = all 1)
-    global_std: bool = True  # advantage std over the whole round (flow_grpo's shipped configs) vs per group
+    # advantage std over the whole round (flow_grpo's shipped configs) vs per group; also DiffusionNFT's
+    # (online.strategy: rewards), whose advantages are this formula with eps 1e-4, ddof 0
+    global_std: bool = True
     per_reward_norm: bool = False  # GDPO-style: normalise each scorer's reward per group before weighting
     advantage_eps: float = 1e-4  # A = (R - mean) / (std + advantage_eps)
     std_ddof: int = 0  # 0: population std (flow_grpo); 1: unbiased (DanceGRPO's torch .std(), eps 1e-8)
@@ -116,8 +118,7 @@ class OnlineConfig:
     eval_samples: int = 2
     reference_update: str = "none"  # none | every_round: copy the policy into the reference at each round start
     # rewards (DiffusionNFT): A = (R - group mean) / (std + 1e-4) clipped to ±loss.adv_clip_max, std of
-    # the whole round (global_std) or of the prompt's group
-    global_std: bool = True
+    # the whole round (grpo.global_std, the one advantage-normalisation knob) or of the prompt's group
 
 
 @dataclass

@@ -62,11 +62,26 @@ def test_online_adv_clip_max_moved_to_the_loss_section():
     assert load_config(ROOT / "configs/tiny/flow_nft.yaml", ["loss.adv_clip_max=2.0"]).loss.adv_clip_max == 2.0
 
 
+def test_online_global_std_moved_to_the_grpo_section():
+    """One advantage-normalisation knob: online.global_std is refused, grpo.global_std sets NFT's
+    rewards (rewards 1, 3 in one group, 5 alone: group std 1, round std sqrt(8/3))."""
+    with pytest.raises(ConfigError, match="^config key 'online.global_std' moved to 'grpo.global_std'$"):
+        load_config(ROOT / "configs/tiny/flow_nft.yaml", ["online.global_std=false"])
+    rows = [{"id": f"s{i}", "prompt_index": i // 2, "prompt": f"p{i // 2}", "seed": i, "kind": "text",
+             "text": f"t{i}", "score": s} for i, s in enumerate([1.0, 3.0, 5.0])]
+    for global_std, std in ((True, math.sqrt(8 / 3)), (False, 1.0)):
+        cfg = load_config(ROOT / "configs/tiny/flow_nft.yaml", [f"grpo.global_std={str(global_std).lower()}"])
+        assert cfg.grpo.global_std is global_std
+        records, _ = select_records(rows, cfg.online, cfg.loss.adv_clip_max, cfg.grpo.global_std)
+        want = [-1 / (std + 1e-4), 1 / (std + 1e-4), 0.0]
+        assert [r["advantage"] for r in records] == pytest.approx(want, rel=1e-12, abs=1e-15)
+    assert load_config(ROOT / "configs/tiny/flow_nft.yaml").grpo.global_std is True  # the shipped setting
+
+
 def test_rewards_strategy_gives_one_rewarded_record_per_scored_sample():
     rows = [{"id": f"s{i}", "prompt_index": i // 2, "prompt": f"p{i // 2}", "seed": i, "kind": "text",
              "text": f"t{i}", "score": s} for i, s in enumerate([1.0, 3.0, 5.0, None])]
-    settings = SimpleNamespace(strategy="rewards", global_std=False)
-    records, selection = select_records(rows, settings, 0.5)
+    records, selection = select_records(rows, SimpleNamespace(strategy="rewards"), 0.5, False)
     assert record_kind("rewards") == "rewarded" and [r["completion"] for r in records] == ["t0", "t1", "t2"]
     # group p0: mean 2, std 1 -> A = -1/1.0001, +1/1.0001 clipped to ±0.5 -> r = 0, 1; p1 alone: A = 0 -> r 0.5
     assert [r["advantage"] for r in records] == [-0.5, 0.5, 0.0]

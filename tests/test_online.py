@@ -77,7 +77,7 @@ def test_round_seeds_depend_on_seed_round_slot_and_sample_only():
 def test_margin_strategy_drops_small_gaps_and_ties():
     rows = [{"id": f"s{j}", "prompt_index": 0, "prompt": "p", "sample": j, "seed": j, "kind": "text",
              "text": t, "score": s} for j, (t, s) in enumerate([("a", 3.0), ("b", 2.5), ("c", 1.0), ("d", 1.0)])]
-    records, selection = select_records(rows, SimpleNamespace(strategy="margin", margin=1.0, list_size=0), 5.0)
+    records, selection = select_records(rows, SimpleNamespace(strategy="margin", margin=1.0, list_size=0), 5.0, True)
     assert [(r["chosen"], r["rejected"]) for r in records] == [("a", "c"), ("a", "d"), ("b", "c"), ("b", "d")]
     assert selection.counts["dropped_tie"] == 1 and selection.counts["dropped_low_margin"] == 1
 

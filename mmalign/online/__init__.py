@@ -120,7 +120,7 @@ class OnlineSource:
         if records is not None:
             return records, round_meta(folder).get("metrics", {})
         rows = self.sample(r, model, accelerator)
-        records, selection = select_records(rows, s, self.cfg.loss.adv_clip_max)
+        records, selection = select_records(rows, s, self.cfg.loss.adv_clip_max, self.cfg.grpo.global_std)
         metrics = {"online/round": float(r), **round_metrics(rows, len(records))}
         if self.eval_prompts:
             metrics["online/eval_reward_mean"] = self.evaluate(folder / "eval", model, accelerator)

@@ -4,7 +4,7 @@ sample becomes one "rewarded" record, no pairs.
 Per round, with R the combined `score` of each sample and its group the samples of one prompt slot:
 
     A = clip((R - mean_group(R)) / (std + 1e-4), ±loss.adv_clip_max)
-    std = population std of ALL the round's rewards (online.global_std, the shipped configs) or of the group
+    std = population std of ALL the round's rewards (grpo.global_std, the shipped configs) or of the group
     r = clip(A / loss.adv_clip_max / 2 + 0.5, 0, 1)                   (the sample's optimality weight)
 
 Record: {"prompt", "completion" (text or media path), "reward", "advantage", "optimality" (r),
@@ -37,10 +37,10 @@ class RewardSelection:
                 f"{self.mean_abs_advantage:.3f}){unscored}")
 
 
-def reward_records(rows: list[dict[str, Any]], settings: Any,
-                   adv_clip_max: float) -> tuple[list[dict[str, Any]], RewardSelection]:
-    """(records, RewardSelection) of scored rows (module docstring); settings: the `online` section,
-    adv_clip_max: `loss.adv_clip_max` (A_max, shared with the NFT loss)."""
+def reward_records(rows: list[dict[str, Any]], adv_clip_max: float,
+                   global_std: bool) -> tuple[list[dict[str, Any]], RewardSelection]:
+    """(records, RewardSelection) of scored rows (module docstring); adv_clip_max: `loss.adv_clip_max`
+    (A_max, shared with the NFT loss); global_std: `grpo.global_std` (shared with GRPO)."""
     scored = [r for r in rows if r.get("score") is not None]
     prompts = len({r["prompt_index"] for r in rows})
     selection = RewardSelection(Counter(unscored=len(rows) - len(scored), prompts=prompts, kept=len(scored),
@@ -49,7 +49,7 @@ def reward_records(rows: list[dict[str, Any]], settings: Any,
         return [], selection
     rewards = torch.tensor([float(r["score"]) for r in scored], dtype=torch.float64)
     groups = torch.tensor([int(r["prompt_index"]) for r in scored])
-    advantages = nft_advantages(rewards, groups, settings.global_std, adv_clip_max)
+    advantages = nft_advantages(rewards, groups, global_std, adv_clip_max)
     weights = optimality_weights(advantages, adv_clip_max)
     selection.mean_abs_advantage = float(advantages.abs().mean())
     records = [{"prompt": row["prompt"], "completion": row["text"] if row["kind"] == "text" else row["path"],

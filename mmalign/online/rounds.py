@@ -83,18 +83,20 @@ def record_kind(strategy: str) -> str:
     return {"ranked": "ranked", "rewards": "rewarded"}.get(strategy, "pair")
 
 
-def select_records(rows: list[dict[str, Any]], settings: Any, adv_clip_max: float) -> tuple[list[dict[str, Any]], Any]:
+def select_records(rows: list[dict[str, Any]], settings: Any, adv_clip_max: float,
+                   global_std: bool) -> tuple[list[dict[str, Any]], Any]:
     """(records, Selection) of scored rows by `online.strategy`: best_worst / margin / ranked as
     `mmalign build-pairs scores`; soft = best_worst with `soft_label` from the score gap. Record
     outputs are the texts, or media paths relative to the round folder. rewards (DiffusionNFT): one
     "rewarded" record per sample with its group advantage clipped to ±adv_clip_max
-    (`loss.adv_clip_max`; `online/rewards.py`)."""
+    (`loss.adv_clip_max`), normalised by the round's std or the group's (`global_std`:
+    `grpo.global_std`; `online/rewards.py`)."""
     from mmalign.builders.scores import build_scored_pairs, item_record
 
     if settings.strategy == "rewards":
         from mmalign.online.rewards import reward_records
 
-        return reward_records(rows, settings, adv_clip_max)
+        return reward_records(rows, adv_clip_max, global_std)
 
     strategy = "best_worst" if settings.strategy == "soft" else settings.strategy
     selection = build_scored_pairs(rows, strategy, settings.margin, "score", settings.list_size or None)
