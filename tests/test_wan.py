@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 from diffusion_fixtures import build_for, draw_for
-from wan_fixtures import (SAMPLE, RecordingWan, copy_video_sample, fixed_sigma_scheduler, pipe_of, sample_records,
-                          save_tiny_wan_pipeline)
+from wan_fixtures import (SAMPLE, WIDTH, RecordingWan, copy_video_sample, fixed_sigma_scheduler, pipe_of,
+                          sample_records, save_tiny_wan_pipeline, tiny_wan_transformer)
 
 from mmalign.cli import main
 from mmalign.config import ConfigError
@@ -174,6 +174,34 @@ def test_expand_timesteps_gives_one_timestep_per_token_as_the_ti2v_loop(built, r
         guidance_scale=1.0, output_type="latent")
     assert ours.calls[0]["timestep"].shape == theirs.calls[-1]["timestep"].shape == (4, 8)  # 2·2·2 tokens
     torch.testing.assert_close(ours.calls[0]["timestep"][0], theirs.calls[-1]["timestep"][0], rtol=0, atol=1e-4)
+
+
+def test_inputs_take_the_patch_embedding_dtype_with_fp32_lora_on_a_bf16_wan(tmp_path):
+    """from_pretrained(bf16) keeps scale_shift_table (the FIRST parameter), the time embedder and the
+    norms in float32 (`_keep_in_fp32_modules`), and peft's adapters are float32: without autocast,
+    x_t and c go in as the patch embedding's bf16 (WanPipeline's `transformer.dtype`), not as the
+    first parameter's float32 (which the bf16 patch-embedding conv refuses)."""
+    import peft
+    from diffusers import WanTransformer3DModel
+
+    from mmalign.families.wan import WanTransformer, input_dtype
+
+    torch.manual_seed(0)
+    tiny_wan_transformer().save_pretrained(tmp_path)
+    base = WanTransformer3DModel.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    assert next(base.parameters()).dtype == torch.float32 and base.patch_embedding.weight.dtype == torch.bfloat16
+    model = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "to_v"]))
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+    assert input_dtype(model) == base.dtype == torch.bfloat16
+    g = torch.Generator().manual_seed(1)
+    noisy, text = torch.randn(2, 4, 2, 4, 4, generator=g), torch.randn(2, 3, WIDTH, generator=g)
+    values = {"timesteps": torch.tensor([900.0, 300.0]), "encoder_hidden_states": text}
+    with torch.no_grad():
+        out = WanTransformer().predict(model, noisy, values)
+        want = model(hidden_states=noisy.to(base.dtype), timestep=values["timesteps"],
+                     encoder_hidden_states=text.to(base.dtype), return_dict=False)[0]
+    assert out.dtype == torch.float32 and out.shape == noisy.shape and out.abs().sum() > 0
+    torch.testing.assert_close(out, want.float(), rtol=0, atol=0)
 
 
 # -- (c) latents, logps and the sign of the target --------------------------------------------------

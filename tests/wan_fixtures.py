@@ -150,9 +150,15 @@ def i2v_records(out: Path) -> list[dict]:
     return records
 
 class RecordingWan(RecordingTransformer):
-    """Stands for WanTransformer3DModel (tests/recording.py)."""
+    """Stands for WanTransformer3DModel (tests/recording.py); its `patch_embedding` gives the input
+    dtype (`families.wan.input_dtype`)."""
 
     config = SimpleNamespace(in_channels=4, patch_size=(1, 2, 2))
+
+    def __init__(self, config=None) -> None:
+        super().__init__(config)
+        self.patch_embedding = torch.nn.Linear(1, 1, bias=False)
+
 
 def pipe_of(likelihood, transformer, scheduler=None, **config):
     from diffusers import WanPipeline

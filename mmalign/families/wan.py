@@ -107,6 +107,18 @@ class WanText(PaddedText):
         return {"encoder_hidden_states": out}
 
 
+def input_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype x_t and the conditioning go in with: that of the patch embedding's weight, the first
+    layer x_t meets (WanPipeline's `transformer.dtype`). Not the first parameter: Wan keeps
+    `scale_shift_table`, the time embedder and the norms in float32 in a bf16 model
+    (`_keep_in_fp32_modules`), and LoRA adapters may be float32 too. Found by name under any wrapper
+    (DDP, peft, compile, `TwoExperts`: the high expert's)."""
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] == "patch_embedding":
+            return module.weight.dtype  # a peft-wrapped layer's `weight` is its base layer's
+    raise ValueError(f"{type(model).__name__} has no patch_embedding: not a Wan transformer")
+
+
 class WanTransformer(UNetCall):
     """The Wan transformer call of the pipeline's denoising loop (module docstring).
     expand_timesteps: Wan 2.2 TI2V's per-token timestep (model_index.json); image_to_video: the
@@ -120,8 +132,8 @@ class WanTransformer(UNetCall):
         return {"expand_timesteps": self.expand_timesteps}
 
     def predict(self, model: torch.nn.Module, noisy: Tensor, values: dict[str, Tensor]) -> Tensor:
-        """v_θ (N, C, f, h, w) float32 of x_t (N, C, f, h, w)."""
-        dtype = next(model.parameters()).dtype
+        """v_θ (N, C, f, h, w) float32 of x_t (N, C, f, h, w); inputs in `input_dtype(model)`."""
+        dtype = input_dtype(model)
         t = values["timesteps"]  # σ·1000, the scheduler's timestep
         if self.expand_timesteps:
             n, _, f, h, w = noisy.shape
