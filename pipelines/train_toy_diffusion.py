@@ -25,6 +25,7 @@ import math
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -153,19 +154,38 @@ def report_checker(path: Path, per_prompt: int) -> None:
               f"({len(HELDOUT_PROMPTS)}x{per_prompt})", flush=True)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def toy_arguments(description: str, steps: int, lr: float, out: str) -> argparse.ArgumentParser:
+    """The options both toy text-to-image trainers take (this script and train_toy_flow.py, which
+    imports it); `steps`, `lr` and `out` (the folder under mmalign/data/toyworld/) are each one's
+    defaults. Each script adds its own options after these."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n-images", type=int, default=20000)
-    ap.add_argument("--vae-steps", type=int, default=400)
-    ap.add_argument("--kl-weight", type=float, default=1e-6)
-    ap.add_argument("--steps", type=int, default=1600)
+    ap.add_argument("--steps", type=int, default=steps)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=lr)
     ap.add_argument("--caption-dropout", type=float, default=0.1)
     ap.add_argument("--eval-per-prompt", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=ROOT / "mmalign" / "data" / "toyworld" / "diffusion")
-    args = ap.parse_args()
+    ap.add_argument("--out", type=Path, default=ROOT / "mmalign" / "data" / "toyworld" / out)
+    return ap
+
+
+def tokenize(tokenizer: Any, texts: list[str]) -> torch.Tensor:
+    """(n, model_max_length) ids, padded as the pipeline pads."""
+    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def arguments() -> argparse.ArgumentParser:
+    """This script's options: the shared ones (`toy_arguments`) and the VAE's."""
+    ap = toy_arguments(__doc__, steps=1600, lr=1e-3, out="diffusion")
+    ap.add_argument("--vae-steps", type=int, default=400)
+    ap.add_argument("--kl-weight", type=float, default=1e-6)
+    return ap
+
+
+def main() -> None:
+    args = arguments().parse_args()
     torch.set_num_threads(args.threads)
     tic = time.time()
     gen = torch.Generator().manual_seed(TRAIN_SEED)
@@ -187,10 +207,7 @@ def main() -> None:
     print(f"latent scaling_factor {parts['vae'].config.scaling_factor:.4f}, mean posterior std "
           f"{std.mean():.4f} (unscaled; latent means' std {mean.std():.4f})", flush=True)
 
-    tok = parts["tokenizer"]
-    encode = lambda texts: tok(texts, padding="max_length", max_length=tok.model_max_length,  # noqa: E731
-                               truncation=True, return_tensors="pt").input_ids
-    ids, empty_ids = encode([s.caption() for s in scenes]), encode([""])
+    ids, empty_ids = tokenize(parts["tokenizer"], [s.caption() for s in scenes]), tokenize(parts["tokenizer"], [""])
     train_unet(parts, mean, std, ids, empty_ids, args, gen)
     train_s = time.time() - tic
 

@@ -41,7 +41,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "pipelines"))
-from train_toy_diffusion import cosine, pixels_of, report_checker  # noqa: E402
+from train_toy_diffusion import cosine, pixels_of, report_checker, tokenize, toy_arguments  # noqa: E402
 
 from mmalign.config import resolve_path  # noqa: E402
 from mmalign.toyworld.models import DIFFUSION_PATH, char_tokenizer, shipped_size, text_config  # noqa: E402
@@ -138,25 +138,16 @@ def save_fp16(parts: dict[str, Any], out: Path) -> None:
     tmp.rename(out)
 
 
-def tokenize(tokenizer: Any, texts: list[str]) -> torch.Tensor:
-    """(n, model_max_length) ids, padded as the pipeline pads."""
-    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
+def arguments() -> argparse.ArgumentParser:
+    """This script's options: the shared ones (train_toy_diffusion's `toy_arguments`) and the transformer's."""
+    ap = toy_arguments(__doc__, steps=700, lr=2e-3, out="flow")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=3)
+    return ap
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n-images", type=int, default=20000)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--heads", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=700)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--caption-dropout", type=float, default=0.1)
-    ap.add_argument("--eval-per-prompt", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=ROOT / "mmalign" / "data" / "toyworld" / "flow")
-    args = ap.parse_args()
+    args = arguments().parse_args()
     torch.set_num_threads(args.threads)
     tic = time.time()
     gen = torch.Generator().manual_seed(TRAIN_SEED)
