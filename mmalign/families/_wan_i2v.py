@@ -22,9 +22,9 @@ dropout drops the prompt only (the pipeline's negative branch keeps the image co
 `mmalign cache` stores the clips' latents, each prompt's UMT5 states and each record's condition [and
 image_embeds] once; training from `diffusion.cache_dir` then loads no VAE, UMT5 or CLIP encoder
 (mmalign/families/_wan_i2v_cache.py). Not supported yet (ConfigError): `diffusion.random_flip` (a mirrored
-clip would need the mirrored source image), validation videos (`train.validate_every`), and Wan 2.2 TI2V's
-expand_timesteps image conditioning.
-"""
+clip would need the mirrored source image) and Wan 2.2 TI2V's expand_timesteps image conditioning.
+`train.validate_every` writes videos continuing the first training records' source images
+(_wan_i2v_validation.py)."""
 
 from __future__ import annotations
 
@@ -64,16 +64,19 @@ class WanImageSource:
         if self.image_encoder is not None:
             self.image_encoder.to(device)
 
-    def prepare(self, record: dict[str, Any], where: str) -> tuple[Tensor, Tensor | None]:
-        """A record's source image as the pipeline preprocesses it: pixels (1, 3, res, res) in [-1, 1]
-        and the CLIP processor's pixel_values (1, 3, S, S), None without an image encoder (a missing key
-        or unreadable image: a DataError naming the row)."""
+    def source(self, record: dict[str, Any], where: str) -> Any:
+        """A record's source image (PIL; a missing key or unreadable image: a DataError naming the row)."""
         from mmalign.data.media import load_image
         from mmalign.errors import DataError
 
         if SOURCE not in record:
             raise DataError(f"{where}: image-to-video records need a '{SOURCE}' (the first frame's image)")
-        image = load_image(record[SOURCE], where, record.get("_root") or self.roots)
+        return load_image(record[SOURCE], where, record.get("_root") or self.roots)
+
+    def prepare(self, record: dict[str, Any], where: str) -> tuple[Tensor, Tensor | None]:
+        """A record's source image as the pipeline preprocesses it: pixels (1, 3, res, res) in [-1, 1]
+        and the CLIP processor's pixel_values (1, 3, S, S), None without an image encoder."""
+        image = self.source(record, where)
         res = self.settings.resolution
         pixels = self.video_processor.preprocess(image, height=res, width=res).float()
         if self.image_processor is None:
@@ -136,10 +139,11 @@ class WanImageSource:
 
 class WanI2VConditioning:
     """The I2V conditioning source: the prompt (`TextConditioning`, dropped captions -> "") and the source
-    image (`WanImageSource`, never dropped)."""
+    image (`WanImageSource`, never dropped); validation: the records the validation videos continue
+    (_wan_i2v_validation.py)."""
 
-    def __init__(self, text: Any, image: WanImageSource) -> None:
-        self.text, self.image = text, image
+    def __init__(self, text: Any, image: WanImageSource, validation: list[dict[str, Any]] | None = None) -> None:
+        self.text, self.image, self.validation = text, image, list(validation or [])
 
     @property
     def text_encoders(self) -> list[Any]:
@@ -173,7 +177,6 @@ def check_i2v(cfg: Any, options: dict[str, Any]) -> None:
 
     d = cfg.diffusion
     for bad, why in ((d.random_flip, "diffusion.random_flip (the source image is not mirrored with the clip)"),
-                     (bool(cfg.train.validate_every), "train.validate_every (validation videos)"),
                      (bool(options.get("expand_timesteps", False)), "expand_timesteps (Wan 2.2 TI2V's image mode)")):
         if bad:
             raise ConfigError(f"Wan image-to-video: {why} is not supported yet; turn it off")

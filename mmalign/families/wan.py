@@ -60,6 +60,7 @@ from mmalign.families._wan_i2v_cache import build_i2v_cached
 from mmalign.modalities.diffusion import (DiffusionLikelihood, ImageLatents, UNetCall, _output_names, crop_offsets,
                                           data_roots, image_likelihood, resize_shortest, to_pixels)
 from mmalign.modalities.diffusion_cache import build_cached
+from mmalign.modalities.edit_validation import validation_records
 from mmalign.modalities.experts import NAMES, TwoExperts
 from mmalign.modalities.flow import FlowObjective, flow_shift
 from mmalign.modalities.loading import denoiser_config, family_folder, from_cache, load_parts
@@ -343,7 +344,7 @@ def i2v_likelihood(cfg: Any, parts: dict[str, Any], text: WanText, denoiser: Wan
     """The image-to-video likelihood: the prompt and each record's source image (_wan_i2v.py)."""
     image = WanImageSource(parts["vae"], *load_image_encoder(cfg, family_folder(cfg, FAMILY)), cfg.diffusion,
                            data_roots(cfg))
-    conditioning = WanI2VConditioning(TextConditioning(text, cfg.diffusion.null_prompt), image)
+    conditioning = WanI2VConditioning(TextConditioning(text, cfg.diffusion.null_prompt), image, validation_records(cfg))
     return DiffusionLikelihood(FAMILY, objective, latents, conditioning, denoiser, cfg.diffusion)
 
 
