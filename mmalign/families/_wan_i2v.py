@@ -2,11 +2,11 @@
 video latents conditioned on each record's first frame, `{source_image, prompt, chosen, rejected}`,
 exactly as diffusers 0.42.1 WanImageToVideoPipeline (pipelines/wan/pipeline_wan_i2v.py) conditions:
 
-- the source image through the pipeline's `VideoProcessor.preprocess(image, res, res)` (resized to
-  res x res, no crop, in [-1, 1]): video_condition = [image, zeros x (F - 1)] (3, F, res, res); the VAE's
-  posterior MODE of it (`retrieve_latents(..., "argmax")`), normalised as `prepare_latents`:
-  c_lat = (z - μ) · (1 / σ) (z, f, h, w); the mask m (4, f, h, w) = ones on latent frame 0 (the first
-  pixel frame repeated scale_t = 4 times), zeros after; condition = [m, c_lat] (4 + z, f, h, w);
+- the source image through the pipeline's `VideoProcessor.preprocess(image, H, W)` (H = resolution,
+  W = `diffusion.width` or H; resized to H x W, no crop, in [-1, 1]): video_condition = [image, zeros x
+  (F - 1)] (3, F, H, W); the VAE's posterior MODE of it (`retrieve_latents(..., "argmax")`), normalised
+  as `prepare_latents`: c_lat = (z - μ) · (1 / σ) (z, f, h, w); the mask m (4, f, h, w) = ones on
+  latent frame 0 (the first pixel frame repeated scale_t = 4 times), zeros after; condition = [m, c_lat] (4 + z, f, h, w);
 - Wan 2.1 I2V (a CLIP `image_encoder` / `image_processor` in the folder): image_embeds = the CLIP
   vision model's hidden_states[-2] of `image_processor(images=image)` (`encode_image`), (257, 1280);
   Wan 2.2 I2V A14B has none (transformer.config.image_dim is None) and gets none;
@@ -14,8 +14,8 @@ exactly as diffusers 0.42.1 WanImageToVideoPipeline (pipelines/wan/pipeline_wan_
   = σ·1000, encoder_hidden_states = the prompt's UMT5 states (512), encoder_hidden_states_image =
   image_embeds), as the loop's `torch.cat([latents, condition], dim=1)`.
 
-The pipeline squashes the source image to res x res while the clips are resized (shortest side) and
-square-cropped: give square source images (e.g. the clip's first frame, cropped as `diffusion.crop`
+The pipeline squashes the source image to H x W while the clips are resized to cover H x W and
+cropped: give source images of the clips' H:W shape (e.g. the clip's first frame, cropped as `diffusion.crop`
 crops it) so that the condition is the first frame the transformer learns to continue.
 A pair's chosen and rejected share its source image (one condition per group, like the prompt). Caption
 dropout drops the prompt only (the pipeline's negative branch keeps the image condition).
@@ -74,17 +74,18 @@ class WanImageSource:
         return load_image(record[SOURCE], where, record.get("_root") or self.roots)
 
     def prepare(self, record: dict[str, Any], where: str) -> tuple[Tensor, Tensor | None]:
-        """A record's source image as the pipeline preprocesses it: pixels (1, 3, res, res) in [-1, 1]
-        and the CLIP processor's pixel_values (1, 3, S, S), None without an image encoder."""
+        """A record's source image as the pipeline preprocesses it for height x width = resolution x
+        (`diffusion.width` or resolution): pixels (1, 3, height, width) in [-1, 1] and the CLIP processor's
+        pixel_values (1, 3, S, S), None without an image encoder."""
         image = self.source(record, where)
-        res = self.settings.resolution
-        pixels = self.video_processor.preprocess(image, height=res, width=res).float()
+        height, width = self.settings.resolution, self.settings.width or self.settings.resolution
+        pixels = self.video_processor.preprocess(image, height=height, width=width).float()
         if self.image_processor is None:
             return pixels, None
         return pixels, self.image_processor(images=image, return_tensors="pt").pixel_values
 
     def collate(self, records: list[dict[str, Any]], kind: str) -> dict[str, Tensor]:
-        """source_pixels (N, 3, res, res) in [-1, 1] [, clip_pixels (N, 3, S, S)] of each item's record's
+        """source_pixels (N, 3, H, W) in [-1, 1] [, clip_pixels (N, 3, S, S)] of each item's record's
         source image (`prepare`)."""
         pixels, clip = [], []
         for (i, _), where in zip(batch_slots(records, kind), _output_names(kind, records)):
@@ -99,7 +100,7 @@ class WanImageSource:
 
     @torch.no_grad()
     def condition(self, pixels: Tensor) -> Tensor:
-        """(G, 4 + z, f, h, w) float32 of source pixels (G, 3, res, res): [mask, normalised VAE mode of
+        """(G, 4 + z, f, h, w) float32 of source pixels (G, 3, H, W): [mask, normalised VAE mode of
         [image, zeros x (F - 1)]] as `prepare_latents`."""
         c, frames = self.vae.config, self.settings.num_frames
         video = torch.cat([pixels[:, :, None], pixels.new_zeros(pixels.shape[0], 3, frames - 1, *pixels.shape[2:])], 2)
