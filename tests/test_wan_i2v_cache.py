@@ -163,6 +163,44 @@ def test_a_killed_i2v_cache_run_resumes_to_the_uninterrupted_cache(folders, data
     assert index["i2v"]["train"] == ["i2v/train-00000.safetensors", "i2v/train-00001.safetensors"]
 
 
+def test_two_processes_write_the_one_process_cache(folders, data, tmp_path):
+    """Two writers (threads standing for processes, each with its own encoders: the Wan VAE caches features
+    while it encodes; shard size 1) split the 4 video and 5 text tasks and leave the files one writer leaves,
+    bit for bit, with every record's source row in the index."""
+    import threading
+
+    from safetensors.torch import load_file
+
+    cfg = config(folders["2.1"], data, tmp_path / "two", cache_shard_size=1)
+    likelihoods = [uncached(cfg)[1], uncached(cfg)[1]]
+    barrier, stats, errors = threading.Barrier(2, timeout=120), {}, []
+
+    def process(rank):
+        try:
+            stats[rank] = write_i2v_cache(cfg, likelihoods[rank], rank, 2, barrier.wait)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=process, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert stats[0]["written"] + stats[1]["written"] == 4 + 4 + 1 and stats[0]["written"] in (4, 5)
+    one = dataclasses.replace(cfg, diffusion=dataclasses.replace(cfg.diffusion, cache_dir=str(tmp_path / "one")))
+    write_i2v_cache(one, likelihoods[0])
+    names = sorted(str(p.relative_to(tmp_path / "one")) for p in (tmp_path / "one").rglob("*.safetensors"))
+    assert len(names) == 4 + 4 + 4 + 1  # latents, i2v, text shards, null
+    assert names == sorted(str(p.relative_to(tmp_path / "two")) for p in (tmp_path / "two").rglob("*.safetensors"))
+    for name in names:
+        a, b = load_file(str(tmp_path / "two" / name)), load_file(str(tmp_path / "one" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    index = json.loads((tmp_path / "two" / "index.json").read_text())
+    assert index["i2v"]["train"] == [f"i2v/train-{k:05d}.safetensors" for k in range(4)]
+
+
 def test_a_changed_record_or_another_i2v_kind_is_refused(folders, data, tmp_path):
     cfg = config(folders["2.1"], data, tmp_path / "cache")
     write_i2v_cache(cfg, uncached(cfg)[1])
