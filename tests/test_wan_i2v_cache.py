@@ -45,7 +45,8 @@ def data(tmp_path_factory):
     (root / "sources").mkdir()
     for i, record in enumerate(i2v_records(root / "frames0")):
         Image.open(record["source_image"]).save(root / "sources" / f"{i}.png")
-    rows = [dict(json.loads(line), source_image=f"sources/{i}.png") for i, line in enumerate(train.read_text().splitlines())]
+    lines = train.read_text().splitlines()
+    rows = [dict(json.loads(line), source_image=f"sources/{i}.png") for i, line in enumerate(lines)]
     train.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return train
 
@@ -99,7 +100,8 @@ def test_cached_i2v_likelihood_equals_the_uncached_one(folders, data, version, t
     assert stats["written"] == 2 + 2 + 1 and stats["reused"] == 0  # 2 video shards, 4 captions in 2, the null
     model_c, cached, _ = build_modality(cfg)
     clip = ["CLIPVisionModel"] if version == "2.1" else []
-    assert sorted(set(modules_held(plain)) - {"WanTransformer3DModel"}) == ["AutoencoderKLWan", *clip, "UMT5EncoderModel"]
+    frozen = sorted(set(modules_held(plain)) - {"WanTransformer3DModel"})
+    assert frozen == ["AutoencoderKLWan", *clip, "UMT5EncoderModel"]
     assert modules_held(cached) == [] and cached.vae is None and cached.text_encoders == []
     assert isinstance(cached.conditioning, CachedI2V) and cached.objective.shift == plain.objective.shift
     records = records_of(data)
@@ -217,7 +219,8 @@ def test_a_changed_record_or_another_i2v_kind_is_refused(folders, data, tmp_path
 
 def test_cli_caches_then_trains_without_vae_text_or_image_encoder(folders, data, tmp_path, capsys):
     cache = tmp_path / "cache"
-    common = [f"data.train={data}", f"diffusion.cache_dir={cache}", "train.progress=false", "diffusion.random_flip=false"]
+    common = [f"data.train={data}", f"diffusion.cache_dir={cache}", "train.progress=false",
+              "diffusion.random_flip=false"]
     tiny = str(ROOT / "configs" / "tiny" / "wan_dpo.yaml")
     assert main(["cache", tiny, f"model.path={folders['2.1']}", *common]) == 0
     assert "4 train records, 4 unique captions" in capsys.readouterr().out

@@ -50,7 +50,8 @@ def direct(folder, model, image, prompt, seeds, **kwargs):
 
     pipe = WanImageToVideoPipeline.from_pretrained(folder, **parts_of(model))
     with torch.no_grad():
-        frames = pipe(image=image, prompt=[prompt] * len(seeds), generator=[torch.Generator().manual_seed(s) for s in seeds],
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        frames = pipe(image=image, prompt=[prompt] * len(seeds), generator=generators,
                       num_inference_steps=2, height=16, width=16, num_frames=5, guidance_scale=3.0,
                       output_type="np", **kwargs).frames
     return [to_uint8(v).astype(np.int16) for v in frames]
@@ -93,7 +94,8 @@ def test_train_with_validate_every_writes_the_i2v_grid(folders, data, tmp_path):
     run = tmp_path / "run"
     assert main(["train", str(ROOT / "configs" / "tiny" / "wan_dpo.yaml"), f"model.path={folders['2.2']}",
                  f"data.train={data}", "train.max_steps=2", f"train.output_dir={run}", "train.progress=false",
-                 "train.tensorboard=false", "train.log_every=1", "diffusion.random_flip=false", "train.validate_every=2",
+                 "train.tensorboard=false", "train.log_every=1", "diffusion.random_flip=false",
+                 "train.validate_every=2",
                  "diffusion.validation_steps=2", "diffusion.validation_prompts=[x]",
                  "diffusion.validation_seeds=[0]"]) == 0
     logged = [json.loads(line) for line in open(run / "metrics.jsonl")]

@@ -6,7 +6,8 @@ exactly as diffusers 0.42.1 WanImageToVideoPipeline (pipelines/wan/pipeline_wan_
   W = `diffusion.width` or H; resized to H x W, no crop, in [-1, 1]): video_condition = [image, zeros x
   (F - 1)] (3, F, H, W); the VAE's posterior MODE of it (`retrieve_latents(..., "argmax")`), normalised
   as `prepare_latents`: c_lat = (z - μ) · (1 / σ) (z, f, h, w); the mask m (4, f, h, w) = ones on
-  latent frame 0 (the first pixel frame repeated scale_t = 4 times), zeros after; condition = [m, c_lat] (4 + z, f, h, w);
+  latent frame 0 (the first pixel frame repeated scale_t = 4 times), zeros after; condition = [m, c_lat]
+  (4 + z, f, h, w);
 - Wan 2.1 I2V (a CLIP `image_encoder` / `image_processor` in the folder): image_embeds = the CLIP
   vision model's hidden_states[-2] of `image_processor(images=image)` (`encode_image`), (257, 1280);
   Wan 2.2 I2V A14B has none (transformer.config.image_dim is None) and gets none;
