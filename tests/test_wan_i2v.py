@@ -90,6 +90,27 @@ def test_transformer_sees_what_the_i2v_pipeline_loop_gives_it(folders, version):
     torch.testing.assert_close(condition[0], condition[2], rtol=0, atol=0)  # chosen and rejected share it
 
 
+def test_non_square_condition_is_the_i2v_pipelines(folders):
+    """diffusion.width 32 at resolution 16: the source image squashed to 16 x 32 as the pipeline's height / width
+    do, so [x_t, condition] (12, 2, 4, 8) and the CLIP states equal WanImageToVideoPipeline's call at 16 x 32."""
+    records = folders["records"][:1]
+    _, likelihood, _ = build_for(folders["2.1"], DATA, "wan", num_frames=5, width=32)
+    batch, draw = draw_for(likelihood, records)
+    v = draw.values
+    ours, theirs = RecordingI2V(), RecordingI2V()
+    sigma = v["sigmas"].view(-1, 1, 1, 1, 1)
+    likelihood.logps(ours, batch, draw)
+    i2v_pipe(likelihood, theirs, fixed_sigma_scheduler(float(v["sigmas"][0])))(
+        image=Image.open(records[0]["source_image"]), prompt=[records[0]["prompt"]] * 2,
+        latents=(1 - sigma) * v["latents"] + sigma * v["noise"], height=16, width=32, num_frames=5, guidance_scale=1.0,
+        output_type="latent")
+    mine, their = ours.calls[-1], theirs.calls[-1]
+    assert mine["hidden_states"].shape == (2, 12, 2, 4, 8)
+    torch.testing.assert_close(mine["hidden_states"], their["hidden_states"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(mine["encoder_hidden_states_image"], their["encoder_hidden_states_image"], rtol=0,
+                               atol=1e-6)
+
+
 def test_logps_and_dpo_at_policy_equals_reference(folders):
     """logps = -0.5·mse of the I2V transformer called by hand on [x_t, condition]; the two-expert 2.2 folder
     builds a TwoExperts of I2V transformers; dpo at policy == reference is log 2."""
@@ -123,9 +144,8 @@ def test_i2v_refusals(folders, tmp_path):
         likelihood.collate([folders["records"][0], bare], "pair")
     with pytest.raises(DataError, match="^row 0, source_image: unreadable image .*nope.png"):
         likelihood.collate([dict(folders["records"][0], source_image=str(tmp_path / "nope.png"))], "pair")
-    for key, value in (("random_flip", True), ("cache_dir", str(tmp_path / "c"))):
-        with pytest.raises(ConfigError, match=f"Wan image-to-video: diffusion.{key} .*not supported yet"):
-            build_for(folders["2.1"], DATA, "wan", num_frames=5, **{key: value})
+    with pytest.raises(ConfigError, match="Wan image-to-video: diffusion.random_flip .*not supported yet"):
+        build_for(folders["2.1"], DATA, "wan", num_frames=5, random_flip=True)
 
 
 def test_i2v_pairs_file_trains_and_exports_to_wan_image_to_video_pipeline(folders, tmp_path):

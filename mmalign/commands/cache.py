@@ -3,7 +3,9 @@
 UNet and the flow families alike; for the
 audio modalities `tango` and `audioldm2`: mel-VAE latent distributions of the clips' log-mels, no
 flips, and each unique prompt's conditioning with its attention mask, mmalign/modalities/audio_cache.py;
-for the edit families: each record's conditioning about its sources, mmalign/modalities/edit_cache.py).
+for the edit families: each record's conditioning about its sources, mmalign/modalities/edit_cache.py;
+for Wan image-to-video: each record's first-frame condition and CLIP image states,
+mmalign/families/_wan_i2v_cache.py).
 
 Several processes split the shards: `accelerate launch -m mmalign.cli cache CONFIG` (or
 torchrun). A killed run continues where it stopped when started again with the same config.

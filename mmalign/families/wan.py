@@ -41,7 +41,8 @@ experts that train (LoRA or full), the others stay frozen; exports write both.
 
 Image-to-video (model_index.json `_class_name: WanImageToVideoPipeline`: Wan 2.1 I2V with its CLIP image
 encoder, Wan 2.2 I2V A14B without): records `{source_image, prompt, chosen, rejected}`, the transformer
-fed [x_t, first-frame condition] (+ CLIP image states) as that pipeline's loop (mmalign/families/_wan_i2v.py).
+fed [x_t, first-frame condition] (+ CLIP image states) as that pipeline's loop (mmalign/families/_wan_i2v.py);
+its cache adds each record's condition (+ CLIP states) to the clips and prompts (_wan_i2v_cache.py).
 """
 
 from __future__ import annotations
@@ -55,9 +56,11 @@ from torch import Tensor
 
 from mmalign.families import Family, PipelineLayout, TextEncoderSpec
 from mmalign.families._wan_i2v import WanI2VConditioning, WanImageSource, check_i2v, load_image_encoder
+from mmalign.families._wan_i2v_cache import build_i2v_cached
 from mmalign.modalities.diffusion import (DiffusionLikelihood, ImageLatents, UNetCall, _output_names, crop_offsets,
                                           data_roots, image_likelihood, resize_shortest, to_pixels)
 from mmalign.modalities.diffusion_cache import build_cached
+from mmalign.modalities.edit_validation import validation_records
 from mmalign.modalities.experts import NAMES, TwoExperts
 from mmalign.modalities.flow import FlowObjective, flow_shift
 from mmalign.modalities.loading import denoiser_config, family_folder, from_cache, load_parts
@@ -130,6 +133,10 @@ class WanTransformer(UNetCall):
     def pipeline_options(self) -> dict[str, Any]:
         """WanPipeline's constructor option (`validation.PipelineOptions`): validation samples with it."""
         return {"expand_timesteps": self.expand_timesteps}
+
+    def latent_channels(self, config: Any) -> int:
+        """z: in_channels, or (in_channels - 4) / 2 of an I2V transformer ([x_t, mask, first-frame latents])."""
+        return (int(config.in_channels) - 4) // 2 if self.image_to_video else int(config.in_channels)
 
     def predict(self, model: torch.nn.Module, noisy: Tensor, values: dict[str, Tensor]) -> Tensor:
         """v_θ (N, C, f, h, w) float32 of x_t (N, C, f, h, w); inputs in `input_dtype(model)`."""
@@ -349,7 +356,7 @@ def i2v_likelihood(cfg: Any, parts: dict[str, Any], text: WanText, denoiser: Wan
     """The image-to-video likelihood: the prompt and each record's source image (_wan_i2v.py)."""
     image = WanImageSource(parts["vae"], *load_image_encoder(cfg, family_folder(cfg, FAMILY)), cfg.diffusion,
                            data_roots(cfg))
-    conditioning = WanI2VConditioning(TextConditioning(text, cfg.diffusion.null_prompt), image)
+    conditioning = WanI2VConditioning(TextConditioning(text, cfg.diffusion.null_prompt), image, validation_records(cfg))
     return DiffusionLikelihood(FAMILY, objective, latents, conditioning, denoiser, cfg.diffusion)
 
 
@@ -376,7 +383,8 @@ def build(cfg: Any, use_cache: bool = True, trained: bool = True) -> tuple[Any, 
     denoiser = WanTransformer(bool(options.get("expand_timesteps", False)), i2v)
     objective = wan_objective(d.prediction_type, denoiser_config(cfg, FAMILY).patch_size)
     if from_cache(cfg, use_cache):
-        model, likelihood, _ = build_cached(cfg, FAMILY, denoiser, trained, objective, video_cache_settings(cfg))
+        cached = build_i2v_cached if i2v else build_cached
+        model, likelihood, _ = cached(cfg, FAMILY, denoiser, trained, objective, video_cache_settings(cfg))
     else:
         parts = load_parts(cfg, FAMILY, unet=trained)
         text = WanText(parts["text_encoders"], parts["tokenizers"])

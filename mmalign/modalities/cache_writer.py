@@ -188,6 +188,23 @@ def make_index(cache_dir: Path, plan: dict[str, Any], captions: list[str],
     return index
 
 
+def write_text_tables(likelihood: DiffusionLikelihood, cache_dir: Path, plan: dict[str, Any], rank: int = 0,
+                      world: int = 1, progress: bool = False) -> tuple[list[str], int, int]:
+    """After every latent shard exists: the unique captions of their metadata (`cached_captions`) and the
+    text table of them plus the null prompt, tasks rank, rank + world, ... of this process; returns
+    (captions, written, reused)."""
+    captions = cached_captions(cache_dir, plan)
+    settings = plan["settings"]
+    size, dtype = settings["shard_size"], getattr(torch, settings["dtype"])
+
+    def encode_text(name: str, k: int) -> tuple[dict[str, Tensor], None]:
+        return encode_text_shard(likelihood, [""] if name == "null" else captions[k * size : (k + 1) * size], dtype), None
+
+    text_tasks = [(TEXT, k) for k in range(-(-len(captions) // size))] + [("null", 0)]
+    written, reused = _run_tasks(text_tasks[rank::world], cache_dir, encode_text, "cache text", progress)
+    return captions, written, reused
+
+
 def write_cache(cfg: Any, likelihood: DiffusionLikelihood, rank: int = 0, world: int = 1,
                 barrier: Callable[[], None] = lambda: None, progress: bool = False) -> dict[str, Any]:
     """Encode the train (and eval) data of `cfg` into `diffusion.cache_dir` (see the module
@@ -212,14 +229,7 @@ def write_cache(cfg: Any, likelihood: DiffusionLikelihood, rank: int = 0, world:
     tasks = [(name, k) for name, split in plan["splits"].items() for k in range(split["num_shards"])]
     written, reused = _run_tasks(tasks[rank::world], cache_dir, encode_latents, "cache latents", progress)
     barrier()
-    captions = cached_captions(cache_dir, plan)
-    dtype = getattr(torch, settings["dtype"])
-
-    def encode_text(name: str, k: int) -> tuple[dict[str, Tensor], None]:
-        return encode_text_shard(likelihood, [""] if name == "null" else captions[k * size : (k + 1) * size], dtype), None
-
-    text_tasks = [(TEXT, k) for k in range(-(-len(captions) // size))] + [("null", 0)]
-    w, r = _run_tasks(text_tasks[rank::world], cache_dir, encode_text, "cache text", progress)
+    captions, w, r = write_text_tables(likelihood, cache_dir, plan, rank, world, progress)
     barrier()
     if rank == 0:
         write_json_atomic(make_index(cache_dir, plan, captions, likelihood), cache_dir / "index.json")

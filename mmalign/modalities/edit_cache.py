@@ -154,9 +154,13 @@ def write_edit_cache(cfg: Any, likelihood: DiffusionLikelihood, rank: int = 0, w
 
 
 def cache_writer_for(likelihood: DiffusionLikelihood) -> Callable[..., dict[str, Any]]:
-    """The `mmalign cache` writer of a likelihood: `write_edit_cache` for an edit conditioning,
-    otherwise `cache_writer.write_cache`."""
-    return write_edit_cache if isinstance(likelihood.conditioning, EditConditioning) else cw.write_cache
+    """The `mmalign cache` writer of a likelihood: `write_edit_cache` for an edit conditioning, Wan
+    image-to-video's `write_i2v_cache` (mmalign/families/_wan_i2v_cache.py), otherwise `cache_writer.write_cache`."""
+    from mmalign.families._wan_i2v_cache import cache_writer_of
+
+    if isinstance(likelihood.conditioning, EditConditioning):
+        return write_edit_cache
+    return cache_writer_of(likelihood) or cw.write_cache
 
 
 # -- reading (training) ------------------------------------------------------------------------

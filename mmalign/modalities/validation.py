@@ -76,10 +76,11 @@ class PipelineOptions(Protocol):
         ...
 
 
-def sampling_pipeline(likelihood: Any, unet: torch.nn.Module, **extra: Any) -> Any:
-    """The family's pipeline (`Family.pipeline`) of `likelihood`'s frozen parts, `unet` (the
-    denoiser: a UNet, or the flow transformer) and `extra` constructor arguments (an edit
-    pipeline's processor) in memory, nothing copied.
+def sampling_pipeline(likelihood: Any, unet: torch.nn.Module, pipeline: str = "", **extra: Any) -> Any:
+    """The family's pipeline (`Family.pipeline`, or the diffusers class named `pipeline`: Wan's
+    WanImageToVideoPipeline) of `likelihood`'s frozen parts, `unet` (the denoiser: a UNet, or the
+    flow transformer) and `extra` constructor arguments (an edit pipeline's processor, Wan I2V's image
+    encoder) in memory, nothing copied.
 
     A peft-wrapped UNet goes in as its base model: the LoRA layers are injected in place, so
     the pipeline samples with the adapters active."""
@@ -99,7 +100,7 @@ def sampling_pipeline(likelihood: Any, unet: torch.nn.Module, **extra: Any) -> A
     if isinstance(likelihood.denoiser, PipelineOptions):  # e.g. Wan 2.2 TI2V's expand_timesteps
         denoiser.update(likelihood.denoiser.pipeline_options())
     decode_in_vae_dtype(likelihood.vae)
-    pipe = getattr(diffusers, family.pipeline)(vae=likelihood.vae, scheduler=sampling_scheduler(likelihood),
+    pipe = getattr(diffusers, pipeline or family.pipeline)(vae=likelihood.vae, scheduler=sampling_scheduler(likelihood),
                                                **denoiser, **text_parts(likelihood), **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -188,6 +189,12 @@ def validate_images(likelihood: Any, unet: torch.nn.Module, step: int, folder: s
         return {}
     from mmalign.modalities.edit import EditConditioning
 
+    from mmalign.families._wan_i2v import WanI2VConditioning
+
+    if isinstance(likelihood.conditioning, WanI2VConditioning):  # videos from training first frames (_wan_i2v.py)
+        from mmalign.families._wan_i2v_validation import validate_i2v
+
+        return validate_i2v(likelihood, unet, step, folder, seeds, steps, guidance)
     if isinstance(likelihood.conditioning, EditConditioning):  # edits of training sources (edit_validation.py)
         from mmalign.modalities.edit_validation import validate_edits
 

@@ -50,24 +50,31 @@ def contact_sheet(videos: np.ndarray, frames: Sequence[int]) -> np.ndarray:
 
 @torch.no_grad()
 def sample_videos(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: dict[str, Any],
-                  resolution: int, num_frames: int, width: int = 0) -> np.ndarray:
+                  resolution: int, num_frames: int, width: int = 0,
+                  images: Sequence[Any] | None = None) -> np.ndarray:
     """(len(prompts) · len(seeds), F, H, W, 3) uint8: for each prompt, one video per seed; H =
-    resolution, W = width (0: square)."""
+    resolution, W = width (0: square); `images`: each prompt's first frame (image-to-video pipelines)."""
     from mmalign.generate.video import to_uint8
 
     videos = []
-    for prompt in prompts:
+    for i, prompt in enumerate(prompts):
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        first = {} if images is None else {"image": images[i]}
         out = pipe(prompt=[prompt] * len(seeds), generator=generators, num_inference_steps=steps, **guidance,
-                   height=resolution, width=width or resolution, num_frames=num_frames, output_type="np").frames
+                   height=resolution, width=width or resolution, num_frames=num_frames, output_type="np",
+                   **first).frames
         videos.extend(to_uint8(v) for v in out)
     return np.stack(videos)
 
 
 def validate_videos(likelihood: Any, model: torch.nn.Module, step: int, folder: str | Path,
-                    prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float) -> dict[str, float]:
+                    prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float,
+                    images: Sequence[Any] | None = None, pipeline: str = "", layout: dict[str, Any] | None = None,
+                    **extra: Any) -> dict[str, float]:
     """Sample prompts × seeds with the current `model` (eval mode, restored after) and write
-    grid.mp4, grid.png and grid.json into `folder` (module docstring).
+    grid.mp4, grid.png and grid.json into `folder` (module docstring); image-to-video: `images` each
+    prompt's first frame, `pipeline` the diffusers class and `extra` its parts (`sampling_pipeline`),
+    `layout` more grid.json entries.
 
     Returns {"validation/videos": n, "validation/seconds": s} for the metrics log."""
     from mmalign.data.video import frame_indices, write_video
@@ -81,18 +88,18 @@ def validate_videos(likelihood: Any, model: torch.nn.Module, step: int, folder: 
     folder.mkdir(parents=True, exist_ok=True)
     d = likelihood.settings
     with eval_mode(model):  # LoRA dropout off: the same seeds give the same videos
-        videos = sample_videos(sampling_pipeline(likelihood, model), prompts, seeds, steps,
-                               guidance_arguments(likelihood.family, guidance), d.resolution, d.num_frames, d.width)
+        videos = sample_videos(sampling_pipeline(likelihood, model, pipeline, **extra), prompts, seeds, steps,
+                               guidance_arguments(likelihood.family, guidance), d.resolution, d.num_frames, d.width,
+                               images)
     write_video(video_grid(videos, len(seeds)), folder / "grid.mp4", fps=FPS)
     shown = frame_indices(videos.shape[1], min(SHEET_FRAMES, videos.shape[1]))
     from PIL import Image
 
     with atomic_path(folder / "grid.png") as tmp:
         Image.fromarray(contact_sheet(videos, shown)).save(tmp, format="PNG")
-    layout = {"step": step, "rows": list(prompts), "columns": [int(s) for s in seeds], "steps": steps,
-              "guidance": guidance, "resolution": d.resolution, "width": d.width or d.resolution,
-              "num_frames": d.num_frames, "fps": FPS,
-              "sheet_frames": shown}
+    written = {"step": step, "rows": list(prompts), "columns": [int(s) for s in seeds], "steps": steps,
+               "guidance": guidance, "resolution": d.resolution, "width": d.width or d.resolution,
+               "num_frames": d.num_frames, "fps": FPS, "sheet_frames": shown, **(layout or {})}
     with atomic_path(folder / "grid.json") as tmp:
-        tmp.write_text(json.dumps(layout, indent=2))
+        tmp.write_text(json.dumps(written, indent=2))
     return {"validation/videos": float(videos.shape[0]), "validation/seconds": time.perf_counter() - tic}
