@@ -51,6 +51,7 @@ class FlowFamilyCase:
     build: dict[str, Any] = field(default_factory=dict)  # diffusion settings of `built` (resolution, ...)
     edit: bool = False  # pairs are edit pairs (source images), trained on the shipped sample
     recognised_as: str = ""  # what family_for_folder names the tiny folder; "" = the modality
+    zeros_null_prompt: bool = False  # null_prompt zeros has a counterpart in its sampling (FLUX): accepted
 
     def build_for(self, pipeline: Path, data: Path, **diffusion: Any):
         return build_for(pipeline, data, self.modality, **dict(self.build, **diffusion))
@@ -134,13 +135,16 @@ def dpo_is_log_2_at_policy_equals_reference(built, records: list[dict], beta: fl
 
 
 def folder_recognition_and_refusals(case: FlowFamilyCase, pipeline: Path, data: Path) -> None:
-    """The tiny folder is recognised by its layout; null_prompt zeros and an epsilon prediction type
-    are refused with one line naming them."""
+    """The tiny folder is recognised by its layout; an epsilon prediction type is refused, and so is
+    null_prompt zeros (one line naming it) unless the family's sampling has a counterpart of it."""
     from mmalign.families import family_for_folder
 
     assert family_for_folder(pipeline).name == (case.recognised_as or case.modality)
-    with pytest.raises(ConfigError, match="null_prompt: zeros"):
-        case.build_for(pipeline, data, null_prompt="zeros")
+    if case.zeros_null_prompt:
+        assert case.build_for(pipeline, data, null_prompt="zeros")[1].settings.null_prompt == "zeros"
+    else:
+        with pytest.raises(ConfigError, match="null_prompt: zeros"):
+            case.build_for(pipeline, data, null_prompt="zeros")
     with pytest.raises(ValueError, match="velocity"):
         case.build_for(pipeline, data, prediction_type="epsilon")
 
