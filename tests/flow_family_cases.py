@@ -92,6 +92,26 @@ def prompts_of(records: list[dict]) -> list[str]:
     return [r["prompt"] for r in records] * 2  # chosen rows, then rejected rows
 
 
+def pipe_of(case: FlowFamilyCase, likelihood, transformer, scheduler=None, **parts: Any):
+    """The family's diffusers pipeline around the likelihood's own VAE, text encoders and tokenizers
+    (text_encoder, text_encoder_2, ... in order) and `transformer`; `parts`: any further component."""
+    import diffusers
+
+    for i, (encoder, tokenizer) in enumerate(zip(likelihood.text_encoders, likelihood.tokenizers)):
+        suffix = f"_{i + 1}" if i else ""
+        parts.update({f"text_encoder{suffix}": encoder, f"tokenizer{suffix}": tokenizer})
+    return getattr(diffusers, case.pipeline_class)(scheduler=scheduler or likelihood.scheduler, vae=likelihood.vae,
+                                                   transformer=transformer, **parts)
+
+
+def scored(built, records: list[dict]):
+    """(batch, draw, the likelihood's logps output) of the built transformer on a pair batch of
+    `records` drawn with seed 0."""
+    transformer, likelihood, _ = built
+    batch, draw = draw_for(likelihood, records)
+    return batch, draw, likelihood.logps(transformer, batch, draw)
+
+
 def recorded_call(likelihood, records: list[dict], recording) -> tuple[dict, dict, torch.Tensor]:
     """(the last call `recording` saw from the likelihood, the draw's values, x_t = (1 - σ) x0 + σ ε)
     for a pair batch of `records` drawn with seed 0."""

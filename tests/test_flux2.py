@@ -22,10 +22,7 @@ pairs = cases.pairs_fixture(CASE)
 
 
 def pipe_of(likelihood, transformer, scheduler=None):
-    from diffusers import Flux2KleinPipeline
-
-    return Flux2KleinPipeline(scheduler=scheduler or likelihood.scheduler, vae=likelihood.vae, transformer=transformer,
-                              text_encoder=likelihood.text_encoders[0], tokenizer=likelihood.tokenizers[0])
+    return cases.pipe_of(CASE, likelihood, transformer, scheduler)
 
 
 # -- (a) the prompt and the latents -----------------------------------------------------------------
@@ -86,10 +83,9 @@ def test_logps_are_minus_half_mse_against_eps_minus_x0(built, pairs):
     from diffusers import Flux2KleinPipeline as P
 
     transformer, likelihood, _ = built
-    batch, draw = draw_for(likelihood, pairs["records"])
+    batch, draw, out = cases.scored(built, pairs["records"])
     v = draw.values
     x0, eps, sigma = v["latents"], v["noise"], v["sigmas"]
-    out = likelihood.logps(transformer, batch, draw)
     with torch.no_grad():  # by hand, as the training script calls it (train_dreambooth_lora_flux2_klein.py)
         noisy = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * eps
         ids = P._prepare_latent_ids(noisy)

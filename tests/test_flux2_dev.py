@@ -23,10 +23,7 @@ pairs = cases.pairs_fixture(CASE)
 
 
 def pipe_of(likelihood, transformer, scheduler=None):
-    from diffusers import Flux2Pipeline
-
-    return Flux2Pipeline(scheduler=scheduler or likelihood.scheduler, vae=likelihood.vae, transformer=transformer,
-                         text_encoder=likelihood.text_encoders[0], tokenizer=likelihood.tokenizers[0])
+    return cases.pipe_of(CASE, likelihood, transformer, scheduler)
 
 
 def test_conditioning_equals_the_pipeline_encode_prompt(built, pairs):
@@ -75,10 +72,9 @@ def test_logps_are_the_training_scripts_loss(built, pairs):
     from diffusers import Flux2Pipeline as P
 
     transformer, likelihood, _ = built
-    batch, draw = draw_for(likelihood, pairs["records"])
+    batch, draw, out = cases.scored(built, pairs["records"])
     v = draw.values
     x0, eps, sigma = v["latents"], v["noise"], v["sigmas"]
-    out = likelihood.logps(transformer, batch, draw)
     with torch.no_grad():
         noisy = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * eps
         ids, packed = P._prepare_latent_ids(noisy), P._pack_latents(noisy)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import flow_family_cases as cases
 import torch
-from diffusion_fixtures import draw_for
 from flow_family_cases import EDIT_PAIRS, FlowFamilyCase, recorded_call, unshifted
 from flow_fixtures import T5_TOKENS
 from flux_kontext_fixtures import save_tiny_flux_kontext_pipeline
@@ -28,11 +27,7 @@ pairs = cases.pairs_fixture(CASE)
 
 
 def pipe_of(likelihood, transformer, scheduler=None):
-    from diffusers import FluxKontextPipeline
-
-    enc, tok = likelihood.text_encoders, likelihood.tokenizers
-    return FluxKontextPipeline(scheduler=scheduler or likelihood.scheduler, vae=likelihood.vae, text_encoder=enc[0],
-                               tokenizer=tok[0], text_encoder_2=enc[1], tokenizer_2=tok[1], transformer=transformer)
+    return cases.pipe_of(CASE, likelihood, transformer, scheduler)
 
 
 def test_source_size_is_the_pipelines_auto_resize_scaled():
@@ -86,11 +81,10 @@ def test_logps_are_minus_half_mse_of_the_target_tokens(built, pairs):
     [..., 0] = 1], timestep σ, guidance 3.5, model_pred[:, :T] against noise - x0 (weighting "none"):
     its per-item mse is ours, and logp = -0.5 mse."""
     transformer, likelihood, _ = built
-    batch, draw = draw_for(likelihood, pairs["records"])
+    batch, draw, out = cases.scored(built, pairs["records"])
     v = draw.values
     x0, eps, sigma = v["latents"], v["noise"], v["sigmas"]
     s = sigma.view(-1, 1, 1, 1)
-    out = likelihood.logps(transformer, batch, draw)
     vae = likelihood.vae
     pixels = torch.stack([likelihood.conditioning.encoder.prepare(likelihood.latents.image(r["source_image"], "t"))[1]
                           for r in pairs["records"]] * 2)

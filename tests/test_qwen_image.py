@@ -31,10 +31,7 @@ def pairs(tmp_path_factory):
 
 
 def pipe_of(likelihood, transformer, scheduler=None):
-    from diffusers import QwenImagePipeline
-
-    return QwenImagePipeline(scheduler=scheduler or likelihood.scheduler, vae=likelihood.vae, transformer=transformer,
-                             text_encoder=likelihood.text_encoders[0], tokenizer=likelihood.tokenizers[0])
+    return cases.pipe_of(CASE, likelihood, transformer, scheduler)
 
 
 # -- (a) the prompt -------------------------------------------------------------------------------
@@ -114,11 +111,10 @@ def test_logps_are_minus_half_mse_against_packed_eps_minus_x0(built, pairs):
     from mmalign.families.qwen_image import prompt_inputs
 
     transformer, likelihood, _ = built
-    batch, draw = draw_for(likelihood, pairs["records"])
+    batch, draw, out = cases.scored(built, pairs["records"])
     v = draw.values
     x0, eps, sigma = v["latents"], v["noise"], v["sigmas"]
     s = sigma.view(-1, 1, 1, 1)
-    out = likelihood.logps(transformer, batch, draw)
     embeds, mask = prompt_inputs(v, torch.float32)
     with torch.no_grad():  # by hand, as the pipeline calls it
         pred = transformer(hidden_states=pack_latents((1 - s) * x0 + s * eps), timestep=sigma,

@@ -30,12 +30,7 @@ pairs = cases.pairs_fixture(CASE)
 
 
 def pipe_of(likelihood, transformer, scheduler=None):
-    from diffusers import QwenImageEditPipeline
-
-    encoder = likelihood.conditioning.encoder
-    return QwenImageEditPipeline(scheduler=scheduler or likelihood.scheduler, vae=likelihood.vae,
-                                 transformer=transformer, text_encoder=likelihood.text_encoders[0],
-                                 tokenizer=likelihood.tokenizers[0], processor=encoder.processor)
+    return cases.pipe_of(CASE, likelihood, transformer, scheduler, processor=likelihood.conditioning.encoder.processor)
 
 
 def sources_of(likelihood, records):
@@ -136,11 +131,10 @@ def test_logps_are_minus_half_mse_of_the_target_tokens(built, pairs):
     from mmalign.families.qwen_image import prompt_inputs
 
     transformer, likelihood, _ = built
-    batch, draw = draw_for(likelihood, pairs["records"])
+    batch, draw, out = cases.scored(built, pairs["records"])
     v = draw.values
     x0, eps, sigma = v["latents"], v["noise"], v["sigmas"]
     s = sigma.view(-1, 1, 1, 1)
-    out = likelihood.logps(transformer, batch, draw)
     embeds, mask = prompt_inputs(v, torch.float32)
     source = torch.stack([likelihood.conditioning.encoder.source_latents(
         likelihood.conditioning.encoder.prepare(likelihood.latents.image(r["source_image"], "t"))[1][None])[0]

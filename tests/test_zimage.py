@@ -35,10 +35,7 @@ class RecordingZImage(RecordingTransformer):
 
 
 def pipe_of(likelihood, transformer, scheduler=None):
-    from diffusers import ZImagePipeline
-
-    return ZImagePipeline(scheduler=scheduler or likelihood.scheduler, vae=likelihood.vae, transformer=transformer,
-                          text_encoder=likelihood.text_encoders[0], tokenizer=likelihood.tokenizers[0])
+    return cases.pipe_of(CASE, likelihood, transformer, scheduler)
 
 
 # -- (a) the prompt -------------------------------------------------------------------------------
@@ -88,11 +85,10 @@ def test_transformer_sees_what_the_pipeline_loop_gives_it(built, pairs):
 # -- (c) logps and the sign of the target -----------------------------------------------------------
 def test_logps_are_minus_half_mse_against_x0_minus_eps(built, pairs):
     transformer, likelihood, _ = built
-    batch, draw = draw_for(likelihood, pairs["records"])
+    batch, draw, out = cases.scored(built, pairs["records"])
     v = draw.values
     x0, eps, sigma = v["latents"], v["noise"], v["sigmas"]
     s = sigma.view(-1, 1, 1, 1)
-    out = likelihood.logps(transformer, batch, draw)
     with torch.no_grad():  # by hand, as the pipeline calls it
         caps = [e[m] for e, m in zip(v["prompt_embeds"], v["prompt_mask"])]
         pred = transformer(list(((1 - s) * x0 + s * eps).unsqueeze(2).unbind(0)), 1 - sigma, caps,
