@@ -49,7 +49,7 @@ class FlowFamilyCase:
     pipeline_class: str  # the diffusers pipeline that reloads the exports
     tiny_config: str  # configs/tiny/<tiny_config>.yaml
     build: dict[str, Any] = field(default_factory=dict)  # diffusion settings of `built` (resolution, ...)
-    edit: bool = False  # pairs are edit pairs (source images), trained on the shipped sample
+    edit: bool = False  # the `pairs` fixture writes edit pairs (a source image each)
     recognised_as: str = ""  # what family_for_folder names the tiny folder; "" = the modality
     zeros_null_prompt: bool = False  # null_prompt zeros has a counterpart in its sampling (FLUX): accepted
 
