@@ -7,49 +7,23 @@ export reloaded by Flux2Pipeline) and validation images equal to the pipeline's.
 
 from __future__ import annotations
 
-import copy
-import json
-import math
-import shutil
-from pathlib import Path
-
-import numpy as np
-import pytest
+import flow_family_cases as cases
 import torch
-from diffusion_fixtures import build_for, draw_for, indexed_pairs, perturbed, uncached
+from diffusion_fixtures import draw_for
+from flow_family_cases import FlowFamilyCase, recorded_call, unshifted
 from flux2_fixtures import RecordingFlux2, save_tiny_flux2_dev_pipeline, save_tiny_flux2_pipeline
 
-import mmalign.modalities.cache_writer as cw
-from mmalign.cli import main
-from mmalign.config import Config, from_dict
 from mmalign.families.flux2_dev import GUIDANCE_SCALE
-from mmalign.losses import dpo_loss
 from mmalign.modalities import build_modality
-from mmalign.types import Draw
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    return save_tiny_flux2_dev_pipeline(tmp_path_factory.mktemp("flux2_dev") / "pipeline")
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    return indexed_pairs(tmp_path_factory.mktemp("pairs"))
-
-
-@pytest.fixture(scope="module")
-def built(pipeline, pairs):
-    return build_for(pipeline, pairs["path"], "flux2_dev")
+CASE = FlowFamilyCase(modality="flux2_dev", save_pipeline=save_tiny_flux2_dev_pipeline, pipeline_class="Flux2Pipeline",
+                      tiny_config="flux2_dev_flow_dpo")
+pipeline, built = cases.pipeline_and_built(CASE)
+pairs = cases.pairs_fixture(CASE)
 
 
 def pipe_of(likelihood, transformer, scheduler=None):
-    from diffusers import Flux2Pipeline
-
-    return Flux2Pipeline(scheduler=scheduler or likelihood.scheduler, vae=likelihood.vae, transformer=transformer,
-                         text_encoder=likelihood.text_encoders[0], tokenizer=likelihood.tokenizers[0])
+    return cases.pipe_of(CASE, likelihood, transformer, scheduler)
 
 
 def test_conditioning_equals_the_pipeline_encode_prompt(built, pairs):
@@ -76,21 +50,13 @@ def test_conditioning_equals_the_pipeline_encode_prompt(built, pairs):
 def test_transformer_sees_what_the_pipeline_loop_gives_it_guidance_included(built, pairs):
     """The pipeline started at σ = 1 from x_t and stepped to the drawn σ_g (shift 1, a 0 prediction)
     calls the transformer on x_t at σ_g with guidance_scale 3.5 embedded: what the likelihood gives it."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
     _, likelihood, _ = built
     records = pairs["records"][:2]
-    batch, draw = draw_for(likelihood, records)
-    ours = RecordingFlux2(guidance_embeds=True)
-    likelihood.logps(ours, batch, draw)
-    seen, v = ours.calls[-1], draw.values
-    sigma = v["sigmas"].view(-1, 1, 1, 1)
-    noisy = (1 - sigma) * v["latents"] + sigma * v["noise"]
-    unshifted = FlowMatchEulerDiscreteScheduler.from_config(likelihood.scheduler.config, shift=1.0,
-                                                            use_dynamic_shifting=False)
+    seen, v, noisy = recorded_call(likelihood, records, RecordingFlux2(guidance_embeds=True))
+    euler = unshifted(likelihood, use_dynamic_shifting=False)
     for g in range(2):
         rows, theirs = [g, g + 2], RecordingFlux2(guidance_embeds=True)
-        pipe_of(likelihood, theirs, unshifted)(
+        pipe_of(likelihood, theirs, euler)(
             prompt=[records[g]["prompt"]] * 2, latents=noisy[rows], sigmas=[1.0, float(v["sigmas"][g])],
             height=16, width=16, guidance_scale=GUIDANCE_SCALE, output_type="latent")
         their = theirs.calls[-1]
@@ -100,16 +66,15 @@ def test_transformer_sees_what_the_pipeline_loop_gives_it_guidance_included(buil
     assert torch.equal(seen["guidance"], torch.full((4,), 3.5))
 
 
-def test_logps_are_the_training_scripts_loss_and_dpo_is_log_2_at_policy_equals_reference(built, pairs):
+def test_logps_are_the_training_scripts_loss(built, pairs):
     """train_dreambooth_lora_flux2.py: model_pred = transformer(packed x_t, timesteps / 1000, guidance
     3.5, ...)[:, :h·w], unpacked; target ε - x0; logp = -0.5 mse."""
     from diffusers import Flux2Pipeline as P
 
     transformer, likelihood, _ = built
-    batch, draw = draw_for(likelihood, pairs["records"])
+    batch, draw, out = cases.scored(built, pairs["records"])
     v = draw.values
     x0, eps, sigma = v["latents"], v["noise"], v["sigmas"]
-    out = likelihood.logps(transformer, batch, draw)
     with torch.no_grad():
         noisy = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * eps
         ids, packed = P._prepare_latent_ids(noisy), P._pack_latents(noisy)
@@ -118,56 +83,32 @@ def test_logps_are_the_training_scripts_loss_and_dpo_is_log_2_at_policy_equals_r
                            txt_ids=P._prepare_text_ids(v["prompt_embeds"]), img_ids=ids, return_dict=False)[0]
         pred = P._unpack_latents_with_ids(pred[:, : packed.size(1)], ids)
     mse = (pred - (eps - x0)).pow(2).mean(dim=(1, 2, 3))
-    torch.testing.assert_close(out.diagnostics["mse"], mse, rtol=1e-5, atol=1e-6)
+    cases.assert_minus_half_mse(out, mse)
     torch.testing.assert_close(out.logps, -0.5 * mse, rtol=1e-5, atol=1e-6)
-    same = likelihood.logps(copy.deepcopy(transformer), batch, draw)
-    loss = dpo_loss(same.pairs(), out.pairs(), beta=2000.0)
-    torch.testing.assert_close(loss, torch.full((4,), math.log(2)), rtol=0, atol=0)
 
 
-def test_folder_recognition_tells_dev_from_klein(pipeline, tmp_path):
+def test_dpo_is_log_2_when_policy_equals_reference(built, pairs):
+    cases.dpo_is_log_2_at_policy_equals_reference(built, pairs["records"])
+
+
+def test_folder_recognition_tells_dev_from_klein(tmp_path):
     from mmalign.families import family_for_folder, family_for_pipeline
 
-    assert family_for_folder(pipeline).name == "flux2_dev"
     assert family_for_folder(save_tiny_flux2_pipeline(tmp_path / "klein")).name == "flux2"
     assert family_for_pipeline("Flux2Pipeline").name == "flux2_dev"
 
 
+def test_folder_recognition_and_refusals(pipeline, pairs):
+    cases.folder_recognition_and_refusals(CASE, pipeline, pairs["path"])
+
+
 def test_cached_likelihood_equals_the_uncached_one(pipeline, pairs, tmp_path):
-    records = pairs["records"]
-    cfg = from_dict(Config, {"modality": "flux2_dev", "model": {"path": str(pipeline)},
-                             "data": {"train": str(pairs["path"])},
-                             "diffusion": {"resolution": 16, "caption_dropout": 0.5, "cache_dir": str(tmp_path / "c"),
-                                           "cache_dtype": "float32", "cache_shard_size": 2},
-                             "train": {"progress": False}})
-    model, plain = uncached(cfg)
-    cw.write_cache(cfg, plain)
-    model_c, cached, _ = build_modality(cfg)
-    assert cached.vae is None and cached.text_encoders == []
-    batch, batch_c = plain.collate(records, "pair"), cached.collate(records, "pair")
-    policy = perturbed(model)
-    v = plain.draw(batch, torch.Generator().manual_seed(1)).values
-    w = cached.draw(batch_c, torch.Generator().manual_seed(1)).values
-    assert bool(v["caption_dropped"].any()) and torch.equal(v["caption_dropped"], w["caption_dropped"])
-    torch.testing.assert_close(w["prompt_embeds"], v["prompt_embeds"], rtol=0, atol=1e-6)
-    ref, ref_c = plain.logps(model, batch, Draw(v)), cached.logps(model_c, batch_c, Draw(w))
-    pol, pol_c = plain.logps(policy, batch, Draw(v)), cached.logps(policy, batch_c, Draw(w))
-    torch.testing.assert_close(ref_c.logps, ref.logps, rtol=0, atol=1e-6)
-    torch.testing.assert_close(pol_c.logps, pol.logps, rtol=0, atol=1e-6)
+    cases.cached_equals_uncached(CASE, pipeline, pairs["path"], pairs["records"], tmp_path / "c")
 
 
-def test_cli_trains_and_the_exports_load_into_flux2_pipeline(pipeline, pairs, tmp_path, capsys):
+def test_cli_trains_and_exports_every_format(pipeline, pairs, tmp_path, capsys):
     from diffusers import Flux2Pipeline
 
-    from mmalign.export import find_run, load_trained, write_model_index
-
-    run = tmp_path / "run"
-    assert main(["train", str(ROOT / "configs" / "tiny" / "flux2_dev_flow_dpo.yaml"), f"model.path={pipeline}",
-                 f"data.train={pairs['path']}", "train.max_steps=2", "train.batch_size=2", f"train.output_dir={run}",
-                 "train.progress=false", "train.tensorboard=false", "train.log_every=1"]) == 0
-    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
-    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4) and math.isfinite(rows[-1]["loss"])
-    merged = copy.deepcopy(load_trained(find_run(run))[0]).merge_and_unload().eval()
     generator = torch.Generator().manual_seed(0)
     inputs = dict(hidden_states=torch.randn(1, 16, 16, generator=generator), timestep=torch.tensor([0.3]),
                   guidance=torch.tensor([3.5]), encoder_hidden_states=torch.randn(1, 5, 48, generator=generator),
@@ -178,32 +119,11 @@ def test_cli_trains_and_the_exports_load_into_flux2_pipeline(pipeline, pairs, tm
         with torch.no_grad():
             return model.eval()(**inputs, return_dict=False)[0]
 
-    base = shutil.copytree(pipeline, tmp_path / "base")
-    write_model_index(base, "Flux2Pipeline")
-    for fmt in ("merged", "lora"):
-        out = tmp_path / fmt
-        assert main(["export", str(run), "--to", str(out), "--format", fmt]) == 0, capsys.readouterr().err
-        pipe = Flux2Pipeline.from_pretrained(out if fmt == "merged" else base)
-        if fmt == "lora":
-            pipe.load_lora_weights(out)
-        torch.testing.assert_close(output(pipe.transformer), output(merged), rtol=1e-5, atol=1e-5, msg=fmt)
+    cases.cli_trains_and_exports_every_format(CASE, pipeline, pairs["path"], tmp_path, capsys, output)
 
 
 def test_validation_grid_is_the_pipelines_own_images(built, tmp_path):
-    from PIL import Image
-
-    from mmalign.modalities.validation import sampling_pipeline, validate_images
-
-    transformer, likelihood, _ = built
-    out = validate_images(likelihood, transformer, 1, tmp_path, ["a red circle"], [0, 1], 2, 4.0)
-    grid = np.asarray(Image.open(tmp_path / "grid.png"), dtype=np.int16)
-    pipe = sampling_pipeline(likelihood, transformer)
-    generators = [torch.Generator().manual_seed(s) for s in (0, 1)]
-    with torch.no_grad():
-        images = pipe(prompt=["a red circle"] * 2, generator=generators, num_inference_steps=2, guidance_scale=4.0,
-                      height=16, width=16, output_type="np").images
-    direct = np.concatenate([(im * 255).round().astype(np.int16) for im in images], axis=1)
-    assert out["validation/images"] == 2 and np.abs(grid - direct).max() <= 1
+    cases.validation_grid_is_the_pipelines_own(built, tmp_path, 4.0, guidance_scale=4.0)
 
 
 def test_validation_samples_a_bf16_transformer_beside_a_float32_vae(pipeline, pairs, tmp_path):

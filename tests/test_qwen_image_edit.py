@@ -7,51 +7,30 @@ at the drawn σ, logp by hand, the dpo convention, sources of mixed sizes, the r
 
 from __future__ import annotations
 
-import copy
-import json
-import math
-from pathlib import Path
-
+import flow_family_cases as cases
 import pytest
 import torch
 from diffusion_fixtures import build_for, draw_for, write_image
-from qwen_image_edit_fixtures import save_tiny_qwen_image_edit_pipeline, write_edit_pairs
+from flow_family_cases import EDIT_PAIRS, FlowFamilyCase, recorded_call, unshifted
+from qwen_image_edit_fixtures import save_tiny_qwen_image_edit_pipeline
 from qwen_image_fixtures import RecordingQwen
 
-from mmalign.cli import main
 from mmalign.config import ConfigError
 from mmalign.errors import CacheError, DataError
-from mmalign.losses import dpo_loss
 from mmalign.modalities.flow import pack_latents
 from mmalign.types import Draw
 
-ROOT = Path(__file__).resolve().parents[1]
 RES = 32  # 32×32 targets and sources -> 4×16×16 latents, 64 packed tokens each
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    return save_tiny_qwen_image_edit_pipeline(tmp_path_factory.mktemp("qwen_image_edit") / "pipeline")
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    path = write_edit_pairs(tmp_path_factory.mktemp("edit_pairs"), 4)
-    return {"path": path, "records": [dict(json.loads(line), _index=i) for i, line in enumerate(open(path))]}
-
-
-@pytest.fixture(scope="module")
-def built(pipeline, pairs):
-    return build_for(pipeline, pairs["path"], "qwen_image_edit", resolution=RES)
+CASE = FlowFamilyCase(modality="qwen_image_edit", save_pipeline=save_tiny_qwen_image_edit_pipeline,
+                      pipeline_class="QwenImageEditPipeline", tiny_config="qwen_image_edit_dpo",
+                      build={"resolution": RES}, edit=True,
+                      recognised_as="qwen_image")  # by layout alone (model_index names the edit pipeline)
+pipeline, built = cases.pipeline_and_built(CASE)
+pairs = cases.pairs_fixture(CASE)
 
 
 def pipe_of(likelihood, transformer, scheduler=None):
-    from diffusers import QwenImageEditPipeline
-
-    encoder = likelihood.conditioning.encoder
-    return QwenImageEditPipeline(scheduler=scheduler or likelihood.scheduler, vae=likelihood.vae,
-                                 transformer=transformer, text_encoder=likelihood.text_encoders[0],
-                                 tokenizer=likelihood.tokenizers[0], processor=encoder.processor)
+    return cases.pipe_of(CASE, likelihood, transformer, scheduler, processor=likelihood.conditioning.encoder.processor)
 
 
 def sources_of(likelihood, records):
@@ -124,25 +103,18 @@ def test_transformer_sees_what_the_edit_pipeline_loop_gives_it(built, pairs, pip
     """For each pair g: the pipeline (shift 1, schedule [1, σ_g]; a 0 prediction leaves the latents as
     they are) calls the transformer on [x_t; source latents] at σ_g with img_shapes [[target, source]]:
     exactly what the likelihood gives it (rows g and g + B)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
     _, likelihood, _ = built
     records = pairs["records"][:2]
-    batch, draw = draw_for(likelihood, records)
-    ours = RecordingQwen()
-    likelihood.logps(ours, batch, draw)
-    mine, v = ours.calls[-1], draw.values
-    sigma = v["sigmas"].view(-1, 1, 1, 1)
-    noisy = pack_latents((1 - sigma) * v["latents"] + sigma * v["noise"])
-    unshifted = FlowMatchEulerDiscreteScheduler.from_config(likelihood.scheduler.config, shift=1.0,
-                                                            use_dynamic_shifting=False, shift_terminal=None)
+    mine, v, x_t = recorded_call(likelihood, records, RecordingQwen())
+    noisy = pack_latents(x_t)
+    euler = unshifted(likelihood, use_dynamic_shifting=False, shift_terminal=None)
     assert mine["hidden_states"].shape == (4, 128, 16) and mine["img_shapes"] == [[(1, 8, 8), (1, 8, 8)]] * 4
     for g in range(2):
         rows, theirs = [g, g + 2], RecordingQwen()
-        pipe_of(likelihood, theirs, unshifted)(prompt=[r["prompt"] for r in records] * 2,
-                                               image=sources_of(likelihood, records), latents=noisy,
-                                               sigmas=[1.0, float(v["sigmas"][g])], height=RES, width=RES,
-                                               output_type="latent")
+        pipe_of(likelihood, theirs, euler)(prompt=[r["prompt"] for r in records] * 2,
+                                           image=sources_of(likelihood, records), latents=noisy,
+                                           sigmas=[1.0, float(v["sigmas"][g])], height=RES, width=RES,
+                                           output_type="latent")
         their = theirs.calls[-1]
         torch.testing.assert_close(mine["hidden_states"][rows, :64], their["hidden_states"][rows, :64], rtol=0, atol=0)
         torch.testing.assert_close(mine["hidden_states"][rows, 64:], their["hidden_states"][rows, 64:],
@@ -159,11 +131,10 @@ def test_logps_are_minus_half_mse_of_the_target_tokens(built, pairs):
     from mmalign.families.qwen_image import prompt_inputs
 
     transformer, likelihood, _ = built
-    batch, draw = draw_for(likelihood, pairs["records"])
+    batch, draw, out = cases.scored(built, pairs["records"])
     v = draw.values
     x0, eps, sigma = v["latents"], v["noise"], v["sigmas"]
     s = sigma.view(-1, 1, 1, 1)
-    out = likelihood.logps(transformer, batch, draw)
     embeds, mask = prompt_inputs(v, torch.float32)
     source = torch.stack([likelihood.conditioning.encoder.source_latents(
         likelihood.conditioning.encoder.prepare(likelihood.latents.image(r["source_image"], "t"))[1][None])[0]
@@ -172,20 +143,13 @@ def test_logps_are_minus_half_mse_of_the_target_tokens(built, pairs):
         pred = transformer(hidden_states=torch.cat([pack_latents((1 - s) * x0 + s * eps), pack_latents(source)], 1),
                            timestep=sigma, encoder_hidden_states=embeds, encoder_hidden_states_mask=mask,
                            img_shapes=[[(1, 8, 8), (1, 8, 8)]] * 8, return_dict=False)[0][:, :64]
-    mse = (pred - pack_latents(eps - x0)).pow(2).mean(dim=(1, 2))
-    torch.testing.assert_close(out.diagnostics["mse"], mse, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out.logps, -0.5 * out.diagnostics["mse"], rtol=0, atol=0)
+    cases.assert_minus_half_mse(out, (pred - pack_latents(eps - x0)).pow(2).mean(dim=(1, 2)))
     blank = Draw(dict(v, source_latents=torch.zeros_like(v["source_latents"])))  # the source matters
     assert (likelihood.logps(transformer, batch, blank).logps - out.logps).abs().max() > 1e-6
 
 
 def test_dpo_is_log_2_when_policy_equals_reference(built, pairs):
-    transformer, likelihood, _ = built
-    batch, draw = draw_for(likelihood, pairs["records"])
-    reference = likelihood.logps(transformer, batch, draw)
-    same = likelihood.logps(copy.deepcopy(transformer), batch, draw)
-    loss = dpo_loss(same.pairs(), reference.pairs(), beta=2000.0)
-    torch.testing.assert_close(loss, torch.full((4,), math.log(2)), rtol=0, atol=0)
+    cases.dpo_is_log_2_at_policy_equals_reference(built, pairs["records"])
 
 
 def test_sources_of_mixed_sizes_score_as_they_score_alone(built, pairs, tmp_path):
@@ -212,12 +176,11 @@ def test_sources_of_mixed_sizes_score_as_they_score_alone(built, pairs, tmp_path
 
 # -- refusals ---------------------------------------------------------------------------------------
 def test_refusals(pipeline, pairs, built, tmp_path):
+    cases.folder_recognition_and_refusals(CASE, pipeline, pairs["path"])  # null_prompt zeros, epsilon
     with pytest.raises(ConfigError, match="random_flip"):
         build_for(pipeline, pairs["path"], "qwen_image_edit", resolution=RES, random_flip=True)
     with pytest.raises(CacheError, match="no complete cache"):  # the cache: tests/test_edit_cache.py
         build_for(pipeline, pairs["path"], "qwen_image_edit", resolution=RES, cache_dir=str(tmp_path))
-    with pytest.raises(ConfigError, match="null_prompt: zeros"):
-        build_for(pipeline, pairs["path"], "qwen_image_edit", resolution=RES, null_prompt="zeros")
     _, likelihood, _ = built
     bare = {k: v for k, v in pairs["records"][0].items() if k != "source_image"}
     with pytest.raises(DataError, match="row 0: an edit record needs 'source_image'"):
@@ -229,22 +192,6 @@ def test_refusals(pipeline, pairs, built, tmp_path):
 # -- (d) the CLI: the tiny config trains, then export in every declared format -------------------------------
 def test_cli_trains_the_tiny_config_and_exports_every_format(pipeline, tmp_path, capsys):
     """The tiny config on the shipped sample (datasets/edit_pairs), then every export format."""
-    from diffusers import QwenImageEditPipeline
-
-    from mmalign.export import find_run, load_trained
-    from mmalign.families import get_family
-
-    run = tmp_path / "run"
-    assert main(["train", str(ROOT / "configs" / "tiny" / "qwen_image_edit_dpo.yaml"), f"model.path={pipeline}",
-                 f"data.train={ROOT / 'datasets' / 'edit_pairs' / 'train.jsonl'}", "train.max_steps=2", "train.batch_size=2", f"train.output_dir={run}",
-                 "train.progress=false", "train.tensorboard=false", "train.log_every=1"]) == 0
-    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
-    assert [r["step"] for r in rows] == [1, 2]
-    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # LoRA B = 0: policy == reference
-    assert all(math.isfinite(r["loss"]) for r in rows) and rows[-1]["mse/policy"] != rows[-1]["mse/ref"]
-
-    trained, _ = load_trained(find_run(run))
-    merged = copy.deepcopy(trained).merge_and_unload().eval()
     generator = torch.Generator().manual_seed(0)
     inputs = dict(hidden_states=torch.randn(1, 32, 16, generator=generator), timestep=torch.tensor([0.3]),
                   encoder_hidden_states=torch.randn(1, 5, 32, generator=generator),
@@ -254,17 +201,4 @@ def test_cli_trains_the_tiny_config_and_exports_every_format(pipeline, tmp_path,
         with torch.no_grad():
             return model.eval()(**inputs)[0]
 
-    expected = output(merged)
-    assert (expected - output(QwenImageEditPipeline.from_pretrained(pipeline).transformer)).abs().max() > 1e-6
-    for fmt in get_family("qwen_image_edit").export_formats:
-        out = tmp_path / fmt
-        assert main(["export", str(run), "--to", str(out), "--format", fmt]) == 0, capsys.readouterr().err
-        if fmt == "merged":
-            loaded = QwenImageEditPipeline.from_pretrained(out).transformer
-        elif fmt == "unet":
-            loaded = type(merged).from_pretrained(out)
-        else:
-            pipe = QwenImageEditPipeline.from_pretrained(pipeline)
-            pipe.load_lora_weights(out)
-            loaded = pipe.transformer
-        torch.testing.assert_close(output(loaded), expected, rtol=1e-5, atol=1e-5, msg=fmt)
+    cases.cli_trains_and_exports_every_format(CASE, pipeline, EDIT_PAIRS, tmp_path, capsys, output)

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 
+import flow_family_cases as cases
 import pytest
 import torch
 from diffusion_fixtures import build_for, draw_for, write_image
 from qwen_image_edit_fixtures import EDITS, save_tiny_qwen_image_edit_pipeline
 from qwen_image_fixtures import RecordingQwen
 
-from mmalign.losses import dpo_loss
 from mmalign.modalities.flow import pack_latents
 
 RES = 64  # VAE area 64² (sources 64×64 or 96×32), condition area 64²·(384/1024)² = 24² -> 32×32 VL images
@@ -131,10 +130,4 @@ def test_conditioning_and_transformer_inputs_equal_the_plus_pipeline(built, pair
 
 
 def test_dpo_is_log_2_when_policy_equals_reference(built, pairs):
-    transformer, likelihood, _ = built
-    batch, draw = draw_for(likelihood, pairs["records"])
-    reference = likelihood.logps(transformer, batch, draw)
-    same = likelihood.logps(copy.deepcopy(transformer), batch, draw)
-    loss = dpo_loss(same.pairs(), reference.pairs(), beta=2000.0)
-    torch.testing.assert_close(loss, torch.full((2,), math.log(2)), rtol=0, atol=0)
-    assert torch.isfinite(reference.logps).all() and reference.logps.shape == (4,)
+    cases.dpo_is_log_2_at_policy_equals_reference(built, pairs["records"])

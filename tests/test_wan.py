@@ -11,10 +11,12 @@ import json
 import math
 from pathlib import Path
 
+import flow_family_cases as cases
 import numpy as np
 import pytest
 import torch
 from diffusion_fixtures import build_for, draw_for
+from flow_family_cases import prompts_of, recorded_call
 from wan_fixtures import (SAMPLE, WIDTH, RecordingWan, copy_video_sample, fixed_sigma_scheduler, pipe_of,
                           sample_records, save_tiny_wan_pipeline, tiny_wan_transformer)
 
@@ -41,10 +43,6 @@ def built(pipeline):
 @pytest.fixture(scope="module")
 def records():
     return sample_records()
-
-
-def prompts_of(records):
-    return [r["prompt"] for r in records] * 2  # chosen rows, then rejected rows
 
 
 # -- video records -------------------------------------------------------------------------------------
@@ -139,13 +137,7 @@ def test_transformer_sees_what_the_pipeline_loop_gives_it(built, records):
     are) calls the transformer on x_t at σ_g with the batch's prompts: exactly what the likelihood's
     call gives it (rows g and g + B), timestep σ·1000."""
     _, likelihood, _ = built
-    batch, draw = draw_for(likelihood, records[:2])
-    ours = RecordingWan()
-    likelihood.logps(ours, batch, draw)
-    mine = ours.calls[-1]
-    v = draw.values
-    sigma = v["sigmas"].view(-1, 1, 1, 1, 1)
-    noisy = (1 - sigma) * v["latents"] + sigma * v["noise"]
+    mine, v, noisy = recorded_call(likelihood, records[:2], RecordingWan())
     assert mine["hidden_states"].shape == (4, 4, 2, 4, 4) and set(mine) == {"hidden_states", "timestep",
                                                                             "encoder_hidden_states"}
     for g in range(2):
@@ -228,26 +220,18 @@ def test_logps_are_minus_half_mse_against_eps_minus_x0(built, records):
     with torch.no_grad():  # by hand, as the pipeline calls it
         pred = transformer(hidden_states=(1 - s) * x0 + s * eps, timestep=sigma * 1000,
                            encoder_hidden_states=v["encoder_hidden_states"], return_dict=False)[0]
-    mse = (pred - (eps - x0)).pow(2).mean(dim=(1, 2, 3, 4))
-    torch.testing.assert_close(out.diagnostics["mse"], mse, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out.logps, -0.5 * out.diagnostics["mse"], rtol=0, atol=0)
+    cases.assert_minus_half_mse(out, (pred - (eps - x0)).pow(2).mean(dim=(1, 2, 3, 4)))
 
     class Oracle(RecordingWan):  # predicts ε - x0 exactly: error 0
         def forward(self, hidden_states, return_dict=True, **kwargs):
             return (eps - x0,)
 
-    assert likelihood.logps(Oracle(), batch, draw).diagnostics["mse"].abs().max().item() < 1e-12
+    cases.assert_oracle_scores_zero(likelihood, Oracle(), batch, draw)
 
 
 # -- (d) dpo at policy == reference -------------------------------------------------------------------
 def test_dpo_is_log_2_when_policy_equals_reference(built, records):
-    transformer, likelihood, _ = built
-    batch, draw = draw_for(likelihood, records)
-    reference = likelihood.logps(transformer, batch, draw)
-    same = likelihood.logps(copy.deepcopy(transformer), batch, draw)
-    assert not torch.equal(reference.logps[:4], reference.logps[4:])  # chosen and rejected differ
-    loss = dpo_loss(same.pairs(), reference.pairs(), beta=500.0)
-    torch.testing.assert_close(loss, torch.full((4,), math.log(2)), rtol=0, atol=0)
+    cases.dpo_is_log_2_at_policy_equals_reference(built, records, beta=500.0)
 
 
 # -- the shift, the folder, the refusals -------------------------------------------------------------
