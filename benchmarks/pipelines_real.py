@@ -1,9 +1,12 @@
-"""Image rows at real architecture on CPU (issue 20 item 4): Diffusion-DPO on SD1.5, Flow-DPO cache.
+"""Image rows at real architecture on CPU (issue 20 item 4): Diffusion-DPO on SD1.5 and SDXL,
+Flow-DPO cache.
 
-Both rows are built from published configs with random weights (`benchmarks.gpu_pipelines`:
-SD15_UNET = runwayml/stable-diffusion-v1-5 unet/config.json, SD_VAE, CLIP_L, FLUX, T5_XXL), saved
-as diffusers folders that mmalign's family loaders read, fp32, batch 1 pair, `--resolution` px
-(default 256: latents 4 x 32 x 32), LoRA r `--lora-rank` on the attention projections, AdamW.
+Every row is built from published configs with random weights (`benchmarks.gpu_pipelines`:
+SD15_UNET = runwayml/stable-diffusion-v1-5 unet/config.json, SD_VAE, CLIP_L, FLUX, T5_XXL;
+`benchmarks.gpu`: SDXL_UNET, SDXL_VAE, CLIP_L_TEXT, BIGG_TEXT = stabilityai/stable-diffusion-xl-
+base-1.0), saved as diffusers folders that mmalign's family loaders read, batch 1 pair,
+`--resolution` px (default 256: latents 4 x 32 x 32), LoRA r `--lora-rank` on the attention
+projections (to_q/k/v/out.0), AdamW.
 
 - `sd15`: Diffusion-DPO on the full SD1.5 UNet (860 M), its VAE and CLIP ViT-L text encoder.
   * `recipe`: the official Diffusion-DPO loop (`diffusion_dpo.recipe_step`): every step decodes
@@ -11,6 +14,15 @@ as diffusers folders that mmalign's family loaders read, fp32, batch 1 pair, `--
     checkpointing on, a frozen fp32 copy of the base UNet as reference.
   * `mmalign`: `PreferenceTrainer.train_step()` on the `mmalign cache` (float32, written once,
     timed apart), reference = LoRA adapters off, no gradient checkpointing.
+- `sdxl` (own `make bench` line, `--rows sdxl`): the same two sides on the full SDXL base UNet
+  (2.57 B), its VAE, CLIP ViT-L and OpenCLIP bigG text encoders. The frozen base weights (UNet,
+  both text encoders) are bf16 and every UNet call runs under bf16 autocast; LoRA parameters
+  (and AdamW's state) and the VAE are fp32: diffusers' train_diffusion_dpo_sdxl.py casts the UNet
+  and text encoders to `weight_dtype` (bf16 with --mixed_precision bf16), keeps the VAE fp32,
+  and adds the LoRA adapters after the cast. Two fp32 SDXL UNets (2 x 10.3 GB) would not fit a
+  23 GB machine. The recipe's frozen copy is that bf16 base (the official SDXL LoRA script
+  disables the adapters instead; the copy is what the SD1.5/SDXL full-training script keeps);
+  mmalign runs `model.dtype: bfloat16` + `train.mixed_precision: bf16` on CPU.
 - `flux`: Flow-DPO on a FLUX.1-shaped transformer (FLUX's 128-wide heads, `--flux-heads` of 24,
   `--flux-blocks` double + single blocks of 19 + 38, 16-channel VAE) with CLIP-L and a T5 of
   T5-XXL's width (d_model 4096, d_ff 10240, 64 heads; `--t5-layers` of 24), prompts padded to
@@ -23,7 +35,8 @@ the losses of the two sides of a row must agree (`--loss-tol`), else exit 1. Pha
 (`gpu.PhaseClock`, no device sync on CPU): collate, draw, VAE, text encoders, policy and
 reference forward, backward, optimizer.
 
-    python -m benchmarks.pipelines_real                      # ~6 minutes on 2 idle CPU cores
+    python -m benchmarks.pipelines_real                      # sd15 + flux, ~6 minutes on 2 idle CPU cores
+    python -m benchmarks.pipelines_real --rows sdxl --steps 2 --warmup 1 --num-pairs 2   # ~2.5 minutes, 17 GB free RAM
     python -m benchmarks.pipelines_real --tiny --steps 2     # tiny widths, the CI size
 """
 
@@ -351,14 +364,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[bench] {row} {name} ...", flush=True)
                 sides[name] = run_side(f"{row}_{name}", work, s.threads, f"{row}_{name}", "benchmarks.pipelines_real")
             rows[row] = row_summary(row, sides, caches[row], s)
-    text = table(rows, s)
+    wall_s = time.perf_counter() - tic
+    text = table(rows, s) + (f"\nprepare (random weights built and saved, pairs, caches) {prepare_s:.0f} s; "
+                             f"whole command {wall_s:.0f} s wall")
     print("\n" + text)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "benchmark": "pipelines_real", "date": datetime.date.today().isoformat(),
         "command": "python -m benchmarks.pipelines_real " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "settings": dataclasses.asdict(s),
-        "prepare_s": prepare_s, "table": text, "rows": rows}, indent=1))
+        "prepare_s": prepare_s, "wall_s": wall_s, "table": text, "rows": rows}, indent=1))
     print(f"\n[bench] wrote {out}")
     return 0 if all(r["losses_agree"] for r in rows.values()) else 1
 
