@@ -17,10 +17,11 @@ projections (to_q/k/v/out.0), AdamW.
 - `sdxl` (own `make bench` line, `--rows sdxl`): the same two sides on the full SDXL base UNet
   (2.57 B), its VAE, CLIP ViT-L and OpenCLIP bigG text encoders. The frozen base weights (UNet,
   both text encoders) are bf16 and every UNet call runs under bf16 autocast; LoRA parameters
-  (and AdamW's state) and the VAE are fp32: diffusers' train_diffusion_dpo_sdxl.py casts the UNet
-  and text encoders to `weight_dtype` (bf16 with --mixed_precision bf16), keeps the VAE fp32,
-  and adds the LoRA adapters after the cast. Two fp32 SDXL UNets (2 x 10.3 GB) would not fit a
-  23 GB machine. The recipe's frozen copy is that bf16 base (the official SDXL LoRA script
+  (and AdamW's state) and the VAE are fp32. diffusers' train_diffusion_dpo_sdxl.py casts the UNet
+  and text encoders to `weight_dtype` (bf16 with --mixed_precision bf16) and keeps the VAE fp32;
+  its adapters, added after the cast, stay bf16 (it upcasts them only for fp16), while peft's
+  `get_peft_model` (mmalign's LoRA, both sides here) keeps them fp32. Two fp32 SDXL UNets
+  (2 x 10.3 GB) would not fit a 23 GB machine. The recipe's frozen copy is that bf16 base (the official SDXL LoRA script
   disables the adapters instead; the copy is what the SD1.5/SDXL full-training script keeps);
   mmalign runs `model.dtype: bfloat16` + `train.mixed_precision: bf16` on CPU.
 - `flux`: Flow-DPO on a FLUX.1-shaped transformer (FLUX's 128-wide heads, `--flux-heads` of 24,
