@@ -21,9 +21,11 @@ projections (to_q/k/v/out.0), AdamW.
   and text encoders to `weight_dtype` (bf16 with --mixed_precision bf16) and keeps the VAE fp32;
   its adapters, added after the cast, stay bf16 (it upcasts them only for fp16), while peft's
   `get_peft_model` (mmalign's LoRA, both sides here) keeps them fp32. Two fp32 SDXL UNets
-  (2 x 10.3 GB) would not fit a 23 GB machine. The recipe's frozen copy is that bf16 base (the official SDXL LoRA script
-  disables the adapters instead; the copy is what the SD1.5/SDXL full-training script keeps);
-  mmalign runs `model.dtype: bfloat16` + `train.mixed_precision: bf16` on CPU.
+  (2 x 10.3 GB) would not fit a 23 GB machine. The recipe's reference is a frozen copy of that
+  bf16 base, as SalesforceAIResearch/DiffusionDPO train.py keeps its `ref_unet` (cast to
+  `weight_dtype`; diffusers' LoRA script disables the adapters instead). mmalign runs
+  `model.dtype: bfloat16` + `train.mixed_precision: bf16` on CPU. Both sides run the same bf16
+  kernels on the same weights and inputs, so their losses are bit-equal (measured: |Δ| 0).
 - `flux`: Flow-DPO on a FLUX.1-shaped transformer (FLUX's 128-wide heads, `--flux-heads` of 24,
   `--flux-blocks` double + single blocks of 19 + 38, 16-channel VAE) with CLIP-L and a T5 of
   T5-XXL's width (d_model 4096, d_ff 10240, 64 heads; `--t5-layers` of 24), prompts padded to
