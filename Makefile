@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.text_real --steps 3 --warmup 1 --sides mmalign mmalign_packed trl trl_gc
 	$(BIN)/python -m benchmarks.vlm_real --steps 4 --warmup 1
 	$(BIN)/python -m benchmarks.pipelines_real --steps 2 --warmup 1 --num-pairs 2
+	$(BIN)/python -m benchmarks.pipelines_real --rows sdxl --steps 2 --warmup 1 --num-pairs 2 --out benchmarks/results/pipelines_real_sdxl.json
 	$(BIN)/python -m benchmarks.real_shapes
 
 clean:

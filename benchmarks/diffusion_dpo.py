@@ -115,16 +115,18 @@ def time_draw(clock: Clock, likelihood: Any) -> None:
 
 def recipe_step(likelihood: Any, model: Any, ref: Any, values: dict[str, Any], clock: Any, *, beta: float,
                 optimizer: Any, max_grad_norm: float, autocast: Callable[[], Any] = contextlib.nullcontext,
-                ref_dtype: Any = None) -> Any:
+                ref_dtype: Any = None, policy_dtype: Any = None) -> Any:
     """One step of the official Diffusion-DPO script on one draw's `values` (latents, noise,
     timesteps, conditioning): ε-mse of the policy and of the frozen copy, loss
     −log σ(−β/2 ((mse_w − mse_l)_θ − (mse_w − mse_l)_ref)), backward, gradient clipping and the
     optimizer step, each phase timed by `clock.time`. Returns the loss (scalar tensor).
-    `autocast` / `ref_dtype`: the GPU row's bf16 autocast and the reference copy's dtype."""
+    `autocast` / `ref_dtype`: the GPU row's bf16 autocast and the reference copy's dtype;
+    `policy_dtype`: the dtype the policy's inputs are cast to (float32; bf16 base weights: bf16, as
+    the official SDXL script casts the latents and conditioning to weight_dtype)."""
     import torch
     import torch.nn.functional as F
 
-    ref_dtype = ref_dtype or torch.float32
+    ref_dtype, policy_dtype = ref_dtype or torch.float32, policy_dtype or torch.float32
     v = values
     # contiguous: the CPU VAE returns channels-last latents, and diffusers' ResnetBlock2D makes the
     # shortcut input contiguous only in train mode, so the train-mode policy and the eval-mode copy
@@ -137,7 +139,7 @@ def recipe_step(likelihood: Any, model: Any, ref: Any, values: dict[str, Any], c
             pred = net(noisy.to(dtype), v["timesteps"], **likelihood.denoiser.kwargs(v, dtype)).sample
         return F.mse_loss(pred.float(), v["noise"].float(), reduction="none").mean(dim=(1, 2, 3))
 
-    model_w, model_l = clock.time("policy_forward", lambda: mse(model, torch.float32)).chunk(2)
+    model_w, model_l = clock.time("policy_forward", lambda: mse(model, policy_dtype)).chunk(2)
     with torch.no_grad():
         ref_w, ref_l = clock.time("reference_forward", lambda: mse(ref, ref_dtype)).chunk(2)
     loss = -F.logsigmoid(-0.5 * beta * ((model_w - model_l) - (ref_w - ref_l))).mean()

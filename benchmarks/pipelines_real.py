@@ -1,9 +1,12 @@
-"""Image rows at real architecture on CPU (issue 20 item 4): Diffusion-DPO on SD1.5, Flow-DPO cache.
+"""Image rows at real architecture on CPU (issue 20 item 4): Diffusion-DPO on SD1.5 and SDXL,
+Flow-DPO cache.
 
-Both rows are built from published configs with random weights (`benchmarks.gpu_pipelines`:
-SD15_UNET = runwayml/stable-diffusion-v1-5 unet/config.json, SD_VAE, CLIP_L, FLUX, T5_XXL), saved
-as diffusers folders that mmalign's family loaders read, fp32, batch 1 pair, `--resolution` px
-(default 256: latents 4 x 32 x 32), LoRA r `--lora-rank` on the attention projections, AdamW.
+Every row is built from published configs with random weights (`benchmarks.gpu_pipelines`:
+SD15_UNET = runwayml/stable-diffusion-v1-5 unet/config.json, SD_VAE, CLIP_L, FLUX, T5_XXL;
+`benchmarks.gpu`: SDXL_UNET, SDXL_VAE, CLIP_L_TEXT, BIGG_TEXT = stabilityai/stable-diffusion-xl-
+base-1.0), saved as diffusers folders that mmalign's family loaders read, batch 1 pair,
+`--resolution` px (default 256: latents 4 x 32 x 32), LoRA r `--lora-rank` on the attention
+projections (to_q/k/v/out.0), AdamW.
 
 - `sd15`: Diffusion-DPO on the full SD1.5 UNet (860 M), its VAE and CLIP ViT-L text encoder.
   * `recipe`: the official Diffusion-DPO loop (`diffusion_dpo.recipe_step`): every step decodes
@@ -11,6 +14,18 @@ as diffusers folders that mmalign's family loaders read, fp32, batch 1 pair, `--
     checkpointing on, a frozen fp32 copy of the base UNet as reference.
   * `mmalign`: `PreferenceTrainer.train_step()` on the `mmalign cache` (float32, written once,
     timed apart), reference = LoRA adapters off, no gradient checkpointing.
+- `sdxl` (own `make bench` line, `--rows sdxl`): the same two sides on the full SDXL base UNet
+  (2.57 B), its VAE, CLIP ViT-L and OpenCLIP bigG text encoders. The frozen base weights (UNet,
+  both text encoders) are bf16 and every UNet call runs under bf16 autocast; LoRA parameters
+  (and AdamW's state) and the VAE are fp32. diffusers' train_diffusion_dpo_sdxl.py casts the UNet
+  and text encoders to `weight_dtype` (bf16 with --mixed_precision bf16) and keeps the VAE fp32;
+  its adapters, added after the cast, stay bf16 (it upcasts them only for fp16), while peft's
+  `get_peft_model` (mmalign's LoRA, both sides here) keeps them fp32. Two fp32 SDXL UNets
+  (2 x 10.3 GB) would not fit a 23 GB machine. The recipe's reference is a frozen copy of that
+  bf16 base, as SalesforceAIResearch/DiffusionDPO train.py keeps its `ref_unet` (cast to
+  `weight_dtype`; diffusers' LoRA script disables the adapters instead). mmalign runs
+  `model.dtype: bfloat16` + `train.mixed_precision: bf16` on CPU. Both sides run the same bf16
+  kernels on the same weights and inputs, so their losses are bit-equal (measured: |Δ| 0).
 - `flux`: Flow-DPO on a FLUX.1-shaped transformer (FLUX's 128-wide heads, `--flux-heads` of 24,
   `--flux-blocks` double + single blocks of 19 + 38, 16-channel VAE) with CLIP-L and a T5 of
   T5-XXL's width (d_model 4096, d_ff 10240, 64 heads; `--t5-layers` of 24), prompts padded to
@@ -23,7 +38,8 @@ the losses of the two sides of a row must agree (`--loss-tol`), else exit 1. Pha
 (`gpu.PhaseClock`, no device sync on CPU): collate, draw, VAE, text encoders, policy and
 reference forward, backward, optimizer.
 
-    python -m benchmarks.pipelines_real                      # ~6 minutes on 2 idle CPU cores
+    python -m benchmarks.pipelines_real                      # sd15 + flux, ~6 minutes on 2 idle CPU cores
+    python -m benchmarks.pipelines_real --rows sdxl --steps 2 --warmup 1 --num-pairs 2   # ~2.5 minutes, 17 GB free RAM
     python -m benchmarks.pipelines_real --tiny --steps 2     # tiny widths, the CI size
 """
 
@@ -43,7 +59,12 @@ from typing import Any
 
 from benchmarks import gpu, gpu_pipelines, measure
 
-ROWS = {"sd15": ("recipe", "mmalign"), "flux": ("uncached", "cached")}
+ROWS = {"sd15": ("recipe", "mmalign"), "sdxl": ("recipe", "mmalign"), "flux": ("uncached", "cached")}
+MODALITY = {"sd15": "sd", "sdxl": "sdxl", "flux": "flux"}
+# sdxl: frozen base weights (UNet, both text encoders) in bf16 under bf16 autocast, LoRA and VAE in
+# fp32, as diffusers' train_diffusion_dpo_sdxl.py casts them (`weight_dtype`); two fp32 SDXL UNets
+# (2 x 10.3 GB) do not fit a 23 GB machine.
+SDXL_DTYPE = "bfloat16"
 
 
 @dataclasses.dataclass
@@ -100,13 +121,45 @@ def save_flux(path: Path, s: Settings) -> None:
                                     base_image_seq_len=256, max_image_seq_len=4096).save_pretrained(path / "scheduler")
 
 
+def save_sdxl(path: Path, s: Settings) -> None:
+    """SDXL pipeline (`gpu_sdxl.sdxl_parts`: stabilityai/stable-diffusion-xl-base-1.0's UNet, VAE,
+    CLIP ViT-L and OpenCLIP bigG text configs): the UNet (2.57 B) built directly in bf16 (an fp32
+    build takes 10.3 GB) and saved in 1 GB shards, both text encoders in bf16, the VAE in fp32."""
+    import gc
+
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from benchmarks import gpu_sdxl
+
+    parts, dtype = gpu_sdxl.sdxl_parts(_gpu_settings(s)), getattr(torch, SDXL_DTYPE)
+    torch.manual_seed(s.seed)
+    torch.set_default_dtype(dtype)
+    try:
+        UNet2DConditionModel(**parts["unet"]).save_pretrained(path / "unet", max_shard_size="1GB")
+        gc.collect()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    AutoencoderKL(**parts["vae"]).save_pretrained(path / "vae")
+    for key, cls, sub in (("text", CLIPTextModel, "text_encoder"),
+                          ("text_2", CLIPTextModelWithProjection, "text_encoder_2")):
+        cls(CLIPTextConfig(**parts[key], bos_token_id=0, eos_token_id=1, pad_token_id=1)).to(dtype).save_pretrained(
+            path / sub)
+    for sub in ("tokenizer", "tokenizer_2"):
+        gpu_sdxl.clip_tokenizer().save_pretrained(path / sub)
+    gpu_sdxl.sdxl_scheduler().save_pretrained(path / "scheduler")
+
+
 def config(work: Path, s: Settings, row: str, side: str) -> Any:
-    """The row's mmalign config for `side` (fp32 on CPU, LoRA, reference adapters off)."""
+    """The row's mmalign config for `side` (CPU, LoRA, reference adapters off): fp32 (sd15, flux) or
+    bf16 base weights under bf16 autocast (sdxl)."""
     cached = side in ("mmalign", "cached")
-    modality, beta = ("sd", s.beta) if row == "sd15" else ("flux", s.flow_beta)
-    cfg = gpu_pipelines.pipeline_config(work / row, _gpu_settings(s), modality, f"{side}_{time.time_ns()}", cached,
-                                        False, resolution(s), beta)
-    cfg.train.mixed_precision, cfg.train.cpu, cfg.train.max_steps, cfg.optim.lr = "no", True, s.steps, s.lr
+    beta, bf16 = s.flow_beta if row == "flux" else s.beta, row == "sdxl"
+    cfg = gpu_pipelines.pipeline_config(work / row, _gpu_settings(s), MODALITY[row], f"{side}_{time.time_ns()}",
+                                        cached, False, resolution(s), beta, SDXL_DTYPE if bf16 else "float32")
+    cfg.train.mixed_precision, cfg.train.cpu, cfg.train.max_steps, cfg.optim.lr = ("bf16" if bf16 else "no", True,
+                                                                                   s.steps, s.lr)
     return cfg
 
 
@@ -121,13 +174,20 @@ def prepare(work: Path, s: Settings) -> dict[str, Any]:
     (work / "settings.json").write_text(json.dumps(dataclasses.asdict(s)))
     caches = {}
     for row in s.rows.split(","):
+        folder = work / row / "pipeline"
         if row == "sd15":
-            gpu_pipelines.save_sd15(work / row / "pipeline", _gpu_settings(s), "cpu")
+            gpu_pipelines.save_sd15(folder, _gpu_settings(s), "cpu")
         else:
-            save_flux(work / row / "pipeline", s)
+            (save_sdxl if row == "sdxl" else save_flux)(folder, s)
         gpu_pipelines.write_pairs(work / row, resolution(s), s.num_pairs, s.seed)
         caches[row] = gpu_pipelines.build_cache(config(work, s, row, ROWS[row][1]), Device(tiny=True))
     return caches
+
+
+def param_dtypes(model: Any) -> dict[str, list[str]]:
+    """The dtypes of the trainable (LoRA) and the frozen (base) parameters."""
+    return {kind: sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad == grad})
+            for kind, grad in (("trainable", True), ("frozen", False))}
 
 
 def _steps(step: Any, clock: Any, s: Settings) -> dict[str, Any]:
@@ -162,14 +222,17 @@ def trainer_side(work: Path, s: Settings, row: str, side: str) -> dict[str, Any]
     setup = time.perf_counter() - tic
     out = _steps(lambda: trainer.train_step()["loss"], clock, s)
     out["extra"].update(reference=trainer.strategy, gradient_checkpointing=cfg.model.gradient_checkpointing,
+                        param_dtypes=param_dtypes(trainer.unwrapped),
                         loaded_vae=likelihood.vae is not None,
                         loaded_text_encoders=isinstance(likelihood.conditioning, TextConditioning))
     return {**out, "setup_s": setup}
 
 
-def recipe_side(work: Path, s: Settings) -> dict[str, Any]:
-    """The official Diffusion-DPO loop on SD1.5: VAE + text encoder every step, checkpointing on,
-    a frozen fp32 copy of the base UNet as reference, LoRA on the policy."""
+def recipe_side(work: Path, s: Settings, row: str = "sd15") -> dict[str, Any]:
+    """The official Diffusion-DPO loop: VAE + text encoder(s) every step, checkpointing on, a frozen
+    copy of the base UNet as reference (in the weights' dtype: fp32 for sd15, bf16 for sdxl, under
+    bf16 autocast as the official scripts' mixed precision), LoRA on the policy."""
+    import contextlib
     import copy
 
     import torch
@@ -182,8 +245,10 @@ def recipe_side(work: Path, s: Settings) -> dict[str, Any]:
     from mmalign.train.trainer import step_seed
 
     tic = time.perf_counter()
-    cfg = config(work, s, "sd15", "recipe")
+    cfg = config(work, s, row, "recipe")
     unet, likelihood, _ = get_family(cfg.modality).build(cfg, use_cache=False, trained=True)
+    dtype, bf16 = getattr(torch, cfg.model.dtype), cfg.train.mixed_precision == "bf16"
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     ref = copy.deepcopy(unet).requires_grad_(False).eval()
     unet.enable_gradient_checkpointing()
     model = apply_lora(unet, cfg).train()
@@ -201,16 +266,20 @@ def recipe_side(work: Path, s: Settings) -> dict[str, Any]:
         values = likelihood.draw(batch, torch.Generator().manual_seed(seed)).values
         state["step"] += 1
         return recipe_step(likelihood, model, ref, values, clock, beta=s.beta, optimizer=optimizer,
-                           max_grad_norm=cfg.optim.max_grad_norm)
+                           max_grad_norm=cfg.optim.max_grad_norm, autocast=autocast, ref_dtype=dtype,
+                           policy_dtype=dtype)
 
     out = _steps(step, clock, s)
-    out["extra"].update(reference="frozen copy (float32)", gradient_checkpointing=True, loaded_vae=True,
+    out["extra"].update(reference=f"frozen copy ({cfg.model.dtype})", gradient_checkpointing=True, loaded_vae=True,
+                        param_dtypes=param_dtypes(model),
                         loaded_text_encoders=True)
     return {**out, "setup_s": setup}
 
 
 SIDES = {"sd15_recipe": recipe_side,
          "sd15_mmalign": lambda w, s: trainer_side(w, s, "sd15", "mmalign"),
+         "sdxl_recipe": lambda w, s: recipe_side(w, s, "sdxl"),
+         "sdxl_mmalign": lambda w, s: trainer_side(w, s, "sdxl", "mmalign"),
          "flux_uncached": lambda w, s: trainer_side(w, s, "flux", "uncached"),
          "flux_cached": lambda w, s: trainer_side(w, s, "flux", "cached")}
 
@@ -223,7 +292,7 @@ def _imports() -> None:
     import diffusers  # noqa: F401
     import peft  # noqa: F401
     from diffusers import AutoencoderKL, FluxTransformer2DModel, UNet2DConditionModel  # noqa: F401
-    from transformers import CLIPTextModel, T5EncoderModel  # noqa: F401
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel  # noqa: F401
 
     import mmalign.train.trainer  # noqa: F401
 
@@ -238,12 +307,15 @@ def row_summary(row: str, sides: dict[str, dict[str, Any]], cache: dict[str, Any
 
 
 def table(rows: dict[str, dict[str, Any]], s: Settings) -> str:
-    what = {"sd15": f"Diffusion-DPO, SD1.5 UNet + VAE + CLIP-L{' (tiny)' if s.tiny else ''}",
+    tiny = " (tiny)" if s.tiny else ""
+    what = {"sd15": f"Diffusion-DPO, SD1.5 UNet + VAE + CLIP-L{tiny}, fp32",
+            "sdxl": (f"Diffusion-DPO, SDXL UNet + VAE + CLIP-L + OpenCLIP-bigG{tiny}, bf16 base weights + bf16 "
+                     "autocast (LoRA and VAE fp32)"),
             "flux": (f"Flow-DPO, FLUX.1-shaped ({s.flux_heads} x 128 heads, {s.flux_blocks} + {s.flux_blocks} blocks), "
-                     f"T5 d_model 4096 x {s.t5_layers} layer(s), {s.t5_tokens} T5 tokens" if not s.tiny else
-                     "Flow-DPO, FLUX (tiny)")}
+                     f"T5 d_model 4096 x {s.t5_layers} layer(s), {s.t5_tokens} T5 tokens, fp32" if not s.tiny else
+                     "Flow-DPO, FLUX (tiny), fp32")}
     lines = [f"image rows at real architecture on CPU: {resolution(s)}px, batch {s.batch_size} pair(s), "
-             f"LoRA r{s.lora_rank}, fp32, "
+             f"LoRA r{s.lora_rank}, "
              f"{s.steps} steps ({s.warmup} warm-up), {s.threads} threads"]
     for row, r in rows.items():
         lines.append(f"{row}: {what[row]}")
@@ -295,14 +367,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[bench] {row} {name} ...", flush=True)
                 sides[name] = run_side(f"{row}_{name}", work, s.threads, f"{row}_{name}", "benchmarks.pipelines_real")
             rows[row] = row_summary(row, sides, caches[row], s)
-    text = table(rows, s)
+    wall_s = time.perf_counter() - tic
+    text = table(rows, s) + (f"\nprepare (random weights built and saved, pairs, caches) {prepare_s:.0f} s; "
+                             f"whole command {wall_s:.0f} s wall")
     print("\n" + text)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "benchmark": "pipelines_real", "date": datetime.date.today().isoformat(),
         "command": "python -m benchmarks.pipelines_real " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "settings": dataclasses.asdict(s),
-        "prepare_s": prepare_s, "table": text, "rows": rows}, indent=1))
+        "prepare_s": prepare_s, "wall_s": wall_s, "table": text, "rows": rows}, indent=1))
     print(f"\n[bench] wrote {out}")
     return 0 if all(r["losses_agree"] for r in rows.values()) else 1
 

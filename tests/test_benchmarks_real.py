@@ -50,9 +50,9 @@ def test_vlm_real_tokens_identical_and_losses_agree(tmp_path: Path):
 
 
 def test_pipelines_real_sides_agree_and_the_cache_drops_the_encoders(tmp_path: Path):
-    s = pipelines_real.Settings(tiny=True, steps=2, warmup=1, num_pairs=2, lora_rank=4)
+    s = pipelines_real.Settings(tiny=True, steps=2, warmup=1, num_pairs=2, lora_rank=4, rows="sd15,sdxl,flux")
     caches = pipelines_real.prepare(tmp_path, s)
-    assert set(caches) == {"sd15", "flux"}
+    assert set(caches) == {"sd15", "sdxl", "flux"}
     runs = {name: side(tmp_path, s) for name, side in pipelines_real.SIDES.items()}
     for row, (old, new) in pipelines_real.ROWS.items():
         a, b = runs[f"{row}_{old}"], runs[f"{row}_{new}"]
@@ -61,5 +61,9 @@ def test_pipelines_real_sides_agree_and_the_cache_drops_the_encoders(tmp_path: P
         assert a["losses"][1] != pytest.approx(math.log(2), abs=1e-6)  # LoRA moved: the later loss is compared too
         assert a["extra"]["loaded_text_encoders"] and not b["extra"]["loaded_text_encoders"]
         assert b["extra"]["ms_per_step"]["text_encoders"] == 0 and b["extra"]["ms_per_step"]["vae"] == 0
-    assert runs["sd15_mmalign"]["extra"]["reference"] == "lora_disabled"
-    assert not runs["sd15_mmalign"]["extra"]["gradient_checkpointing"]
+    for row in ("sd15", "sdxl"):
+        assert runs[f"{row}_mmalign"]["extra"]["reference"] == "lora_disabled"
+        assert not runs[f"{row}_mmalign"]["extra"]["gradient_checkpointing"]
+    assert runs["sdxl_recipe"]["extra"]["reference"] == "frozen copy (bfloat16)"
+    for side in ("recipe", "mmalign"):  # bf16 base weights, fp32 LoRA on both sdxl sides
+        assert runs[f"sdxl_{side}"]["extra"]["param_dtypes"] == {"trainable": ["float32"], "frozen": ["bfloat16"]}
