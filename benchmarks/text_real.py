@@ -228,7 +228,7 @@ def orchestrate(argv: list[str] | None = None) -> int:
         same_order = base is not None and side != "mmalign_grouped"  # grouped: other pairs at each step
         diff = max(abs(x - y) for x, y in zip(run["losses"][:10], base["losses"][:10])) if same_order else float("nan")
         ok = ok and (diff <= tol or not same_order)
-        ratios = (f"{rate / base['pairs_per_s']:>13.2f}{mem / base['rss_growth_mib']:>12.2f}" if base else "")
+        ratios = (f"{rate / base['pairs_per_s']:>13.2f}{mem / base['rss_growth_mib']:>12.2f}" if base else " " * 25)
         pad = f"{100 * run['padded_fraction']:>7.1f}" if "padded_fraction" in run else f"{'':>7}"
         lines.append(f"{side:<16}{rate:>10.3f}{mem:>15.0f}{ratios}{diff:>16.1e}{run['process_cpu_s']:>8.0f}"
                      f"{sum(run['step_ms']) / 1000:>9.1f}{pad}")

@@ -13,9 +13,9 @@ seeded permutation π_e and is regrouped:
      batch may be shorter and stays last);
   3. the full batches of window w are put in a seeded random order (mix_seed(seed, e, w)), so the
      length of consecutive steps does not saw-tooth down each window as HF's order does;
-  4. the full batch holding the epoch's longest record is swapped with the epoch's first full
-     batch (as HF puts its longest megabatch first): a batch that does not fit in memory fails at
-     the first step of the run, not hours in.
+  4. the widest full batch (the longest record among them; ties: the first) is swapped with the
+     epoch's first full batch (as HF puts its longest megabatch first): every full batch has G rows,
+     so a padded batch that does not fit in memory fails at the first step of the run, not hours in.
 
 Each record is still read exactly once per epoch, and the order is a pure function of (seed,
 epoch, lengths, G, K): resume is exact, and 2 processes equal 1 at the same global batch (rank r
