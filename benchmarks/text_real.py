@@ -26,6 +26,8 @@ Rates are pairs/s after the warm-up steps; memory is the
 peak RSS growth of the process over its baseline after imports.
 
     python -m benchmarks.text_real                     # all sides, prints the table, writes JSON
+    python -m benchmarks.text_real --steps 16 --warmup 2 --sides mmalign mmalign_grouped  # one epoch, grouped
+    python -m benchmarks.text_real --padding-sweep 1 2 4 8 16   # padded tokens per K, no training
 """
 
 from __future__ import annotations
@@ -188,6 +190,33 @@ def _imports() -> None:
     import mmalign.train.trainer  # noqa: F401
 
 
+def padding_sweep(workdir: Path, s: Settings, windows: list[int]) -> str:
+    """Padded tokens over one epoch of the prepared pairs in `batch_size`-pair batches: ungrouped,
+    each pair alone (the floor: chosen vs rejected), and `data.group_by_length` K for K in `windows`
+    (no training: the samplers' batches through `collate`)."""
+    from transformers import AutoTokenizer
+
+    from mmalign.data.length_grouping import LengthGroupedSampler, record_lengths
+    from mmalign.data.preference import StreamSampler
+    from mmalign.modalities.causal_lm import CausalLMLikelihood
+
+    lik = CausalLMLikelihood(AutoTokenizer.from_pretrained(workdir / "model"), max_length=s.max_length)
+    records = [json.loads(line) for line in open(workdir / "pairs.jsonl")]
+    steps, b = -(-s.num_pairs // s.batch_size), s.batch_size
+    samplers = {"ungrouped": StreamSampler(s.num_pairs, s.seed)}
+    lengths = record_lengths(lik, records, "pair")
+    samplers |= {f"K={k}": LengthGroupedSampler(lengths, s.seed, k) for k in windows}
+    rows = {name: [x.micro_batch(m, b, 0, 1) for m in range(steps)] for name, x in samplers.items()}
+    rows["each pair alone"] = [[i] for i in range(s.num_pairs)]
+    lines = [f"one epoch: {s.num_pairs} pairs, batch {b} pairs; tokens the padded batches compute",
+             f"{'order':<16}{'padded':>9}{'real':>9}{'computed':>10}{'pad %':>7}"]
+    for name, batches in rows.items():
+        masks = [lik.collate([records[i] for i in rs], "pair").inputs["attention_mask"] for rs in batches]
+        pad, real = sum(int((m == 0).sum()) for m in masks), sum(int(m.sum()) for m in masks)
+        lines.append(f"{name:<16}{pad:>9}{real:>9}{pad + real:>10}{100 * pad / (pad + real):>7.1f}")
+    return "\n".join(lines)
+
+
 def orchestrate(argv: list[str] | None = None) -> int:
     """Prepare once, run every side in its own process, print the table, write the JSON."""
     from benchmarks.__main__ import run_side
@@ -202,8 +231,15 @@ def orchestrate(argv: list[str] | None = None) -> int:
                    help="data.group_by_length K of the mmalign_grouped side (windows of K x batch pairs)")
     p.add_argument("--loss-tol", type=float, default=1e-4)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "text_real.json")
+    p.add_argument("--padding-sweep", type=int, nargs="+", metavar="K",
+                   help="only print the padded tokens of one epoch for these data.group_by_length values")
     a = p.parse_args(argv)
     s = Settings(steps=a.steps, warmup=a.warmup, vocab=a.vocab, group_by_length=a.group_by_length)
+    if a.padding_sweep:
+        with tempfile.TemporaryDirectory(prefix="mmalign_bench_real_") as tmp:
+            prepare(Path(tmp), s)
+            print(padding_sweep(Path(tmp), s, a.padding_sweep))
+        return 0
     if not 0 <= s.warmup < s.steps:
         p.error("need 0 <= --warmup < --steps")
     runs, tol = {}, a.loss_tol
