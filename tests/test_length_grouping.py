@@ -13,13 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
-from mmalign.config import load_config
+from mmalign.config import load_config, validate
 from mmalign.data.length_grouping import LengthGroupedSampler, build_sampler, group_by_length, record_lengths
 from mmalign.data.preference import StreamSampler
 from mmalign.errors import ConfigError, DataError
 from mmalign.modalities import build_modality
 from mmalign.modalities.causal_lm import CausalLMLikelihood
 from mmalign.toytext import make_toy_pairs
+from mmalign.train.setup import check_contracts
 from mmalign.train.trainer import PreferenceTrainer
 from mmalign.types import MeasuresLength
 
@@ -202,6 +203,18 @@ def test_resume_with_grouping_equals_uninterrupted_run(make_config):
         trainer_for(cfg, "train.resume=true", "data.group_by_length=0", "train.max_steps=8").fit()
 
 
+class StubSource:
+    """A `DataSource` that is never asked for records."""
+
+    kind = "pair"
+
+    def describe(self) -> str:
+        return "stub"
+
+    def records_for_step(self, step, model, accelerator):
+        raise AssertionError("not called")
+
+
 def test_config_errors(make_config):
     with pytest.raises(ConfigError, match="data.group_by_length must be >= 0"):
         load_config(make_config(data={"group_by_length": -1}))
@@ -210,3 +223,10 @@ def test_config_errors(make_config):
         build_sampler(cfg, object(), [{"prompt": "a"}], "pair")
     cfg.data.group_by_length = 0
     assert isinstance(build_sampler(cfg, object(), [{"prompt": "a"}], "pair"), StreamSampler)
+    online = load_config(make_config(data={"group_by_length": 2}))
+    online.online = SimpleNamespace()  # any online section
+    with pytest.raises(ConfigError, match="data.group_by_length must be >= 0 .* is for offline data"):
+        validate(online)
+    with pytest.raises(ConfigError, match="data.group_by_length is for offline data"):
+        check_contracts(load_config(make_config(data={"group_by_length": 2})), object.__new__(CausalLMLikelihood),
+                        object.__new__(StubSource))
