@@ -79,9 +79,21 @@ def mmalign_order(s: Settings) -> list[int]:
     return StreamSampler(s.num_pairs, s.seed).indices(0, s.steps * s.batch_size)
 
 
-def mmalign_steps(workdir: Path, s: Any, **sections: dict[str, Any] | str) -> dict[str, Any]:
+def padding_stats(trainer: Any, steps: int) -> dict[str, float]:
+    """Padded and real tokens of the padded batches the trainer read in its first `steps` steps
+    (one process): `collate`'s attention masks, untimed."""
+    pad = real = 0
+    for m in range(steps * trainer.cfg.train.grad_accum):
+        rows = trainer.sampler.micro_batch(m, trainer.cfg.train.batch_size, 0, 1)
+        mask = trainer.likelihood.collate(trainer.fetch("train", rows), trainer.kind).inputs["attention_mask"]
+        pad, real = pad + int((mask == 0).sum()), real + int(mask.sum())
+    return {"padded_tokens": pad, "real_tokens": real, "padded_fraction": pad / (pad + real)}
+
+
+def mmalign_steps(workdir: Path, s: Any, padding: bool = False, **sections: dict[str, Any] | str) -> dict[str, Any]:
     """Build mmalign's trainer from a config dict (`sections` extend or replace its sections: the
-    VLM benchmark adds `modality="llava"`) and call `train_step()` `s.steps` times."""
+    VLM benchmark adds `modality="llava"`) and call `train_step()` `s.steps` times; `padding`: also
+    return the padded batches' token counts (`padding_stats`) under "extra"."""
     from mmalign.config import Config, from_dict, validate
     from mmalign.modalities import build_modality
     from mmalign.train.trainer import PreferenceTrainer
@@ -108,7 +120,8 @@ def mmalign_steps(workdir: Path, s: Any, **sections: dict[str, Any] | str) -> di
     for _ in range(s.steps):
         losses.append(trainer.train_step()["loss"])
         ends.append(time.perf_counter())
-    return {"setup_s": start - tic, "start": start, "step_ends": ends, "losses": losses}
+    out = {"setup_s": start - tic, "start": start, "step_ends": ends, "losses": losses}
+    return {**out, "extra": padding_stats(trainer, s.steps)} if padding else out
 
 
 def run_mmalign(workdir: Path, s: Settings) -> dict[str, Any]:

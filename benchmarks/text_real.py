@@ -17,7 +17,8 @@ the first batch). Nothing is truncated on either side (mmalign `data.max_length`
 
 Sides (each in a fresh interpreter, as `python -m benchmarks`): `mmalign` (its defaults: the
 chunked LM head, `model.lm_head_chunk` 256), `mmalign_packed` (plus `data.padding_free`),
-`mmalign_full_logits` (`model.lm_head_chunk: 0`, the path before issue 20), `trl` (DPOTrainer with every
+`mmalign_full_logits` (`model.lm_head_chunk: 0`, the path before issue 20), `mmalign_grouped`
+(`data.group_by_length` K = `--group-by-length`, only when named: its order differs from TRL's), `trl` (DPOTrainer with every
 default that differs from mmalign's matched: fp32, torch AdamW, constant lr, no gradient
 checkpointing, sequential order) and `trl_gc` (TRL with its best memory options on this setup:
 gradient checkpointing and precomputed reference log-probs, no reference model kept: `run_trl`).
@@ -25,6 +26,8 @@ Rates are pairs/s after the warm-up steps; memory is the
 peak RSS growth of the process over its baseline after imports.
 
     python -m benchmarks.text_real                     # all sides, prints the table, writes JSON
+    python -m benchmarks.text_real --steps 16 --warmup 2 --sides mmalign mmalign_grouped  # one epoch, grouped
+    python -m benchmarks.text_real --padding-sweep 1 2 4 8 16   # padded tokens per K, no training
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ class Settings:
     seed: int = 0
     threads: int = 2
     vocab: int = VOCAB
+    group_by_length: int = 8  # the mmalign_grouped side's data.group_by_length
 
 
 def word_tokenizer(vocab_size: int = VOCAB) -> Any:
@@ -128,13 +132,16 @@ def load_settings(workdir: Path) -> Settings:
     return Settings(**{f.name: data[f.name] for f in fields(Settings)})
 
 
-def run_mmalign(workdir: Path, s: Settings, padding_free: bool = False, chunk: int | None = None) -> dict[str, Any]:
-    """mmalign's trainer; `chunk` None: mmalign's default `model.lm_head_chunk`."""
+def run_mmalign(workdir: Path, s: Settings, padding_free: bool = False, chunk: int | None = None,
+                group: int = 0) -> dict[str, Any]:
+    """mmalign's trainer; `chunk` None: mmalign's default `model.lm_head_chunk`; `group`: its
+    `data.group_by_length`. Also reports the padded fraction of the batches it read."""
     from benchmarks.text_dpo import mmalign_steps
 
     model = {"path": str(workdir / "model"), "dtype": "float32", **({} if chunk is None else {"lm_head_chunk": chunk})}
-    return mmalign_steps(workdir, s, data={"train": str(workdir / "pairs.jsonl"), "max_length": s.max_length,
-                                           "padding_free": padding_free}, model=model)
+    return mmalign_steps(workdir, s, padding=True, model=model,
+                         data={"train": str(workdir / "pairs.jsonl"), "max_length": s.max_length,
+                               "padding_free": padding_free, "group_by_length": group})
 
 
 def run_trl(workdir: Path, s: Settings, memory_options: bool = False) -> dict[str, Any]:
@@ -167,6 +174,8 @@ SIDES = {
     "mmalign": run_mmalign,
     "mmalign_packed": lambda w, s: run_mmalign(w, s, padding_free=True),
     "mmalign_full_logits": lambda w, s: run_mmalign(w, s, chunk=0),
+    # data.group_by_length (not in make bench): another order, so its losses are not TRL's
+    "mmalign_grouped": lambda w, s: run_mmalign(w, s, group=s.group_by_length),
     "trl": run_trl,
     "trl_gc": lambda w, s: run_trl(w, s, memory_options=True),
 }
@@ -181,6 +190,33 @@ def _imports() -> None:
     import mmalign.train.trainer  # noqa: F401
 
 
+def padding_sweep(workdir: Path, s: Settings, windows: list[int]) -> str:
+    """Padded tokens over one epoch of the prepared pairs in `batch_size`-pair batches: ungrouped,
+    each pair alone (the floor: chosen vs rejected), and `data.group_by_length` K for K in `windows`
+    (no training: the samplers' batches through `collate`)."""
+    from transformers import AutoTokenizer
+
+    from mmalign.data.length_grouping import LengthGroupedSampler, record_lengths
+    from mmalign.data.preference import StreamSampler
+    from mmalign.modalities.causal_lm import CausalLMLikelihood
+
+    lik = CausalLMLikelihood(AutoTokenizer.from_pretrained(workdir / "model"), max_length=s.max_length)
+    records = [json.loads(line) for line in open(workdir / "pairs.jsonl")]
+    steps, b = -(-s.num_pairs // s.batch_size), s.batch_size
+    samplers = {"ungrouped": StreamSampler(s.num_pairs, s.seed)}
+    lengths = record_lengths(lik, records, "pair")
+    samplers |= {f"K={k}": LengthGroupedSampler(lengths, s.seed, k) for k in windows}
+    rows = {name: [x.micro_batch(m, b, 0, 1) for m in range(steps)] for name, x in samplers.items()}
+    rows["each pair alone"] = [[i] for i in range(s.num_pairs)]
+    lines = [f"one epoch: {s.num_pairs} pairs, batch {b} pairs; tokens the padded batches compute",
+             f"{'order':<16}{'padded':>9}{'real':>9}{'computed':>10}{'pad %':>7}"]
+    for name, batches in rows.items():
+        masks = [lik.collate([records[i] for i in rs], "pair").inputs["attention_mask"] for rs in batches]
+        pad, real = sum(int((m == 0).sum()) for m in masks), sum(int(m.sum()) for m in masks)
+        lines.append(f"{name:<16}{pad:>9}{real:>9}{pad + real:>10}{100 * pad / (pad + real):>7.1f}")
+    return "\n".join(lines)
+
+
 def orchestrate(argv: list[str] | None = None) -> int:
     """Prepare once, run every side in its own process, print the table, write the JSON."""
     from benchmarks.__main__ import run_side
@@ -190,11 +226,20 @@ def orchestrate(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=Settings.steps)
     p.add_argument("--warmup", type=int, default=Settings.warmup, help="first steps left out of the rate")
     p.add_argument("--vocab", type=int, default=VOCAB, help="vocabulary size (default Llama 3's %(default)s)")
-    p.add_argument("--sides", nargs="+", choices=sorted(SIDES), default=list(SIDES))
+    p.add_argument("--sides", nargs="+", choices=sorted(SIDES), default=[k for k in SIDES if k != "mmalign_grouped"])
+    p.add_argument("--group-by-length", type=int, default=Settings.group_by_length,
+                   help="data.group_by_length K of the mmalign_grouped side (windows of K x batch pairs)")
     p.add_argument("--loss-tol", type=float, default=1e-4)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "text_real.json")
+    p.add_argument("--padding-sweep", type=int, nargs="+", metavar="K",
+                   help="only print the padded tokens of one epoch for these data.group_by_length values")
     a = p.parse_args(argv)
-    s = Settings(steps=a.steps, warmup=a.warmup, vocab=a.vocab)
+    s = Settings(steps=a.steps, warmup=a.warmup, vocab=a.vocab, group_by_length=a.group_by_length)
+    if a.padding_sweep:
+        with tempfile.TemporaryDirectory(prefix="mmalign_bench_real_") as tmp:
+            prepare(Path(tmp), s)
+            print(padding_sweep(Path(tmp), s, a.padding_sweep))
+        return 0
     if not 0 <= s.warmup < s.steps:
         p.error("need 0 <= --warmup < --steps")
     runs, tol = {}, a.loss_tol
@@ -212,16 +257,20 @@ def orchestrate(argv: list[str] | None = None) -> int:
              f"sequence tokens median {stats['sequence_tokens_median']:.0f}, p90 {stats['sequence_tokens_p90']:.0f}, "
              f"max {stats['sequence_tokens_max']}",
              f"{'side':<16}{'pairs/s':>10}{'peak RSS +MiB':>15}{'vs TRL rate':>13}{'vs TRL mem':>12}{'max |Δloss| 10':>16}"
-             f"{'CPU s':>8}"]
+             f"{'CPU s':>8}{'steps s':>9}{'pad %':>7}"]
     ok = True
     for side, run in runs.items():
         rate, mem = run["pairs_per_s"], run["rss_growth_mib"]
-        diff = max(abs(x - y) for x, y in zip(run["losses"][:10], base["losses"][:10])) if base else float("nan")
-        ok = ok and (diff <= tol or base is None)
-        ratios = (f"{rate / base['pairs_per_s']:>13.2f}{mem / base['rss_growth_mib']:>12.2f}" if base else "")
-        lines.append(f"{side:<16}{rate:>10.3f}{mem:>15.0f}{ratios}{diff:>16.1e}{run['process_cpu_s']:>8.0f}")
+        same_order = base is not None and side != "mmalign_grouped"  # grouped: other pairs at each step
+        diff = max(abs(x - y) for x, y in zip(run["losses"][:10], base["losses"][:10])) if same_order else float("nan")
+        ok = ok and (diff <= tol or not same_order)
+        ratios = (f"{rate / base['pairs_per_s']:>13.2f}{mem / base['rss_growth_mib']:>12.2f}" if base else " " * 25)
+        pad = f"{100 * run['padded_fraction']:>7.1f}" if "padded_fraction" in run else f"{'':>7}"
+        lines.append(f"{side:<16}{rate:>10.3f}{mem:>15.0f}{ratios}{diff:>16.1e}{run['process_cpu_s']:>8.0f}"
+                     f"{sum(run['step_ms']) / 1000:>9.1f}{pad}")
     lines.append("CPU s: CPU seconds of the side's whole process (imports, setup, steps); / threads ~ its wall time "
-                 "on idle cores")
+                 "on idle cores. steps s: wall time of all steps (warm-up included). pad %: padded tokens of the "
+                 "padded batches read (a padding-free side computes none of them)")
     table = "\n".join(lines)
     print("\n" + table)
     a.out.parent.mkdir(parents=True, exist_ok=True)

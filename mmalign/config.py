@@ -57,6 +57,10 @@ class DataConfig:
     # text LMs: run each batch as one packed row (positions restart per sequence, attention kept
     # within each): no padding is computed; equal log-probs (checked once per model)
     padding_free: bool = False
+    # K > 0: offline records of similar length share micro-batches (less padding): each window of
+    # K x global micro-batch (train.batch_size x processes) entries of the epoch's order is sorted by
+    # length and cut into batches, seeded-shuffled, the longest batch first (mmalign/data/length_grouping.py)
+    group_by_length: int = 0
     # decode the images of jsonl/json/parquet data at load, skipping (and counting) unreadable rows:
     # auto (files of <= 5,000 rows), all, none (mmalign/data/media_checks.py)
     verify_media: str = "auto"

@@ -26,6 +26,9 @@ def validate_config(cfg: Config) -> None:
     if cfg.data.streaming < 0:
         raise ConfigError(f"data.streaming must be >= 0 (rows kept from a streamed Hub split; 0 = the whole split), "
                           f"got {cfg.data.streaming}")
+    if cfg.data.group_by_length < 0 or (cfg.data.group_by_length and cfg.online is not None):
+        raise ConfigError(f"data.group_by_length must be >= 0 (0 = off) and is for offline data (online rounds "
+                          f"pick their own rows), got {cfg.data.group_by_length}")
     t = cfg.train
     for name in ("max_steps", "batch_size", "grad_accum", "eval_batch_size"):
         if getattr(t, name) < 1:

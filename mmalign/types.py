@@ -5,7 +5,7 @@ A paired batch holds the chosen items first, then the rejected ones (2B items);
 `LogpOutput.pairs()` splits it into a `PairLogps` that the losses consume.
 
 Optional abilities of a likelihood are separate runtime-checkable protocols (`Validates`,
-`ScoresModifiedImages`, `TokenValues`), checked with `isinstance`. Online data comes from a
+`ScoresModifiedImages`, `TokenValues`, `MeasuresLength`), checked with `isinstance`. Online data comes from a
 `DataSource` that returns a `Round` (records + sampler) for each step.
 """
 
@@ -229,6 +229,17 @@ class TokenSquareMass(Protocol):
     sum_v p_t(v)^2 under the model at each scored position (WPO's weights, `loss.use_weighting`)."""
 
     square_mass: bool
+
+
+@runtime_checkable
+class MeasuresLength(Protocol):
+    """Ability: a record's padded width in a batch, measured cheaply (text tokenised, image headers
+    read, no forward): what `data.group_by_length` (`mmalign.data.length_grouping`) sorts by."""
+
+    def record_length(self, record: dict[str, Any], kind: str) -> int:
+        """Tokens of the record's longest item as `collate` lays it out: prompt (image tokens
+        included where known) + the longest answer, capped at the likelihood's max_length."""
+        ...
 
 
 @runtime_checkable

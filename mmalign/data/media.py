@@ -61,6 +61,27 @@ def load_image(value: Any, where: str, root: str | Path | Sequence[str | Path] |
     return image.convert("RGB")
 
 
+def image_size(value: Any, where: str, root: str | Path | Sequence[str | Path] | None = None) -> tuple[int, int]:
+    """(height, width) of an image value from its header only (no decoding), for cheap length
+    estimates; an unreadable one raises a `DataError` naming `where`."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(value, Image.Image):
+        return value.height, value.width
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    try:
+        if isinstance(value, (bytes, bytearray)):
+            with Image.open(io.BytesIO(value)) as image:
+                return image.height, image.width
+        if isinstance(value, str):
+            with Image.open(_resolve(Path(value), root)) as image:
+                return image.height, image.width
+    except (OSError, UnidentifiedImageError, SyntaxError) as e:
+        raise DataError(f"{where}: unreadable image ({e})") from e
+    raise DataError(f"{where}: expected an image path, bytes or {{'bytes','path'}}, got {type(value).__name__}")
+
+
 def image_readable(value: Any) -> bool:
     """True when `load_image` would succeed (used to count and skip bad rows up front)."""
     try:

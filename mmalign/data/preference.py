@@ -297,6 +297,10 @@ class StreamSampler:
             self._perms = {epoch: torch.randperm(self.n, generator=g)}
         return self._perms[epoch]
 
+    def epoch_order(self, epoch: int) -> Tensor:
+        """(N,) the record order of epoch `epoch` (the seeded permutation π_epoch)."""
+        return self._perm(epoch)
+
     def indices(self, start: int, count: int) -> list[int]:
         """Stream entries [start, start + count)."""
         out = []

@@ -131,6 +131,12 @@ class CausalLMLikelihood:
                   "loss_mask": loss_mask, "position_ids": position_ids}
         return batch_fields(records, kind, inputs)
 
+    def record_length(self, record: dict[str, Any], kind: str) -> int:
+        """Tokens of the record's longest row in `collate` (mmalign.types.MeasuresLength)."""
+        from mmalign.modalities.lengths import text_record_length
+
+        return text_record_length(self, record, kind)
+
     # -- the contract (mmalign.types.Likelihood, TokenValues) -------------------
     def to(self, device: torch.device | str) -> "CausalLMLikelihood":
         """Nothing to move: the tokenizer is all it owns."""

@@ -104,6 +104,7 @@ class LlavaLikelihood(CausalLMLikelihood):
         self.image_token_id = token_id if token_id is not None else tokenizer.convert_tokens_to_ids(self.image_token)
         self.video_token = getattr(processor, "video_token", None)  # None: the family takes no video
         self._keep_ok: dict[type, bool] = {}
+        self.image_overhead: int | None = None  # record_length: tokens per image beyond the processor's count
 
     # -- prompt text --------------------------------------------------------------
     def _template_owner(self) -> Any:
@@ -256,6 +257,13 @@ class LlavaLikelihood(CausalLMLikelihood):
             inputs["loss_mask"][row, n_prompt : len(ids)] = 1
         inputs.update(self._extra_inputs(prompts, owners, width))
         return batch_fields(records, kind, inputs)
+
+    def record_length(self, record: dict[str, Any], kind: str) -> int:
+        """Tokens of the record's longest row, image tokens included where the processor can count
+        them from the image sizes (mmalign.types.MeasuresLength, `lengths.vlm_record_length`)."""
+        from mmalign.modalities.lengths import vlm_record_length
+
+        return vlm_record_length(self, record, kind)
 
     @staticmethod
     def _extra_inputs(prompts: list[dict[str, Tensor]], owners: list[int], width: int) -> dict[str, Tensor]:

@@ -30,6 +30,8 @@ def check_contracts(cfg: Config, likelihood: Likelihood, source: DataSource | No
     if source is not None and not isinstance(source, DataSource):
         raise TypeError(f"{type(source).__name__} is not a mmalign.types.DataSource: it needs `kind`, `describe()` "
                         "and `records_for_step(step, model, accelerator)`")
+    if source is not None and cfg.data.group_by_length:
+        raise ConfigError("data.group_by_length is for offline data: online rounds pick their own rows; set it to 0")
     if cfg.loss.dense_gamma and not isinstance(likelihood, TokenValues):
         raise ConfigError(f"loss.dense_gamma needs per-token log-probs, which {type(likelihood).__name__} does not "
                           "give: use a token likelihood (causal_lm, llava)")

@@ -20,7 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from mmalign.config import Config, to_dict
-from mmalign.data.preference import StreamSampler, load_run_split, mismatched
+from mmalign.data.length_grouping import build_sampler
+from mmalign.data.preference import load_run_split, mismatched
 from mmalign.errors import ConfigError, NonFiniteLossError
 from mmalign.losses_combined import loss_spec_for
 from mmalign.online.guards import check_refresh, round_kl
@@ -43,7 +44,8 @@ __all__ = ["NonFiniteLossError", "PreferenceTrainer", "step_seed", "train"]
 
 # Config keys a resumed run must share with the checkpoint's run (else a different experiment);
 # train.batch_size is compared as the world micro-batch (x processes): a 2 x 2 run resumes as 1 x 4.
-RESUME_KEYS = (("data", "train"), ("loss", "name"), ("loss", "beta"), ("train", "grad_accum"))
+RESUME_KEYS = (("data", "train"), ("data", "group_by_length"), ("loss", "name"), ("loss", "beta"),
+               ("train", "grad_accum"))
 
 
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
@@ -105,7 +107,8 @@ class PreferenceTrainer:
         self.nft = (NFTObjective(cfg, likelihood, self.unwrapped, self.reference, self.accelerator.autocast)
                     if self.loss_spec.kind == "rewarded" else None)
         self.loss_state = RunningMean()
-        self.sampler: MicroBatchSampler | None = StreamSampler(len(self.records), t.seed) if source is None else None
+        self.sampler: MicroBatchSampler | None = (build_sampler(cfg, likelihood, self.records, self.kind)
+                                                  if source is None else None)
         self.round: Round | None = None  # the online round trained on, and its guard values to log
         self.round_values: dict[str, float] = {}
         self.step = 0
