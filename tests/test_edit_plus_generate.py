@@ -152,20 +152,23 @@ def test_one_source_pipelines_refuse_several_sources(name):
         edit_sources([items[0], {"id": "000000-001"}], "QwenImageEditPlusPipeline")
 
 
-def test_qwen_image_edit_refuses_a_multi_source_prompt_file(areas, pipeline, prompts, tmp_path, capsys):
-    """The same folder as a QwenImageEditPipeline: every multi-source sample reported, the
-    single-source ones generated."""
+def test_qwen_image_edit_refuses_a_multi_source_prompt_file(pipeline, prompts, tmp_path, capsys):
+    """The same folder as a QwenImageEditPipeline on the two-source prompts: each sample reported
+    (the run goes on and fails), none generated."""
     from mmalign.export import write_model_index
 
     single = tmp_path / "edit"
     shutil.copytree(pipeline, single)
     write_model_index(single, "QwenImageEditPipeline")
-    code = main(["generate", "--model", str(single), "--prompts", str(prompts), "--out", str(tmp_path / "s"),
+    two = tmp_path / "two.jsonl"
+    lines = prompts.read_text().splitlines(keepends=True)[:2]  # the two-source records, paths made absolute
+    two.write_text("".join(lines).replace('"src/', f'"{prompts.parent}/src/'))
+    code = main(["generate", "--model", str(single), "--prompts", str(two), "--out", str(tmp_path / "s"),
                  "--num-samples", "1", "--set", "num_inference_steps=2", "--set", "height=32", "--set", "width=32"])
     out = capsys.readouterr().out
-    assert code == 1 and "1 generated, 0 reused, 2 failed (first failure: 000000-000: sample 000000-000: 2 source " \
+    assert code == 1 and "0 generated, 0 reused, 2 failed (first failure: 000000-000: sample 000000-000: 2 source " \
                           "images; QwenImageEditPipeline takes one per prompt" in out
-    assert [r["id"] for r in read_manifest(tmp_path / "s")] == ["000002-000"]
+    assert not (tmp_path / "s" / "manifest.jsonl").read_text().strip()
 
 
 def test_generate_score_build_pairs_and_train_edit_plus(full_run, tmp_path):
