@@ -108,5 +108,6 @@ def test_an_edit_prompt_file_is_checked(pipeline, tmp_path, capsys):
     assert read_prompts(path)[0]["source_images"] == [str((tmp_path / "a.png").resolve())] * 2
     code = main(["generate", "--model", str(pipeline), "--prompts", str(path), "--out", str(tmp_path / "s"),
                  *SAMPLING])
-    assert code == 1 and "1 failed" in capsys.readouterr().out  # reported: one source per prompt for now
+    out = capsys.readouterr().out  # reported: Kontext takes one source per prompt
+    assert code == 1 and "1 failed" in out and "2 source images; FluxKontextPipeline takes one per prompt" in out
     assert not (tmp_path / "s" / "manifest.jsonl").read_text().strip()

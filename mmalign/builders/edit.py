@@ -1,9 +1,10 @@
 """Edit pairs: the source image(s) of an edit model's samples carried into its preference records.
 
 `mmalign generate` of an edit model (QwenImageEditPipeline, FluxKontextPipeline) on prompt records
-{"prompt": instruction, "source_image": path} keeps each sample's source in its manifest row;
-`mmalign score` scores the samples; `mmalign build-pairs scores` then writes, per selected pair,
-{"source_image", "prompt", "chosen", "rejected"} (+ provenance): the record the edit families train
+{"prompt": instruction, "source_image": path} (QwenImageEditPlusPipeline: also "source_images": [paths])
+keeps each sample's source(s) in its manifest row; `mmalign score` scores the samples; `mmalign
+build-pairs scores` then writes, per selected pair, {"source_image" | "source_images", "prompt",
+"chosen", "rejected"} (+ provenance): the record the edit families train
 on (mmalign/modalities/edit.py). `edit_source_fields` copies each source beside the pair file
 (images/<name>-<index>-source<k>.<ext>), so the pair folder is self-contained.
 """

@@ -12,11 +12,14 @@ StableDiffusionXLPipeline for a unet/ with two text encoders; no safety checker 
 from its generator), so an image depends on its prompt, seed and parameters, not on the other
 images of its batch or on the device's RNG.
 
-Edit models (QwenImageEditPipeline, FluxKontextPipeline): a prompt record with `source_image` (or
-`source_images`) is sampled with the pipeline's `image=` set to that image (`edit_sources`), one
-pipeline call per source size (the edit pipelines size a batch by its first image); the manifest
-row keeps the source's path, so `mmalign build-pairs scores` writes edit pairs {source_image,
-prompt, chosen, rejected}.
+Edit models: a prompt record with `source_image` (or `source_images`) is sampled with the pipeline's
+`image=` set to its source(s) (`edit_sources`). QwenImageEditPipeline and FluxKontextPipeline take one
+source per prompt: one pipeline call per source size (they size a batch by its first image); several
+sources for them is a DataError naming the sample. QwenImageEditPlusPipeline takes all of a prompt's
+sources as `image=[source_1, ..., source_K]` and refuses batches of prompts (batch_size > 1), so it is
+called once per sample (its Qwen2.5-VL prompt encoding and the sources' VAE encoding are redone for each
+sample of a prompt). The manifest row keeps the source path(s), so `mmalign build-pairs scores` writes
+edit pairs {source_image | source_images, prompt, chosen, rejected}.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ RESERVED = {"prompt", "prompt_2", "prompt_3", "generator", "output_type", "retur
 # parameters recorded in every manifest row even when left at the pipeline's default
 RECORDED = ("num_inference_steps", "guidance_scale", "height", "width")
 AUDIO_WORDS = ("Audio", "MusicLDM")  # audio pipelines of no registered family (MusicLDM, AudioLDM 1)
+# edit pipelines whose `image=` list holds the several sources of ONE prompt (and that sample one prompt per call)
+MULTI_SOURCE = frozenset({"QwenImageEditPlusPipeline"})
 
 
 def _config_class(file: Path, key: str = "_class_name") -> str | None:
@@ -154,26 +159,31 @@ def image_params(pipe: Any, params: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not inspect.Parameter.empty}
 
 
-def edit_sources(items: list[dict[str, Any]]) -> list[str] | None:
-    """The source image path of each item of an edit model's batch, or None when no item has one;
-    a batch mixing edit and plain prompts, or an item with several sources, is a DataError."""
+def edit_sources(items: list[dict[str, Any]], pipeline: str) -> list[list[str]] | None:
+    """The source image paths of each item of an edit pipeline's batch (`source_image` -> [path],
+    `source_images` -> its paths), or None when no item has one. An item without a source in a batch
+    of edit prompts, or with several for a pipeline of one source per prompt (not in MULTI_SOURCE),
+    is a DataError naming the sample and the pipeline."""
     from mmalign.errors import DataError
 
-    found = [it.get("source_images", [it["source_image"]] if "source_image" in it else []) for it in items]
+    found = [list(it.get("source_images", [it["source_image"]] if "source_image" in it else [])) for it in items]
     if not any(found):
         return None
     for item, sources in zip(items, found):
-        if len(sources) != 1:
-            raise DataError(f"sample {item['id']}: {len(sources)} source images; edit sampling takes exactly one "
-                            "per prompt (multi-source edit pipelines are not supported yet)")
-    return [s[0] for s in found]
+        if not sources:
+            raise DataError(f"sample {item['id']}: no source image; every prompt of an edit batch needs "
+                            "'source_image' or 'source_images'")
+        if len(sources) > 1 and pipeline not in MULTI_SOURCE:
+            raise DataError(f"sample {item['id']}: {len(sources)} source images; {pipeline} takes one per prompt "
+                            f"(several per prompt: {', '.join(sorted(MULTI_SOURCE))})")
+    return found
 
 
 def generate_images(pipe: Any, prompts: list[str], seeds: list[int], params: dict[str, Any],
-                    sources: list[str] | None = None) -> list[Any]:
+                    sources: list[list[str]] | None = None) -> list[Any]:
     """One PIL image per (prompt, seed), image i drawn with CPU generator seeded seeds[i].
     params: complete sampling parameters from `image_params` (negative_prompt: one string);
-    sources: an edit model's source image path per prompt (`image=`), one call per source size."""
+    sources: an edit model's source image paths per prompt (`edit_sources`), see `_generate_edits`."""
     if sources is not None:
         return _generate_edits(pipe, prompts, seeds, params, sources)
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
@@ -186,14 +196,22 @@ def generate_images(pipe: Any, prompts: list[str], seeds: list[int], params: dic
 
 
 def _generate_edits(pipe: Any, prompts: list[str], seeds: list[int], params: dict[str, Any],
-                    sources: list[str]) -> list[Any]:
-    """`generate_images` of an edit pipeline: its `image=` the loaded sources, grouped by size."""
+                    sources: list[list[str]]) -> list[Any]:
+    """`generate_images` of an edit pipeline. One source per prompt (QwenImageEditPipeline,
+    FluxKontextPipeline): `image=` [source_i], one call per source size (a batch is sized by its first
+    image). A MULTI_SOURCE pipeline reads `image=` [source_1, ..., source_K] as the K sources of ONE
+    prompt and refuses batches: one call per sample, `prompt=[p_i]`, `generator=[seed_i]`."""
     from mmalign.data.media import load_image
 
+    name = type(pipe).__name__
     if "image" not in inspect.signature(pipe.__call__).parameters:
-        raise ConfigError(f"{type(pipe).__name__} takes no source image: prompts with 'source_image' need an edit "
-                          "pipeline (QwenImageEditPipeline, FluxKontextPipeline)")
-    images = [load_image(path, f"source image {path}") for path in sources]
+        raise ConfigError(f"{name} takes no source image: prompts with 'source_image' need an edit "
+                          "pipeline (QwenImageEditPipeline, FluxKontextPipeline, QwenImageEditPlusPipeline)")
+    loaded = {path: load_image(path, f"source image {path}") for path in dict.fromkeys(p for s in sources for p in s)}
+    if name in MULTI_SOURCE:
+        return [generate_images(pipe, [prompt], [seed], dict(params, image=[loaded[p] for p in paths]))[0]
+                for prompt, seed, paths in zip(prompts, seeds, sources, strict=True)]
+    images = [loaded[paths[0]] for paths in sources]
     out: list[Any] = [None] * len(prompts)
     by_size: dict[tuple[int, int], list[int]] = {}
     for i, image in enumerate(images):

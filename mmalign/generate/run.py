@@ -131,7 +131,7 @@ def image_generator(opts: GenerateOptions, path: Path, device: torch.device) -> 
 
     def run(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         images = generate_images(pipe, [it["prompt"] for it in items], [it["seed"] for it in items], call,
-                                 edit_sources(items))
+                                 edit_sources(items, type(pipe).__name__))
         return media_rows(items, images, out, "image", ".png", lambda image, tmp: image.save(tmp, format="PNG"))
 
     return run, params
