@@ -135,3 +135,38 @@ def kill_after_first_latent_shard(monkeypatch, cache_writer, cache_dir: Path) ->
         save(tensors, path, metadata)
 
     monkeypatch.setattr(cache_writer, "save_atomic", killed_after_first)
+
+
+def dpo_and_grads(likelihood, policy, reference, batch, draw, beta: float):
+    """The DPO loss of `policy` against `reference` on `draw`, and the policy's gradients."""
+    from mmalign.losses import dpo_loss
+
+    policy.zero_grad()
+    with torch.no_grad():
+        ref = likelihood.logps(reference, batch, draw)
+    loss = dpo_loss(likelihood.logps(policy, batch, draw).pairs(), ref.pairs(), beta=beta).mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+
+
+def two_writers(write, timeout: float = 120) -> dict[int, dict]:
+    """Run `write(rank, world_size, barrier)` as two threads standing in for two processes (a shared
+    barrier, as accelerate's `wait_for_everyone`); returns each rank's stats, re-raising a failure."""
+    import threading
+
+    barrier, stats, errors = threading.Barrier(2, timeout=timeout), {}, []
+
+    def process(rank):
+        try:
+            stats[rank] = write(rank, 2, barrier.wait)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=process, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return stats

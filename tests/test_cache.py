@@ -8,13 +8,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import threading
 
 import pytest
 import torch
 from conftest import needs_torchrun, torchrun
-from diffusion_fixtures import (Killed, kill_after_first_latent_shard, perturbed, save_tiny_pipeline, uncached,
-                                write_image, write_image_pairs)
+from diffusion_fixtures import (Killed, kill_after_first_latent_shard, perturbed, save_tiny_pipeline, two_writers,
+                                uncached, write_image, write_image_pairs)
 from safetensors.torch import load_file
 
 import mmalign.modalities.cache_writer as cw
@@ -192,21 +191,7 @@ def test_a_killed_run_resumes_from_the_last_complete_shard(pipelines, data, tmp_
 def test_two_processes_split_the_shards_and_the_index_lists_every_record_once(pipelines, data, tmp_path):
     cfg = make_cfg(pipelines, data, tmp_path, eval_=True, cache_shard_size=1)
     _, plain = uncached(cfg)
-    barrier, stats, errors = threading.Barrier(2, timeout=60), {}, []
-
-    def process(rank):
-        try:
-            stats[rank] = cw.write_cache(cfg, plain, rank, 2, barrier.wait)
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-            barrier.abort()
-
-    threads = [threading.Thread(target=process, args=(r,)) for r in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    stats = two_writers(lambda rank, world, wait: cw.write_cache(cfg, plain, rank, world, wait), timeout=60)
     # 6 + 2 latent shards, 1 text shard... per caption (shard size 1): 4, and the null prompt: 13 files
     assert stats[0]["written"] + stats[1]["written"] == 13 and abs(stats[0]["written"] - stats[1]["written"]) <= 1
     index = json.loads((tmp_path / "cache" / "index.json").read_text())

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusion_fixtures import Killed, kill_after_first_latent_shard, perturbed, uncached, write_image
+from diffusion_fixtures import Killed, dpo_and_grads, kill_after_first_latent_shard, perturbed, uncached, write_image
 from flux_kontext_fixtures import save_tiny_flux_kontext_pipeline
 from qwen_image_edit_fixtures import save_tiny_qwen_image_edit_pipeline, write_edit_pairs
 
@@ -23,7 +23,6 @@ import mmalign.modalities.cache_writer as cw
 from mmalign.cli import main
 from mmalign.config import Config, from_dict
 from mmalign.errors import CacheError
-from mmalign.losses import dpo_loss
 from mmalign.modalities import build_modality
 from mmalign.modalities.edit_cache import write_edit_cache
 from mmalign.types import Draw
@@ -63,16 +62,6 @@ def records_of(path: Path) -> list[dict]:
     return [dict(json.loads(line), _index=i) for i, line in enumerate(open(path))]
 
 
-def dpo_and_grads(likelihood, policy, reference, batch, draw):
-    """The DPO loss of `policy` against `reference` on `draw`, and the policy's gradients."""
-    policy.zero_grad()
-    with torch.no_grad():
-        ref = likelihood.logps(reference, batch, draw)
-    loss = dpo_loss(likelihood.logps(policy, batch, draw).pairs(), ref.pairs(), beta=200.0).mean()
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("modality", ["qwen_image_edit", "flux_kontext", "qwen_image_edit_plus"])
 def test_cached_edit_likelihood_equals_the_uncached_one(modality, pairs, plus_pairs, tmp_path):
     pipeline = SAVERS[modality](tmp_path / "pipeline")
@@ -103,8 +92,8 @@ def test_cached_edit_likelihood_equals_the_uncached_one(modality, pairs, plus_pa
         shapes.update(tuple(map(tuple, s)) for s in v["source_shapes"].tolist())
         ref, ref_c = plain.logps(model, batch, Draw(v)), cached.logps(model_c, batch_c, Draw(w))
         torch.testing.assert_close(ref_c.logps, ref.logps, rtol=0, atol=1e-6)
-        loss, grads = dpo_and_grads(plain, policy, model, batch, Draw(v))
-        loss_c, grads_c = dpo_and_grads(cached, policy_c, model_c, batch_c, Draw(w))
+        loss, grads = dpo_and_grads(plain, policy, model, batch, Draw(v), 200.0)
+        loss_c, grads_c = dpo_and_grads(cached, policy_c, model_c, batch_c, Draw(w), 200.0)
         assert abs(float(loss) - math.log(2)) > 1e-3  # the policy moved: a real log-ratio
         torch.testing.assert_close(loss_c, loss, rtol=0, atol=1e-4)
         assert grads.keys() == grads_c.keys() and grads

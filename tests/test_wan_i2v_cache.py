@@ -14,7 +14,8 @@ import shutil
 
 import pytest
 import torch
-from diffusion_fixtures import Killed, kill_after_first_latent_shard, perturbed, uncached
+from diffusion_fixtures import (Killed, dpo_and_grads, kill_after_first_latent_shard, perturbed, two_writers,
+                               uncached)
 from PIL import Image
 from wan_fixtures import ROOT, copy_video_sample, i2v_records, save_tiny_wan_i2v_pipeline
 
@@ -23,7 +24,6 @@ from mmalign.cli import main
 from mmalign.config import Config, from_dict
 from mmalign.errors import CacheError
 from mmalign.families._wan_i2v_cache import CachedI2V, write_i2v_cache
-from mmalign.losses import dpo_loss
 from mmalign.modalities import build_modality
 from mmalign.types import Draw
 
@@ -80,16 +80,6 @@ def modules_held(obj, seen=None) -> list[str]:
     return []
 
 
-def dpo_and_grads(likelihood, policy, reference, batch, draw):
-    """The DPO loss of `policy` against `reference` on `draw`, and the policy's gradients."""
-    policy.zero_grad()
-    with torch.no_grad():
-        ref = likelihood.logps(reference, batch, draw)
-    loss = dpo_loss(likelihood.logps(policy, batch, draw).pairs(), ref.pairs(), beta=500.0).mean()
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("version", ["2.1", "2.2"])
 def test_cached_i2v_likelihood_equals_the_uncached_one(folders, data, version, tmp_path):
     """Same draws (t, ε, η, dropped captions) and, to 1e-5, the same latents, first-frame condition, CLIP
@@ -122,8 +112,8 @@ def test_cached_i2v_likelihood_equals_the_uncached_one(folders, data, version, t
         dropped.update(v["caption_dropped"].tolist())
         ref, ref_c = plain.logps(model, batch, Draw(v)), cached.logps(model_c, batch_c, Draw(w))
         torch.testing.assert_close(ref_c.logps, ref.logps, rtol=0, atol=1e-6)
-        loss, grads = dpo_and_grads(plain, policy, model, batch, Draw(v))
-        loss_c, grads_c = dpo_and_grads(cached, policy_c, model_c, batch_c, Draw(w))
+        loss, grads = dpo_and_grads(plain, policy, model, batch, Draw(v), 500.0)
+        loss_c, grads_c = dpo_and_grads(cached, policy_c, model_c, batch_c, Draw(w), 500.0)
         assert abs(float(loss) - math.log(2)) > 1e-3  # the policy moved: a real log-ratio
         torch.testing.assert_close(loss_c, loss, rtol=0, atol=1e-4)
         assert grads.keys() == grads_c.keys() and grads
@@ -169,27 +159,11 @@ def test_two_processes_write_the_one_process_cache(folders, data, tmp_path):
     """Two writers (threads standing for processes, each with its own encoders: the Wan VAE caches features
     while it encodes; shard size 1) split the 4 video and 5 text tasks and leave the files one writer leaves,
     bit for bit, with every record's source row in the index."""
-    import threading
-
     from safetensors.torch import load_file
 
     cfg = config(folders["2.1"], data, tmp_path / "two", cache_shard_size=1)
     likelihoods = [uncached(cfg)[1], uncached(cfg)[1]]
-    barrier, stats, errors = threading.Barrier(2, timeout=120), {}, []
-
-    def process(rank):
-        try:
-            stats[rank] = write_i2v_cache(cfg, likelihoods[rank], rank, 2, barrier.wait)
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-            barrier.abort()
-
-    threads = [threading.Thread(target=process, args=(r,)) for r in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    stats = two_writers(lambda rank, world, wait: write_i2v_cache(cfg, likelihoods[rank], rank, world, wait))
     assert stats[0]["written"] + stats[1]["written"] == 4 + 4 + 1 and stats[0]["written"] in (4, 5)
     one = dataclasses.replace(cfg, diffusion=dataclasses.replace(cfg.diffusion, cache_dir=str(tmp_path / "one")))
     write_i2v_cache(one, likelihoods[0])
