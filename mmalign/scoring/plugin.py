@@ -32,7 +32,7 @@ from mmalign.errors import ConfigError
 from mmalign.scoring.base import Scorer
 
 PREFIX = "python:"
-ALL_KINDS = ("image", "audio", "text")
+ALL_KINDS = ("image", "video", "audio", "text")  # a function scorer gets the media paths of any kind
 
 
 def import_object(ref: str, what: str = "scorer") -> Any:
