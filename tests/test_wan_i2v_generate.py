@@ -79,7 +79,8 @@ def runs(folders, prompts, tmp_path_factory):
 
 
 def pipeline_video(folder, row):
-    """WanImageToVideoPipeline.from_pretrained(folder) on the row's source, prompt and seed, alone: uint8 (F, H, W, 3)."""
+    """WanImageToVideoPipeline.from_pretrained(folder) on the row's source, prompt and seed, sampled alone:
+    uint8 (F, H, W, 3)."""
     from diffusers import WanImageToVideoPipeline
 
     from mmalign.generate.video import to_uint8

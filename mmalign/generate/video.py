@@ -1,4 +1,5 @@
-"""Videos from diffusers text-to-video pipelines (WanPipeline) in a local folder, for `mmalign generate`.
+"""Videos from diffusers text- and image-to-video pipelines (WanPipeline, WanImageToVideoPipeline) in a local folder,
+for `mmalign generate`.
 
 A folder is a video pipeline when its pipeline class is a family's whose `Family.sample` is
 "videos" (`is_video_pipeline`). Each video gets its own CPU `torch.Generator` seeded with its
