@@ -184,6 +184,9 @@ def test_a_prompt_and_a_pipeline_that_do_not_match_name_the_sample(folders, prom
     assert err.startswith(f"mmalign: error: {prompts}: sample 000000-000: has a 'source_image' but WanPipeline is "
                           "text-to-video") and len(err.splitlines()) == 1
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # refused before any sampling
+    assert main(["generate", "--model", str(folders["2.2"]), "--prompts", str(prompts), "--out", str(tmp_path / "c"),
+                 *common, "--set", "last_image=src/b.png"]) == 2
+    assert "sampling parameter 'last_image' is set by mmalign generate" in capsys.readouterr().err
 
 
 def test_generate_score_build_pairs_and_train_i2v(folders, prompts, runs, tmp_path):

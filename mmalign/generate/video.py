@@ -55,8 +55,8 @@ def video_params(pipe: Any, params: dict[str, Any]) -> dict[str, Any]:
 
     for key in params:
         if key in VIDEO_RESERVED:
-            raise ConfigError(f"sampling parameter '{key}' is set by mmalign generate (one video per seed, "
-                              "the first frame from each prompt's source_image)")
+            raise ConfigError(f"sampling parameter '{key}' is set by mmalign generate (one video per seed; an "
+                              "image-to-video prompt's first frame is its 'source_image')")
     out = image_params(pipe, params)
     signature = inspect.signature(pipe.__call__).parameters
     if "num_frames" in signature and out.get("num_frames") is None:
