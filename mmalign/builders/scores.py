@@ -14,7 +14,9 @@ The manifest (mmalign/generate/manifest.py) holds N samples per prompt, each wit
 Ties (|s_i - s_j| <= TIE_TOL) and pairs below the margin are dropped and counted; scores are
 cast to numbers first, so "9" never ranks above "10" as a string would. Output:
 image samples -> `write_image_pairs` (Diffusion-DPO reads it unchanged; an edit model's samples keep
-their source image: {"source_image", "prompt", "chosen", "rejected"}, builders/edit.py), text samples -> jsonl
+their source image: {"source_image", "prompt", "chosen", "rejected"}, builders/edit.py), video and audio
+samples -> jsonl with the files copied under videos/ or audio/ (an image-to-video model's samples keep their
+first frame's source_image as edit pairs do), text samples -> jsonl
 pair records ({"images"?, "prompt", "chosen", "rejected"}), ranked -> ranked records; every
 record carries its provenance (ids, seeds, scores, margin, model).
 """
@@ -311,7 +313,7 @@ def _record(item: dict[str, Any], selection: Selection, kind: str, root: Path, o
     elif kind == "image" and "rows" not in item:
         outputs = [_media(r, root) for r in rows]  # write_image_pairs copies them
     else:  # audio pairs and ranked media lists: copy the files beside the jsonl
-        sub = "images" if kind == "image" else "audio"
+        sub = {"image": "images", "video": "videos"}.get(kind, "audio")
         outputs = [_copy(_media(r, root), out_dir, f"{sub}/{name}-{index:06d}-{k}{Path(r['path']).suffix}")
                    for k, r in enumerate(rows)]
     record = item_record(item, selection, outputs, _condition_images(rows[0], root, out_dir))

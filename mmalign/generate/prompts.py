@@ -3,6 +3,7 @@
     .txt          one prompt per line; blank lines are skipped
     .jsonl        {"prompt": str | chat messages, "images": [paths] (optional), "id": ... (optional)}
                   edit models: {"prompt": instruction, "source_image": path} (or "source_images": [paths])
+                  image-to-video models: {"prompt": ..., "source_image": first frame} (generate/video.py)
     .csv / .tsv   a `prompt` column (or PartiPrompts' `Prompt`); other columns are ignored
 
 A prompt's `prompt_index` is its position among the prompts of the file (0, 1, ...; skipped

@@ -184,6 +184,10 @@ def check_reusable(rows: list[dict[str, Any]], items: dict[str, dict[str, Any]],
         where = f"{out / MANIFEST}: sample {row['id']}"
         if item is None or item["prompt"] != row["prompt"]:
             raise ConfigError(f"{where} is not a sample of this prompt file; use a new --out folder")
+        for key in ("source_image", "source_images"):  # an edit / image-to-video prompt's condition
+            if item.get(key) != row.get(key):
+                raise ConfigError(f"{where} was made from {key} {row.get(key)}, the prompt file now gives "
+                                  f"{item.get(key)}; use a new --out folder")
         if row.get("model") != model or row.get("params") != params or row["seed"] != item["seed"]:
             raise ConfigError(f"{where} was made with another model, sampling parameters or seed "
                               f"({row.get('model')}, {row.get('params')}, seed {row['seed']}); use a new --out folder")

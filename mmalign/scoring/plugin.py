@@ -8,7 +8,7 @@ from a Python file (`/path/to/file.py:Name`). It follows the Scorer contract
   `batch_size` passed when its constructor takes them; its `score(conditions, outputs)` returns
   N numbers. Class attributes `kinds` and `groupwise` are read when present.
 - a function: `fn(conditions, outputs, [ARG], **options) -> N numbers`, called on batches of
-  `batch_size`; it scores every sample kind.
+  `batch_size`; it scores every sample kind (outputs: media paths, or the text).
 
 Either way the N numbers (a Tensor, list or array) are checked: one number per sample, NaN
 allowed (the contract's "could not score"), anything else is a ConfigError naming the scorer.
@@ -32,7 +32,7 @@ from mmalign.errors import ConfigError
 from mmalign.scoring.base import Scorer
 
 PREFIX = "python:"
-ALL_KINDS = ("image", "audio", "text")
+ALL_KINDS = ("image", "video", "audio", "text")  # a function scorer gets the media paths of any kind
 
 
 def import_object(ref: str, what: str = "scorer") -> Any:
