@@ -78,6 +78,24 @@ def test_a_model_that_mixes_packed_sequences_falls_back_to_padding():
     torch.testing.assert_close(out.logps, CausalLMLikelihood(Tok()).logps(model, b).logps, atol=0, rtol=0)
 
 
+def test_packing_check_passes_under_bf16_autocast_and_bf16_weights():
+    """The check is exact in any precision (the second sequence's bits cannot depend on the first
+    one's tokens), so bf16 autocast or bf16 weights (the GPU setting) keep the packed row. It used
+    to compare the packed row with the padded batch to 1e-4, which bf16 rounding alone exceeds:
+    every bf16 run fell back to padding with a warning (found for the GPU text row)."""
+    import warnings
+
+    for bf16_weights in (False, True):
+        model, b = tiny_llama(), uneven_batch(False)
+        model = model.to(torch.bfloat16) if bf16_weights else model
+        lik = CausalLMLikelihood(Tok(), lm_head_chunk=0, padding_free=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a fallback warning fails the test
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not bf16_weights):
+                lik.logps(model, b)
+        assert lik.checked == {id(model): (True, False)}
+
+
 def test_a_padding_free_run_trains_to_the_padded_runs_weights(make_config, tmp_path):
     """data.padding_free through the trainer (LoRA, chunked head on both sides): the same weights
     after 3 steps as the padded run."""
