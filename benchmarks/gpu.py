@@ -324,18 +324,36 @@ def llava_mmalign(work: Path, s: Settings, dev: Device, checkpointing: bool) -> 
 
 # -- rows ------------------------------------------------------------------------------------
 def attempt(run: Callable[[bool], dict[str, Any]], mode: str, dev: Device) -> dict[str, Any]:
-    """Run a side with checkpointing off/on; auto: off, then on after an out-of-memory error."""
+    """Run a side with checkpointing off/on; auto: off, then on after an out-of-memory error. Any
+    other error ends the side with {"error": ...}: the row's other sides still run.
+
+    The memory is freed after the `except` block, not in it: there the exception's traceback
+    still holds the failed side's frames (its model, optimizer and activations), so a retry
+    would start with them allocated."""
     import torch
 
     tries = {"off": [False], "on": [True], "auto": [False, True]}[mode]
-    for i, checkpointing in enumerate(tries):
+    error = "not run"
+    for checkpointing in tries:
         try:
             return run(checkpointing)
         except torch.OutOfMemoryError as e:
-            dev.free()
-            if i == len(tries) - 1:
-                return {"error": f"out of memory: {str(e).splitlines()[0]}", "gradient_checkpointing": checkpointing}
-    raise AssertionError("unreachable")
+            error, retry = f"out of memory: {(str(e).splitlines() or ['no message'])[0]}", True
+        except Exception as e:  # noqa: BLE001 - one side's failure is that side's result
+            error, retry = failure(e), False
+        dev.free()  # the exception and its frames are gone now: their tensors can be freed
+        if not retry:
+            return {"error": error, "gradient_checkpointing": checkpointing}
+    return {"error": error, "gradient_checkpointing": tries[-1]}
+
+
+def failure(e: BaseException) -> str:
+    """One side's or row's error for the report: type, message and where it was raised."""
+    import traceback
+
+    where = traceback.extract_tb(e.__traceback__)[-3:]
+    return f"{type(e).__name__}: {str(e)[:500]} (at " + " <- ".join(
+        f"{Path(f.filename).name}:{f.lineno}" for f in reversed(where)) + ")"
 
 
 def llava_row(work: Path, s: Settings, dev: Device) -> dict[str, Any]:
@@ -354,7 +372,10 @@ def table(report: dict[str, Any]) -> str:
              f"{'row / side':28}{'ckpt':>5}{'pairs/s':>9}{'step ms':>9}{'peak MiB':>10}{'TFLOP/s':>9}"
              f"{'% peak':>8}{'model TFLOP/s':>15}"]
     for row in report["rows"]:
-        lines.append(f"{row['name']}: {row['what']}")
+        if "error" in row:  # the row stopped before it had sides to show
+            lines.append(f"{row['name']}: FAILED after {row.get('seconds', 0):.0f} s: {row['error'][:300]}")
+            continue
+        lines.append(f"{row['name']}: {row['what']} ({row.get('seconds', 0):.0f} s)")
         if row["name"] == "text_128k":
             lines += gpu_text.table_lines(row)
             continue
@@ -400,6 +421,9 @@ def parse(argv: list[str] | None) -> tuple[Settings, Path | None]:
     return s, a.out
 
 
+ROW_FOLDERS = {"text_128k": "text", "sd15_lora": "sd15", "flux_cache": "flux"}  # removed after their row
+
+
 def run_row(name: str, work: Path, s: Settings, dev: Device) -> dict[str, Any]:
     from benchmarks import gpu_pipelines, gpu_sdxl
 
@@ -411,11 +435,55 @@ def run_row(name: str, work: Path, s: Settings, dev: Device) -> dict[str, Any]:
         return gpu_pipelines.sd15_row(work, s, dev)
     if name == "flux_cache":
         return gpu_pipelines.flux_row(work, s, dev)
+    if not (work / "sdxl_pairs.jsonl").is_file():  # shared by both SDXL rows, as their cache
+        gpu_sdxl.write_sdxl_pairs(work, s)
     return gpu_sdxl.sdxl_row(work, s, dev, name == "sdxl_lora")
 
 
+def guarded_row(name: str, work: Path, s: Settings, dev: Device) -> dict[str, Any]:
+    """`run_row`, its wall time in "seconds"; an error becomes the row {"name", "error"} so the
+    rows after it still run. The failed row's memory is freed after the `except` block (its
+    traceback holds the row's frames) and its folder (saved pipelines: GBs at full size) removed."""
+    import shutil
+
+    tic = time.perf_counter()
+    try:
+        row = run_row(name, work, s, dev)
+    except Exception as e:  # noqa: BLE001 - one row's failure is that row's result
+        row = {"name": name, "error": failure(e), "sides": {}}
+    dev.free()
+    if name in ROW_FOLDERS:
+        shutil.rmtree(work / ROW_FOLDERS[name], ignore_errors=True)
+    return {**row, "seconds": time.perf_counter() - tic}
+
+
+def write_report(out: Path, report: dict[str, Any]) -> None:
+    """The report so far, with its table, written atomically: a kill (a time limit) leaves the
+    last complete file, holding every row finished before it."""
+    from mmalign.io import atomic_path
+
+    report["table"] = table(report)
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(report, indent=1))
+
+
+def new_report(s: Settings, dev: Device) -> dict[str, Any]:
+    import diffusers
+    import torch
+    import transformers
+
+    return {"section": "gpu", "date": datetime.date.today().isoformat(), "device": dev.name, "tiny": s.tiny,
+            "peak_bf16_tflops": None if s.tiny else peak_tflops(dev.name), "settings": dataclasses.asdict(s),
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "diffusers": diffusers.__version__, "python": platform.python_version()},
+            "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
+            "finished": False, "rows": []}
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the rows in order, writing the report after each one; exit 1 when a row failed."""
     import tempfile
+    import warnings
 
     import torch
 
@@ -424,41 +492,27 @@ def main(argv: list[str] | None = None) -> int:
         print("GPU section skipped: no CUDA device (torch.cuda.is_available() is False); "
               "`python -m benchmarks.gpu --tiny` runs the same code with tiny shapes on CPU")
         return 0
-    import warnings
-
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging
-
-    from benchmarks import gpu_sdxl
 
     logging.disable_progress_bar()
     diffusers_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", message="Seems like `optimizer.step\\(\\)` has been overridden")  # the clock's wrapper
     dev = Device(s.tiny)
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="mmalign_gpu_") as tmp:
-        work = Path(tmp)
-        if {"sdxl_lora", "sdxl_full"} & set(s.rows.split(",")):
-            gpu_sdxl.write_sdxl_pairs(work, s)
-        for name in s.rows.split(","):
-            print(f"[gpu] {name} ...", flush=True)
-            rows.append(run_row(name, work, s, dev))
-    import diffusers
-    import transformers
-
-    report = {"section": "gpu", "date": datetime.date.today().isoformat(), "device": dev.name, "tiny": s.tiny,
-              "peak_bf16_tflops": None if s.tiny else peak_tflops(dev.name), "settings": dataclasses.asdict(s),
-              "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                           "diffusers": diffusers.__version__, "python": platform.python_version()},
-              "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
-              "rows": rows}
-    report["table"] = table(report)
-    print(report["table"])
     out = out or ROOT / "benchmarks" / "results" / ("gpu_tiny.json" if s.tiny else "gpu.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    print(f"[gpu] wrote {out}")
-    return 0
+    report, start = new_report(s, dev), time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mmalign_gpu_") as tmp:
+        for name in s.rows.split(","):
+            print(f"[gpu] {name} ... ({time.perf_counter() - start:.0f} s in)", flush=True)
+            report["rows"].append(guarded_row(name, Path(tmp), s, dev))
+            write_report(out, report)
+            print(f"[gpu] {name}: {report['rows'][-1].get('error', 'done')} in {report['rows'][-1]['seconds']:.0f} s; "
+                  f"wrote {out}", flush=True)
+    report["finished"] = True
+    write_report(out, report)
+    print(report["table"])
+    print(f"[gpu] wrote {out} ({time.perf_counter() - start:.0f} s)")
+    return 1 if any("error" in row for row in report["rows"]) else 0
 
 
 if __name__ == "__main__":

@@ -140,6 +140,7 @@ def pipeline_config(folder: Path, s: Settings, modality: str, run: str, cached: 
         "lora": {"enabled": True, "r": s.lora_rank, "alpha": s.lora_rank, "target_modules": LORA_UNET},
         "data": {"train": str(folder / "train.jsonl")},
         "diffusion": {"resolution": resolution, "random_flip": True, "caption_dropout": 0.2, "cache_dtype": "float32",
+                      "vae_batch_size": 1,  # as the cache writes: same kernels, bit-equal latents on GPU
                       "cache_dir": str(folder / "cache") if cached else ""},
         "loss": {"name": "dpo", "beta": beta}, "reference": {"strategy": "lora_disabled"},
         "optim": {"name": "adamw", "lr": 1e-8, "weight_decay": 0.0},

@@ -98,6 +98,7 @@ def sdxl_config(work: Path, s: Settings, lora: bool, side: str, checkpointing: b
         "lora": {"enabled": lora, "r": s.lora_rank, "alpha": s.lora_rank, "target_modules": LORA_UNET},
         "data": {"train": str(work / "sdxl_pairs.jsonl")},
         "diffusion": {"resolution": s.resolution, "random_flip": True, "caption_dropout": 0.2, "cache_dtype": "float32",
+                      "vae_batch_size": 1,  # as the cache writes: same kernels, bit-equal latents on GPU
                       "cache_dir": str(work / "sdxl_cache") if side == "mmalign" else ""},
         "loss": {"name": "dpo", "beta": s.beta}, "reference": {"strategy": "lora_disabled" if lora else "frozen"},
         "optim": {"name": "adamw" if lora else "adafactor", "lr": 1e-8, "weight_decay": 0.0 if lora else 1e-2},

@@ -143,4 +143,88 @@ def test_tiny_quick_text_row(tmp_path):
     assert row["sides"]["mmalign"]["losses"][0] == pytest.approx(math.log(2), abs=1e-6)
     for name in ("mmalign", "mmalign_packed"):
         assert row["max_loss_diff_first3"][name] <= 1e-4, (name, row["sides"][name]["losses"], row["sides"]["trl"]["losses"])
+    for name in ("mmalign", "mmalign_packed"):  # the fast paths were used, not fallen back from
+        assert row["sides"][name]["fallbacks"] == [], row["sides"][name]["fallbacks"]
     assert len(gpu_text.table_lines(row)) == 5
+
+
+def test_attempt_frees_the_failed_side_before_the_retry(monkeypatch):
+    """`--checkpointing auto`: after an out-of-memory error the failed side's objects (held by the
+    exception's traceback frames, in reference cycles like a trainer's) are collected before the
+    retry starts; freeing inside the `except` block collected nothing."""
+    import gc
+    import weakref
+
+    dev = gpu.Device(tiny=True)
+    dev.cuda = True  # free(): gc + empty_cache (a no-op without CUDA)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    seen = {}
+
+    class Side:  # stands for a side's model / trainer: a reference cycle, as accelerate's wrappers make
+        def __init__(self):
+            self.me = self
+
+    def run(checkpointing):
+        if not checkpointing:
+            side = Side()
+            seen["first"] = weakref.ref(side)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        seen["alive_at_retry"] = seen["first"]() is not None
+        return {"losses": [0.0], "gradient_checkpointing": checkpointing}
+
+    gc.disable()  # only dev.free() may collect
+    try:
+        out = gpu.attempt(run, "auto", dev)
+    finally:
+        gc.enable()
+    assert out["gradient_checkpointing"] is True and seen["alive_at_retry"] is False
+    # "on" alone: the error is the side's result, and any other error is too (no retry)
+    assert gpu.attempt(lambda c: run(False), "on", dev)["error"].startswith("out of memory")
+
+    def broken(checkpointing):
+        raise ValueError("bad shape")
+
+    out = gpu.attempt(broken, "auto", dev)
+    assert out["error"].startswith("ValueError: bad shape (at test_bench_gpu.py:") and out["gradient_checkpointing"] is False
+
+
+def test_a_failed_row_leaves_the_others_and_every_finished_row_is_on_disk(monkeypatch, tmp_path):
+    """Rows run in order, the report is rewritten after each one (a kill at the time limit keeps
+    the finished rows), and a row that raises is recorded as failed while the next still runs."""
+    out = tmp_path / "gpu.json"
+    calls = []
+
+    def fake_row(name, work, s, dev):
+        calls.append(name)
+        if name == "sd15_lora":
+            raise RuntimeError("CUDA error: device-side assert")
+        on_disk = json.loads(out.read_text())  # written when the previous row ended
+        assert [r["name"] for r in on_disk["rows"]] == ["sd15_lora"] and on_disk["finished"] is False
+        assert on_disk["rows"][0]["error"].startswith("RuntimeError: CUDA error") and "FAILED" in on_disk["table"]
+        return {"name": name, "what": "fake", "sides": {"cached": {"error": "out of memory", "gradient_checkpointing": True}}}
+
+    monkeypatch.setattr(gpu, "run_row", fake_row)
+    assert gpu.main(["--tiny", "--rows", "sd15_lora,flux_cache", "--out", str(out)]) == 1
+    report = json.loads(out.read_text())
+    assert calls == ["sd15_lora", "flux_cache"] and report["finished"] is True
+    assert [r["name"] for r in report["rows"]] == ["sd15_lora", "flux_cache"]
+    assert "error" in report["rows"][0] and "error" not in report["rows"][1]
+    assert all(r["seconds"] >= 0 for r in report["rows"]) and "out of memory" in report["table"]
+
+
+def test_a_failed_text_side_leaves_the_others(monkeypatch, tmp_path):
+    """text_128k: one side's process failing is that side's result; ratios use the sides that ran."""
+    import benchmarks.__main__ as bench_main
+
+    def fake_side(side, folder, threads, tag, module):
+        if side == "mmalign":
+            raise RuntimeError("mmalign run failed (exit 1); end of its log:\nTraceback ...\nValueError: boom")
+        return {"pairs_per_s": 2.0, "losses": [0.69, 0.68, 0.67], "rss_growth_mib": 10.0, "fallbacks": []}
+
+    monkeypatch.setattr(bench_main, "run_side", fake_side)
+    monkeypatch.setattr(gpu_text, "prepare", lambda folder, s: {"sequence_tokens_median": 20.0, "sequence_tokens_p90": 30.0,
+                                                                "sequence_tokens_max": 40, "parameters": 10**9})
+    row = gpu_text.text_row(tmp_path, True, 2, ("mmalign", "trl", "trl_gc"))
+    assert row["sides"]["mmalign"]["error"].endswith("ValueError: boom")
+    assert row["speedup"] == {"trl": 1.0, "trl_gc": 1.0} and row["max_loss_diff_first3"]["trl_gc"] == 0.0
+    assert any("FAILED: ValueError: boom" in line for line in gpu_text.table_lines(row))
