@@ -7,6 +7,10 @@
                                                   # sdxl_lora, flux_cache, 5 steps per side (2 warm-up)
     python -m benchmarks.gpu --quick --tiny       # its CPU dry run (tests/test_bench_gpu.py)
 
+The JSON report is rewritten (atomically) after every row, so a kill at a time limit keeps the
+rows that finished (SIGTERM: "stopped_during" names the row it stopped). A row or side that
+fails is recorded with its error and the next one still runs; the exit status is then 1.
+
 Rows (each side: pairs/s after warm-up, peak memory, phase breakdown, FLOPs of one step):
 
 - `sdxl_lora` / `sdxl_full`: Diffusion-DPO on the SDXL base UNet built from its config (2.6 B
@@ -54,7 +58,9 @@ import datetime
 import gc
 import json
 import platform
+import signal
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -371,6 +377,8 @@ def table(report: dict[str, Any]) -> str:
              f"({report['settings']['warmup']} warm-up)",
              f"{'row / side':28}{'ckpt':>5}{'pairs/s':>9}{'step ms':>9}{'peak MiB':>10}{'TFLOP/s':>9}"
              f"{'% peak':>8}{'model TFLOP/s':>15}"]
+    if report.get("stopped_during"):
+        lines.append(f"STOPPED (killed or interrupted) during row {report['stopped_during']}: the rows above finished")
     for row in report["rows"]:
         if "error" in row:  # the row stopped before it had sides to show
             lines.append(f"{row['name']}: FAILED after {row.get('seconds', 0):.0f} s: {row['error'][:300]}")
@@ -480,9 +488,26 @@ def new_report(s: Settings, dev: Device) -> dict[str, Any]:
             "finished": False, "rows": []}
 
 
+def run_rows(s: Settings, dev: Device, out: Path, report: dict[str, Any], start: float) -> None:
+    """Each row in a scratch folder, the report rewritten after each; a kill names its row."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="mmalign_gpu_") as tmp:
+        for name in s.rows.split(","):
+            print(f"[gpu] {name} ... ({time.perf_counter() - start:.0f} s in)", flush=True)
+            try:
+                report["rows"].append(guarded_row(name, Path(tmp), s, dev))
+            except BaseException:  # killed or interrupted: the finished rows stay, this one is named
+                report["stopped_during"] = name
+                write_report(out, report)
+                raise
+            write_report(out, report)
+            print(f"[gpu] {name}: {report['rows'][-1].get('error', 'done')} in {report['rows'][-1]['seconds']:.0f} s; "
+                  f"wrote {out}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the rows in order, writing the report after each one; exit 1 when a row failed."""
-    import tempfile
     import warnings
 
     import torch
@@ -501,13 +526,12 @@ def main(argv: list[str] | None = None) -> int:
     dev = Device(s.tiny)
     out = out or ROOT / "benchmarks" / "results" / ("gpu_tiny.json" if s.tiny else "gpu.json")
     report, start = new_report(s, dev), time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="mmalign_gpu_") as tmp:
-        for name in s.rows.split(","):
-            print(f"[gpu] {name} ... ({time.perf_counter() - start:.0f} s in)", flush=True)
-            report["rows"].append(guarded_row(name, Path(tmp), s, dev))
-            write_report(out, report)
-            print(f"[gpu] {name}: {report['rows'][-1].get('error', 'done')} in {report['rows'][-1]['seconds']:.0f} s; "
-                  f"wrote {out}", flush=True)
+    # `timeout` sends SIGTERM: stop as on Ctrl-C, so a text side's child process is killed with us
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        run_rows(s, dev, out, report, start)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     report["finished"] = True
     write_report(out, report)
     print(report["table"])

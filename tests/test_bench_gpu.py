@@ -228,3 +228,26 @@ def test_a_failed_text_side_leaves_the_others(monkeypatch, tmp_path):
     assert row["sides"]["mmalign"]["error"].endswith("ValueError: boom")
     assert row["speedup"] == {"trl": 1.0, "trl_gc": 1.0} and row["max_loss_diff_first3"]["trl_gc"] == 0.0
     assert any("FAILED: ValueError: boom" in line for line in gpu_text.table_lines(row))
+
+
+def test_sigterm_during_a_row_keeps_the_finished_rows_on_disk(monkeypatch, tmp_path):
+    """`timeout` kills with SIGTERM: the report on disk keeps the finished rows and names the row
+    that was stopped; main's SIGTERM handler is removed again."""
+    import os
+    import signal
+
+    out = tmp_path / "gpu.json"
+    before = signal.getsignal(signal.SIGTERM)
+
+    def fake_row(name, work, s, dev):
+        if name == "flux_cache":
+            os.kill(os.getpid(), signal.SIGTERM)  # the time limit, mid-row
+        return {"name": name, "what": "fake", "sides": {}}
+
+    monkeypatch.setattr(gpu, "run_row", fake_row)
+    with pytest.raises(SystemExit) as stop:
+        gpu.main(["--tiny", "--rows", "sd15_lora,flux_cache,sdxl_lora", "--out", str(out)])
+    assert stop.value.code == 143 and signal.getsignal(signal.SIGTERM) == before
+    report = json.loads(out.read_text())
+    assert [r["name"] for r in report["rows"]] == ["sd15_lora"] and report["stopped_during"] == "flux_cache"
+    assert report["finished"] is False and "STOPPED" in report["table"]
