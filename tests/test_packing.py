@@ -139,3 +139,39 @@ def test_fast_path_checks_run_once_per_model_in_eval_mode_and_warn_on_mismatch()
     for _ in range(3):
         assert verified_once(cache, 7, lambda: calls.append(1) or (True, False)) == (True, False)
     assert calls == [1] and cache == {7: (True, False)}
+
+
+def test_packing_check_refuses_wrong_positions_that_keep_sequences_apart_in_any_precision():
+    """The check's second half: a packed row whose positions are scaled (still apart: the first
+    sequence changes none of the second's log-probs) is far from the padded log-probs, which fails
+    in float32 (max |Δ| ≤ 1e-4) and under bf16 weights (mean |Δ| ≤ 2e-2), while the right
+    positions pass both."""
+    import warnings
+
+    from mmalign.modalities.packing import changed_first_row, check_packing
+
+    class ScalesPackedPositions(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, position_ids, attention_mask=None, use_cache=False):
+            if attention_mask is None:  # the packed row
+                position_ids = position_ids * 2
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=use_cache)
+
+    b = uneven_batch(False)
+    ids, mask = b.inputs["input_ids"][:2, :24], b.inputs["attention_mask"][:2, :24]
+    for dtype in (torch.float32, torch.bfloat16):
+        model = tiny_llama().to(dtype).eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert check_packing(model, ids, mask)
+        wrong = ScalesPackedPositions(model)
+        with torch.no_grad():  # apart: the first half of the check alone would pass
+            rows = [pack_rows(x, mask) for x in (ids, changed_first_row(ids, mask.bool()))]
+            second = [r.unpack(wrong(input_ids=r.ids, position_ids=r.position_ids).logits)[1] for r in rows]
+        torch.testing.assert_close(second[0], second[1], rtol=0, atol=1e-5)
+        with pytest.warns(UserWarning, match="does not keep packed sequences apart"):
+            assert not check_packing(wrong, ids, mask)

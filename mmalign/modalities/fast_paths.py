@@ -7,8 +7,8 @@ log-probs. Each likelihood checks that once per model, on its first batch:
 
 and keeps the verdict under id(language model); a model that fails keeps the reference path,
 with a warning naming the config key. `paths_agree` is the comparison, `verified_once` the
-per-model cache; `CausalLMLikelihood.paths`, `lm_head.check_head`, `packing.check_packing` and
-`LlavaLikelihood`'s two checks are built from them.
+per-model cache; `CausalLMLikelihood.paths`, `lm_head.check_head` and `LlavaLikelihood`'s two checks are built
+from them (`packing.check_packing` has its own precision-aware comparison).
 """
 
 from __future__ import annotations
