@@ -175,3 +175,34 @@ def test_packing_check_refuses_wrong_positions_that_keep_sequences_apart_in_any_
         torch.testing.assert_close(second[0], second[1], rtol=0, atol=1e-5)
         with pytest.warns(UserWarning, match="does not keep packed sequences apart"):
             assert not check_packing(wrong, ids, mask)
+
+
+def test_packing_check_under_bf16_autocast_compares_the_float32_paths():
+    """With float32 weights the check runs without autocast, so a packed path off by 5e-3 per
+    log-prob (below bf16 rounding's tolerance, above float32's 1e-4) is refused under bf16 mixed
+    precision too, and the right packed path passes."""
+    import warnings
+
+    from mmalign.modalities.packing import check_packing
+
+    class OffWhenPacked(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, position_ids, attention_mask=None, use_cache=False):
+            out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=use_cache)
+            if attention_mask is None:  # the packed row
+                out.logits = out.logits + 5e-3 * torch.linspace(-1, 1, out.logits.shape[-1])
+            return out
+
+    b = uneven_batch(False)
+    ids, mask = b.inputs["input_ids"][:2, :24], b.inputs["attention_mask"][:2, :24]
+    model = tiny_llama()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert check_packing(model, ids, mask)
+        with pytest.warns(UserWarning, match="does not keep packed sequences apart"):
+            assert not check_packing(OffWhenPacked(model), ids, mask)

@@ -63,10 +63,10 @@ def check_packing(model: torch.nn.Module, input_ids: Tensor, attention_mask: Ten
     1. apart: the second sequence's packed log-probs do not change when the first sequence's
        tokens do (atol 1e-5: exact in any precision, the second sequence's rows see only their
        own tokens through the same kernels at the same shapes);
-    2. positioned: the packed log-probs equal the padded batch's, max |Δ| ≤ 1e-4 when the logits
-       are float32; with 16-bit logits (bf16 autocast or weights, the GPU setting) the two kernel
-       paths differ by rounding (~2e-3 on a tiny Llama), so mean |Δ| ≤ 2e-2 there (a packed row
-       whose positions do not restart is off by ~0.2 on the same model).
+    2. positioned: the packed log-probs equal the padded batch's, max |Δ| ≤ 1e-4 with float32
+       weights (autocast is turned off for the check, so bf16 mixed precision compares float32
+       paths); with 16-bit weights the two kernel paths differ by rounding (~2e-3 on a tiny Llama),
+       so mean |Δ| ≤ 2e-2 there (a packed row whose positions are wrong is off by ~0.2).
 
     False, with a warning, when either fails."""
     ids, mask = input_ids[:2, :24], attention_mask[:2, :24]
@@ -79,7 +79,10 @@ def check_packing(model: torch.nn.Module, input_ids: Tensor, attention_mask: Ten
         row = pack_rows(rows, mask)
         return row.unpack(model(input_ids=row.ids, position_ids=row.position_ids, use_cache=False).logits)
 
-    with torch.no_grad(), eval_mode(model):  # dropout off: every forward sees the same network
+    # dropout off: every forward sees the same network; autocast off: under bf16 mixed precision the
+    # float32 master weights compare exactly (two bf16 kernel paths differ by rounding)
+    device = next(model.parameters()).device
+    with torch.no_grad(), eval_mode(model), torch.autocast(device.type, enabled=False):
         padded = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
         mine = packed(ids)
         gap = (padded.float().log_softmax(-1) - mine.float().log_softmax(-1))[where].abs()
