@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from mmalign.toyworld.demo_online import (GRPO_CONFIG, GRPO_LABEL, ONLINE_BUILDERS, ONLINE_IMAGE_CONFIG, ONLINE_LABEL,
-                                          online_grpo_table, online_image_table, online_targets)
+                                          load_result, online_grpo_table, online_image_table, online_targets,
+                                          win_rate_ci)
 from mmalign.toyworld.world import HELDOUT_SEED_START, PROMPT
 
 IMAGE_CONFIG = "configs/tiny/toyworld_sd_dpo.yaml"
@@ -228,14 +229,6 @@ def vlm_steps(out: Path, s: DemoSettings) -> list[Step]:
 
 
 # -- results ---------------------------------------------------------------------------------
-def _load(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def _ci(t: dict[str, Any]) -> str:
-    return f"{t['win_rate']:.3f} [{t['ci'][0]:.3f}, {t['ci'][1]:.3f}]"
-
-
 def image_table(out: Path) -> dict[str, Any]:
     """Win rates over the base under the exact checker (and the learned scorer), per split."""
     d = out / "image" / "eval"
@@ -244,14 +237,15 @@ def image_table(out: Path) -> dict[str, Any]:
         base_mean = None
         for model, name in (("dpo", "Diffusion-DPO"), ("sft", "SFT on chosen images (control)"),
                             ("online", ONLINE_LABEL), ("grpo", GRPO_LABEL)):
-            r = _load(d / f"{model}_{split}.json")
+            r = load_result(d / f"{model}_{split}.json")
             if r is None:
                 continue
             c, p = r["scorers"]["score_toyworld_checker"], r["scorers"].get("score_pickscore")
             if base_mean is None:
                 base_mean = c["mean_base"]
                 rows.append([label, "base", "-", f"{c['mean_base']:.3f}", "-", str(c["n"])])
-            rows.append([label, name, _ci(c), f"{c['mean_aligned']:.3f}", _ci(p) if p else "-", str(c["n"])])
+            rows.append([label, name, win_rate_ci(c), f"{c['mean_aligned']:.3f}", win_rate_ci(p) if p else "-",
+                         str(c["n"])])
     return {"title": "Image side: win rate over the base model (mmalign eval images)",
             "columns": ["evaluation", "model", "win rate, exact checker [95% CI]", "checker mean",
                         "win rate, learned scorer [95% CI]", "samples"], "rows": rows,
@@ -266,7 +260,7 @@ def vlm_table(out: Path) -> dict[str, Any]:
     rows = []
     for model, name in (("base", "base (web-caption bias)"), ("dpo", "plain DPO"), ("dpo_sft", "DPO + SFT (RPO)"),
                         ("sft", "SFT on chosen only (control)")):
-        c, p = _load(d / f"{model}_chair.json"), _load(d / f"{model}_pope.json")
+        c, p = load_result(d / f"{model}_chair.json"), load_result(d / f"{model}_pope.json")
         if c is None or p is None:
             continue
         pope = p["sets"]["adversarial"]
@@ -283,13 +277,14 @@ def targets(out: Path) -> dict[str, dict[str, Any]]:
     above 0.5 (exact checker); DPO + SFT: CHAIR_i down >= 50 % relative, recall down <= 0.05,
     POPE F1 not worse than the base."""
     found: dict[str, dict[str, Any]] = {}
-    img = _load(out / "image" / "eval" / "dpo_seeds.json")
+    img = load_result(out / "image" / "eval" / "dpo_seeds.json")
     if img is not None:
         c = img["scorers"]["score_toyworld_checker"]
         found["image win rate >= 0.65, CI low > 0.5"] = {
-            "value": _ci(c), "met": c["win_rate"] >= 0.65 and c["ci"][0] > 0.5}
+            "value": win_rate_ci(c), "met": c["win_rate"] >= 0.65 and c["ci"][0] > 0.5}
     d = out / "vlm" / "eval"
-    base, aligned = [(_load(d / f"{m}_chair.json"), _load(d / f"{m}_pope.json")) for m in ("base", "dpo_sft")]
+    base, aligned = [(load_result(d / f"{m}_chair.json"), load_result(d / f"{m}_pope.json"))
+                     for m in ("base", "dpo_sft")]
     if None not in (*base, *aligned):
         drop = 1 - aligned[0]["CHAIR_i"] / max(base[0]["CHAIR_i"], 1e-9)
         recall = base[0]["recall"] - aligned[0]["recall"]

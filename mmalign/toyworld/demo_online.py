@@ -133,11 +133,13 @@ def image_online_rows(out: Path, s: Any) -> list[Any]:
 ONLINE_BUILDERS: dict[str, Callable[[Path, Any], list[Any]]] = {"image": image_online_rows}
 
 
-def _load(path: Path) -> dict[str, Any] | None:
+def load_result(path: Path) -> dict[str, Any] | None:
+    """The JSON at `path`, or None when that step has not run."""
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _ci(t: dict[str, Any]) -> str:
+def win_rate_ci(t: dict[str, Any]) -> str:
+    """"win rate [CI low, CI high]" of one scorer's `mmalign eval images` result."""
     return f"{t['win_rate']:.3f} [{t['ci'][0]:.3f}, {t['ci'][1]:.3f}]"
 
 
@@ -160,17 +162,23 @@ def online_costs(run_dir: Path, batch: int) -> dict[str, float] | None:
     return {"rounds": len(starts), "round_sampling_s": sum(starts) / len(starts) - step, "train_step_s": step}
 
 
+def paired_rows(out: Path, prefix: str) -> list[list[str]]:
+    """Table rows of the paired image evaluations `image/eval/{prefix}_{seeds,heldout}.json` that exist:
+    split, checker win rate [CI], checker means base -> aligned, learned-scorer win rate [CI], samples."""
+    rows = []
+    for split, label in (("seeds", "held-out seeds, training prompts"), ("heldout", "held-out prompts")):
+        r = load_result(out / "image" / "eval" / f"{prefix}_{split}.json")
+        if r is not None:
+            c, p = r["scorers"]["score_toyworld_checker"], r["scorers"].get("score_pickscore")
+            rows.append([label, win_rate_ci(c), f"{c['mean_base']:.3f} -> {c['mean_aligned']:.3f}",
+                         win_rate_ci(p) if p else "-", str(c["n"])])
+    return rows
+
+
 def online_image_table(out: Path, s: Any) -> dict[str, Any]:
     """Online DPO over offline Diffusion-DPO (paired: same held-out prompts and seeds) per split,
     with the sample budgets and what a round costs (`online_costs`)."""
-    d = out / "image" / "eval"
-    rows = []
-    for split, label in (("seeds", "held-out seeds, training prompts"), ("heldout", "held-out prompts")):
-        r = _load(d / f"online_vs_dpo_{split}.json")
-        if r is not None:
-            c, p = r["scorers"]["score_toyworld_checker"], r["scorers"].get("score_pickscore")
-            rows.append([label, _ci(c), f"{c['mean_base']:.3f} -> {c['mean_aligned']:.3f}", _ci(p) if p else "-",
-                         str(c["n"])])
+    rows = paired_rows(out, "online_vs_dpo")
     offline, online = sample_budgets(s)
     rounds = math.ceil(s.image_steps / s.online_round_steps)
     cost = online_costs(out / "image" / "online", s.image_batch)
@@ -195,14 +203,7 @@ def online_image_table(out: Path, s: Any) -> dict[str, Any]:
 def online_grpo_table(out: Path, s: Any) -> dict[str, Any]:
     """GRPO on the UNet over offline Diffusion-DPO (paired: same held-out prompts and seeds) per split,
     at the offline sample budget (`grpo_plan`)."""
-    d = out / "image" / "eval"
-    rows = []
-    for split, label in (("seeds", "held-out seeds, training prompts"), ("heldout", "held-out prompts")):
-        r = _load(d / f"grpo_vs_dpo_{split}.json")
-        if r is not None:
-            c, p = r["scorers"]["score_toyworld_checker"], r["scorers"].get("score_pickscore")
-            rows.append([label, _ci(c), f"{c['mean_base']:.3f} -> {c['mean_aligned']:.3f}", _ci(p) if p else "-",
-                         str(c["n"])])
+    rows = paired_rows(out, "grpo_vs_dpo")
     offline, plan = sample_budgets(s)[0], grpo_plan(s)
     return {"title": "GRPO on the UNet vs offline Diffusion-DPO at the same sample budget (mmalign eval images "
                      "--base offline --aligned grpo)",
@@ -223,9 +224,9 @@ def online_targets(out: Path) -> dict[str, dict[str, Any]]:
     above 0.5 (exact checker, held-out seeds of the training prompts)."""
     found = {}
     for name, label in (("online", "online image"), ("grpo", "GRPO on the UNet")):
-        r = _load(out / "image" / "eval" / f"{name}_seeds.json")
+        r = load_result(out / "image" / "eval" / f"{name}_seeds.json")
         if r is not None:
             c = r["scorers"]["score_toyworld_checker"]
-            found[f"{label} win rate >= 0.65, CI low > 0.5"] = {"value": _ci(c),
+            found[f"{label} win rate >= 0.65, CI low > 0.5"] = {"value": win_rate_ci(c),
                                                                  "met": c["win_rate"] >= 0.65 and c["ci"][0] > 0.5}
     return found
