@@ -12,16 +12,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 from PIL import Image
+from test_trainer import straight_and_resumed, trainer_for
 
 from mmalign.config import load_config, validate
 from mmalign.data.length_grouping import LengthGroupedSampler, build_sampler, group_by_length, record_lengths
 from mmalign.data.preference import StreamSampler
 from mmalign.errors import ConfigError, DataError
-from mmalign.modalities import build_modality
 from mmalign.modalities.causal_lm import CausalLMLikelihood
 from mmalign.toytext import make_toy_pairs
 from mmalign.train.setup import check_contracts
-from mmalign.train.trainer import PreferenceTrainer
 from mmalign.types import MeasuresLength
 
 LENGTHS = [5, 1, 9, 3, 7, 2, 8, 4, 6, 10]  # ℓ of records 0..9
@@ -159,12 +158,6 @@ def test_vlm_lengths_count_image_tokens(name, tmp_path):
 
 
 # -- per-example losses, resume, errors --------------------------------------------------------
-def trainer_for(path, *overrides: str) -> PreferenceTrainer:
-    cfg = load_config(path, list(overrides))
-    model, likelihood, tokenizer = build_modality(cfg)
-    return PreferenceTrainer(cfg, model, likelihood, tokenizer)
-
-
 def test_grouped_batch_losses_equal_each_row_alone(make_config):
     """After two steps (policy != reference), the per-example DPO losses of a grouped micro-batch
     equal the losses of each of its rows scored alone, and the rows of an ungrouped batch too."""
@@ -185,16 +178,8 @@ def test_resume_with_grouping_equals_uninterrupted_run(make_config):
     """3 steps, checkpoint, a NEW trainer resumes to 6 with grouping on: the weights of 6 straight steps."""
     cfg = make_config(data={"group_by_length": 3}, optim={"lr": 1e-3},
                       train={"max_steps": 6, "grad_accum": 2, "batch_size": 4})
-    straight = trainer_for(cfg, "train.output_dir=" + str(cfg.parent / "straight"))
-    straight.fit()
-    interrupted = trainer_for(cfg)
-    for _ in range(3):
-        interrupted.train_step()
-    interrupted.save()
-    del interrupted
-    resumed = trainer_for(cfg, "train.resume=true")
+    straight, resumed = straight_and_resumed(cfg, 3)
     assert isinstance(resumed.sampler, LengthGroupedSampler)
-    resumed.fit()
     assert resumed.step == 6
     a = {n: p for n, p in straight.unwrapped.named_parameters()}
     for name, p in resumed.unwrapped.named_parameters():

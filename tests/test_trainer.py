@@ -62,19 +62,26 @@ def test_first_step_loss_of_other_formats(make_config, toy_data, tmp_path, loss,
     assert all(math.isfinite(r["loss"]) for r in rows) and rows[-1]["loss"] != rows[0]["loss"]
 
 
-def test_resume_equals_uninterrupted_run(make_config):
-    """3 steps, checkpoint, a NEW trainer resumes to 6: same weights as 6 straight steps."""
-    cfg = make_config(optim={"scheduler": "linear", "warmup_steps": 2, "lr": 1e-3},
-                      train={"max_steps": 6, "grad_accum": 2, "batch_size": 4})
+def straight_and_resumed(cfg, stop: int):
+    """(a trainer run straight to train.max_steps, a NEW trainer resumed from a checkpoint saved after
+    `stop` steps of another one and run to the end), both in cfg's folder tree."""
     straight = trainer_for(cfg, "train.output_dir=" + str(cfg.parent / "straight"))
     straight.fit()
     interrupted = trainer_for(cfg)
-    for _ in range(3):
+    for _ in range(stop):
         interrupted.train_step()
     interrupted.save()
     del interrupted  # the "crash"
     resumed = trainer_for(cfg, "train.resume=true")
     resumed.fit()
+    return straight, resumed
+
+
+def test_resume_equals_uninterrupted_run(make_config):
+    """3 steps, checkpoint, a NEW trainer resumes to 6: same weights as 6 straight steps."""
+    cfg = make_config(optim={"scheduler": "linear", "warmup_steps": 2, "lr": 1e-3},
+                      train={"max_steps": 6, "grad_accum": 2, "batch_size": 4})
+    straight, resumed = straight_and_resumed(cfg, 3)
     assert resumed.step == 6
     a, b = params(straight), params(resumed)
     assert a.keys() == b.keys()

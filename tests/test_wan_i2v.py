@@ -14,7 +14,7 @@ import torch
 from diffusion_fixtures import build_for, draw_for
 from PIL import Image
 from test_wan import RecordingWan, fixed_sigma_scheduler
-from wan_fixtures import CLIP_WIDTH, SAMPLE, i2v_records, save_tiny_wan_i2v_pipeline
+from wan_fixtures import CLIP_WIDTH, SAMPLE, i2v_records, save_tiny_wan_i2v_versions
 
 from mmalign.config import ConfigError
 from mmalign.errors import DataError
@@ -26,9 +26,7 @@ DATA = SAMPLE / "train.jsonl"
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("wan_i2v")
-    return {"2.1": save_tiny_wan_i2v_pipeline(root / "i2v21"),
-            "2.2": save_tiny_wan_i2v_pipeline(root / "i2v22", clip=False, boundary_ratio=0.9),
-            "records": i2v_records(root / "sources")}
+    return {**save_tiny_wan_i2v_versions(root), "records": i2v_records(root / "sources")}
 
 
 class RecordingI2V(RecordingWan):

@@ -17,7 +17,7 @@ import torch
 from diffusion_fixtures import (Killed, dpo_and_grads, kill_after_first_latent_shard, perturbed, two_writers,
                                uncached)
 from PIL import Image
-from wan_fixtures import ROOT, copy_video_sample, i2v_records, save_tiny_wan_i2v_pipeline
+from wan_fixtures import ROOT, copy_video_sample, i2v_records, save_tiny_wan_i2v_versions
 
 import mmalign.modalities.cache_writer as cw
 from mmalign.cli import main
@@ -33,8 +33,7 @@ EXACT = ("noise", "sigmas", "timesteps", "caption_dropped")
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("wan_i2v_cache")
-    return {"2.1": save_tiny_wan_i2v_pipeline(root / "i2v21"),
-            "2.2": save_tiny_wan_i2v_pipeline(root / "i2v22", clip=False, boundary_ratio=0.9)}
+    return save_tiny_wan_i2v_versions(root)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import torch
 from conftest import needs_torchrun, torchrun
 from diffusion_fixtures import write_image
 from PIL import Image
-from wan_fixtures import ROOT, save_tiny_wan_i2v_pipeline, save_tiny_wan_pipeline
+from wan_fixtures import ROOT, save_tiny_wan_i2v_versions, save_tiny_wan_pipeline
 
 from mmalign.cli import main
 from mmalign.data.video import load_video
@@ -45,8 +45,7 @@ class Stop(Exception):
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("wan_i2v_generate")
-    return {"2.1": save_tiny_wan_i2v_pipeline(root / "i2v21"),
-            "2.2": save_tiny_wan_i2v_pipeline(root / "i2v22", clip=False, boundary_ratio=0.9)}
+    return save_tiny_wan_i2v_versions(root)
 
 
 @pytest.fixture(scope="module")

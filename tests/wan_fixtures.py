@@ -137,6 +137,13 @@ def save_tiny_wan_i2v_pipeline(path: Path, clip: bool = True, boundary_ratio: fl
     return path
 
 
+def save_tiny_wan_i2v_versions(root: Path) -> dict[str, Path]:
+    """The two tiny I2V folders the tests compare: "2.1" (with its CLIP image encoder) and "2.2" (A14B
+    experts switching at boundary ratio 0.9, no image encoder)."""
+    return {"2.1": save_tiny_wan_i2v_pipeline(root / "i2v21"),
+            "2.2": save_tiny_wan_i2v_pipeline(root / "i2v22", clip=False, boundary_ratio=0.9)}
+
+
 def i2v_records(out: Path) -> list[dict]:
     """The shipped pairs with a `source_image`: each pair's chosen first frame as a PNG in `out`."""
     from mmalign.data.video import load_video
