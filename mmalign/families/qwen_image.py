@@ -182,11 +182,13 @@ def build(cfg: Any, use_cache: bool = True, trained: bool = True) -> tuple[Any, 
     return parts["unet"], image_likelihood(cfg, FAMILY, parts, text, denoiser, objective, latents), None
 
 
+# the folder layout and text encoder of every Qwen-Image pipeline (the edit families share them)
+LAYOUT = PipelineLayout("transformer", "QwenImageTransformer2DModel", "FlowMatchEulerDiscreteScheduler",
+                        "flow pipeline", vae_class="AutoencoderKLQwenImage")
+TEXT_ENCODERS = (TextEncoderSpec("text_encoder", "tokenizer", "transformers:Qwen2_5_VLForConditionalGeneration"),)
+
 FAMILY = Family(
     name="qwen_image", summary="Qwen-Image MMDiT: Qwen2.5-VL templated prompt, 2x2 packing, Qwen video VAE, Flow-DPO",
-    kind="image", build=build, trained="transformer",
-    layout=PipelineLayout("transformer", "QwenImageTransformer2DModel", "FlowMatchEulerDiscreteScheduler",
-                          "flow pipeline", vae_class="AutoencoderKLQwenImage"),
-    text_encoders=(TextEncoderSpec("text_encoder", "tokenizer", "transformers:Qwen2_5_VLForConditionalGeneration"),),
+    kind="image", build=build, trained="transformer", layout=LAYOUT, text_encoders=TEXT_ENCODERS,
     pipeline="QwenImagePipeline", export_formats=("merged", "unet", "lora"), cache=True, validation=True,
     sample="images", zeros_null_prompt=False, true_cfg=True)

@@ -36,8 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mmalign.families import Family, PipelineLayout, TextEncoderSpec
-from mmalign.families.qwen_image import QwenImageTransformer, QwenLatents, prompt_inputs
+from mmalign.families import Family
+from mmalign.families.qwen_image import LAYOUT, TEXT_ENCODERS, QwenImageTransformer, QwenLatents, prompt_inputs
 from mmalign.modalities.diffusion import DiffusionLikelihood, data_roots
 from mmalign.modalities.edit import EditConditioning, check_edit_settings, rows_by_shape
 from mmalign.modalities.edit_cache import build_edit_cached
@@ -185,9 +185,6 @@ def build_qwen_edit(cfg: Any, family: Family, text_class: type, trained: bool,
 FAMILY = Family(
     name="qwen_image_edit",
     summary="Qwen-Image-Edit: Qwen2.5-VL reads the source image + instruction, source latents on the sequence",
-    kind="image", build=build, trained="transformer",
-    layout=PipelineLayout("transformer", "QwenImageTransformer2DModel", "FlowMatchEulerDiscreteScheduler",
-                          "flow pipeline", vae_class="AutoencoderKLQwenImage"),
-    text_encoders=(TextEncoderSpec("text_encoder", "tokenizer", "transformers:Qwen2_5_VLForConditionalGeneration"),),
+    kind="image", build=build, trained="transformer", layout=LAYOUT, text_encoders=TEXT_ENCODERS,
     pipeline="QwenImageEditPipeline", export_formats=("merged", "unet", "lora"), cache=True, validation=True,
     sample="images", zeros_null_prompt=False, true_cfg=True)

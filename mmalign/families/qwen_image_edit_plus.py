@@ -22,7 +22,8 @@ from typing import Any
 
 from torch import Tensor
 
-from mmalign.families import Family, PipelineLayout, TextEncoderSpec
+from mmalign.families import Family
+from mmalign.families.qwen_image import LAYOUT, TEXT_ENCODERS
 from mmalign.families.qwen_image_edit import QwenEditText, build_qwen_edit, source_size
 
 # QwenImageEditPlusPipeline.__init__ / _get_qwen_prompt_embeds: the template and each image's prefix
@@ -65,9 +66,6 @@ def build(cfg: Any, use_cache: bool = True, trained: bool = True) -> tuple[Any, 
 FAMILY = Family(
     name="qwen_image_edit_plus",
     summary="Qwen-Image-Edit-2509 (Plus): several source images, each read by Qwen2.5-VL and packed on the sequence",
-    kind="image", build=build, trained="transformer",
-    layout=PipelineLayout("transformer", "QwenImageTransformer2DModel", "FlowMatchEulerDiscreteScheduler",
-                          "flow pipeline", vae_class="AutoencoderKLQwenImage"),
-    text_encoders=(TextEncoderSpec("text_encoder", "tokenizer", "transformers:Qwen2_5_VLForConditionalGeneration"),),
+    kind="image", build=build, trained="transformer", layout=LAYOUT, text_encoders=TEXT_ENCODERS,
     pipeline="QwenImageEditPlusPipeline", export_formats=("merged", "unet", "lora"), cache=True, validation=True,
     sample="images", zeros_null_prompt=False, true_cfg=True)
