@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from mmalign.toyworld.demo import CHECKER, SCORER, Step, _ci, _load, _run, _train, format_table
+from mmalign.toyworld.demo import CHECKER, SCORER, Step, _run, _train, format_table
+from mmalign.toyworld.demo_online import load_result, win_rate_ci
 from mmalign.toyworld.world import HELDOUT_SEED_START, TRAIN_PROMPTS
 
 FLOW_MODEL = "pkg://toyworld/flow"
@@ -125,7 +126,7 @@ def flow_table(out: Path, s: FlowDemoSettings, times: dict[str, dict[str, float]
     """One row per method: win rate over the base (exact checker, learned scorer), checker means, CPU time."""
     rows = []
     for method, name in NAMES.items():
-        r = _load(out / "eval" / f"{method}.json")
+        r = load_result(out / "eval" / f"{method}.json")
         if r is None:
             continue
         c, p = r["scorers"]["score_toyworld_checker"], r["scorers"]["score_pickscore"]
@@ -135,7 +136,8 @@ def flow_table(out: Path, s: FlowDemoSettings, times: dict[str, dict[str, float]
         if method == "dpo" and "pairs" in times:  # the pairs' sampling and scoring belong to DPO's budget
             spent = {k: spent.get(k, 0.0) + times["pairs"][k] for k in ("cpu_s", "wall_s")}
         cpu = f"{spent['cpu_s']:.0f} / {spent['wall_s']:.0f}" if spent else "-"
-        rows.append([name, _ci(c), f"{c['mean_aligned']:.3f}", _ci(p), str(s.budget()), cpu, str(c["n"])])
+        rows.append([name, win_rate_ci(c), f"{c['mean_aligned']:.3f}", win_rate_ci(p), str(s.budget()), cpu,
+                     str(c["n"])])
     return {"title": "Flow model (pkg://toyworld/flow): win rate over the base on held-out seeds (mmalign eval images)",
             "columns": ["model", "win rate, exact checker [95% CI]", "checker mean",
                         "win rate, learned scorer [95% CI]", "sampled images", "CPU s / wall s", "samples"], "rows": rows,
@@ -148,11 +150,11 @@ def flow_targets(out: Path) -> dict[str, dict[str, Any]]:
     """Issue 16's bar per online method: exact-checker win rate >= 0.65 with the interval's low end > 0.5."""
     found = {}
     for method in ("grpo", "nft", "dpo"):
-        r = _load(out / "eval" / f"{method}.json")
+        r = load_result(out / "eval" / f"{method}.json")
         if r is not None:
             c = r["scorers"]["score_toyworld_checker"]
             found[f"{NAMES[method]} win rate >= 0.65, CI low > 0.5"] = {
-                "value": _ci(c), "met": c["win_rate"] >= 0.65 and c["ci"][0] > 0.5}
+                "value": win_rate_ci(c), "met": c["win_rate"] >= 0.65 and c["ci"][0] > 0.5}
     return found
 
 
@@ -164,7 +166,7 @@ def _timed(out: Path, phase: str, steps: list[Step]) -> None:
     for step in steps:
         _run(step)
     path = out / "times" / f"{phase}.json"
-    spent = _load(path) or {"cpu_s": 0.0, "wall_s": 0.0}
+    spent = load_result(path) or {"cpu_s": 0.0, "wall_s": 0.0}
     spent = {"cpu_s": round(spent["cpu_s"] + time.process_time() - cpu, 1),
              "wall_s": round(spent["wall_s"] + time.monotonic() - wall, 1)}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -192,7 +194,7 @@ def run_flow_demo(out: str | Path = "runs/demo_flow", quick: bool = False, setti
     for phase, steps in flow_steps(out, s).items():
         if phase in (phases or PHASES):
             _timed(out, phase, steps)
-    times = {p: t for p in PHASES if (t := _load(out / "times" / f"{p}.json")) is not None}
+    times = {p: t for p in PHASES if (t := load_result(out / "times" / f"{p}.json")) is not None}
     table = flow_table(out, s, times)
     results = {"tables": [table], "targets": flow_targets(out), "seconds": times, "settings": asdict(s)}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

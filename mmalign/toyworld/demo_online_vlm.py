@@ -20,11 +20,12 @@ interval of the difference; CHAIR_i = sum hallucinated / sum mentions over the d
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from mmalign.toyworld.demo_online import load_result
 
 ONLINE_VLM_CONFIG = "configs/tiny/toyworld_llava_online_dpo.yaml"
 MODELS = {"online": "online DPO + SFT (annotation score)", "offline_n": "offline DPO + SFT, same N pairs",
@@ -169,10 +170,6 @@ def paired_bootstrap(a: dict[Any, tuple[int, ...]], b: dict[Any, tuple[int, ...]
     return found
 
 
-def _load(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def _delta(v: tuple[float, float, float]) -> str:
     return f"{v[0]:+.3f} [{v[1]:+.3f}, {v[2]:+.3f}]"
 
@@ -192,7 +189,7 @@ def online_vlm_tables(out: Path, n_boot: int, seed: int = 0) -> list[dict[str, A
     d = out / "vlm" / "eval"
     rounds = out / "vlm" / "pairs" / "online_rounds.jsonl"
     n_pairs = count_rows(rounds) if rounds.exists() else 0
-    evals = {m: (_load(d / f"{m}_chair.json"), _load(d / f"{m}_pope.json")) for m in ("base", *MODELS)}
+    evals = {m: (load_result(d / f"{m}_chair.json"), load_result(d / f"{m}_pope.json")) for m in ("base", *MODELS)}
     evals = {m: e for m, e in evals.items() if None not in e}
     labels = {"base": "base (web-caption bias)", **MODELS}
     rows = []
