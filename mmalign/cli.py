@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import pkgutil
 import sys
@@ -27,16 +28,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def close_process_group() -> None:
+def close_process_group(finished: bool) -> None:
     """Tear down the torch.distributed group a launcher started (torchrun, accelerate launch) before
     the interpreter exits: gloo threads still alive at exit can abort a finished process
-    ("terminate called without an active exception")."""
+    ("terminate called without an active exception"). A finished run first frees what still holds
+    the group's work (FSDP2's reference cycles) and waits for every process, so no process tears
+    its connections down while another still uses them; a failed one does not wait (the others
+    may never arrive)."""
     if "torch" not in sys.modules:
         return
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if finished:
+            gc.collect()
+            dist.barrier()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -77,10 +85,12 @@ def os_error_line(e: OSError) -> str | None:
 def entry() -> int:
     """The `mmalign` command and `python -m mmalign.cli` (what launchers run): `main`, then the
     process group closed."""
+    code = None
     try:
-        return main()
+        code = main()
+        return code
     finally:
-        close_process_group()
+        close_process_group(finished=code == 0)
 
 
 if __name__ == "__main__":

@@ -301,7 +301,7 @@ def test_the_trainer_weights_every_pair_term():
     torch.testing.assert_close(losses, (dpo_loss(policy.pairs(), reference.pairs(), beta=0.1)
                                         + 0.5 * sft_loss(policy.pairs())) * weights)
     torch.testing.assert_close(metrics["wpo/weight"], weights)
-    with pytest.raises(ValueError, match="use_weighting \(WPO\) needs the policy's per-token log-probs"):
+    with pytest.raises(ValueError, match=r"use_weighting \(WPO\) needs the policy's per-token log-probs"):
         wpo_pair_weights(LogpOutput(T([0.0, 0.0])))
 
 
@@ -326,7 +326,7 @@ def test_use_weighting_config_and_contract_checks(tmp_path):
         def draw(self, batch, generator): ...  # noqa: E704
         def logps(self, model, batch, draw): ...  # noqa: E704
 
-    with pytest.raises(ConfigError, match="loss.use_weighting \(WPO\) needs per-token probabilities, which NoTokens"):
+    with pytest.raises(ConfigError, match=r"loss.use_weighting \(WPO\) needs per-token probabilities, which NoTokens"):
         check_contracts(SimpleNamespace(loss=LossConfig(use_weighting=True)), NoTokens(), None)
 
 
