@@ -115,30 +115,55 @@ def test_a_padding_free_run_trains_to_the_padded_runs_weights(make_config, tmp_p
         torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_fast_path_checks_run_once_per_model_in_eval_mode_and_warn_on_mismatch():
-    """`fast_paths`: the comparison runs without grad in eval mode (training mode restored after),
-    within atol it agrees, beyond it warns with the given text; `verified_once` computes a key's
-    verdict once."""
+def test_fast_path_checks_run_once_per_model_in_eval_mode_without_autocast_and_warn_on_mismatch():
+    """`fast_paths`: the comparison runs without grad, in eval mode (training mode restored after)
+    and with autocast off even inside a bf16 autocast block; within atol it agrees, beyond it warns
+    with the given text; `verified_once` computes a key's verdict once."""
     from mmalign.modalities.fast_paths import paths_agree, verified_once
 
     model, seen = torch.nn.Linear(2, 2).train(), []
 
     def values(shift: float):
         def run():
-            seen.append((model.training, torch.is_grad_enabled()))
+            seen.append((model.training, torch.is_grad_enabled(), torch.is_autocast_enabled("cpu")))
             return torch.tensor([1.0, 2.0]) + shift
         return run
 
-    assert paths_agree(model, values(0.0), values(9e-5), 1e-4, 0, "never shown")
-    assert seen == [(False, False), (False, False)] and model.training
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert paths_agree(model, values(0.0), values(9e-5), None, 1e-4, "never shown")
+    assert seen == [(False, False, False)] * 2 and model.training
     with pytest.warns(UserWarning, match="^data.padding_free: nope$"):
-        assert not paths_agree(model, values(0.0), values(2e-4), lambda ref: 1e-4 * ref.shape[0] / 2, 0,
+        assert not paths_agree(model, values(0.0), values(2e-4), None, lambda ref: 1e-4 * ref.shape[0] / 2,
                                "data.padding_free: nope")
+    assert paths_agree(model, values(0.0), values(2e-4), torch.tensor([True, False]) & False, 1e-4, "never shown")
     assert model.training
     cache, calls = {}, []
     for _ in range(3):
         assert verified_once(cache, 7, lambda: calls.append(1) or (True, False)) == (True, False)
     assert calls == [1] and cache == {7: (True, False)}
+
+
+def test_the_check_rule_is_per_token_whatever_the_batch_size():
+    """`fast_paths.agree`: float32 weights allow max |Δ| ≤ atol at the checked positions, 16-bit
+    weights mean |Δ| ≤ 2e-2; neither grows with the number of tokens (a tolerance that did let a
+    1,000-token batch 5e-2 off on every token through: Qwen-VL's wrong packed positions)."""
+    from mmalign.modalities.fast_paths import agree
+
+    want = torch.zeros(4, 250)
+    where = torch.ones(4, 250, dtype=torch.bool)
+    where[:, 200:] = False  # 800 checked tokens
+    off = torch.full((4, 250), 5e-2)
+    assert not agree(want, off, where, 1e-4, low_precision=False)
+    assert not agree(want, off, where, 1e-4, low_precision=True)
+    assert agree(want, off.where(~where, 0), where, 1e-4, low_precision=False)  # only unchecked positions differ
+    near = torch.full((4, 250), 9e-5)
+    assert agree(want, near, where, 1e-4, low_precision=False)
+    assert not agree(want, near * 2, where, 1e-4, low_precision=False)
+    rounding = torch.zeros(4, 250)
+    rounding[0, 0] = 1.0  # one token far off, the mean small: 16-bit rounding noise passes, float32 does not
+    assert agree(want, rounding, where, 1e-4, low_precision=True)
+    assert not agree(want, rounding, where, 1e-4, low_precision=False)
+    assert agree(want, off, torch.zeros_like(where), 1e-4, low_precision=False)  # nothing to compare
 
 
 def test_packing_check_refuses_wrong_positions_that_keep_sequences_apart_in_any_precision():

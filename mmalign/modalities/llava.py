@@ -42,6 +42,7 @@ from __future__ import annotations
 import copy
 import inspect
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -84,7 +85,8 @@ class LlavaLikelihood(CausalLMLikelihood):
     roots: folders that relative image paths are resolved against, first match wins.
     lm_head_chunk: answer tokens per LM-head chunk (`model.lm_head_chunk`; 0: full logits).
     padding_free: run each batch as one packed row (`data.padding_free`, `packing.pack_inputs`),
-        once checked per model to give the padded log-probs (else padded, with a warning).
+        once checked per model to give the padded log-probs (else padded, with a warning); M-RoPE
+        language models (Qwen2/2.5/3-VL) always use padded batches.
     """
 
     deterministic = True  # no randomness: a precomputed reference is exact
@@ -343,7 +345,7 @@ class LlavaLikelihood(CausalLMLikelihood):
             self.transform = logit_transform(language_model(model).config)
             ok = paths_agree(model, lambda: self._token_logps(model, batch, kwargs, keep, labels, mask, False)[0],
                              lambda: self._token_logps(model, batch, kwargs, keep, labels, mask, True)[0],
-                             _atol(mask), 1e-4,
+                             mask.bool(), 1e-4,
                              f"model.lm_head_chunk: {type(language_model(model)).__name__} transforms its logits in "
                              "a way mmalign does not know; log-probs use the full logits")
             return False, ok
@@ -355,20 +357,29 @@ class LlavaLikelihood(CausalLMLikelihood):
         """Whether one packed row (`pack_inputs`) gives `model`'s padded log-probs, checked once per
         model on its first whole batch (images cannot be cut); otherwise padded batches, with a warning."""
         def verify() -> bool:
+            name = type(language_model(model)).__name__
+            if multimodal_rope(language_model(model).config):
+                warnings.warn(f"data.padding_free: {name} computes 3-D M-RoPE positions from each sequence's "
+                              "image grid, which one packed row cannot give; using padded batches")
+                return False
             packed_kwargs, packed = pack_inputs(kwargs)
             return paths_agree(
                 model, lambda: self._token_logps(model, batch, kwargs, keep, labels, mask, False)[0],
                 lambda: self._token_logps(model, batch, packed_kwargs, keep, labels, mask, False, packed)[0],
-                _atol(mask), 1e-4,
-                f"data.padding_free: {type(language_model(model)).__name__} does not give its padded "
-                "log-probs on one packed row (e.g. 3-D M-RoPE positions); using padded batches")
+                mask.bool(), 1e-4,
+                f"data.padding_free: {name} does not give its padded log-probs on one packed row; "
+                "using padded batches")
 
         return verified_once(self.pack_ok, id(language_model(model)), verify)
 
 
-def _atol(mask: Tensor) -> float:
-    """Absolute tolerance of a per-token log-prob check: 1e-4 per answer token (at least 1e-4)."""
-    return 1e-4 * max(1.0, float(mask.sum()))
+def multimodal_rope(config: Any) -> bool:
+    """Whether the language model rotates by multimodal positions (Qwen2-VL's M-RoPE: `mrope_section`
+    in its rope parameters): (3, T) positions the model derives from the images' grids, not the
+    1-D restarting positions of a packed row."""
+    text = config.get_text_config()
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+    return isinstance(rope, dict) and "mrope_section" in rope
 
 
 # -- LoRA on the language model only ---------------------------------------------------------

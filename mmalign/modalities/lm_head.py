@@ -141,7 +141,8 @@ def chunked_token_logps(hidden: Tensor, head: torch.nn.Module, labels: Tensor, m
 
 def check_head(model: torch.nn.Module, inputs: dict[str, Tensor], transform: LogitTransform) -> bool:
     """Whether the chunked path gives the model's own log-probs on the first row's first 16
-    tokens (one short forward each way, `fast_paths.paths_agree`, atol 1e-4 · max(1, log V));
+    tokens (one short forward each way, `fast_paths.paths_agree`: max |Δ| ≤ 1e-4 · max(1, log V) with
+    float32 weights, autocast off);
     False (with a warning) when the model transforms its logits in a way `LogitTransform` does
     not describe."""
     short = {k: v[:1, :16] for k, v in inputs.items()}
@@ -151,7 +152,7 @@ def check_head(model: torch.nn.Module, inputs: dict[str, Tensor], transform: Log
             model(**short, use_cache=False)
             return transform(head(capture.hidden)).float().log_softmax(-1)
 
-    return paths_agree(model, lambda: model(**short, use_cache=False).logits.float().log_softmax(-1), chunked,
-                       lambda full: 1e-4 * max(1.0, math.log(full.shape[-1])), 0,
+    return paths_agree(model, lambda: model(**short, use_cache=False).logits.float().log_softmax(-1), chunked, None,
+                       lambda full: 1e-4 * max(1.0, math.log(full.shape[-1])),
                        f"model.lm_head_chunk: {type(language_model(model)).__name__} transforms its logits in a way "
                        "mmalign does not know; log-probs use the full logits")
