@@ -1,7 +1,7 @@
 """Padding-free VLM batches (`data.padding_free`, mmalign/modalities/packing.py `pack_inputs`): one
 packed row gives the padded batch's answer log-probs and gradients where the model's positions
-follow the packed row (LLaVA, LLaVA-NeXT); where they do not (Qwen2.5-VL's 3-D M-RoPE), the
-once-per-model check falls back to padded batches with a warning, so the log-probs stay exact."""
+follow the packed row (LLaVA, LLaVA-NeXT, Gemma 3, Idefics3, SmolVLM, OneVision); where they do not
+(Qwen2.5/3-VL's 3-D M-RoPE), the model uses padded batches with a warning, so the log-probs stay exact."""
 
 from __future__ import annotations
 
@@ -38,7 +38,9 @@ def logps_and_grads(name, records, padding_free, chunk):
     return out.logps.detach(), grads, lik.pack_ok, [str(w.message) for w in caught]
 
 
-@pytest.mark.parametrize("name,packs", [("llava", True), ("llava_next", True), ("qwen2_5_vl", False)])
+@pytest.mark.parametrize("name,packs", [("llava", True), ("llava_next", True), ("gemma3", True), ("idefics3", True),
+                                        ("smolvlm", True), ("llava_onevision", True), ("qwen2_5_vl", False),
+                                        ("qwen3_vl", False)])
 @pytest.mark.parametrize("chunk", [0, 4])
 def test_packed_row_equals_the_padded_batch_or_falls_back(name, packs, chunk, shape_records):
     padded, g_padded, ok_padded, _ = logps_and_grads(name, shape_records, False, chunk)
@@ -48,7 +50,8 @@ def test_packed_row_equals_the_padded_batch_or_falls_back(name, packs, chunk, sh
     torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5)
     assert g_packed.keys() == g_padded.keys() and g_padded
     for k in g_padded:
-        torch.testing.assert_close(g_packed[k], g_padded[k], rtol=1e-4, atol=1e-6, msg=k)
+        scale = max(1.0, float(g_padded[k].abs().max()))  # Gemma 3's embedding grads reach 26
+        torch.testing.assert_close(g_packed[k], g_padded[k], rtol=1e-4, atol=1e-6 * scale, msg=k)
 
 
 def checks(name, records, weights_dtype=torch.float32, autocast=False, max_length=256):
@@ -64,7 +67,7 @@ def checks(name, records, weights_dtype=torch.float32, autocast=False, max_lengt
     return list(lik.pack_ok.values()), [v[1] for v in lik.checked.values()], [str(w.message) for w in caught]
 
 
-@pytest.mark.parametrize("name", ["llava", "gemma3", "idefics3"])
+@pytest.mark.parametrize("name", ["llava", "gemma3", "idefics3", "llava_onevision"])
 def test_checks_keep_the_fast_paths_under_bf16_autocast_and_with_bf16_weights(name, shape_records):
     """Under bf16 autocast the checks compare the float32 paths (autocast off): the packed row and
     chunked head pass at max |Δ| ≤ 1e-4, where the bf16 paths differ by up to 1e-3 on these models;
